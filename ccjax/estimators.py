@@ -1,0 +1,147 @@
+"""Gradient estimators for the block policy.
+
+Axis letters: ``batch`` examples, ``blocks`` blocks of a layer.
+
+* REINFORCE (score function): the surrogate ``mean_x[(c_x - b_x) log pi(u_x | h_x)]``
+  with the cost ``c_x`` (the example's own task loss) and baseline ``b_x`` under
+  ``stop_gradient``. Its gradient is the unbiased estimate of
+  ``grad E_u[c]`` as long as ``b_x`` does not depend on ``u_x``.
+* Baselines: ``none``; ``batch_mean`` is the *leave-one-out* batch mean
+  ``b_x = mean_{x' != x} c_{x'}``, which never uses the example's own sample and so keeps
+  the estimator unbiased (the plain batch mean including ``c_x`` scales the expected
+  gradient by ``(B - 1) / B``); ``ema`` is a bias-corrected exponential moving average of
+  past batches' mean cost, fixed before the current masks are drawn, hence unbiased.
+* Straight-through and Gumbel-sigmoid (relaxed Bernoulli) masks, biased alternatives
+  for comparison, whose gradients flow through the task loss into the policy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+BASELINES = ("none", "batch_mean", "ema")
+ESTIMATORS = ("reinforce", "straight_through", "gumbel")
+
+
+class BaselineState(NamedTuple):
+  """State of the moving-average baseline.
+
+  Attributes:
+    average: scalar running ``decay``-weighted sum of batch-mean costs (biased toward 0).
+    count: scalar int32 number of updates, used for bias correction.
+  """
+  average: jax.Array
+  count: jax.Array
+
+
+def init_baseline_state() -> BaselineState:
+  """An empty moving-average baseline (it predicts 0 until its first update)."""
+  return BaselineState(average=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.int32))
+
+
+def ema_baseline_value(state: BaselineState, decay: float) -> jax.Array:
+  """Bias-corrected moving average: scalar, 0 before the first update."""
+  correction = 1.0 - jnp.power(decay, state.count.astype(jnp.float32))
+  return jnp.where(state.count > 0, state.average / jnp.maximum(correction, 1e-12), 0.0)
+
+
+def update_baseline_state(state: BaselineState, cost: jax.Array, decay: float) -> BaselineState:
+  """Folds the batch-mean of ``cost [batch]`` into the moving average."""
+  batch_cost = jnp.mean(jax.lax.stop_gradient(cost)).astype(jnp.float32)
+  return BaselineState(
+      average=decay * state.average + (1.0 - decay) * batch_cost, count=state.count + 1)
+
+
+def compute_baseline(kind: str, cost: jax.Array, state: BaselineState | None = None,
+                     decay: float = 0.99) -> jax.Array:
+  """Per-example baseline for the REINFORCE cost.
+
+  Args:
+    kind: one of ``none``, ``batch_mean`` (leave-one-out), ``ema``.
+    cost: ``[batch]`` per-example costs.
+    state: moving-average state, required for ``ema``.
+    decay: moving-average decay, for ``ema``.
+
+  Returns:
+    ``[batch]`` baseline values under ``stop_gradient``.
+  """
+  cost = jax.lax.stop_gradient(cost)
+  if kind == "none":
+    return jnp.zeros_like(cost)
+  if kind == "batch_mean":
+    batch = cost.shape[0]
+    if batch < 2:
+      return jnp.zeros_like(cost)
+    return (jnp.sum(cost) - cost) / (batch - 1)
+  if kind == "ema":
+    if state is None:
+      raise ValueError("baseline 'ema' needs a BaselineState")
+    return jnp.broadcast_to(ema_baseline_value(state, decay), cost.shape).astype(cost.dtype)
+  raise ValueError(f"baseline must be one of {'|'.join(BASELINES)}, got {kind!r}")
+
+
+def score_function_loss(log_prob: jax.Array, cost: jax.Array,
+                        baseline: jax.Array | float = 0.0) -> jax.Array:
+  """REINFORCE surrogate whose gradient is the score-function estimate.
+
+  ``grad score_function_loss = mean_x (c_x - b_x) grad log pi(u_x)``, computed for
+  the whole batch in one backward pass (no per-example Jacobians).
+
+  Args:
+    log_prob: ``[batch]`` log-probability of each example's sampled masks (summed
+      over blocks and layers), differentiable w.r.t. the policy parameters.
+    cost: ``[batch]`` per-example cost; no gradient flows through it.
+    baseline: ``[batch]`` or scalar baseline; no gradient flows through it.
+
+  Returns:
+    scalar surrogate loss.
+  """
+  if log_prob.ndim != 1 or cost.shape != log_prob.shape:
+    raise ValueError(
+        f"log_prob and cost must both be [batch], got {log_prob.shape} and {cost.shape}")
+  advantage = jax.lax.stop_gradient(cost - baseline)
+  return jnp.mean(advantage * log_prob)
+
+
+def straight_through_mask(key: jax.Array, probs: jax.Array) -> jax.Array:
+  """Hard Bernoulli sample in the forward pass, identity gradient to ``probs``.
+
+  Args:
+    key: PRNG key.
+    probs: ``[batch, blocks]`` probabilities.
+
+  Returns:
+    ``[batch, blocks]`` mask equal to a 0/1 sample, with ``d mask / d probs = 1``.
+  """
+  hard = jax.random.bernoulli(key, probs).astype(probs.dtype)
+  return hard + probs - jax.lax.stop_gradient(probs)
+
+
+def gumbel_sigmoid_mask(key: jax.Array, probs: jax.Array, temperature: float = 0.5,
+                        hard: bool = True) -> jax.Array:
+  """Relaxed Bernoulli (binary Concrete / Gumbel-sigmoid) mask.
+
+  ``soft = sigmoid((logit(p) + logistic_noise) / temperature)``; with ``hard`` the
+  forward value is ``soft > 0.5`` (a valid Bernoulli(p) sample) and the gradient is
+  that of ``soft``.
+
+  Args:
+    key: PRNG key.
+    probs: ``[batch, blocks]`` probabilities in (0, 1).
+    temperature: relaxation temperature, > 0.
+    hard: straight-through discretisation of the relaxed sample.
+
+  Returns:
+    ``[batch, blocks]`` mask.
+  """
+  uniform = jax.random.uniform(key, probs.shape, probs.dtype, minval=1e-6, maxval=1 - 1e-6)
+  noise = jnp.log(uniform) - jnp.log1p(-uniform)
+  logits = jnp.log(probs) - jnp.log1p(-probs)
+  soft = jax.nn.sigmoid((logits + noise) / temperature)
+  if not hard:
+    return soft
+  hard_mask = (soft > 0.5).astype(probs.dtype)
+  return hard_mask + soft - jax.lax.stop_gradient(soft)

@@ -1,0 +1,334 @@
+"""The jitted train step: task loss, REINFORCE and policy regularizers together.
+
+Axis letters: ``batch`` examples, ``layers`` gated hidden layers, ``blocks`` blocks of a
+layer.
+
+One scalar objective is differentiated once:
+
+``task_loss + l2 * L2 + REINFORCE + lambda_s * (L_b + L_e) + lambda_v * L_v``
+
+and the gradients separate by construction: the policy reads ``stop_gradient`` of its
+layer input and the REINFORCE cost is under ``stop_gradient``, so the network
+parameters receive only the task-loss (+ L2) gradient; the sampled mask carries no
+gradient, so the policy parameters receive only the REINFORCE + regularizer (+ L2)
+gradient. (With the ``straight_through`` / ``gumbel`` estimators the task loss does
+reach the policy through the relaxed mask, and no REINFORCE term is added.) Each
+parameter set has its own optax optimizer and learning rate (``optax.multi_transform``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ccjax import estimators
+from ccjax import layers
+from ccjax import policy as policy_lib
+from ccjax import regularizers
+
+OPTIMIZERS = ("adam", "sgd", "momentum")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Hyperparameters of the train step, validated at construction.
+
+  Attributes:
+    tau: target fraction of active blocks, one value or one per gated layer, in (0, 1].
+    lambda_s: weight of ``L_b + L_e``, >= 0.
+    lambda_v: weight of ``L_v``, >= 0.
+    l2: weight of the squared-kernel penalty (network and policy), >= 0.
+    lr: network learning rate, > 0.
+    policy_lr: policy learning rate, > 0.
+    optimizer: ``adam`` | ``sgd`` | ``momentum`` (momentum 0.9), for both parameter sets.
+    baseline: ``none`` | ``batch_mean`` (leave-one-out) | ``ema``.
+    baseline_decay: decay of the ``ema`` baseline, in [0, 1).
+    estimator: ``reinforce`` | ``straight_through`` | ``gumbel``; must match the model's.
+    skip_nonfinite: if True, a step whose loss or gradients are NaN/Inf leaves the
+      parameters and optimizer states unchanged (the step counter still advances and
+      ``metrics['finite']`` is 0); otherwise the update is applied and the caller
+      is expected to stop (see :mod:`ccjax.trainer`).
+    max_grad_norm: optional global-norm clipping of each parameter set's gradient.
+  """
+  tau: float | Sequence[float] = 0.25
+  lambda_s: float = 1.0
+  lambda_v: float = 0.1
+  l2: float = 1e-5
+  lr: float = 1e-3
+  policy_lr: float = 1e-3
+  optimizer: str = "adam"
+  baseline: str = "ema"
+  baseline_decay: float = 0.99
+  estimator: str = "reinforce"
+  skip_nonfinite: bool = False
+  max_grad_norm: float | None = None
+
+  def __post_init__(self):
+    taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
+    if not taus:
+      raise ValueError("tau must hold one value or one per gated layer")
+    for value in taus:
+      if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {value!r}")
+    for name in ("lambda_s", "lambda_v", "l2"):
+      value = getattr(self, name)
+      if not value >= 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    for name in ("lr", "policy_lr"):
+      value = getattr(self, name)
+      if not value > 0.0:
+        raise ValueError(f"{name} (learning rate) must be > 0, got {value!r}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer must be one of {'|'.join(OPTIMIZERS)}, got {self.optimizer!r}")
+    if self.baseline not in estimators.BASELINES:
+      raise ValueError(
+          f"baseline must be one of {'|'.join(estimators.BASELINES)}, got {self.baseline!r}")
+    if not 0.0 <= self.baseline_decay < 1.0:
+      raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay!r}")
+    if self.estimator not in estimators.ESTIMATORS:
+      raise ValueError(
+          f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, got {self.estimator!r}")
+    if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+      raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+
+  def taus(self, num_layers: int) -> tuple[float, ...]:
+    """``tau`` expanded to one value per gated layer."""
+    if isinstance(self.tau, (int, float)):
+      return (float(self.tau),) * num_layers
+    if len(self.tau) != num_layers:
+      raise ValueError(f"tau needs one value or one per gated layer ({num_layers}), "
+                       f"got {len(self.tau)}")
+    return tuple(float(value) for value in self.tau)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything an exact resume needs.
+
+  Attributes:
+    step: scalar int32, number of updates done.
+    params: model parameters (network and policy).
+    opt_state: optimizer state of both parameter sets.
+    baseline: moving-average baseline state.
+    rng: the run's base PRNG key (uint32[2]); step keys are ``fold_in(rng, step)``.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  baseline: estimators.BaselineState
+  rng: jax.Array
+
+
+def _base_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+  if name == "adam":
+    return optax.adam(learning_rate)
+  if name == "momentum":
+    return optax.sgd(learning_rate, momentum=0.9)
+  return optax.sgd(learning_rate)
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """Two optimizers, one for the network parameters and one for the policies."""
+
+  def build(learning_rate):
+    parts = [_base_optimizer(config.optimizer, learning_rate)]
+    if config.max_grad_norm is not None:
+      parts.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
+    return optax.chain(*parts)
+
+  return optax.multi_transform(
+      {"network": build(config.lr), "policy": build(config.policy_lr)}, layers.param_labels)
+
+
+def init_train_state(model: nn.Module, config: TrainConfig, rng: jax.Array,
+                     sample_input: jax.Array) -> TrainState:
+  """Initialises parameters, optimizer and baseline states.
+
+  Args:
+    model: a module returning ``(logits, aux)`` (e.g. :class:`ccjax.GatedMLP`).
+    config: train hyperparameters.
+    rng: base key; parameters use ``fold_in(rng, -1)``-style derived keys.
+    sample_input: ``[batch, ...]`` an input of the right shape (values unused).
+
+  Returns:
+    a :class:`TrainState` at step 0.
+  """
+  init_key, gate_key, run_key = jax.random.split(rng, 3)
+  variables = model.init({"params": init_key, "gate": gate_key}, sample_input, mode="sample")
+  params = variables["params"]
+  opt_state = make_optimizer(config).init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    baseline=estimators.init_baseline_state(), rng=run_key)
+
+
+def _global_norm(tree) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return optax.global_norm(tree)
+
+
+def _split_by_label(tree) -> tuple[Any, Any]:
+  labels = layers.param_labels(tree)
+  network = jax.tree_util.tree_map(lambda x, l: x if l == "network" else None, tree, labels)
+  policy = jax.tree_util.tree_map(lambda x, l: x if l == "policy" else None, tree, labels)
+  return network, policy
+
+
+def check_model_matches(model: nn.Module, config: TrainConfig) -> None:
+  """Raises ``ValueError`` if the model's estimator differs from the config's."""
+  model_estimator = getattr(model, "estimator", config.estimator)
+  if model_estimator != config.estimator:
+    raise ValueError(f"estimator mismatch: model uses {model_estimator!r}, "
+                     f"TrainConfig.estimator is {config.estimator!r}")
+
+
+def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.Array,
+                     config: TrainConfig, baseline_state: estimators.BaselineState
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """REINFORCE + ``lambda_s (L_b + L_e) + lambda_v L_v`` over the gated layers.
+
+  Args:
+    gate_aux: one :class:`GateAux` per gated layer.
+    per_example_loss: ``[batch]`` task loss; used as the REINFORCE cost (no gradient).
+    config: hyperparameters (taus, lambdas, baseline, estimator).
+    baseline_state: state of the ``ema`` baseline.
+
+  Returns:
+    ``(objective, terms)``: a scalar and a dict of scalar terms for logging.
+  """
+  taus = config.taus(len(gate_aux))
+  cost = jax.lax.stop_gradient(per_example_loss)
+  log_prob = sum(aux.log_prob for aux in gate_aux)
+  baseline = estimators.compute_baseline(config.baseline, cost, baseline_state,
+                                         config.baseline_decay)
+  if config.estimator == "reinforce":
+    reinforce = estimators.score_function_loss(log_prob, cost, baseline)
+  else:
+    reinforce = jnp.zeros((), jnp.float32)
+  l_b = sum(regularizers.block_balance_loss(aux.probs, tau) for aux, tau in zip(gate_aux, taus))
+  l_e = sum(regularizers.example_balance_loss(aux.probs, tau)
+            for aux, tau in zip(gate_aux, taus))
+  l_v = sum(regularizers.variance_loss(aux.probs) for aux in gate_aux)
+  objective = reinforce + config.lambda_s * (l_b + l_e) + config.lambda_v * l_v
+  terms = {
+      "reinforce": reinforce, "l_b": l_b, "l_e": l_e, "l_v": l_v,
+      "baseline": jnp.mean(baseline),
+      "entropy": jnp.mean(sum(policy_lib.policy_entropy(aux.probs) for aux in gate_aux)),
+      "active_fraction": jnp.stack([jnp.mean(aux.mask) for aux in gate_aux]),
+      "mean_prob": jnp.stack([jnp.mean(aux.probs) for aux in gate_aux]),
+  }
+  return objective, terms
+
+
+def make_train_step(model: nn.Module, config: TrainConfig
+                    ) -> Callable[[TrainState, dict[str, jax.Array]],
+                                  tuple[TrainState, dict[str, jax.Array]]]:
+  """Builds the pure train step ``(state, batch) -> (state, metrics)``.
+
+  Args:
+    model: a module called as ``model.apply(vars, x, mode='sample', rngs={'gate': k})``
+      and returning ``(logits [batch, classes], aux)`` with one ``GateAux`` or ``None``
+      per hidden layer.
+    config: hyperparameters.
+
+  Returns:
+    the un-jitted step; wrap it in ``jax.jit(step, donate_argnums=0)``. The batch is a
+    dict with ``x [batch, ...]`` and integer ``y [batch]``. Metrics are scalars except
+    ``active_fraction`` and ``mean_prob``, ``[layers]``.
+  """
+  check_model_matches(model, config)
+  optimizer = make_optimizer(config)
+
+  def objective(params, batch, step_key, baseline_state):
+    logits, aux = model.apply({"params": params}, batch["x"], mode="sample",
+                              rngs={"gate": step_key})
+    labels = batch["y"]
+    per_example_loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels)
+    task_loss = jnp.mean(per_example_loss)
+    l2 = config.l2 * regularizers.l2_loss(params)
+    metrics = {
+        "loss": task_loss,
+        "error": jnp.mean((jnp.argmax(logits, -1) != labels).astype(jnp.float32)),
+        "l2": l2,
+    }
+    total = task_loss + l2
+    gate_aux = [layer_aux for layer_aux in aux if layer_aux is not None]
+    if gate_aux:
+      policy_loss, terms = policy_objective(gate_aux, per_example_loss, config, baseline_state)
+      total = total + policy_loss
+      metrics.update(terms)
+    metrics["objective"] = total
+    return total, (metrics, per_example_loss)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    step_key = jax.random.fold_in(state.rng, state.step)
+    (total, (metrics, per_example_loss)), grads = grad_fn(
+        state.params, batch, step_key, state.baseline)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_baseline = estimators.update_baseline_state(state.baseline, per_example_loss,
+                                                    config.baseline_decay)
+    network_grads, policy_grads = _split_by_label(grads)
+    finite = jnp.isfinite(total) & jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    metrics.update({
+        "grad_norm_network": _global_norm(network_grads),
+        "grad_norm_policy": _global_norm(policy_grads),
+        "param_norm": _global_norm(state.params),
+        "finite": finite.astype(jnp.float32),
+    })
+    new_state = state.replace(step=state.step + 1, params=new_params,
+                              opt_state=new_opt_state, baseline=new_baseline)
+    if config.skip_nonfinite:
+      kept = state.replace(step=state.step + 1)
+      new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                         new_state, kept)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, mode: str = "threshold", capacity=None
+                   ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
+  """Builds ``(params, batch) -> per-example outputs`` with a test-time policy mode.
+
+  Args:
+    model: as for :func:`make_train_step`.
+    mode: ``threshold`` | ``top_k`` | ``all`` | ``sample`` (``sample`` needs
+      ``batch['rng']``, a key).
+    capacity: for ``top_k``.
+
+  Returns:
+    a pure function returning ``loss [batch]``, ``correct [batch]``, ``prediction
+    [batch]`` and, for gated models, ``active_fraction [layers, batch]`` and
+    ``probs``/``mask``: tuples of ``[batch, blocks]`` per gated layer.
+  """
+  layers.validate_layer_mode(mode)
+
+  def eval_step(params, batch):
+    rngs = {"gate": batch["rng"]} if mode == "sample" else {}
+    logits, aux = model.apply({"params": params}, batch["x"], mode=mode, capacity=capacity,
+                              rngs=rngs)
+    per_example_loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["y"])
+    prediction = jnp.argmax(logits, -1)
+    outputs = {"loss": per_example_loss, "correct": prediction == batch["y"],
+               "prediction": prediction}
+    gate_aux = [layer_aux for layer_aux in aux if layer_aux is not None]
+    if gate_aux:
+      outputs["active_fraction"] = jnp.stack([jnp.mean(a.mask, axis=-1) for a in gate_aux])
+      outputs["probs"] = tuple(a.probs for a in gate_aux)
+      outputs["mask"] = tuple(a.mask for a in gate_aux)
+    return outputs
+
+  return eval_step
