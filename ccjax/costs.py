@@ -1,0 +1,48 @@
+"""Compute costs of a trained model: MACs per example and measured batch-1 latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ccjax import flops
+
+
+def model_costs(config, model, params, dataset, test: dict[str, Any], *,
+                measure_latency: bool) -> dict[str, Any]:
+  """MACs per example (policy included) on the test masks, and batch-1 latency.
+
+  Args:
+    config: the run's ``ExperimentConfig``.
+    model: the trained module.
+    params: its parameters (host arrays).
+    dataset: the run's ``Dataset``.
+    test: :func:`ccjax.trainer.evaluate` output on the test set with ``keep_gates``.
+    measure_latency: time dense and sparse inference at batch 1.
+
+  Returns:
+    ``macs_per_example``, ``dense_macs_per_example`` and, when measured, ``latency_ms``
+    (``{"dense": ms, "sparse": ms}``; for a dense model only ``dense``).
+  """
+  if config.arch == "cnn":
+    from ccjax import conv_sparse  # pylint: disable=g-import-not-at-top
+    return conv_sparse.model_costs(model, params, dataset, test,
+                                   measure_latency=measure_latency)
+  dense_macs = flops.dense_mlp_macs(dataset.input_dim, config.hidden, dataset.num_classes)
+  costs = {"dense_macs_per_example": float(dense_macs)}
+  if config.model == "condnet":
+    costs["macs_per_example"] = float(np.mean(flops.gated_mlp_macs(
+        dataset.input_dim, test["mask"], config.block_size, dataset.num_classes)))
+  else:
+    costs["macs_per_example"] = float(dense_macs)
+  if measure_latency:
+    from ccjax import sparse  # pylint: disable=g-import-not-at-top
+    latency = sparse.measure_latency(
+        params, input_dim=dataset.input_dim, hidden=tuple(config.hidden),
+        block_size=config.block_size, num_classes=dataset.num_classes,
+        policy_eps=model.policy_eps, gated=config.model == "condnet")
+    costs["latency_ms"] = {"dense": latency["dense_ms"]}
+    if config.model == "condnet":
+      costs["latency_ms"]["sparse"] = latency["sparse_ms"]
+  return costs

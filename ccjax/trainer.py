@@ -1,0 +1,315 @@
+"""``train_and_evaluate(config, workdir)``: the one training loop behind every entrypoint.
+
+Writes into ``workdir``: ``metrics.jsonl`` (one JSON object per log step and per eval),
+``checkpoints/`` (orbax, atomic), ``plots/*.png`` and, atomically at the end,
+``results.json``. Running again on the same workdir resumes from the latest checkpoint
+and ends with exactly the result an uninterrupted run gives: data order
+(:func:`ccjax.data.train_batch_indices`) and mask keys (``fold_in(rng, step)``) are pure
+functions of seed and step, and the checkpoint holds the whole train state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccjax import checkpoint as checkpoint_lib
+from ccjax import data as data_lib
+from ccjax import experiment
+from ccjax import parallel
+from ccjax import train as train_lib
+
+EVAL_BATCH_SIZE = 512
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+
+
+class NonFiniteError(RuntimeError):
+  """Training produced a NaN/Inf loss or gradient."""
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+  """Writes JSON to ``path`` via a temporary file and ``os.replace``."""
+  directory = os.path.dirname(os.path.abspath(path))
+  handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+  try:
+    with os.fdopen(handle, "w") as stream:
+      json.dump(payload, stream, indent=2, sort_keys=True)
+      stream.flush()
+      os.fsync(stream.fileno())
+    os.replace(temp_path, path)
+  except BaseException:
+    if os.path.exists(temp_path):
+      os.remove(temp_path)
+    raise
+
+
+def _to_python(value):
+  array = np.asarray(value)
+  if array.ndim == 0:
+    return array.item()
+  return array.tolist()
+
+
+class MetricsLog:
+  """Append-only ``metrics.jsonl`` that stays consistent across resumes."""
+
+  def __init__(self, path: str, enabled: bool = True):
+    self.path = path
+    self.enabled = enabled
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past ``step`` (and torn lines) left by a killed run."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as stream:
+      for line in stream:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if record.get("step", 0) <= step:
+          kept.append(json.dumps(record, sort_keys=True))
+    temp_path = self.path + ".tmp"
+    with open(temp_path, "w") as stream:
+      stream.write("".join(line + "\n" for line in kept))
+    os.replace(temp_path, self.path)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as stream:
+      stream.write(json.dumps(record, sort_keys=True) + "\n")
+      stream.flush()
+
+  def read(self) -> list[dict[str, Any]]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path) as stream:
+      return [json.loads(line) for line in stream if line.strip()]
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ``ValueError`` if ``workdir`` exists but cannot be read and written."""
+  path = os.path.abspath(workdir)
+  probe = path
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise ValueError(f"--workdir {workdir!r}: {probe} exists and is not a directory")
+  if not os.access(probe, os.R_OK | os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir!r}: {probe} is not readable and writable by this user")
+
+
+def evaluate(eval_fn: Callable, params, x: np.ndarray, y: np.ndarray, *, mode: str,
+             key: jax.Array, keep_gates: bool = False) -> dict[str, Any]:
+  """Runs ``eval_fn`` over ``(x, y)`` in padded batches and aggregates.
+
+  Returns:
+    dict with ``error``, ``loss``, ``active_fraction`` (list per gated layer, mean over
+    examples) and, with ``keep_gates``, ``probs``/``mask``: lists per layer of
+    ``[examples, blocks]`` arrays, and ``prediction [examples]``.
+  """
+  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  active, probs, masks, predictions = [], [], [], []
+  for index, batch in enumerate(data_lib.eval_batches(x, y, EVAL_BATCH_SIZE)):
+    weight = batch.pop("weight")
+    valid = weight > 0
+    if mode == "sample":
+      batch["rng"] = jax.random.fold_in(key, index)
+    out = jax.device_get(eval_fn(params, batch))
+    totals["loss"] += float(np.sum(out["loss"] * weight))
+    totals["correct"] += float(np.sum(out["correct"] * weight))
+    totals["count"] += float(np.sum(weight))
+    predictions.append(out["prediction"][valid])
+    if "active_fraction" in out:
+      active.append(out["active_fraction"][:, valid])
+      if keep_gates:
+        probs.append([p[valid] for p in out["probs"]])
+        masks.append([m[valid] for m in out["mask"]])
+  result = {"error": 1.0 - totals["correct"] / totals["count"],
+            "loss": totals["loss"] / totals["count"],
+            "active_fraction": (np.concatenate(active, axis=1).mean(axis=1).tolist()
+                                if active else [])}
+  if keep_gates:
+    result["prediction"] = np.concatenate(predictions)
+    result["probs"] = [np.concatenate(layer) for layer in zip(*probs)] if probs else []
+    result["mask"] = [np.concatenate(layer) for layer in zip(*masks)] if masks else []
+  return result
+
+
+def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
+                       flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) one run and writes its outputs into ``workdir``.
+
+  Args:
+    config: validated experiment configuration.
+    workdir: output directory; an existing checkpoint there is resumed.
+    flag_values: every flag value, recorded in ``results.json``.
+
+  Returns:
+    the ``results.json`` payload.
+
+  Raises:
+    ValueError: bad data, flags or an incompatible workdir (nothing written).
+    NonFiniteError: NaN/Inf loss or gradient without ``skip_nonfinite``.
+  """
+  start_time = time.time()
+  check_workdir(workdir)
+  dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                                  valid_fraction=config.valid_fraction, seed=config.seed)
+  num_train = dataset.x_train.shape[0]
+  if config.batch_size > num_train:
+    raise ValueError(f"--batch_size must be in [1, {num_train}] (the training set size), "
+                     f"got {config.batch_size}")
+  total_steps = config.total_steps(num_train)
+  model = experiment.build_model(config, dataset.input_shape, dataset.num_classes)
+  train_config = config.train_config()
+  mesh = parallel.make_mesh(config.num_devices)
+  if config.batch_size % mesh.size:
+    raise ValueError(f"--batch_size={config.batch_size} must be a multiple of the number of "
+                     f"devices ({mesh.size}); see --num_devices")
+
+  workdir = os.path.abspath(workdir)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  primary = parallel.is_primary_process()
+  meta = {"architecture": experiment.architecture_meta(config, dataset.input_shape,
+                                                       dataset.num_classes),
+          "config": config.as_dict()}
+  checkpointer = None
+  if os.path.isdir(checkpoint_dir):
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
+    if checkpointer.latest_step() is not None:
+      experiment.check_resume_compatible(checkpointer.read_meta(), config,
+                                         dataset.input_shape, dataset.num_classes)
+
+  # Everything is validated: from here on the run writes to the workdir.
+  os.makedirs(workdir, exist_ok=True)
+  if checkpointer is None:
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
+  metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), enabled=primary)
+
+  rng = jax.random.PRNGKey(config.seed)
+  sample_x = jnp.asarray(dataset.x_train[:1])
+  state = train_lib.init_train_state(model, train_config, rng, sample_x)
+  state = parallel.replicate(state, mesh)
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    start_step = int(checkpointer.latest_step())
+    state = checkpointer.restore(state)
+    logging.info("Resumed from checkpoint step %d in %s", start_step, checkpoint_dir)
+  metrics_log.truncate_after(start_step)
+
+  train_step = jax.jit(train_lib.make_train_step(model, train_config), donate_argnums=0)
+  eval_fn = jax.jit(train_lib.make_eval_step(model, config.eval_policy))
+  eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
+
+  def save(step):
+    checkpointer.save(step, state, meta)
+
+  last_saved = checkpointer.latest_step()
+  if start_step >= total_steps:
+    logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
+  skipped = 0
+  window_start, window_steps = time.time(), 0
+  for step in range(start_step + 1, total_steps + 1):
+    indices = data_lib.train_batch_indices(num_train, config.batch_size, config.seed, step - 1)
+    batch = parallel.shard_batch(
+        {"x": dataset.x_train[indices], "y": dataset.y_train[indices]}, mesh)
+    state, metrics = train_step(state, batch)
+    window_steps += 1
+    if not bool(metrics["finite"]):
+      if not config.skip_nonfinite:
+        where = (f"step {last_saved} in {checkpoint_dir}" if last_saved is not None
+                 else "none (no checkpoint was written yet)")
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step}; training stopped. Last good "
+            f"checkpoint: {where}, left intact. Pass --skip_nonfinite to skip such batches")
+      skipped += 1
+      logging.warning("step %d: non-finite loss or gradient, batch skipped", step)
+    if step % config.log_every == 0 or step == total_steps:
+      elapsed = max(time.time() - window_start, 1e-9)
+      steps_per_s = window_steps / elapsed
+      record = {"step": step, "kind": "train", "steps_per_s": steps_per_s,
+                "skipped_nonfinite": skipped}
+      record.update({key: _to_python(value) for key, value in metrics.items()})
+      metrics_log.write(record)
+      eta = (total_steps - step) / max(steps_per_s, 1e-9)
+      logging.info("step %d/%d  loss %.4f  error %.4f  active %s  %.1f steps/s  ETA %.0fs",
+                   step, total_steps, record["loss"], record["error"],
+                   np.round(record.get("active_fraction", []), 3).tolist(), steps_per_s, eta)
+      window_start, window_steps = time.time(), 0
+    if step % config.eval_every == 0 and step != total_steps:
+      valid = evaluate(eval_fn, state.params, dataset.x_valid, dataset.y_valid,
+                       mode=config.eval_policy, key=eval_key)
+      metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
+                         "valid_loss": valid["loss"],
+                         "valid_active_fraction": valid["active_fraction"]})
+      logging.info("step %d  valid error %.4f  active %s", step, valid["error"],
+                   np.round(valid["active_fraction"], 3).tolist())
+    if step % config.checkpoint_every == 0 or step == total_steps:
+      save(step)
+      last_saved = step
+  checkpointer.close()
+
+  results = finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_key,
+                     total_steps=max(total_steps, start_step), flag_values=flag_values,
+                     primary=primary)
+  results["wall_time_s"] = time.time() - start_time
+  if primary:
+    write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
+  return results
+
+
+def finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_key, *,
+             total_steps, flag_values, primary) -> dict[str, Any]:
+  """Final evaluation, MAC counts, latency and plots; returns the results payload."""
+  from ccjax import costs  # pylint: disable=g-import-not-at-top
+  params = jax.device_get(state.params)
+  test = evaluate(eval_fn, params, dataset.x_test, dataset.y_test, mode=config.eval_policy,
+                  key=eval_key, keep_gates=True)
+  valid = evaluate(eval_fn, params, dataset.x_valid, dataset.y_valid, mode=config.eval_policy,
+                   key=jax.random.fold_in(eval_key, 1))
+  metrics_log.write({"step": total_steps, "kind": "eval", "valid_error": valid["error"],
+                     "test_error": test["error"], "test_active_fraction": test["active_fraction"]})
+  logging.info("final: test error %.4f  valid error %.4f  active %s", test["error"],
+               valid["error"], np.round(test["active_fraction"], 3).tolist())
+  model_costs = costs.model_costs(config, model, params, dataset, test,
+                                  measure_latency=config.measure_latency)
+  results = {
+      "model": config.model, "arch": config.arch, "dataset": config.dataset,
+      "seed": config.seed, "steps": total_steps, "test_error": test["error"],
+      "valid_error": valid["error"], "active_fraction": test["active_fraction"],
+      "eval_policy": config.eval_policy,
+      "flags": dict(flag_values) if flag_values is not None else config.as_dict(),
+  }
+  results.update(model_costs)
+  if primary and config.plots:
+    write_plots(os.path.join(workdir, "plots"), test, dataset, metrics_log.read())
+  return results
+
+
+def write_plots(plot_dir: str, test: dict[str, Any], dataset, records) -> list[str]:
+  """Activation-probability, class x block and learning-curve figures."""
+  from ccjax import plots  # pylint: disable=g-import-not-at-top
+  os.makedirs(plot_dir, exist_ok=True)
+  paths = [plots.plot_learning_curves(records, os.path.join(plot_dir, "learning_curves.png"))]
+  if test.get("probs"):
+    paths.append(plots.plot_block_probabilities(
+        test["probs"], os.path.join(plot_dir, "block_probabilities.png")))
+    paths.append(plots.plot_class_block_map(
+        test["mask"], dataset.y_test, dataset.num_classes,
+        os.path.join(plot_dir, "class_block_map.png")))
+  return paths
