@@ -12,7 +12,7 @@ nonlinearities are not counted.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -66,3 +66,117 @@ def expected_gated_mlp_macs(input_dim: int, hidden: Sequence[int], block_size: i
     total += active_in * num_blocks + active_in * active_out
     active_in = active_out
   return total + active_in * num_classes
+
+
+# --- Convolutional networks -------------------------------------------------------------
+#
+# Accounting for :mod:`ccjax.conv` / :mod:`ccjax.conv_sparse` (one-sided: a layer always
+# reads all channels of its input; only a layer's own gated outputs are skipped). A
+# ``SAME``-padded conv of an ``H x W x C_in`` input with stride ``s`` costs
+# ``ceil(H / s) * ceil(W / s) * k * k * C_in * C_out`` MACs. A channel-gated conv with
+# ``k_a`` of ``n`` blocks active costs its policy ``C_in * n`` plus ``k_a / n`` of the
+# conv; a skippable residual block costs its policy ``C`` plus, when it runs,
+# ``num_convs`` stride-1 ``C -> C`` convs. Global pooling is additions (not counted);
+# the head costs ``C_last * num_classes``.
+
+
+class ConvLayerSpec(NamedTuple):
+  """Shape of one conv layer of a CNN, for MAC accounting.
+
+  Attributes:
+    kind: ``conv`` (ungated), ``channel`` (channel-block gated) or ``skip``
+      (skippable residual block).
+    height: input height.
+    width: input width.
+    in_channels: input channels.
+    out_channels: output channels (``== in_channels`` for ``skip``).
+    kernel_size: square kernel side.
+    stride: spatial stride (``skip`` blocks use 1).
+    block_size: channels per gated block (``channel`` layers).
+    num_convs: convolutions in a residual branch (``skip`` layers).
+  """
+  kind: str
+  height: int
+  width: int
+  in_channels: int
+  out_channels: int
+  kernel_size: int
+  stride: int = 1
+  block_size: int = 1
+  num_convs: int = 1
+
+
+CONV_LAYER_KINDS = ("conv", "channel", "skip")
+
+
+def conv2d_macs(height: int, width: int, in_channels: int, out_channels: int,
+                kernel_size: int, stride: int = 1) -> int:
+  """MACs of one example through a ``SAME``-padded square conv (bias not counted)."""
+  out_height, out_width = -(-height // stride), -(-width // stride)
+  return int(out_height * out_width * kernel_size * kernel_size * in_channels * out_channels)
+
+
+def _conv_layer_dense_macs(spec: ConvLayerSpec) -> int:
+  if spec.kind not in CONV_LAYER_KINDS:
+    raise ValueError(f"ConvLayerSpec.kind must be one of {'|'.join(CONV_LAYER_KINDS)}, "
+                     f"got {spec.kind!r}")
+  if spec.kind == "skip":
+    return spec.num_convs * conv2d_macs(spec.height, spec.width, spec.in_channels,
+                                        spec.in_channels, spec.kernel_size)
+  return conv2d_macs(spec.height, spec.width, spec.in_channels, spec.out_channels,
+                     spec.kernel_size, spec.stride)
+
+
+def dense_cnn_macs(specs: Sequence[ConvLayerSpec], num_classes: int) -> int:
+  """MACs of one example through the dense CNN (every layer runs, no policies).
+
+  Args:
+    specs: every conv layer in forward order (e.g. ``GatedCNN.layer_specs``).
+    num_classes: output logits of the dense head after global pooling.
+
+  Returns:
+    integer MACs per example.
+  """
+  if not specs:
+    raise ValueError("dense_cnn_macs needs at least one ConvLayerSpec")
+  total = sum(_conv_layer_dense_macs(spec) for spec in specs)
+  return int(total + specs[-1].out_channels * num_classes)
+
+
+def gated_cnn_macs(specs: Sequence[ConvLayerSpec], block_masks: Sequence[np.ndarray],
+                   num_classes: int) -> np.ndarray:
+  """Per-example MACs of a gated CNN that skips inactive channel blocks and layers.
+
+  Args:
+    specs: every conv layer in forward order; ``conv`` layers always run.
+    block_masks: one 0/1 mask per gated (``channel`` or ``skip``) spec, in order:
+      ``[batch, out_channels / block_size]`` for ``channel``, ``[batch, 1]`` or
+      ``[batch]`` for ``skip``.
+    num_classes: output logits.
+
+  Returns:
+    ``[batch]`` float64 MACs, policies included.
+  """
+  gated_specs = [spec for spec in specs if spec.kind != "conv"]
+  if len(gated_specs) != len(block_masks):
+    raise ValueError(f"block_masks needs one mask per gated layer ({len(gated_specs)}), "
+                     f"got {len(block_masks)}")
+  if not block_masks:
+    raise ValueError("gated_cnn_macs needs at least one gated layer")
+  batch = np.asarray(block_masks[0]).shape[0]
+  total = np.zeros((batch,))
+  masks = iter(block_masks)
+  for spec in specs:
+    dense = float(_conv_layer_dense_macs(spec))
+    if spec.kind == "conv":
+      total += dense
+      continue
+    block_mask = np.asarray(next(masks), dtype=np.float64).reshape(batch, -1)
+    num_blocks = block_mask.shape[-1]
+    if spec.kind == "channel" and spec.out_channels != num_blocks * spec.block_size:
+      raise ValueError(f"channel mask has {num_blocks} blocks of {spec.block_size}, layer has "
+                       f"{spec.out_channels} channels")
+    if spec.kind == "skip" and num_blocks != 1:
+      raise ValueError(f"skip mask must be [batch, 1], got {block_mask.shape}")
+    total += spec.in_channels * num_blocks + dense * block_mask.mean(-1)
+  return total + specs[-1].out_channels * num_classes

@@ -1,0 +1,434 @@
+"""Gated convolutional Linen modules: channel-block gating and per-example layer skipping.
+
+Axis letters: ``batch`` examples, ``height``/``width`` spatial axes, ``in`` input
+channels, ``channels`` output channels of a gated conv, ``blocks = channels /
+block_size``.
+
+Two kinds of gate, both driven by the core :class:`ccjax.layers.BlockPolicy` reading the
+globally average-pooled layer input ``mean_{height, width} x`` under ``stop_gradient``:
+
+* :class:`GatedConv`: output channels split into blocks; the policy decides per example
+  which channel blocks run (``probs [batch, blocks]``).
+* :class:`GatedResidualBlock`: a pre-activation residual branch
+  ``y = x + u * branch(x)`` with one gate per example (``probs [batch, 1]``); a skipped
+  block is the identity. ``tau`` in :class:`ccjax.TrainConfig` is then the target
+  fraction of residual blocks that run.
+
+Both return ``(y, aux)`` with ``aux`` a :class:`ccjax.layers.GateAux` (``None`` when
+ungated), and keep their policy parameters under a sub-module named ``policy``, so
+:func:`ccjax.make_train_step` trains them unchanged (REINFORCE + ``L_b``, ``L_e``,
+``L_v``). Training computes dense-then-mask; :mod:`ccjax.conv_sparse` really skips.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ccjax import estimators
+from ccjax import flops
+from ccjax import gating
+from ccjax import layers
+from ccjax import policy as policy_lib
+
+CHANNEL_GATE = "channel"
+SKIP_GATE = "skip"
+
+
+def _check_positive_int(value, name: str) -> int:
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return value
+
+
+def _check_gate_settings(estimator: str, policy_eps: float, policy_init_prob) -> None:
+  if estimator not in estimators.ESTIMATORS:
+    raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
+                     f"got {estimator!r}")
+  policy_lib.validate_eps(policy_eps)
+  probs = (policy_init_prob,) if isinstance(policy_init_prob, (int, float)) else policy_init_prob
+  for prob in probs:
+    if not isinstance(prob, (int, float)) or not 0.0 < prob < 1.0:
+      raise ValueError(f"policy_init_prob must be in (0, 1), got {prob!r}")
+
+
+def pooled_policy_input(inputs: jax.Array) -> jax.Array:
+  """What a conv policy reads: ``[batch, height, width, in]`` -> ``[batch, in]`` spatial mean.
+
+  The result is under ``stop_gradient``: the policy never sends gradient into the network.
+  """
+  return jnp.mean(jax.lax.stop_gradient(inputs), axis=(1, 2))
+
+
+def _gate(module: nn.Module, inputs: jax.Array, num_blocks: int, mode: str,
+          capacity: int | None, block_mask: jax.Array | None
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Shared gate of the conv modules: ``(probs, mask, log_prob)`` from the pooled input."""
+  probs = layers.BlockPolicy(num_blocks, eps=module.policy_eps,
+                             init_prob=module.policy_init_prob,
+                             name=layers.POLICY_COLLECTION_NAME)(pooled_policy_input(inputs))
+  if block_mask is None:
+    rng = module.make_rng("gate") if mode == "sample" else None
+    block_mask = layers.make_block_mask(probs, mode, module.estimator, rng=rng,
+                                        capacity=capacity,
+                                        gumbel_temperature=module.gumbel_temperature)
+  else:
+    block_mask = jax.lax.stop_gradient(jnp.asarray(block_mask, probs.dtype))
+    if block_mask.shape != probs.shape:
+      raise ValueError(f"block_mask must have shape {probs.shape}, got {block_mask.shape}")
+  return probs, block_mask, policy_lib.mask_log_prob(probs, block_mask)
+
+
+class GatedConv(nn.Module):
+  """A ``SAME``-padded 2-D convolution whose output channels are gated in blocks.
+
+  ``y = mask(policy(pool(stop_gradient(x)))) * activation(conv(x))``, the mask expanded
+  over each block's ``block_size`` channels and all spatial positions.
+
+  Attributes:
+    features: output channels; a multiple of ``block_size``.
+    block_size: channels per gated block.
+    kernel_size: square kernel side.
+    strides: spatial stride (both axes).
+    activation: elementwise nonlinearity applied before masking.
+    gated: ``False`` gives a plain conv layer (``aux=None``).
+    estimator: how ``mode='sample'`` draws masks (``reinforce``, ``straight_through``,
+      ``gumbel``).
+    policy_eps: probability bound of the policy.
+    policy_init_prob: initial probability of every block.
+    gumbel_temperature: temperature of the ``gumbel`` estimator.
+    dtype: computation dtype of the convolution (the policy runs in float32).
+  """
+  features: int
+  block_size: int = 8
+  kernel_size: int = 3
+  strides: int = 1
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+  gated: bool = True
+  estimator: str = "reinforce"
+  policy_eps: float = policy_lib.DEFAULT_EPS
+  policy_init_prob: float = 0.5
+  gumbel_temperature: float = 0.5
+  dtype: Any = None
+
+  def __post_init__(self):
+    gating.validate_block_size(self.features, self.block_size, "features")
+    _check_positive_int(self.kernel_size, "kernel_size")
+    _check_positive_int(self.strides, "strides")
+    _check_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
+    super().__post_init__()
+
+  @property
+  def num_blocks(self) -> int:
+    return self.features // self.block_size
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, mode: str = "sample", capacity: int | None = None,
+               block_mask: jax.Array | None = None) -> tuple[jax.Array, layers.GateAux | None]:
+    """Applies the layer.
+
+    Args:
+      inputs: ``[batch, height, width, in]``.
+      mode: ``sample`` | ``threshold`` | ``top_k`` | ``all``.
+      capacity: blocks per example for ``top_k``.
+      block_mask: optional ``[batch, blocks]`` mask used instead of the policy's own
+        (e.g. the effective mask of skipping inference); ``log_prob`` is still computed.
+
+    Returns:
+      ``(y [batch, height / strides, width / strides, channels], aux)``.
+    """
+    layers.validate_layer_mode(mode)
+    outputs = self.activation(nn.Conv(
+        self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
+        padding="SAME", dtype=self.dtype, name="conv")(inputs))
+    if not self.gated:
+      return outputs, None
+    probs, block_mask, log_prob = _gate(self, inputs, self.num_blocks, mode, capacity,
+                                        block_mask)
+    outputs = gating.apply_block_mask(outputs, block_mask[:, None, None, :])
+    return outputs, layers.GateAux(probs=probs, mask=block_mask, log_prob=log_prob)
+
+
+def residual_branch(convs: Sequence[Callable[[jax.Array], jax.Array]],
+                    inputs: jax.Array) -> jax.Array:
+  """Pre-activation branch ``conv_n(relu(... conv_1(relu(x))))``.
+
+  Args:
+    convs: the branch's convolutions, each channel-preserving.
+    inputs: ``[batch, height, width, channels]``.
+
+  Returns:
+    ``[batch, height, width, channels]``.
+  """
+  hidden = inputs
+  for conv in convs:
+    hidden = conv(nn.relu(hidden))
+  return hidden
+
+
+class GatedResidualBlock(nn.Module):
+  """A residual block that runs per example only when its policy says so.
+
+  ``y = x + u * branch(x)`` with ``u ~ Bernoulli(policy(pool(stop_gradient(x))))``, one
+  gate per example (``probs [batch, 1]``); ``u = 0`` is the identity. The branch is
+  ``num_convs`` pre-activation ``SAME`` convolutions (see :func:`residual_branch`)
+  keeping the channel count.
+
+  Attributes:
+    kernel_size: square kernel side.
+    num_convs: convolutions in the branch, >= 1.
+    gated: ``False`` always runs the branch (``aux=None``).
+    estimator, policy_eps, policy_init_prob, gumbel_temperature, dtype: as in
+      :class:`GatedConv`; ``policy_init_prob`` is the initial probability of running.
+  """
+  kernel_size: int = 3
+  num_convs: int = 2
+  gated: bool = True
+  estimator: str = "reinforce"
+  policy_eps: float = policy_lib.DEFAULT_EPS
+  policy_init_prob: float = 0.5
+  gumbel_temperature: float = 0.5
+  dtype: Any = None
+
+  def __post_init__(self):
+    _check_positive_int(self.kernel_size, "kernel_size")
+    _check_positive_int(self.num_convs, "num_convs")
+    _check_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, mode: str = "sample", capacity: int | None = None,
+               block_mask: jax.Array | None = None) -> tuple[jax.Array, layers.GateAux | None]:
+    """Applies the block.
+
+    Args:
+      inputs: ``[batch, height, width, channels]``.
+      mode: ``sample`` | ``threshold`` | ``top_k`` | ``all``.
+      capacity: ignored except for validation in ``top_k`` (one gate: top-1 equals
+        threshold); pass ``1`` or ``None``.
+      block_mask: optional ``[batch, 1]`` mask used instead of the policy's own.
+
+    Returns:
+      ``(y [batch, height, width, channels], aux)`` with ``aux.probs [batch, 1]``.
+    """
+    layers.validate_layer_mode(mode)
+    channels = inputs.shape[-1]
+    convs = [nn.Conv(channels, (self.kernel_size, self.kernel_size), padding="SAME",
+                     dtype=self.dtype, name=f"conv_{index}") for index in range(self.num_convs)]
+    branch = residual_branch(convs, inputs)
+    if not self.gated:
+      return inputs + branch, None
+    if mode == "top_k":
+      capacity = 1
+    probs, block_mask, log_prob = _gate(self, inputs, 1, mode, capacity, block_mask)
+    outputs = inputs + branch * block_mask.reshape(-1, 1, 1, 1).astype(branch.dtype)
+    return outputs, layers.GateAux(probs=probs, mask=block_mask, log_prob=log_prob)
+
+
+class GateLayer(NamedTuple):
+  """One gated layer of a :class:`GatedCNN`, in forward order.
+
+  Attributes:
+    name: sub-module name in the parameter tree.
+    kind: ``channel`` (:class:`GatedConv`) or ``skip`` (:class:`GatedResidualBlock`).
+    stage: index of the stage the layer belongs to.
+  """
+  name: str
+  kind: str
+  stage: int
+
+
+def _per_layer(value, num_layers: int, name: str) -> tuple:
+  if isinstance(value, (int, float)):
+    return (value,) * num_layers
+  value = tuple(value)
+  if len(value) != num_layers:
+    raise ValueError(f"{name} needs one value or one per gated layer ({num_layers}), "
+                     f"got {len(value)}")
+  return value
+
+
+class GatedCNN(nn.Module):
+  """A small gated CNN: stem conv, stages of (channel-gated conv, skippable residual blocks).
+
+  ``x -> relu(stem conv) -> for each stage: GatedConv(stage_features[s], stride
+  strides[s]) -> residual_blocks x GatedResidualBlock -> relu -> global mean pool ->
+  dense``. With ``gated=False`` it is the dense baseline (same parameters minus the
+  policies). The contract is that of :class:`ccjax.GatedMLP`:
+  ``apply(vars, x, mode=..., capacity=..., rngs={'gate': k}) -> (logits, aux)`` with one
+  :class:`ccjax.layers.GateAux` (or ``None`` when ungated) per gated layer, in the order
+  of :meth:`gate_layers`.
+
+  Attributes:
+    num_classes: output logits, >= 2.
+    stem_features: channels of the ungated stem conv.
+    stage_features: output channels of each stage's gated conv, multiples of ``block_size``.
+    strides: stride of each stage's gated conv: one value or one per stage.
+    residual_blocks: skippable residual blocks per stage, >= 0.
+    block_size: channels per gated block.
+    kernel_size: square kernel side of every conv.
+    num_convs: convolutions per residual branch, >= 1.
+    gated: gate the channel convs and residual blocks.
+    estimator: ``reinforce`` | ``straight_through`` | ``gumbel``.
+    policy_init_prob: initial probability, one value or one per gated layer.
+    policy_eps: probability bound of the policies.
+    image_shape: optional ``(height, width, channels)``; inputs of rank 2
+      ``[batch, height * width * channels]`` are reshaped to it (e.g. flattened digits).
+    dtype: computation dtype of the convolutions.
+  """
+  num_classes: int
+  stem_features: int = 16
+  stage_features: Sequence[int] = (32, 64)
+  strides: int | Sequence[int] = 2
+  residual_blocks: int = 1
+  block_size: int = 8
+  kernel_size: int = 3
+  num_convs: int = 2
+  gated: bool = True
+  estimator: str = "reinforce"
+  policy_init_prob: float | Sequence[float] = 0.5
+  policy_eps: float = policy_lib.DEFAULT_EPS
+  image_shape: Sequence[int] | None = None
+  dtype: Any = None
+
+  def __post_init__(self):
+    if not isinstance(self.num_classes, int) or self.num_classes < 2:
+      raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
+    _check_positive_int(self.stem_features, "stem_features")
+    if len(self.stage_features) == 0:
+      raise ValueError("stage_features must list at least one width")
+    for index, width in enumerate(self.stage_features):
+      gating.validate_block_size(width, self.block_size, f"stage_features[{index}]")
+    for stride in _per_layer(self.strides, len(self.stage_features), "strides"):
+      _check_positive_int(stride, "strides")
+    if (not isinstance(self.residual_blocks, int) or isinstance(self.residual_blocks, bool)
+        or self.residual_blocks < 0):
+      raise ValueError(f"residual_blocks must be an integer >= 0, got {self.residual_blocks!r}")
+    _check_positive_int(self.kernel_size, "kernel_size")
+    _check_positive_int(self.num_convs, "num_convs")
+    _check_gate_settings(self.estimator, self.policy_eps, _per_layer(
+        self.policy_init_prob, len(self.gate_layers()), "policy_init_prob"))
+    if self.image_shape is not None and (
+        len(self.image_shape) != 3 or any(not isinstance(d, int) or d <= 0
+                                          for d in self.image_shape)):
+      raise ValueError(f"image_shape must be (height, width, channels) of positive integers "
+                       f"or None, got {self.image_shape!r}")
+    super().__post_init__()
+
+  def stage_strides(self) -> tuple[int, ...]:
+    """Stride of each stage's gated conv."""
+    return tuple(_per_layer(self.strides, len(self.stage_features), "strides"))
+
+  def gate_layers(self) -> tuple[GateLayer, ...]:
+    """The gated layers in forward order (the order of ``aux``)."""
+    result = []
+    for stage in range(len(self.stage_features)):
+      result.append(GateLayer(f"stage_{stage}", CHANNEL_GATE, stage))
+      for block in range(self.residual_blocks):
+        result.append(GateLayer(f"stage_{stage}_res_{block}", SKIP_GATE, stage))
+    return tuple(result)
+
+  def as_images(self, inputs: jax.Array) -> jax.Array:
+    """``[batch, height, width, channels]`` view of the input (see ``image_shape``)."""
+    if inputs.ndim == 2 and self.image_shape is not None:
+      return inputs.reshape(inputs.shape[0], *self.image_shape)
+    if inputs.ndim != 4:
+      raise ValueError(f"GatedCNN inputs must be [batch, height, width, channels] (or "
+                       f"[batch, features] with image_shape set), got shape {inputs.shape}")
+    return inputs
+
+  def layer_specs(self, image_shape: Sequence[int]) -> tuple[flops.ConvLayerSpec, ...]:
+    """Shapes of every conv layer for MAC accounting (see :func:`ccjax.flops.dense_cnn_macs`).
+
+    Args:
+      image_shape: ``(height, width, channels)`` of one input.
+
+    Returns:
+      the stem spec followed by one spec per gated layer, in forward order.
+    """
+    height, width, channels = image_shape
+    specs = [flops.ConvLayerSpec("conv", height, width, channels, self.stem_features,
+                                 self.kernel_size)]
+    channels = self.stem_features
+    strides = self.stage_strides()
+    for layer in self.gate_layers():
+      if layer.kind == CHANNEL_GATE:
+        out_channels = self.stage_features[layer.stage]
+        stride = strides[layer.stage]
+        specs.append(flops.ConvLayerSpec(CHANNEL_GATE, height, width, channels, out_channels,
+                                         self.kernel_size, stride, block_size=self.block_size))
+        height, width = -(-height // stride), -(-width // stride)
+        channels = out_channels
+      else:
+        specs.append(flops.ConvLayerSpec(SKIP_GATE, height, width, channels, channels,
+                                         self.kernel_size, num_convs=self.num_convs))
+    return tuple(specs)
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, *, mode: str = "sample",
+               capacity: int | Sequence[int | None] | None = None,
+               block_masks: Sequence[jax.Array] | None = None
+               ) -> tuple[jax.Array, tuple[layers.GateAux | None, ...]]:
+    """Applies the network.
+
+    Args:
+      inputs: ``[batch, height, width, channels]`` (or flattened, see ``image_shape``).
+      mode: gate mode of every gated layer: ``sample`` | ``threshold`` | ``top_k`` | ``all``.
+      capacity: blocks per example for ``top_k``: one value or one per gated layer
+        (residual blocks have one gate, so their ``top_k`` is ``threshold``).
+      block_masks: optional masks, one per gated layer (``[batch, blocks]`` or
+        ``[batch, 1]``), used instead of the policies' own; for checking skipping
+        inference against masked dense.
+
+    Returns:
+      ``(logits [batch, num_classes], aux)`` with one ``GateAux`` (``None`` when
+      ungated) per gated layer.
+    """
+    layers.validate_layer_mode(mode)
+    gate_layers = self.gate_layers()
+    capacities = (None,) * len(gate_layers) if capacity is None else _per_layer(
+        capacity, len(gate_layers), "capacity")
+    init_probs = _per_layer(self.policy_init_prob, len(gate_layers), "policy_init_prob")
+    if block_masks is not None and len(block_masks) != len(gate_layers):
+      raise ValueError(f"block_masks needs one mask per gated layer ({len(gate_layers)}), "
+                       f"got {len(block_masks)}")
+    strides = self.stage_strides()
+    hidden = nn.relu(nn.Conv(self.stem_features, (self.kernel_size, self.kernel_size),
+                             padding="SAME", dtype=self.dtype,
+                             name="stem")(self.as_images(inputs)))
+    aux = []
+    for index, layer in enumerate(gate_layers):
+      common = dict(gated=self.gated, estimator=self.estimator, policy_eps=self.policy_eps,
+                    policy_init_prob=init_probs[index], dtype=self.dtype, name=layer.name)
+      if layer.kind == CHANNEL_GATE:
+        module = GatedConv(self.stage_features[layer.stage], block_size=self.block_size,
+                           kernel_size=self.kernel_size, strides=strides[layer.stage], **common)
+      else:
+        module = GatedResidualBlock(kernel_size=self.kernel_size, num_convs=self.num_convs,
+                                    **common)
+      hidden, layer_aux = module(
+          hidden, mode=mode, capacity=capacities[index],
+          block_mask=None if block_masks is None else block_masks[index])
+      aux.append(layer_aux)
+    features = jnp.mean(nn.relu(hidden), axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="output")(features)
+    return logits, tuple(aux)
+
+
+def strip_policy_params(params) -> Any:
+  """The network part of a gated model's parameters (every ``policy`` sub-tree removed).
+
+  The result is the parameter tree of the same model built with ``gated=False``.
+  """
+  if isinstance(params, dict) or hasattr(params, "items"):
+    return {key: strip_policy_params(value) for key, value in params.items()
+            if key != layers.POLICY_COLLECTION_NAME}
+  return params
+
+
+def num_gate_layers(model: GatedCNN) -> int:
+  """Number of gated layers (= entries of ``aux``)."""
+  return len(model.gate_layers())
