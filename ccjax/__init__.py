@@ -4,6 +4,15 @@ Block-gated networks (Bengio et al., 2015) whose per-example Bernoulli block pol
 are trained with REINFORCE, and jitted inference that skips inactive blocks.
 """
 
+from ccjax.conv import GateLayer as GateLayer
+from ccjax.conv import GatedCNN as GatedCNN
+from ccjax.conv import GatedConv as GatedConv
+from ccjax.conv import GatedResidualBlock as GatedResidualBlock
+from ccjax.conv import strip_policy_params as strip_policy_params
+from ccjax.conv_sparse import CNNInferenceInfo as CNNInferenceInfo
+from ccjax.conv_sparse import bench_cnn as bench_cnn
+from ccjax.conv_sparse import calibrate_policies as calibrate_policies
+from ccjax.conv_sparse import make_cnn_inference as make_cnn_inference
 from ccjax.estimators import BASELINES as BASELINES
 from ccjax.estimators import BaselineState as BaselineState
 from ccjax.estimators import ESTIMATORS as ESTIMATORS
@@ -14,8 +23,12 @@ from ccjax.estimators import init_baseline_state as init_baseline_state
 from ccjax.estimators import score_function_loss as score_function_loss
 from ccjax.estimators import straight_through_mask as straight_through_mask
 from ccjax.estimators import update_baseline_state as update_baseline_state
+from ccjax.flops import ConvLayerSpec as ConvLayerSpec
+from ccjax.flops import conv2d_macs as conv2d_macs
+from ccjax.flops import dense_cnn_macs as dense_cnn_macs
 from ccjax.flops import dense_mlp_macs as dense_mlp_macs
 from ccjax.flops import expected_gated_mlp_macs as expected_gated_mlp_macs
+from ccjax.flops import gated_cnn_macs as gated_cnn_macs
 from ccjax.flops import gated_mlp_macs as gated_mlp_macs
 from ccjax.gating import active_fraction as active_fraction
 from ccjax.gating import apply_block_mask as apply_block_mask
