@@ -117,7 +117,8 @@ def straight_through_mask(key: jax.Array, probs: jax.Array) -> jax.Array:
     ``[batch, blocks]`` mask equal to a 0/1 sample, with ``d mask / d probs = 1``.
   """
   hard = jax.random.bernoulli(key, probs).astype(probs.dtype)
-  return hard + probs - jax.lax.stop_gradient(probs)
+  # Parenthesised so the forward value is exactly the 0/1 sample (``(hard + p) - p`` is not).
+  return hard + (probs - jax.lax.stop_gradient(probs))
 
 
 def gumbel_sigmoid_mask(key: jax.Array, probs: jax.Array, temperature: float = 0.5,
@@ -144,4 +145,4 @@ def gumbel_sigmoid_mask(key: jax.Array, probs: jax.Array, temperature: float = 0
   if not hard:
     return soft
   hard_mask = (soft > 0.5).astype(probs.dtype)
-  return hard_mask + soft - jax.lax.stop_gradient(soft)
+  return hard_mask + (soft - jax.lax.stop_gradient(soft))
