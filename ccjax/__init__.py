@@ -13,6 +13,14 @@ from ccjax.conv_sparse import CNNInferenceInfo as CNNInferenceInfo
 from ccjax.conv_sparse import bench_cnn as bench_cnn
 from ccjax.conv_sparse import calibrate_policies as calibrate_policies
 from ccjax.conv_sparse import make_cnn_inference as make_cnn_inference
+from ccjax.data import DATASETS as DATASETS
+from ccjax.data import DataError as DataError
+from ccjax.data import Dataset as Dataset
+from ccjax.data import eval_batches as eval_batches
+from ccjax.data import load_dataset as load_dataset
+from ccjax.data import steps_per_epoch as steps_per_epoch
+from ccjax.data import train_batch as train_batch
+from ccjax.data import train_batch_indices as train_batch_indices
 from ccjax.estimators import BASELINES as BASELINES
 from ccjax.estimators import BaselineState as BaselineState
 from ccjax.estimators import ESTIMATORS as ESTIMATORS
