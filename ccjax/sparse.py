@@ -1,0 +1,773 @@
+"""Jitted sparse inference for a trained :class:`ccjax.GatedMLP` that skips inactive blocks.
+
+Axis letters: ``batch`` examples; ``in`` input features; ``bs`` units per block;
+``blocks`` (``nb``) blocks of a layer; ``k`` per-example capacity (slots of a compact
+activation); ``C`` per-block capacity (examples per block); ``P = out_blocks *
+in_blocks`` weight blocks of a hidden->hidden layer; ``C2`` per-weight-block capacity.
+
+Layout (:func:`to_block_major`, a pytree :class:`BlockMajorMLP`):
+
+* first hidden layer (dense input): ``kernel [nb, in, bs]`` (one contiguous column
+  block per output block), ``policy_kernel [in, nb]``;
+* hidden layer whose input is gated: ``kernel [P, bs, bs]`` with weight block
+  ``p = j * in_blocks + i`` = ``W[i-th input block, j-th output block]``, and
+  ``policy_kernel [in_blocks, bs, nb]`` split by input block, so that both the layer
+  and its policy read only the active input blocks (two-sided sparsity);
+* output layer ``[in_blocks, bs, classes]``; biases ``[nb, bs]``.
+
+Activations travel compactly: ``h [batch, k, bs]`` with block ids ``[batch, k]`` and a
+``kept [batch, k]`` flag (inactive slots hold zeros).
+
+Which blocks run (deterministic, static shapes). For every gated layer:
+
+1. *threshold*: block ``j`` is a candidate when ``p_j > 0.5`` (``p`` from the policy on
+   the layer's actual, sparse input, as in ``mode='threshold'``);
+2. *per-example capacity* ``k``: at most ``k`` candidates per example run, the most
+   probable ones (ties: lower block id) -- exactly ``mode='top_k'`` with capacity ``k``;
+3. (minibatch only) *per-block capacity* ``C``: at most ``C`` examples run block ``j``,
+   those with the highest ``p_j`` (ties: lower example index);
+4. (minibatch, gated input only) *per-weight-block capacity* ``C2``: the (example,
+   input block ``i``, output block ``j``) triples that need weight block ``(i, j)``
+   are served in order of decreasing ``p_j`` (ties: lower example index, then slot);
+   an (example, output block) with any unserved triple is dropped whole.
+
+A candidate dropped by 2-4 is *treated as inactive*: its units are exactly zero, as if
+its mask were 0, so the output equals :func:`masked_dense_forward` with the effective
+masks returned by :func:`trace_masks`. ``overflow_rate`` = dropped candidates /
+candidates (over examples, blocks and layers). With the exact capacities
+(``k = nb``, ``C = C2 = batch``, the :func:`make_sparse_config` default) nothing can
+overflow and the result is the ``threshold``-mode network.
+
+Work: the batch-1 path gathers only the active weight blocks (``k_in x k_out`` blocks
+of a hidden layer) and the policy rows of the active input blocks. The minibatch path
+groups (example, block) pairs by block (examples per output block for the first layer
+and for policies / the output layer; triples per weight block for hidden->hidden
+layers) into static ``[groups, capacity, ...]`` arrays and runs one grouped matmul
+(:func:`ccjax.sparse_kernels.grouped_matmul`, Pallas on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import statistics
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccjax import flops
+from ccjax import gating
+from ccjax import policy as policy_lib
+from ccjax import sparse_kernels
+
+take_blocks = sparse_kernels.take_blocks
+
+
+@flax.struct.dataclass
+class BlockLayer:
+  """One gated hidden layer in block-major layout.
+
+  Attributes:
+    kernel: ``[nb, in, bs]`` (dense input) or ``[nb * in_blocks, bs, bs]`` (gated input,
+      block ``j * in_blocks + i``).
+    bias: ``[nb, bs]``.
+    policy_kernel: ``[in, nb]`` (dense input) or ``[in_blocks, bs, nb]`` (gated input).
+    policy_bias: ``[nb]``.
+    input_gated: whether the layer's input is a gated layer's output (static).
+  """
+  kernel: jax.Array
+  bias: jax.Array
+  policy_kernel: jax.Array
+  policy_bias: jax.Array
+  input_gated: bool = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_blocks(self) -> int:
+    return self.bias.shape[0]
+
+
+@flax.struct.dataclass
+class BlockMajorMLP:
+  """A :class:`ccjax.GatedMLP` laid out for sparse inference (a pytree).
+
+  Attributes:
+    layers: one :class:`BlockLayer` per hidden layer.
+    output_kernel: ``[in_blocks, bs, classes]``.
+    output_bias: ``[classes]``.
+    block_size: units per block (static).
+    policy_eps: probability bound of the policies (static).
+  """
+  layers: tuple[BlockLayer, ...]
+  output_kernel: jax.Array
+  output_bias: jax.Array
+  block_size: int = flax.struct.field(pytree_node=False)
+  policy_eps: float = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_blocks(self) -> tuple[int, ...]:
+    return tuple(layer.num_blocks for layer in self.layers)
+
+  @property
+  def input_dim(self) -> int:
+    return self.layers[0].kernel.shape[1]
+
+
+class LayerTrace(NamedTuple):
+  """Which blocks one layer ran.
+
+  Attributes:
+    block_index: ``[batch, k]`` int32 block id of each compact slot.
+    kept: ``[batch, k]`` bool, the slot ran (effective mask in compact form).
+    num_candidates: scalar int32, number of (example, block) with ``p > 0.5``.
+    num_kept: scalar int32, number of (example, block) that ran.
+  """
+  block_index: jax.Array
+  kept: jax.Array
+  num_candidates: jax.Array
+  num_kept: jax.Array
+
+
+def _hidden_layer_names(params) -> list[str]:
+  names = sorted((name for name in params if name.startswith("hidden_")),
+                 key=lambda name: int(name.split("_")[1]))
+  if not names or "output" not in params:
+    raise ValueError("params must be GatedMLP params with hidden_<i> and output entries")
+  return names
+
+
+def to_block_major(params, block_size: int, policy_eps: float = policy_lib.DEFAULT_EPS
+                   ) -> BlockMajorMLP:
+  """Converts trained ``GatedMLP`` params to the block-major inference layout.
+
+  Args:
+    params: ``GatedMLP`` params: ``{'hidden_i': {'dense': {kernel [in, units], bias},
+      'policy': {'logits': {kernel [in, blocks], bias}}}, 'output': {kernel, bias}}``;
+      every hidden layer must be gated.
+    block_size: the model's ``block_size``.
+    policy_eps: the model's ``policy_eps``.
+
+  Returns:
+    a :class:`BlockMajorMLP` pytree.
+  """
+  policy_lib.validate_eps(policy_eps)
+  layers = []
+  in_blocks = None
+  for name in _hidden_layer_names(params):
+    layer = params[name]
+    if "policy" not in layer:
+      raise ValueError(f"{name} has no policy: sparse inference needs a gated GatedMLP")
+    kernel = jnp.asarray(layer["dense"]["kernel"])
+    bias = jnp.asarray(layer["dense"]["bias"])
+    policy_kernel = jnp.asarray(layer["policy"]["logits"]["kernel"])
+    policy_bias = jnp.asarray(layer["policy"]["logits"]["bias"])
+    fan_in, units = kernel.shape
+    nb = gating.validate_block_size(units, block_size, f"{name} units")
+    if in_blocks is None:
+      block_kernel = kernel.reshape(fan_in, nb, block_size).transpose(1, 0, 2)
+      block_policy = policy_kernel
+    else:
+      block_kernel = kernel.reshape(in_blocks, block_size, nb, block_size)
+      block_kernel = block_kernel.transpose(2, 0, 1, 3).reshape(
+          nb * in_blocks, block_size, block_size)
+      block_policy = policy_kernel.reshape(in_blocks, block_size, nb)
+    layers.append(BlockLayer(kernel=block_kernel, bias=bias.reshape(nb, block_size),
+                             policy_kernel=block_policy, policy_bias=policy_bias,
+                             input_gated=in_blocks is not None))
+    in_blocks = nb
+  out_kernel = jnp.asarray(params["output"]["kernel"])
+  return BlockMajorMLP(
+      layers=tuple(layers),
+      output_kernel=out_kernel.reshape(in_blocks, block_size, out_kernel.shape[-1]),
+      output_bias=jnp.asarray(params["output"]["bias"]),
+      block_size=block_size, policy_eps=float(policy_eps))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+  """Static capacities of the sparse path (hashable: pass it as a static argument).
+
+  Attributes:
+    example_capacity: ``k`` per layer, blocks per example, ``1 <= k <= nb``.
+    block_capacity: ``C`` per layer, examples per block (minibatch path).
+    pair_capacity: ``C2`` per layer, triples per weight block (minibatch path, used by
+      layers with a gated input; the first entry is ignored).
+    buckets: optional static slot counts per layer for the batch-1 path, ascending and
+      ending with ``k``; a layer then runs with the smallest bucket that holds its
+      active count (``lax.switch``), so the work follows the real count.
+    implementation: grouped-matmul implementation, ``auto`` | ``xla`` | ``pallas``.
+  """
+  example_capacity: tuple[int, ...]
+  block_capacity: tuple[int, ...]
+  pair_capacity: tuple[int, ...]
+  buckets: tuple[tuple[int, ...], ...] | None = None
+  implementation: str = "auto"
+
+  def validate(self, model: BlockMajorMLP) -> "SparseConfig":
+    num_layers = len(model.layers)
+    for name in ("example_capacity", "block_capacity", "pair_capacity"):
+      values = getattr(self, name)
+      if len(values) != num_layers or any(int(v) < 1 for v in values):
+        raise ValueError(f"{name} needs {num_layers} positive integers, got {values!r}")
+    for value, nb in zip(self.example_capacity, model.num_blocks):
+      if not 1 <= value <= nb:
+        raise ValueError(f"example_capacity must be in [1, {nb}], got {value!r}")
+    if self.buckets is not None:
+      if len(self.buckets) != num_layers:
+        raise ValueError(f"buckets needs one tuple per layer ({num_layers})")
+      for sizes, capacity in zip(self.buckets, self.example_capacity):
+        if (not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1
+            or sizes[-1] != capacity):
+          raise ValueError(f"buckets must ascend from >= 1 to the capacity {capacity}, "
+                           f"got {sizes!r}")
+    if self.implementation not in sparse_kernels.IMPLEMENTATIONS:
+      raise ValueError(f"implementation must be one of "
+                       f"{'|'.join(sparse_kernels.IMPLEMENTATIONS)}, got {self.implementation!r}")
+    return self
+
+
+def _poisson_capacity(mean: float, limit: int) -> int:
+  return int(min(limit, max(1, math.ceil(mean + 4.0 * math.sqrt(mean) + 2.0))))
+
+
+def make_sparse_config(model: BlockMajorMLP, batch_size: int,
+                       active_fraction: float | Sequence[float] | None = None, *,
+                       example_slack: float = 2.0, num_buckets: int = 1,
+                       implementation: str = "auto") -> SparseConfig:
+  """Capacities for a batch size and an expected active fraction.
+
+  Args:
+    model: the block-major model.
+    batch_size: examples per call.
+    active_fraction: expected fraction of blocks a layer runs per example (one value or
+      one per layer); ``None`` gives exact capacities (nothing can overflow).
+    example_slack: ``k = ceil(example_slack * fraction * nb)``.
+    num_buckets: batch-1 bucket count per layer (sizes ``k / n, 2k / n, ..., k``).
+    implementation: see :class:`SparseConfig`.
+
+  Returns:
+    a validated :class:`SparseConfig`. ``C`` and ``C2`` are Poisson-style margins
+    (mean + 4 sd + 2) over the expected load of a block / weight block.
+  """
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  num_blocks = model.num_blocks
+  if active_fraction is None:
+    example = tuple(num_blocks)
+    block = pair = (batch_size,) * len(num_blocks)
+  else:
+    fractions = ((float(active_fraction),) * len(num_blocks)
+                 if isinstance(active_fraction, (int, float)) else tuple(active_fraction))
+    if len(fractions) != len(num_blocks) or not all(0.0 < f <= 1.0 for f in fractions):
+      raise ValueError(f"active_fraction must be in (0, 1], one value or one per layer, "
+                       f"got {active_fraction!r}")
+    example = tuple(min(nb, max(1, math.ceil(example_slack * f * nb)))
+                    for f, nb in zip(fractions, num_blocks))
+    block = tuple(_poisson_capacity(batch_size * f, batch_size) for f in fractions)
+    pair = (batch_size,) + tuple(
+        _poisson_capacity(batch_size * f_in * f_out, batch_size)
+        for f_in, f_out in zip(fractions[:-1], fractions[1:]))
+  buckets = None
+  if num_buckets > 1:
+    buckets = tuple(tuple(sorted({max(1, math.ceil(k * (b + 1) / num_buckets))
+                                  for b in range(num_buckets)})) for k in example)
+  return SparseConfig(example, block, pair, buckets, implementation).validate(model)
+
+
+def _probs(logits: jax.Array, eps: float) -> jax.Array:
+  return policy_lib.policy_probs(logits.astype(jnp.float32), eps)
+
+
+# ----------------------------------------------------------------------------- batch 1
+
+
+def _bucket_switch(counts: Sequence[jax.Array], sizes: Sequence[tuple[int, ...]],
+                   branch: Callable[..., Any]) -> Any:
+  """Calls ``branch(*static_sizes)`` with the smallest bucket holding each count."""
+  if all(len(s) == 1 for s in sizes):
+    return branch(*(s[0] for s in sizes))
+  index = jnp.zeros((), jnp.int32)
+  for count, options in zip(counts, sizes):
+    position = jnp.searchsorted(jnp.asarray(options, jnp.int32), count.astype(jnp.int32))
+    index = index * len(options) + jnp.minimum(position, len(options) - 1).astype(jnp.int32)
+  branches = [lambda _, combo=combo: branch(*combo) for combo in itertools.product(*sizes)]
+  return jax.lax.switch(index, branches, None)
+
+
+def _select_single(probs: jax.Array, capacity: int):
+  values, index = jax.lax.top_k(probs, capacity)
+  kept = values > 0.5
+  return index.astype(jnp.int32), kept, jnp.sum(kept.astype(jnp.int32))
+
+
+def _sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConfig):
+  """Batch-1 path: ``x [in]`` -> ``logits [classes]``, traces."""
+  eps, bs = model.policy_eps, model.block_size
+  buckets = config.buckets or tuple((k,) for k in config.example_capacity)
+  traces = []
+  hidden = index = count = None
+  in_sizes = None
+  for layer, capacity, out_sizes in zip(model.layers, config.example_capacity, buckets):
+    if not layer.input_gated:
+      logits = x @ layer.policy_kernel + layer.policy_bias
+    else:
+      def policy_branch(s_in, hidden=hidden, index=index, layer=layer):
+        rows = take_blocks(layer.policy_kernel, index[:s_in])
+        return hidden[:s_in].reshape(-1) @ rows.reshape(s_in * bs, -1)
+      logits = _bucket_switch([count], [in_sizes], policy_branch) + layer.policy_bias
+    probs = _probs(logits, eps)
+    out_index, kept, out_count = _select_single(probs, capacity)
+
+    def layer_branch(*sizes, layer=layer, hidden=hidden, index=index, out_index=out_index,
+                     kept=kept, capacity=capacity):
+      s_out = sizes[-1]
+      cols = out_index[:s_out]
+      if layer.input_gated:
+        s_in = sizes[0]
+        in_blocks = layer.kernel.shape[0] // layer.num_blocks
+        pairs = cols[:, None] * in_blocks + index[None, :s_in]
+        weights = take_blocks(layer.kernel, pairs)                  # [s_out, s_in, bs, bs]
+        pre = jnp.einsum("x,jxc->jc", hidden[:s_in].reshape(-1),
+                         weights.reshape(s_out, s_in * bs, bs))
+      else:
+        weights = take_blocks(layer.kernel, cols)                   # [s_out, in, bs]
+        pre = jnp.einsum("d,jdc->jc", x, weights)
+      out = jax.nn.relu(pre + take_blocks(layer.bias, cols)) * kept[:s_out, None]
+      return jnp.pad(out, ((0, capacity - s_out), (0, 0)))
+
+    if layer.input_gated:
+      hidden = _bucket_switch([count, out_count], [in_sizes, out_sizes], layer_branch)
+    else:
+      hidden = _bucket_switch([out_count], [out_sizes], layer_branch)
+    traces.append(LayerTrace(out_index[None], kept[None],
+                             jnp.sum((probs > 0.5).astype(jnp.int32)), out_count))
+    index, count, in_sizes = out_index, out_count, out_sizes
+
+  def output_branch(s_in):
+    rows = take_blocks(model.output_kernel, index[:s_in])
+    return hidden[:s_in].reshape(-1) @ rows.reshape(s_in * bs, -1)
+  logits = _bucket_switch([count], [in_sizes], output_branch) + model.output_bias
+  return logits, tuple(traces)
+
+
+# ----------------------------------------------------------------------------- minibatch
+
+
+class Grouping(NamedTuple):
+  """Entries grouped by id with a static capacity per group.
+
+  Attributes:
+    entry_of_slot: ``[groups * capacity]`` int32 entry in each slot (``num_entries`` when
+      empty).
+    slot_of_entry: ``[num_entries]`` int32 slot of each entry (``groups * capacity`` when
+      the entry is invalid or overflowed).
+  """
+  entry_of_slot: jax.Array
+  slot_of_entry: jax.Array
+
+
+def group_entries(group_id: jax.Array, priority: jax.Array, valid: jax.Array,
+                  num_groups: int, capacity: int) -> Grouping:
+  """Places valid entries into ``num_groups`` groups of at most ``capacity`` slots.
+
+  Within a group, entries are served by decreasing ``priority`` (ties: lower entry
+  index); entries beyond the capacity get no slot (overflow).
+
+  Args:
+    group_id: ``[n]`` int group of each entry, in ``[0, num_groups)``.
+    priority: ``[n]`` float.
+    valid: ``[n]`` bool, entries that want a slot.
+    num_groups: static number of groups.
+    capacity: static slots per group.
+
+  Returns:
+    a :class:`Grouping`; sorting is ``O(n log n)``, no ``[n, groups]`` one-hot is built.
+  """
+  num_entries = group_id.shape[0]
+  entries = jnp.arange(num_entries, dtype=jnp.int32)
+  keys = jnp.where(valid, group_id.astype(jnp.int32), num_groups)
+  sorted_keys, _, order = jax.lax.sort(
+      (keys, -priority.astype(jnp.float32), entries), num_keys=2, is_stable=True)
+  first = jnp.searchsorted(sorted_keys, sorted_keys, side="left").astype(jnp.int32)
+  rank = entries - first
+  empty = num_groups * capacity
+  placed = (sorted_keys < num_groups) & (rank < capacity)
+  slot = jnp.where(placed, sorted_keys * capacity + rank, empty)
+  entry_of_slot = jnp.full((empty + 1,), num_entries, jnp.int32).at[slot].set(
+      order, mode="drop")[:empty]
+  slot_of_entry = jnp.full((num_entries,), empty, jnp.int32).at[order].set(slot)
+  return Grouping(entry_of_slot, slot_of_entry)
+
+
+def _pad_row(rows: jax.Array) -> jax.Array:
+  """Appends one zero row (the target of empty slots / dropped entries)."""
+  return jnp.concatenate([rows, jnp.zeros((1, *rows.shape[1:]), rows.dtype)], axis=0)
+
+
+def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_example: int,
+                    weights: jax.Array, batch: int, implementation: str) -> jax.Array:
+  """``out[b] = sum over kept slots (b, s) of hidden[b, s] @ weights[block(b, s)]``.
+
+  Args:
+    hidden_flat: ``[batch * k, bs]`` compact activations (zeros where not kept).
+    grouping: the activations grouped by block, ``C`` slots per block.
+    slots_per_example: ``k``.
+    weights: ``[nb, bs, n]`` per-input-block weight rows.
+    batch: examples.
+    implementation: grouped-matmul implementation.
+
+  Returns:
+    ``[batch, n]`` float.
+  """
+  num_blocks = weights.shape[0]
+  rows = take_blocks(_pad_row(hidden_flat), grouping.entry_of_slot)
+  rows = rows.reshape(num_blocks, -1, rows.shape[-1])                 # [nb, C, bs]
+  part = sparse_kernels.grouped_matmul(rows, weights, implementation=implementation)
+  example = grouping.entry_of_slot // slots_per_example              # batch when empty
+  out = jnp.zeros((batch + 1, weights.shape[-1]), part.dtype)
+  return out.at[example].add(part.reshape(-1, part.shape[-1]), mode="drop")[:batch]
+
+
+def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConfig):
+  """Minibatch path: ``x [batch, in]`` -> ``logits [batch, classes]``, traces."""
+  eps, bs = model.policy_eps, model.block_size
+  batch = x.shape[0]
+  impl = config.implementation
+  traces = []
+  hidden = index = kept_in = grouping = None
+  for layer, k, block_cap, pair_cap in zip(model.layers, config.example_capacity,
+                                           config.block_capacity, config.pair_capacity):
+    nb = layer.num_blocks
+    block_cap = min(block_cap, batch)
+    if not layer.input_gated:
+      logits = x @ layer.policy_kernel
+    else:
+      k_in = index.shape[1]
+      logits = _sum_by_example(hidden.reshape(batch * k_in, bs), grouping, k_in,
+                               layer.policy_kernel, batch, impl)
+    probs = _probs(logits + layer.policy_bias, eps)
+    values, out_index = jax.lax.top_k(probs, k)                       # [batch, k]
+    out_index = out_index.astype(jnp.int32)
+    wanted = values > 0.5
+    grouping = group_entries(out_index.reshape(-1), values.reshape(-1), wanted.reshape(-1),
+                             nb, block_cap)
+    kept = (grouping.slot_of_entry < nb * block_cap).reshape(batch, k)
+    if not layer.input_gated:
+      example = grouping.entry_of_slot // k                           # batch when empty
+      rows = take_blocks(_pad_row(x), example).reshape(nb, block_cap, -1)
+      out = sparse_kernels.grouped_matmul(rows, layer.kernel, implementation=impl)
+      out = _pad_row(out.reshape(nb * block_cap, bs))
+      pre = take_blocks(out, grouping.slot_of_entry).reshape(batch, k, bs)
+    else:
+      k_in = index.shape[1]
+      in_blocks = layer.kernel.shape[0] // nb
+      pairs = out_index[:, :, None] * in_blocks + index[:, None, :]  # [batch, k, k_in]
+      wants = kept[:, :, None] & kept_in[:, None, :]
+      priority = jnp.broadcast_to(values[:, :, None], pairs.shape)
+      pair_grouping = group_entries(pairs.reshape(-1), priority.reshape(-1),
+                                    wants.reshape(-1), nb * in_blocks, pair_cap)
+      triple = pair_grouping.entry_of_slot                            # b*k*k_in + s*k_in + i
+      source = (triple // (k * k_in)) * k_in + triple % k_in
+      source = jnp.where(triple < batch * k * k_in, source, batch * k_in)
+      rows = take_blocks(_pad_row(hidden.reshape(batch * k_in, bs)), source)
+      rows = rows.reshape(nb * in_blocks, pair_cap, bs)
+      out = sparse_kernels.grouped_matmul(rows, layer.kernel, implementation=impl)
+      out = _pad_row(out.reshape(-1, bs))
+      per_triple = take_blocks(out, pair_grouping.slot_of_entry).reshape(batch, k, k_in, bs)
+      pre = jnp.sum(per_triple, axis=2)
+      unserved = wants & (pair_grouping.slot_of_entry.reshape(wants.shape)
+                          == nb * in_blocks * pair_cap)
+      kept = kept & ~jnp.any(unserved, axis=2)
+    bias = take_blocks(layer.bias, out_index)                          # [batch, k, bs]
+    hidden = jax.nn.relu(pre + bias) * kept[..., None].astype(pre.dtype)
+    traces.append(LayerTrace(out_index, kept, jnp.sum((probs > 0.5).astype(jnp.int32)),
+                             jnp.sum(kept.astype(jnp.int32))))
+    index, kept_in = out_index, kept
+  k_in = index.shape[1]
+  logits = _sum_by_example(hidden.reshape(batch * k_in, bs), grouping, k_in,
+                           model.output_kernel, batch, impl)
+  return logits + model.output_bias, tuple(traces)
+
+
+def sparse_forward(model: BlockMajorMLP, x: jax.Array, config: SparseConfig
+                   ) -> tuple[jax.Array, tuple[LayerTrace, ...]]:
+  """Sparse inference that computes only the blocks that run.
+
+  Jit it with ``config`` static: ``jax.jit(sparse_forward, static_argnums=2)``. A batch
+  of one example takes the batch-1 path (gathers of the active weight blocks,
+  optionally bucketed), larger batches the grouped minibatch path. See the module
+  docstring for which blocks run and what happens on overflow.
+
+  Args:
+    model: block-major parameters from :func:`to_block_major`.
+    x: ``[batch, ...]`` inputs, flattened to ``[batch, in]``.
+    config: static capacities (:func:`make_sparse_config`).
+
+  Returns:
+    ``(logits [batch, classes], traces)`` with one :class:`LayerTrace` per hidden layer.
+  """
+  x = x.reshape(x.shape[0], -1)
+  if x.shape[1] != model.input_dim:
+    raise ValueError(f"x has {x.shape[1]} features, the model expects {model.input_dim}")
+  if x.shape[0] == 1:
+    logits, traces = _sparse_forward_single(model, x[0], config)
+    return logits[None], traces
+  return _sparse_forward_batch(model, x, config)
+
+
+def trace_masks(traces: Sequence[LayerTrace], num_blocks: Sequence[int]) -> tuple[jax.Array, ...]:
+  """The effective ``[batch, blocks]`` 0/1 masks the sparse path used, one per layer."""
+  masks = []
+  for trace, nb in zip(traces, num_blocks):
+    batch = trace.block_index.shape[0]
+    mask = jnp.zeros((batch, nb), jnp.float32)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], trace.block_index.shape)
+    masks.append(mask.at[rows, trace.block_index].max(trace.kept.astype(jnp.float32)))
+  return tuple(masks)
+
+
+def overflow_rate(traces: Sequence[LayerTrace]) -> jax.Array:
+  """Dropped / candidate (example, block) pairs over all layers (0 when no candidate)."""
+  candidates = sum(trace.num_candidates for trace in traces)
+  kept = sum(trace.num_kept for trace in traces)
+  return jnp.where(candidates > 0, (candidates - kept) / jnp.maximum(candidates, 1), 0.0)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def dense_forward(params, x: jax.Array) -> jax.Array:
+  """The plain dense MLP ``relu(x @ W + b)`` ... ``@ W_out`` (no policies, no masks).
+
+  Args:
+    params: ``GatedMLP`` params (policies ignored).
+    x: ``[batch, ...]``.
+
+  Returns:
+    ``[batch, classes]`` logits.
+  """
+  hidden = x.reshape(x.shape[0], -1)
+  for name in _hidden_layer_names(params):
+    dense = params[name]["dense"]
+    hidden = jax.nn.relu(hidden @ dense["kernel"] + dense["bias"])
+  return hidden @ params["output"]["kernel"] + params["output"]["bias"]
+
+
+def masked_dense_forward(params, x: jax.Array, masks: Sequence[jax.Array]) -> jax.Array:
+  """Dense computation with given block masks: ``h = relu(h W + b) * expand(mask)``.
+
+  Args:
+    params: ``GatedMLP`` params.
+    x: ``[batch, ...]``.
+    masks: one ``[batch, blocks]`` 0/1 mask per hidden layer.
+
+  Returns:
+    ``[batch, classes]`` logits.
+  """
+  hidden = x.reshape(x.shape[0], -1)
+  names = _hidden_layer_names(params)
+  if len(masks) != len(names):
+    raise ValueError(f"masks needs one entry per hidden layer ({len(names)}), got {len(masks)}")
+  for name, mask in zip(names, masks):
+    dense = params[name]["dense"]
+    hidden = gating.apply_block_mask(jax.nn.relu(hidden @ dense["kernel"] + dense["bias"]), mask)
+  return hidden @ params["output"]["kernel"] + params["output"]["bias"]
+
+
+def dense_policy_probs(params, hidden: jax.Array, layer: int, eps: float) -> jax.Array:
+  """Policy probabilities ``[batch, blocks]`` of hidden layer ``layer`` on its input."""
+  policy = params[f"hidden_{layer}"]["policy"]["logits"]
+  return _probs(hidden @ policy["kernel"] + policy["bias"], eps)
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def sparse_macs(traces: Sequence[LayerTrace], num_blocks: Sequence[int], input_dim: int,
+                block_size: int, num_classes: int) -> np.ndarray:
+  """Per-example MACs of the blocks that ran, policies included (``flops.gated_mlp_macs``).
+
+  Returns:
+    ``[batch]`` float64.
+  """
+  masks = [np.asarray(mask) for mask in trace_masks(traces, num_blocks)]
+  return flops.gated_mlp_macs(input_dim, masks, block_size, num_classes)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def median_ms(fn: Callable[..., Any], *args, repeats: int = 20, warmup: int = 3) -> float:
+  """Median wall time of ``fn(*args)`` in milliseconds, after ``warmup`` calls.
+
+  Every call is synchronised with ``jax.block_until_ready``.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+  for _ in range(max(1, warmup)):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - start) * 1e3)
+  return float(statistics.median(times))
+
+
+def dense_and_sparse_ms(params, model: BlockMajorMLP, x: jax.Array, config: SparseConfig, *,
+                        repeats: int = 20, warmup: int = 3) -> dict[str, Any]:
+  """Times the dense MLP and the sparse path on the same input, both under ``jax.jit``.
+
+  Dense is :func:`dense_forward` (plain ``x @ W``, no policies); sparse is
+  :func:`sparse_forward` (policies included). Each is warmed up (compiled) first and
+  the median over ``repeats`` calls is reported.
+
+  Args:
+    params: ``GatedMLP`` params (dense weights).
+    model: the same parameters in block-major layout.
+    x: ``[batch, in]`` inputs.
+    config: static capacities.
+    repeats: timed calls per path.
+    warmup: untimed calls per path.
+
+  Returns:
+    ``{'dense_ms', 'sparse_ms', 'traces'}`` (traces of the sparse path on ``x``).
+  """
+  dense_params = {name: {"dense": params[name]["dense"]} for name in _hidden_layer_names(params)}
+  dense_params["output"] = params["output"]
+  dense_fn = jax.jit(dense_forward)
+  sparse_fn = jax.jit(sparse_forward, static_argnums=2)
+  dense_ms = median_ms(dense_fn, dense_params, x, repeats=repeats, warmup=warmup)
+  sparse_ms = median_ms(sparse_fn, model, x, config, repeats=repeats, warmup=warmup)
+  _, traces = sparse_fn(model, x, config)
+  return {"dense_ms": dense_ms, "sparse_ms": sparse_ms, "traces": traces}
+
+
+def measure_latency(params, *, input_dim: int, hidden: Sequence[int], block_size: int,
+                    num_classes: int, policy_eps: float = policy_lib.DEFAULT_EPS,
+                    repeats: int = 20, x: jax.Array | None = None,
+                    num_buckets: int = 4) -> dict[str, float]:
+  """Batch-1 latency of a trained ``GatedMLP``: dense ``x @ W`` vs sparse (policy included).
+
+  The sparse path runs the ``threshold`` policy with exact capacities (``k = nb``: no
+  block is ever dropped) and ``num_buckets`` bucketed slot counts per layer, so its
+  work follows the number of blocks the example really uses.
+
+  Args:
+    params: trained ``GatedMLP`` params (gated).
+    input_dim: features per example.
+    hidden: the hidden widths (checked against ``params``).
+    block_size: units per block.
+    num_classes: logits (checked against ``params``).
+    policy_eps: the model's ``policy_eps``.
+    repeats: timed calls (median reported).
+    x: ``[1, input_dim]`` example to time (default: a fixed standard-normal draw).
+    num_buckets: bucketed slot counts per layer.
+
+  Returns:
+    ``{'dense_ms': float, 'sparse_ms': float}``.
+  """
+  names = _hidden_layer_names(params)
+  widths = tuple(int(params[name]["dense"]["kernel"].shape[1]) for name in names)
+  if widths != tuple(hidden):
+    raise ValueError(f"hidden={tuple(hidden)!r} does not match the params' widths {widths!r}")
+  if int(params["output"]["kernel"].shape[1]) != num_classes:
+    raise ValueError(f"num_classes={num_classes!r} does not match the params "
+                     f"({params['output']['kernel'].shape[1]})")
+  model = to_block_major(params, block_size, policy_eps)
+  if model.input_dim != input_dim:
+    raise ValueError(f"input_dim={input_dim!r} does not match the params ({model.input_dim})")
+  if x is None:
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, input_dim), jnp.float32)
+  x = jnp.asarray(x).reshape(1, input_dim)
+  config = make_sparse_config(model, 1, num_buckets=num_buckets)
+  timing = dense_and_sparse_ms(params, model, x, config, repeats=repeats)
+  return {"dense_ms": timing["dense_ms"], "sparse_ms": timing["sparse_ms"]}
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def random_gated_mlp_params(rng: jax.Array, input_dim: int, hidden: Sequence[int],
+                            num_classes: int, block_size: int, tau: float, *,
+                            policy_eps: float = policy_lib.DEFAULT_EPS,
+                            calibration_size: int = 512, dtype=jnp.float32):
+  """Random ``GatedMLP``-shaped params whose threshold policy runs about ``tau`` of blocks.
+
+  Network weights are He-normal; policy kernels are ``N(0, 1 / fan_in)`` and each
+  layer's policy bias is set, layer by layer on a standard-normal calibration batch
+  run through the masked network, to minus the ``1 - tau`` quantile of its logits, so
+  that ``p > 0.5`` for about ``tau`` of the (example, block) pairs; the count varies
+  per example because the logits do.
+
+  Returns:
+    a params dict in the ``GatedMLP`` layout.
+  """
+  if not 0.0 < tau <= 1.0:
+    raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+  keys = jax.random.split(rng, 2 * len(hidden) + 2)
+  x = jax.random.normal(keys[-1], (calibration_size, input_dim), jnp.float32)
+  params = {}
+  fan_in = input_dim
+  for index, width in enumerate(hidden):
+    gating.validate_block_size(width, block_size, f"hidden[{index}]")
+    nb = width // block_size
+    kernel = jax.random.normal(keys[2 * index], (fan_in, width)) * math.sqrt(2.0 / fan_in)
+    policy_kernel = jax.random.normal(keys[2 * index + 1], (fan_in, nb)) / math.sqrt(fan_in)
+    logits = x @ policy_kernel
+    bias = -jnp.quantile(logits, 1.0 - tau) * jnp.ones((nb,))
+    mask = (_probs(logits + bias, policy_eps) > 0.5).astype(jnp.float32)
+    x = gating.apply_block_mask(jax.nn.relu(x @ kernel), mask)
+    params[f"hidden_{index}"] = {
+        "dense": {"kernel": kernel.astype(dtype), "bias": jnp.zeros((width,), dtype)},
+        "policy": {"logits": {"kernel": policy_kernel, "bias": bias}}}
+    fan_in = width
+  params["output"] = {
+      "kernel": (jax.random.normal(keys[-2], (fan_in, num_classes)) / math.sqrt(fan_in)
+                 ).astype(dtype),
+      "bias": jnp.zeros((num_classes,), dtype)}
+  return params
+
+
+def benchmark_mlp(*, input_dim: int, hidden: Sequence[int], block_size: int, num_classes: int,
+                  tau: float, batch_sizes: Sequence[int], repeats: int, seed: int = 0,
+                  dtype=jnp.float32, example_slack: float = 2.0,
+                  num_buckets: int = 1) -> list[dict[str, Any]]:
+  """Dense vs sparse timing and MACs of a random gated MLP at several batch sizes.
+
+  Returns:
+    one dict per batch size with ``batch_size, dense_ms, sparse_ms, ratio, dense_macs,
+    sparse_macs, mac_ratio, overflow_rate`` (MACs per example, averaged over the batch).
+  """
+  rng = jax.random.PRNGKey(seed)
+  params = random_gated_mlp_params(rng, input_dim, hidden, num_classes, block_size, tau,
+                                   dtype=dtype)
+  model = to_block_major(params, block_size)
+  dense_macs = flops.dense_mlp_macs(input_dim, hidden, num_classes)
+  results = []
+  for batch_size in batch_sizes:
+    x = jax.random.normal(jax.random.fold_in(rng, batch_size), (batch_size, input_dim)
+                          ).astype(dtype)
+    config = make_sparse_config(model, batch_size, tau, example_slack=example_slack,
+                                num_buckets=num_buckets if batch_size == 1 else 1)
+    timing = dense_and_sparse_ms(params, model, x, config, repeats=repeats)
+    macs = float(np.mean(sparse_macs(timing["traces"], model.num_blocks, input_dim,
+                                     block_size, num_classes)))
+    results.append({
+        "batch_size": int(batch_size),
+        "dense_ms": timing["dense_ms"],
+        "sparse_ms": timing["sparse_ms"],
+        "ratio": timing["dense_ms"] / timing["sparse_ms"],
+        "dense_macs": float(dense_macs),
+        "sparse_macs": macs,
+        "mac_ratio": float(dense_macs) / max(macs, 1.0),
+        "overflow_rate": float(overflow_rate(timing["traces"])),
+        "capacity": {"example": list(config.example_capacity),
+                     "block": list(config.block_capacity),
+                     "pair": list(config.pair_capacity[1:])},
+    })
+  return results
