@@ -224,7 +224,13 @@ class GatedMLP(nn.Module):
       gating.validate_block_size(width, self.block_size, f"hidden[{index}]")
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
-    _per_layer(self.policy_init_prob, len(self.hidden), "policy_init_prob")
+    for init_prob in _per_layer(self.policy_init_prob, len(self.hidden), "policy_init_prob"):
+      if not 0.0 < init_prob < 1.0:
+        raise ValueError(f"policy_init_prob must be in (0, 1), got {init_prob!r}")
+    policy_lib.validate_eps(self.policy_eps)
+    if self.estimator not in estimators.ESTIMATORS:
+      raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
+                       f"got {self.estimator!r}")
     super().__post_init__()
 
   @nn.compact

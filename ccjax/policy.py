@@ -23,7 +23,7 @@ POLICY_MODES = ("sample", "threshold", "top_k", "all")
 def validate_eps(eps: float) -> float:
   """Checks the probability bound; returns it as a float."""
   if not 0.0 <= eps < 0.5:
-    raise ValueError(f"policy eps must be in [0, 0.5), got {eps!r}")
+    raise ValueError(f"policy_eps must be in [0, 0.5), got {eps!r}")
   return float(eps)
 
 
