@@ -80,6 +80,16 @@ class Checkpointer:
       raise CheckpointError(self._unreadable(step, error)) from error
     return restored["state"]
 
+  def restore_raw(self, step: int | None = None) -> dict[str, Any]:
+    """The state of ``step`` (default: latest) as saved, without a target: nested dicts."""
+    step = self.latest_step() if step is None else step
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as error:  # orbax raises many types for damaged files.
+      raise CheckpointError(self._unreadable(step, error)) from error
+    return jax.device_get(restored["state"])
+
   def _unreadable(self, step, error) -> str:
     reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
     return (f"checkpoint step {step} in {self.directory} cannot be restored ({reason}); "

@@ -11,6 +11,7 @@ functions of seed and step, and the checkpoint holds the whole train state.
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
 import tempfile
 import time
@@ -30,6 +31,17 @@ from ccjax import train as train_lib
 EVAL_BATCH_SIZE = 512
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
+
+
+def _drop_orbax_info(record) -> bool:
+  return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps orbax's per-save INFO lines out of the training log (warnings still show)."""
+  handler = logging.get_absl_handler()
+  if _drop_orbax_info not in handler.filters:
+    handler.addFilter(_drop_orbax_info)
 
 
 class NonFiniteError(RuntimeError):
@@ -122,6 +134,8 @@ def evaluate(eval_fn: Callable, params, x: np.ndarray, y: np.ndarray, *, mode: s
     examples) and, with ``keep_gates``, ``probs``/``mask``: lists per layer of
     ``[examples, blocks]`` arrays, and ``prediction [examples]``.
   """
+  if x.shape[0] == 0:  # e.g. --valid_fraction=0 on a dataset without a validation split.
+    return {"error": None, "loss": None, "active_fraction": []}
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
   active, probs, masks, predictions = [], [], [], []
   for index, batch in enumerate(data_lib.eval_batches(x, y, EVAL_BATCH_SIZE)):
@@ -167,6 +181,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
     NonFiniteError: NaN/Inf loss or gradient without ``skip_nonfinite``.
   """
   start_time = time.time()
+  quiet_library_logs()
   check_workdir(workdir)
   dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
                                   valid_fraction=config.valid_fraction, seed=config.seed)
@@ -257,7 +272,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
       metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
                          "valid_loss": valid["loss"],
                          "valid_active_fraction": valid["active_fraction"]})
-      logging.info("step %d  valid error %.4f  active %s", step, valid["error"],
+      logging.info("step %d  valid error %s  active %s", step, valid["error"],
                    np.round(valid["active_fraction"], 3).tolist())
     if step % config.checkpoint_every == 0 or step == total_steps:
       save(step)
@@ -284,7 +299,7 @@ def finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_
                    key=jax.random.fold_in(eval_key, 1))
   metrics_log.write({"step": total_steps, "kind": "eval", "valid_error": valid["error"],
                      "test_error": test["error"], "test_active_fraction": test["active_fraction"]})
-  logging.info("final: test error %.4f  valid error %.4f  active %s", test["error"],
+  logging.info("final: test error %.4f  valid error %s  active %s", test["error"],
                valid["error"], np.round(test["active_fraction"], 3).tolist())
   model_costs = costs.model_costs(config, model, params, dataset, test,
                                   measure_latency=config.measure_latency)

@@ -10,12 +10,11 @@ Bad flags or data exit with status 2 and a one-line message; nothing is written.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
 
 from ccjax import experiment
+from experiments import cli
 
 _DATASET = flags.DEFINE_string(
     "dataset", "digits", "digits (scikit-learn, offline) | mnist | cifar10 | svhn_cropped "
@@ -63,82 +62,49 @@ _MEASURE_LATENCY = flags.DEFINE_bool("measure_latency", True,
 _PLOTS = flags.DEFINE_bool("plots", True, "Write plots/*.png at the end.")
 
 
-def _number(name: str, text: str | None, kind):
-  if text is None:
-    return None
-  try:
-    return kind(text)
-  except ValueError:
-    wanted = "an integer" if kind is int else "a number"
-    raise ValueError(f"--{name} must be {wanted}, got {text!r}") from None
-
-
-def _number_list(name: str, text: str, kind) -> tuple:
-  parts = [part.strip() for part in (text or "").split(",")]
-  if not text or not text.strip() or any(not part for part in parts):
-    raise ValueError(f"--{name} must be a comma-separated list of numbers, got {text!r}")
-  return tuple(_number(name, part, kind) for part in parts)
-
-
 def config_from_flags() -> experiment.ExperimentConfig:
   """Parses and validates the flags into an ``ExperimentConfig`` (ValueError if bad)."""
   return experiment.ExperimentConfig(
       dataset=_DATASET.value, data_dir=_DATA_DIR.value, arch=_ARCH.value, model=_MODEL.value,
-      hidden=_number_list("hidden", _HIDDEN.value, int),
-      block_size=_number("block_size", _BLOCK_SIZE.value, int),
-      tau=_number_list("tau", _TAU.value, float),
-      lambda_s=_number("lambda_s", _LAMBDA_S.value, float),
-      lambda_v=_number("lambda_v", _LAMBDA_V.value, float),
-      l2=_number("l2", _L2.value, float), lr=_number("lr", _LR.value, float),
-      policy_lr=_number("policy_lr", _POLICY_LR.value, float),
-      batch_size=_number("batch_size", _BATCH_SIZE.value, int),
-      steps=_number("steps", _STEPS.value, int), epochs=_number("epochs", _EPOCHS.value, int),
-      eval_every=_number("eval_every", _EVAL_EVERY.value, int),
-      log_every=_number("log_every", _LOG_EVERY.value, int),
-      checkpoint_every=_number("checkpoint_every", _CHECKPOINT_EVERY.value, int),
-      seed=_number("seed", _SEED.value, int), baseline=_BASELINE.value,
+      hidden=cli.number_list("hidden", _HIDDEN.value, int),
+      block_size=cli.number("block_size", _BLOCK_SIZE.value, int),
+      tau=cli.number_list("tau", _TAU.value, float),
+      lambda_s=cli.number("lambda_s", _LAMBDA_S.value, float),
+      lambda_v=cli.number("lambda_v", _LAMBDA_V.value, float),
+      l2=cli.number("l2", _L2.value, float), lr=cli.number("lr", _LR.value, float),
+      policy_lr=cli.number("policy_lr", _POLICY_LR.value, float),
+      batch_size=cli.number("batch_size", _BATCH_SIZE.value, int),
+      steps=cli.number("steps", _STEPS.value, int), epochs=cli.number("epochs", _EPOCHS.value, int),
+      eval_every=cli.number("eval_every", _EVAL_EVERY.value, int),
+      log_every=cli.number("log_every", _LOG_EVERY.value, int),
+      checkpoint_every=cli.number("checkpoint_every", _CHECKPOINT_EVERY.value, int),
+      seed=cli.number("seed", _SEED.value, int), baseline=_BASELINE.value,
       estimator=_ESTIMATOR.value, eval_policy=_EVAL_POLICY.value,
-      valid_fraction=_number("valid_fraction", _VALID_FRACTION.value, float),
+      valid_fraction=cli.number("valid_fraction", _VALID_FRACTION.value, float),
       skip_nonfinite=_SKIP_NONFINITE.value,
-      num_devices=_number("num_devices", _NUM_DEVICES.value, int),
+      num_devices=cli.number("num_devices", _NUM_DEVICES.value, int),
       measure_latency=_MEASURE_LATENCY.value, plots=_PLOTS.value)
 
 
-def fail(message: str, status: int = 2) -> None:
-  """Prints a one-line error and exits."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(status)
-
-
-def parse_flags(argv):
-  """absl flag parsing whose errors are one line and exit 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as error:
-    fail(error)
-
-
 def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+  cli.reject_extra_args(argv)
   if not _WORKDIR.value:
-    fail("--workdir is required, e.g. --workdir=runs/demo")
+    cli.fail("--workdir is required, e.g. --workdir=runs/demo")
   # Imported here so that --help and flag errors stay fast.
   from ccjax import parallel  # pylint: disable=g-import-not-at-top
   from ccjax import trainer  # pylint: disable=g-import-not-at-top
   try:
     parallel.initialize_distributed(
-        _COORDINATOR.value, _number("num_processes", _NUM_PROCESSES.value, int),
-        _number("process_id", _PROCESS_ID.value, int))
+        _COORDINATOR.value, cli.number("num_processes", _NUM_PROCESSES.value, int),
+        cli.number("process_id", _PROCESS_ID.value, int))
     config = config_from_flags()
-    own_flags = {holder.name: holder.value for holder in globals().values()
-                 if isinstance(holder, flags.FlagHolder)}
-    trainer.train_and_evaluate(config, _WORKDIR.value, flag_values=own_flags)
+    trainer.train_and_evaluate(config, _WORKDIR.value,
+                               flag_values=cli.own_flag_values(globals()))
   except trainer.NonFiniteError as error:
-    fail(error, status=1)
+    cli.fail(error, status=1)
   except (ValueError, OSError) as error:
-    fail(error)
+    cli.fail(error)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

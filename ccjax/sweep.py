@@ -1,0 +1,136 @@
+"""Seeds x tau sweeps with honest aggregation and two dense baselines.
+
+Every configuration is run for every seed through :func:`ccjax.trainer.train_and_evaluate`
+and reported as mean +- std over seeds (never best-of-seeds). Each sweep has two dense
+baselines: the same width as the condnet, and, for every tau, the width whose dense
+MACs per example match the condnet's measured active MACs (mean over seeds).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import numpy as np
+
+from ccjax import experiment
+from ccjax import flops
+
+CSV_FIELDS = ("label", "model", "tau", "hidden", "seeds", "test_error_mean", "test_error_std",
+              "active_fraction_mean", "active_fraction_std", "macs_mean", "macs_std",
+              "latency_ms_mean", "latency_ms_std")
+
+
+def matched_dense_width(input_dim: int, num_layers: int, num_classes: int, target_macs: float,
+                        multiple: int) -> int:
+  """The width (a multiple of ``multiple``) whose dense MLP MACs are closest to ``target_macs``."""
+  candidates = range(multiple, 64 * 1024 + multiple, multiple)
+  costs = [(abs(flops.dense_mlp_macs(input_dim, [w] * num_layers, num_classes) - target_macs), w)
+           for w in candidates]
+  return min(costs)[1]
+
+
+def _run(base: experiment.ExperimentConfig, workdir: str, train_fn: Callable, **changes
+         ) -> dict[str, Any]:
+  """One run; a finished run in ``workdir`` is resumed at its end (only re-evaluated)."""
+  config = dataclasses.replace(base, **changes)
+  logging.info("sweep: %s", workdir)
+  return train_fn(config, workdir)
+
+
+def _latency(result: dict[str, Any]) -> float | None:
+  latency = result.get("latency_ms")
+  if not latency:
+    return None
+  return latency.get("sparse", latency.get("dense"))
+
+
+def aggregate(label: str, model: str, tau: float | None, hidden: Sequence[int],
+              results: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean and std over seeds of one configuration's results."""
+  def stats(values):
+    values = [v for v in values if v is not None]
+    if not values:
+      return None, None
+    return float(np.mean(values)), float(np.std(values))
+
+  row = {"label": label, "model": model, "tau": tau, "hidden": list(hidden),
+         "seeds": len(results)}
+  for name, values in (
+      ("test_error", [r["test_error"] for r in results]),
+      ("active_fraction", [float(np.mean(r["active_fraction"])) if r["active_fraction"] else 1.0
+                           for r in results]),
+      ("macs", [r["macs_per_example"] for r in results]),
+      ("latency_ms", [_latency(r) for r in results])):
+    row[f"{name}_mean"], row[f"{name}_std"] = stats(values)
+  return row
+
+
+def run_sweep(base: experiment.ExperimentConfig, workdir: str, seeds: Sequence[int],
+              taus: Sequence[float], train_fn: Callable, input_dim: int,
+              num_classes: int) -> list[dict[str, Any]]:
+  """Runs condnets for every tau and both dense baselines, for every seed.
+
+  Args:
+    base: configuration shared by all runs (its ``model``, ``tau``, ``seed`` are replaced).
+    workdir: each run goes to ``workdir/<label>/seed<k>``; finished runs are reused.
+    seeds: seeds of every configuration.
+    taus: target active fractions of the condnets.
+    train_fn: ``(config, workdir) -> results`` (``ccjax.trainer.train_and_evaluate``).
+    input_dim: flattened input size (for the MAC-matched width).
+    num_classes: classes (for the MAC-matched width).
+
+  Returns:
+    one aggregated row per configuration.
+  """
+  rows = []
+  dense_runs = [_run(base, os.path.join(workdir, "dense_same_width", f"seed{seed}"), train_fn,
+                     model="dense", seed=seed) for seed in seeds]
+  rows.append(aggregate("dense (same width)", "dense", None, base.hidden, dense_runs))
+  for tau in taus:
+    label = f"condnet tau={tau:g}"
+    runs = [_run(base, os.path.join(workdir, f"condnet_tau{tau:g}", f"seed{seed}"), train_fn,
+                 model="condnet", tau=(tau,), seed=seed) for seed in seeds]
+    rows.append(aggregate(label, "condnet", tau, base.hidden, runs))
+    width = matched_dense_width(input_dim, len(base.hidden), num_classes,
+                                rows[-1]["macs_mean"], base.block_size)
+    hidden = (width,) * len(base.hidden)
+    matched = [_run(base, os.path.join(workdir, f"dense_matched_tau{tau:g}", f"seed{seed}"),
+                    train_fn, model="dense", hidden=hidden, seed=seed) for seed in seeds]
+    rows.append(aggregate(f"dense (MACs of tau={tau:g}, width {width})", "dense", tau, hidden,
+                          matched))
+  return rows
+
+
+def _format(mean, std, scale=1.0, digits=2) -> str:
+  if mean is None:
+    return "n/a"
+  return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def write_tables(rows: list[dict[str, Any]], workdir: str) -> tuple[str, str]:
+  """Writes ``sweep.csv`` and ``sweep.md``; returns their paths."""
+  csv_path = os.path.join(workdir, "sweep.csv")
+  with open(csv_path + ".tmp", "w", newline="") as stream:
+    writer = csv.DictWriter(stream, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({**row, "hidden": "x".join(map(str, row["hidden"]))})
+  os.replace(csv_path + ".tmp", csv_path)
+  lines = ["| configuration | seeds | test error (%) | active fraction | MACs / example (k) "
+           "| batch-1 latency (ms) |", "|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(
+        f"| {row['label']} | {row['seeds']} | "
+        f"{_format(row['test_error_mean'], row['test_error_std'], 100)} | "
+        f"{_format(row['active_fraction_mean'], row['active_fraction_std'], 1, 3)} | "
+        f"{_format(row['macs_mean'], row['macs_std'], 1e-3, 1)} | "
+        f"{_format(row['latency_ms_mean'], row['latency_ms_std'], 1, 3)} |")
+  md_path = os.path.join(workdir, "sweep.md")
+  with open(md_path + ".tmp", "w") as stream:
+    stream.write("\n".join(lines) + "\n")
+  os.replace(md_path + ".tmp", md_path)
+  return csv_path, md_path
