@@ -38,22 +38,24 @@ def _check_shapes(x: jax.Array, weights: jax.Array, weight_index: jax.Array) -> 
                      f"weight_index {weight_index.shape}")
 
 
-def grouped_matmul_xla(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None = None
-                       ) -> jax.Array:
+def grouped_matmul_xla(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None = None,
+                       transpose_rhs: bool = False) -> jax.Array:
   """XLA path of :func:`grouped_matmul`.
 
   Args:
     x: ``[groups, rows, k]``.
-    weights: ``[weights, k, n]`` block-major weight blocks.
+    weights: ``[weights, k, n]`` block-major weight blocks (``[weights, n, k]`` when
+      ``transpose_rhs``).
     weight_index: ``[groups]`` int block ids, or ``None`` when group ``g`` uses block ``g``
       (no gather at all).
+    transpose_rhs: the blocks are stored transposed.
 
   Returns:
     ``[groups, rows, n]`` in ``x.dtype`` (accumulated in float32 or wider).
   """
   if weight_index is not None:
     weights = take_blocks(weights, weight_index)
-  return jnp.einsum("grk,gkn->grn", x, weights,
+  return jnp.einsum("grk,gnk->grn" if transpose_rhs else "grk,gkn->grn", x, weights,
                     preferred_element_type=jnp.promote_types(x.dtype, jnp.float32)
                     ).astype(x.dtype)
 
@@ -137,7 +139,7 @@ def use_pallas() -> bool:
 
 
 def grouped_matmul(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None = None,
-                   *, implementation: str = "auto") -> jax.Array:
+                   *, implementation: str = "auto", transpose_rhs: bool = False) -> jax.Array:
   """``out[g] = x[g] @ weights[weight_index[g]]``, Pallas on GPU, XLA elsewhere.
 
   Args:
@@ -145,6 +147,7 @@ def grouped_matmul(x: jax.Array, weights: jax.Array, weight_index: jax.Array | N
     weights: ``[weights, k, n]`` block-major weight blocks.
     weight_index: ``[groups]`` int block ids; ``None`` means ``arange(groups)``.
     implementation: ``auto`` (Pallas iff the backend is GPU), ``xla`` or ``pallas``.
+    transpose_rhs: ``weights`` is ``[weights, n, k]`` (blocks stored transposed).
 
   Returns:
     ``[groups, rows, n]`` in ``x.dtype``.
@@ -155,7 +158,9 @@ def grouped_matmul(x: jax.Array, weights: jax.Array, weight_index: jax.Array | N
   if implementation == "auto":
     implementation = "pallas" if use_pallas() else "xla"
   if implementation == "xla":
-    return grouped_matmul_xla(x, weights, weight_index)
+    return grouped_matmul_xla(x, weights, weight_index, transpose_rhs)
+  if transpose_rhs:
+    weights = jnp.swapaxes(weights, 1, 2)
   if weight_index is None:
     weight_index = jnp.arange(x.shape[0], dtype=jnp.int32)
   return grouped_matmul_pallas(x, weights, weight_index,

@@ -1,0 +1,284 @@
+"""Tests of ccjax.sparse: sparse inference equals masked-dense inference."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ccjax
+from ccjax import sparse
+
+INPUT_DIM, HIDDEN, BLOCK, CLASSES = 12, (32, 48, 32), 8, 5
+NUM_BLOCKS = tuple(width // BLOCK for width in HIDDEN)
+FORWARD = jax.jit(sparse.sparse_forward, static_argnums=2)
+
+
+def _model():
+  return ccjax.GatedMLP(hidden=HIDDEN, num_classes=CLASSES, block_size=BLOCK)
+
+
+def _params(seed, bias_shift=0.0, policy_scale=2.0):
+  """Random GatedMLP params; policy logits spread so masks are ragged per example."""
+  key = jax.random.PRNGKey(seed)
+  params = _model().init({"params": key, "gate": key}, jnp.zeros((1, INPUT_DIM)),
+                         mode="sample")["params"]
+  params = jax.tree_util.tree_map(np.asarray, params)
+  rng = np.random.default_rng(seed)
+  for index in range(len(HIDDEN)):
+    policy = params[f"hidden_{index}"]["policy"]["logits"]
+    policy["kernel"] = rng.normal(size=policy["kernel"].shape).astype(np.float32) * policy_scale
+    policy["bias"] = (rng.normal(size=policy["bias"].shape) + bias_shift).astype(np.float32)
+    params[f"hidden_{index}"]["dense"]["bias"] = rng.normal(
+        size=params[f"hidden_{index}"]["dense"]["bias"].shape).astype(np.float32) * 0.1
+  return params
+
+
+def _inputs(seed, batch):
+  return jax.random.normal(jax.random.PRNGKey(1000 + seed), (batch, INPUT_DIM))
+
+
+def _check_against_masked_dense(params, x, config):
+  model = sparse.to_block_major(params, BLOCK)
+  logits, traces = FORWARD(model, x, config)
+  masks = sparse.trace_masks(traces, NUM_BLOCKS)
+  expected = sparse.masked_dense_forward(params, x, masks)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+  return logits, masks, traces
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_capacity_equals_threshold_mode(seed, batch):
+  params, x = _params(seed), _inputs(seed, batch)
+  model = sparse.to_block_major(params, BLOCK)
+  logits, masks, traces = _check_against_masked_dense(
+      params, x, sparse.make_sparse_config(model, batch))
+  ref_logits, aux = _model().apply({"params": params}, x, mode="threshold")
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+  for mask, layer_aux in zip(masks, aux):
+    np.testing.assert_array_equal(mask, layer_aux.mask)
+  assert float(sparse.overflow_rate(traces)) == 0.0
+
+
+def test_masks_are_ragged_per_example():
+  params, x = _params(0), _inputs(0, 16)
+  model = sparse.to_block_major(params, BLOCK)
+  _, masks, _ = _check_against_masked_dense(params, x, sparse.make_sparse_config(model, 16))
+  counts = np.asarray(masks[0]).sum(axis=1)
+  assert len(set(counts.tolist())) > 2
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("shift,expected", [(-50.0, 0.0), (50.0, 1.0)])
+def test_all_blocks_off_or_on(shift, expected, batch):
+  params, x = _params(3, bias_shift=shift, policy_scale=0.0), _inputs(3, batch)
+  model = sparse.to_block_major(params, BLOCK)
+  _, masks, _ = _check_against_masked_dense(params, x, sparse.make_sparse_config(model, batch))
+  for mask in masks:
+    np.testing.assert_array_equal(mask, expected)
+
+
+def _reference_masks(params, x, example_cap, block_cap, pair_cap, eps=0.01):
+  """The documented drop rules, written independently in numpy."""
+  hidden = np.asarray(x, np.float64)
+  masks, previous, candidates = [], None, 0
+  for layer, nb in enumerate(NUM_BLOCKS):
+    probs = np.asarray(sparse.dense_policy_probs(params, jnp.asarray(hidden, jnp.float32),
+                                                 layer, eps))
+    batch = probs.shape[0]
+    mask = np.zeros((batch, nb), bool)
+    candidates += int(np.sum(probs > 0.5))
+    for b in range(batch):                                    # threshold + per-example top-k
+      order = np.argsort(-probs[b], kind="stable")[:example_cap[layer]]
+      mask[b, order] = probs[b, order] > 0.5
+    if batch > 1:
+      for j in range(nb):                                     # per-block capacity
+        users = sorted(np.flatnonzero(mask[:, j]), key=lambda b: (-probs[b, j], b))
+        mask[users[block_cap[layer]:], j] = False
+      if previous is not None:                                # per-weight-block capacity
+        drop = np.zeros_like(mask)
+        for i in range(previous.shape[1]):
+          for j in range(nb):
+            users = sorted(np.flatnonzero(previous[:, i] & mask[:, j]),
+                           key=lambda b: (-probs[b, j], b))
+            drop[users[pair_cap[layer]:], j] = True
+        mask &= ~drop
+    dense = params[f"hidden_{layer}"]["dense"]
+    hidden = np.maximum(hidden @ dense["kernel"] + dense["bias"], 0.0)
+    hidden = hidden * np.repeat(mask, BLOCK, axis=1)
+    masks.append(mask.astype(np.float32))
+    previous = mask
+  return masks, candidates
+
+
+@pytest.mark.parametrize("batch", [1, 9, 16])
+@pytest.mark.parametrize("seed", range(3))
+def test_capacity_overflow_follows_documented_rules(seed, batch):
+  params, x = _params(10 + seed, bias_shift=1.0), _inputs(seed, batch)
+  model = sparse.to_block_major(params, BLOCK)
+  config = sparse.SparseConfig(example_capacity=(2, 3, 2), block_capacity=(3, 4, 3),
+                               pair_capacity=(1, 2, 1)).validate(model)
+  _, masks, traces = _check_against_masked_dense(params, x, config)
+  expected, candidates = _reference_masks(params, x, config.example_capacity,
+                                          config.block_capacity, config.pair_capacity)
+  for mask, ref in zip(masks, expected):
+    np.testing.assert_array_equal(mask, ref)
+  kept = sum(float(np.sum(ref)) for ref in expected)
+  np.testing.assert_allclose(float(sparse.overflow_rate(traces)),
+                             (candidates - kept) / candidates, rtol=1e-6)
+  if batch > 1:
+    assert kept < candidates   # the capacities really overflow in this configuration
+
+
+def test_overflow_rate_counts_dropped_candidates():
+  params, x = _params(11, bias_shift=1.0), _inputs(1, 8)
+  model = sparse.to_block_major(params, BLOCK)
+  config = sparse.SparseConfig((1, 1, 1), (8, 8, 8), (8, 8, 8)).validate(model)
+  _, traces = FORWARD(model, x, config)
+  _, aux = _model().apply({"params": params}, x, mode="threshold")
+  candidates = np.asarray(aux[0].mask).sum()
+  kept = np.asarray(traces[0].kept).sum()
+  assert int(traces[0].num_candidates) == candidates
+  assert kept == np.sum(np.asarray(aux[0].mask).sum(axis=1) > 0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bucketed_batch1_matches_unbucketed(seed):
+  params, x = _params(20 + seed), _inputs(seed, 1)
+  model = sparse.to_block_major(params, BLOCK)
+  plain = sparse.make_sparse_config(model, 1)
+  bucketed = sparse.make_sparse_config(model, 1, num_buckets=3)
+  assert bucketed.buckets is not None
+  logits, _, _ = _check_against_masked_dense(params, x, bucketed)
+  np.testing.assert_allclose(logits, FORWARD(model, x, plain)[0], atol=1e-5)
+
+
+def test_group_entries_orders_by_priority_and_drops_overflow():
+  group = jnp.array([1, 0, 1, 1, 2, 1])
+  priority = jnp.array([0.2, 0.9, 0.8, 0.8, 0.5, 0.1])
+  valid = jnp.array([True, True, True, True, False, True])
+  grouping = sparse.group_entries(group, priority, valid, num_groups=3, capacity=2)
+  # group 0: [1, empty]; group 1: entries 2 and 3 (tie -> lower index first); group 2: empty.
+  np.testing.assert_array_equal(grouping.entry_of_slot, [1, 6, 2, 3, 6, 6])
+  np.testing.assert_array_equal(grouping.slot_of_entry, [6, 0, 2, 3, 6, 6])
+
+
+def test_block_major_layout_matches_dense_kernels():
+  params = _params(0)
+  model = sparse.to_block_major(params, BLOCK)
+  kernel = params["hidden_1"]["dense"]["kernel"]            # [32, 48]: 4 in, 6 out blocks
+  block = model.layers[1].kernel[2 * 4 + 3]                  # output block 2, input block 3
+  np.testing.assert_array_equal(block, kernel[24:32, 16:24])
+  np.testing.assert_array_equal(model.layers[0].kernel[1], params["hidden_0"]["dense"]["kernel"][:, 8:16].T)
+  assert model.input_dim == INPUT_DIM and model.num_blocks == NUM_BLOCKS
+
+
+def test_sparse_macs_use_flops_accounting():
+  params, x = _params(2), _inputs(2, 4)
+  model = sparse.to_block_major(params, BLOCK)
+  _, traces = FORWARD(model, x, sparse.make_sparse_config(model, 4))
+  masks = [np.asarray(m) for m in sparse.trace_masks(traces, NUM_BLOCKS)]
+  np.testing.assert_allclose(sparse.sparse_macs(traces, NUM_BLOCKS, INPUT_DIM, BLOCK, CLASSES),
+                             ccjax.gated_mlp_macs(INPUT_DIM, masks, BLOCK, CLASSES))
+
+
+def test_trained_digits_model_sparse_predictions_match_masked_dense():
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  x = jnp.asarray(digits.data[:256] / 16.0, jnp.float32)
+  y = jnp.asarray(digits.target[:256], jnp.int32)
+  model = ccjax.GatedMLP(hidden=(32, 32), num_classes=10, block_size=8)
+  config = ccjax.TrainConfig(tau=0.5, lr=3e-3, policy_lr=3e-3)
+  state = ccjax.init_train_state(model, config, jax.random.PRNGKey(0), x[:2])
+  step = jax.jit(ccjax.make_train_step(model, config))
+  for index in range(10):
+    batch = slice(32 * (index % 8), 32 * (index % 8 + 1))
+    state, _ = step(state, {"x": x[batch], "y": y[batch]})
+  block_model = sparse.to_block_major(state.params, 8, model.policy_eps)
+  ref_logits, aux = model.apply({"params": state.params}, x, mode="threshold")
+  ref_masks = [layer_aux.mask for layer_aux in aux]
+  for batch in (1, 64):
+    cfg = sparse.make_sparse_config(block_model, batch)
+    for start in range(0, 128, batch if batch > 1 else 32):
+      chunk = x[start:start + batch]
+      logits, traces = FORWARD(block_model, chunk, cfg)
+      masks = sparse.trace_masks(traces, (4, 4))
+      for mask, ref in zip(masks, ref_masks):
+        np.testing.assert_array_equal(mask, ref[start:start + batch])
+      np.testing.assert_array_equal(
+          np.argmax(logits, -1),
+          np.argmax(sparse.masked_dense_forward(state.params, chunk, ref_masks and
+                                                [r[start:start + batch] for r in ref_masks]), -1))
+      np.testing.assert_allclose(logits, ref_logits[start:start + batch], atol=1e-5)
+
+
+def test_measure_latency_returns_positive_times():
+  params = _params(4)
+  result = sparse.measure_latency(params, input_dim=INPUT_DIM, hidden=HIDDEN, block_size=BLOCK,
+                                  num_classes=CLASSES, policy_eps=0.01, repeats=2)
+  assert set(result) == {"dense_ms", "sparse_ms"}
+  assert all(value > 0 for value in result.values())
+  with pytest.raises(ValueError, match="hidden"):
+    sparse.measure_latency(params, input_dim=INPUT_DIM, hidden=(32,), block_size=BLOCK,
+                           num_classes=CLASSES, policy_eps=0.01, repeats=2)
+
+
+def test_bad_configs_raise():
+  model = sparse.to_block_major(_params(0), BLOCK)
+  with pytest.raises(ValueError, match="example_capacity"):
+    sparse.SparseConfig((0, 1, 1), (1, 1, 1), (1, 1, 1)).validate(model)
+  with pytest.raises(ValueError, match="example_capacity"):
+    sparse.SparseConfig((5, 1, 1), (1, 1, 1), (1, 1, 1)).validate(model)
+  with pytest.raises(ValueError, match="active_fraction"):
+    sparse.make_sparse_config(model, 4, 1.5)
+  with pytest.raises(ValueError, match="batch_size"):
+    sparse.make_sparse_config(model, 0)
+  with pytest.raises(ValueError, match="implementation"):
+    sparse.make_sparse_config(model, 4, implementation="cuda")
+  ungated = ccjax.GatedMLP(hidden=(16,), num_classes=3, block_size=8, gated=False)
+  params = ungated.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)), mode="all")["params"]
+  with pytest.raises(ValueError, match="gated"):
+    sparse.to_block_major(params, 8)
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    import ccjax
+    from ccjax import sparse
+    assert len(jax.devices()) == 8, jax.devices()
+    model = ccjax.GatedMLP(hidden=(32, 48), num_classes=5, block_size=8)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (32, 12))
+    params = model.init({"params": key, "gate": key}, x, mode="sample")["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v * 40.0 if "policy" in jax.tree_util.keystr(path) else v, params)
+    block_model = sparse.to_block_major(params, 8)
+    config = sparse.SparseConfig((2, 3), (5, 6), (1, 1))
+    forward = jax.jit(sparse.sparse_forward, static_argnums=2)
+    expected, expected_traces = forward(block_model, x, config)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded_x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    replicated = jax.device_put(block_model, NamedSharding(mesh, PartitionSpec()))
+    logits, traces = forward(replicated, sharded_x, config)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-6)
+    for a, b in zip(traces, expected_traces):
+      np.testing.assert_array_equal(np.asarray(a.kept), np.asarray(b.kept))
+    rate = float(sparse.overflow_rate(traces))
+    assert 0 < rate < 1, rate
+    print("OK", rate)
+    """)
+
+
+def test_sharded_batch_equals_unsharded():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True,
+                          text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "OK" in result.stdout
