@@ -33,15 +33,24 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 
 
-def _drop_orbax_info(record) -> bool:
-  return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+_OWN_PACKAGE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
+                     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "experiments"))
+
+
+def _keep_log_record(record) -> bool:
+  return record.levelno >= py_logging.WARNING or record.pathname.startswith(_OWN_PACKAGE_DIRS)
 
 
 def quiet_library_logs() -> None:
-  """Keeps orbax's per-save INFO lines out of the training log (warnings still show)."""
+  """Shows ccjax's own INFO lines (progress) but only warnings from libraries.
+
+  orbax logs every save step and JAX/TFDS their backend and dataset probing at INFO;
+  that drowns the progress lines.
+  """
   handler = logging.get_absl_handler()
-  if _drop_orbax_info not in handler.filters:
-    handler.addFilter(_drop_orbax_info)
+  if _keep_log_record not in handler.filters:
+    handler.addFilter(_keep_log_record)
 
 
 class NonFiniteError(RuntimeError):
@@ -227,7 +236,8 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
     logging.info("Resumed from checkpoint step %d in %s", start_step, checkpoint_dir)
   metrics_log.truncate_after(start_step)
 
-  train_step = jax.jit(train_lib.make_train_step(model, train_config), donate_argnums=0)
+  train_step = parallel.make_parallel_train_step(
+      train_lib.make_train_step(model, train_config), mesh, parallel.state_sharding(state, mesh))
   eval_fn = jax.jit(train_lib.make_eval_step(model, config.eval_policy))
   eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
 
@@ -245,7 +255,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
         {"x": dataset.x_train[indices], "y": dataset.y_train[indices]}, mesh)
     state, metrics = train_step(state, batch)
     window_steps += 1
-    if not bool(metrics["finite"]):
+    if not bool(jax.device_get(metrics["finite"])):
       if not config.skip_nonfinite:
         where = (f"step {last_saved} in {checkpoint_dir}" if last_saved is not None
                  else "none (no checkpoint was written yet)")
@@ -259,7 +269,8 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
       steps_per_s = window_steps / elapsed
       record = {"step": step, "kind": "train", "steps_per_s": steps_per_s,
                 "skipped_nonfinite": skipped}
-      record.update({key: _to_python(value) for key, value in metrics.items()})
+      record.update({key: _to_python(value)
+                     for key, value in parallel.to_host(metrics).items()})
       metrics_log.write(record)
       eta = (total_steps - step) / max(steps_per_s, 1e-9)
       logging.info("step %d/%d  loss %.4f  error %.4f  active %s  %.1f steps/s  ETA %.0fs",
@@ -292,7 +303,7 @@ def finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_
              total_steps, flag_values, primary) -> dict[str, Any]:
   """Final evaluation, MAC counts, latency and plots; returns the results payload."""
   from ccjax import costs  # pylint: disable=g-import-not-at-top
-  params = jax.device_get(state.params)
+  params = parallel.to_host(state.params)
   test = evaluate(eval_fn, params, dataset.x_test, dataset.y_test, mode=config.eval_policy,
                   key=eval_key, keep_gates=True)
   valid = evaluate(eval_fn, params, dataset.x_valid, dataset.y_valid, mode=config.eval_policy,

@@ -93,6 +93,7 @@ def main(argv):
   # Imported here so that --help and flag errors stay fast.
   from ccjax import parallel  # pylint: disable=g-import-not-at-top
   from ccjax import trainer  # pylint: disable=g-import-not-at-top
+  trainer.quiet_library_logs()
   try:
     parallel.initialize_distributed(
         _COORDINATOR.value, cli.number("num_processes", _NUM_PROCESSES.value, int),

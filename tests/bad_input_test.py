@@ -1,0 +1,167 @@
+"""The bad-input catalogue: each mistake gives a one-line error, exit 2, nothing written.
+
+Every case runs ``python -m experiments.condnet`` in a subprocess exactly as a user
+would, then checks: exit status 2, stderr is one line ``error: ...`` naming the flag or
+field, and the workdir holds no file it did not hold before.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from tests import experiment_utils
+from tests.condnet_test import write_npz
+
+TINY = experiment_utils.TINY_FLAGS
+
+
+def assert_clean_failure(workdir: str, args, expected: str) -> str:
+  before = experiment_utils.listing(workdir)
+  process = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}", *args)
+  lines = [line for line in process.stderr.splitlines() if line.strip()]
+  assert process.returncode == 2, process.stderr[-2000:]
+  assert len(lines) == 1, process.stderr[-2000:]
+  assert lines[0].startswith("error: ")
+  assert expected in lines[0], lines[0]
+  assert experiment_utils.listing(workdir) == before
+  return lines[0]
+
+
+FLAG_CASES = [
+    ("tau_zero", ["--tau=0"], "--tau must be in (0, 1]"),
+    ("tau_above_one", ["--tau=1.5"], "--tau must be in (0, 1]"),
+    ("tau_per_layer_count", ["--tau=0.2,0.3,0.4"], "--tau needs one value or one per hidden"),
+    ("block_size_not_dividing", ["--block_size=7"], "--block_size=7 must divide"),
+    ("hidden_empty", ["--hidden="], "--hidden must be a comma-separated list"),
+    ("hidden_non_numeric", ["--hidden=wide,deep"], "--hidden must be an integer"),
+    ("hidden_negative", ["--hidden=-32,32"], "--hidden widths must be positive"),
+    ("lambda_negative", ["--lambda_s=-1"], "--lambda_s must be >= 0"),
+    ("lambda_v_negative", ["--lambda_v=-0.5"], "--lambda_v must be >= 0"),
+    ("lr_negative", ["--lr=-0.1"], "--lr (learning rate) must be > 0"),
+    ("policy_lr_zero", ["--policy_lr=0"], "--policy_lr (learning rate) must be > 0"),
+    ("batch_size_zero", ["--batch_size=0"], "--batch_size must be a positive integer"),
+    ("batch_size_too_large", ["--batch_size=100000"], "--batch_size must be in [1, "),
+    ("unknown_dataset", ["--dataset=imagenet"], "--dataset must be one of digits|mnist"),
+    ("unknown_baseline", ["--baseline=median"], "--baseline must be one of none|batch_mean|ema"),
+    ("steps_and_epochs", ["--epochs=2"], "give either --steps or --epochs"),
+    ("valid_fraction", ["--valid_fraction=1.0"], "--valid_fraction must be in [0, 1)"),
+    ("unknown_flag", ["--learning_rate=3"], "learning_rate"),
+]
+
+
+@pytest.mark.parametrize("name,args,expected", FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
+def test_bad_flags(tmp_path, name, args, expected):
+  del name
+  assert_clean_failure(str(tmp_path / "run"), [*TINY, *args], expected)
+
+
+def test_missing_workdir_flag():
+  process = experiment_utils.run_module("experiments.condnet", "--steps=1")
+  assert process.returncode == 2
+  assert process.stderr.strip() == "error: --workdir is required, e.g. --workdir=runs/demo"
+
+
+def test_tfds_data_missing(tmp_path):
+  empty = tmp_path / "tfds"
+  empty.mkdir()
+  line = assert_clean_failure(str(tmp_path / "run"),
+                              [*TINY, "--dataset=mnist", f"--data_dir={empty}"], "--data_dir")
+  assert "--dataset=digits" in line
+
+
+def _npz_case(tmp_path, **overrides):
+  path = str(tmp_path / "user.npz")
+  write_npz(path, **overrides)
+  return f"--dataset=npz:{path}"
+
+
+def test_npz_missing_keys(tmp_path):
+  path = str(tmp_path / "user.npz")
+  np.savez(path, x_train=np.zeros((10, 3), np.float32), y_train=np.zeros(10, np.int64))
+  assert_clean_failure(str(tmp_path / "run"), [*TINY, f"--dataset=npz:{path}"], "x_test")
+
+
+NPZ_CASES = [
+    ("mismatched_lengths", dict(y_train=np.zeros(5, np.int64)), "y_train"),
+    ("labels_negative", dict(y_test=-np.ones(30, np.int64)), "y_test"),
+    ("labels_non_integer", dict(y_test=np.full(30, 0.5)), "y_test"),
+    ("nan_features", dict(x_test=np.full((30, 6), np.nan, np.float32)), "x_test"),
+    ("inf_features", dict(x_train=np.full((96, 6), np.inf, np.float32)), "x_train"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,expected", NPZ_CASES, ids=[c[0] for c in NPZ_CASES])
+def test_bad_npz(tmp_path, name, overrides, expected):
+  del name
+  assert_clean_failure(str(tmp_path / "run"), [*TINY, _npz_case(tmp_path, **overrides)],
+                       expected)
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A finished tiny run on a 6-feature npz; tests copy it before breaking it."""
+  root = tmp_path_factory.mktemp("trained")
+  path = str(root / "user.npz")
+  write_npz(path)
+  workdir = str(root / "run")
+  process = experiment_utils.run_module(
+      "experiments.condnet", f"--workdir={workdir}", f"--dataset=npz:{path}", *TINY,
+      "--plots=false")
+  assert process.returncode == 0, process.stderr[-2000:]
+  return workdir, path
+
+
+def _copy(trained, tmp_path) -> str:
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained, workdir)
+  return workdir
+
+
+def test_input_dimension_inconsistent_with_checkpoint(trained_workdir, tmp_path):
+  workdir = _copy(trained_workdir[0], tmp_path)
+  other = str(tmp_path / "wider.npz")
+  write_npz(other, num_features=9)
+  assert_clean_failure(workdir, [*TINY, f"--dataset=npz:{other}"], "input dimension 9")
+
+
+def test_checkpoint_of_other_architecture(trained_workdir, tmp_path):
+  workdir = _copy(trained_workdir[0], tmp_path)
+  args = [arg for arg in TINY if not arg.startswith("--hidden")]
+  assert_clean_failure(workdir, [*args, "--hidden=64,64", f"--dataset=npz:{trained_workdir[1]}"],
+                       "different architecture (hidden")
+
+
+def test_corrupt_checkpoint(trained_workdir, tmp_path):
+  workdir = _copy(trained_workdir[0], tmp_path)
+  latest = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
+               if name.isdigit())
+  state_files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", str(latest), "state",
+                                                   "**"), recursive=True) if os.path.isfile(f)]
+  assert state_files
+  for name in state_files:
+    with open(name, "wb") as stream:
+      stream.write(b"not a checkpoint")
+  assert_clean_failure(workdir, [*TINY, f"--dataset=npz:{trained_workdir[1]}"],
+                       f"checkpoint step {latest}")
+
+
+def test_workdir_is_a_file(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("x")
+  assert_clean_failure(str(path), TINY, "is not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses file permissions")
+def test_workdir_not_writable(tmp_path):
+  parent = tmp_path / "locked"
+  parent.mkdir()
+  parent.chmod(0o500)
+  try:
+    assert_clean_failure(str(parent / "run"), TINY, "not readable and writable")
+  finally:
+    parent.chmod(0o700)

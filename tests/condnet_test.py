@@ -1,0 +1,186 @@
+"""Tests of experiments/condnet.py and the training loop behind it (ccjax.trainer)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ccjax import checkpoint as checkpoint_lib
+from ccjax import data as data_lib
+from ccjax import experiment
+from ccjax import trainer
+from tests import experiment_utils
+
+RESULT_KEYS = {"model", "arch", "dataset", "seed", "steps", "test_error", "valid_error",
+               "active_fraction", "macs_per_example", "dense_macs_per_example", "wall_time_s",
+               "flags", "eval_policy"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config(**changes) -> experiment.ExperimentConfig:
+  values = dict(hidden=(32, 32), block_size=8, batch_size=32, steps=12, log_every=4,
+                eval_every=8, checkpoint_every=4, measure_latency=False, plots=False)
+  values.update(changes)
+  return experiment.ExperimentConfig(**values)
+
+
+def final_state(workdir: str):
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return checkpointer.restore_raw()
+  finally:
+    checkpointer.close()
+
+
+def assert_states_identical(first, second):
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves_a, tree_a = jax.tree_util.tree_flatten(first)
+  leaves_b, tree_b = jax.tree_util.tree_flatten(second)
+  assert tree_a == tree_b
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as stream:
+    return [json.loads(line) for line in stream]
+
+
+def write_npz(path, num_features=6, num_classes=3, n_train=96, n_test=30, seed=0, **overrides):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(num_classes, num_features)) * 3
+  def split(n):
+    y = rng.integers(0, num_classes, n)
+    return (centers[y] + rng.normal(size=(n, num_features))).astype(np.float32), y
+  x_train, y_train = split(n_train)
+  x_test, y_test = split(n_test)
+  arrays = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+  arrays.update(overrides)
+  np.savez(path, **arrays)
+  return arrays
+
+
+def test_cli_digits_writes_every_output(tmp_path):
+  workdir = str(tmp_path / "run")
+  process = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}",
+                                        *experiment_utils.TINY_FLAGS)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert "steps/s" in process.stderr and "ETA" in process.stderr  # Progress is shown.
+  with open(os.path.join(workdir, "results.json")) as stream:
+    results = json.load(stream)
+  assert RESULT_KEYS <= set(results)
+  assert results["steps"] == 12 and results["dataset"] == "digits"
+  assert len(results["active_fraction"]) == 2
+  assert 0.0 <= results["test_error"] <= 1.0
+  assert results["macs_per_example"] < results["dense_macs_per_example"]
+  assert results["flags"]["hidden"] == "32,32"
+  for name in ("block_probabilities.png", "class_block_map.png", "learning_curves.png"):
+    with open(os.path.join(workdir, "plots", name), "rb") as stream:
+      content = stream.read()
+    assert content.startswith(PNG_MAGIC) and len(content) > 1000
+  records = read_metrics(workdir)
+  train_steps = [r["step"] for r in records if r["kind"] == "train"]
+  assert train_steps == [4, 8, 12]
+  assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+  assert any("valid_error" in r for r in records if r["kind"] == "eval")
+
+
+def test_resume_ends_exactly_like_a_straight_run(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  straight_results = trainer.train_and_evaluate(tiny_config(steps=12), straight)
+  trainer.train_and_evaluate(tiny_config(steps=6), resumed)  # "Crash" after 6 steps.
+  resumed_results = trainer.train_and_evaluate(tiny_config(steps=12), resumed)
+  assert_states_identical(final_state(straight), final_state(resumed))
+  for key in ("test_error", "valid_error", "active_fraction", "macs_per_example"):
+    assert straight_results[key] == resumed_results[key]
+  train_steps = [r["step"] for r in read_metrics(resumed) if r["kind"] == "train"]
+  assert train_steps == [4, 6, 8, 12]  # 6 was the first run's last step; nothing twice.
+
+
+def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
+  first = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+  second = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
+  other = trainer.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "c"))
+  assert_states_identical(final_state(str(tmp_path / "a")), final_state(str(tmp_path / "b")))
+  assert first["test_error"] == second["test_error"]
+  params_a = final_state(str(tmp_path / "a"))["params"]
+  params_c = final_state(str(tmp_path / "c"))["params"]
+  assert not np.array_equal(params_a["output"]["kernel"], params_c["output"]["kernel"])
+  del other
+
+
+def test_npz_dataset_and_dense_model(tmp_path):
+  path = str(tmp_path / "data.npz")
+  write_npz(path)
+  condnet = trainer.train_and_evaluate(tiny_config(dataset=f"npz:{path}"), str(tmp_path / "c"))
+  dense = trainer.train_and_evaluate(tiny_config(dataset=f"npz:{path}", model="dense"),
+                                     str(tmp_path / "d"))
+  assert condnet["dense_macs_per_example"] == 6 * 32 + 32 * 32 + 32 * 3
+  assert dense["macs_per_example"] == dense["dense_macs_per_example"]
+  assert dense["active_fraction"] == []
+
+
+def test_mocked_tfds_dataset(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=80):
+    results = trainer.train_and_evaluate(
+        tiny_config(dataset="mnist", data_dir=str(tmp_path / "tfds"), steps=4, log_every=2,
+                    checkpoint_every=2, eval_every=2, batch_size=16),
+        str(tmp_path / "run"))
+  assert results["dataset"] == "mnist"
+  assert results["dense_macs_per_example"] == 784 * 32 + 32 * 32 + 32 * 10
+  assert np.isfinite(results["test_error"])
+
+
+def _poisoned_npz(tmp_path) -> tuple[str, int]:
+  """An npz whose first examples overflow float32 in the first layer; returns (spec, first bad step)."""
+  path = str(tmp_path / "poison.npz")
+  arrays = write_npz(path, n_train=96)
+  x_train = arrays["x_train"].copy()
+  x_train[:4] = 3e38
+  np.savez(path, **{**arrays, "x_train": x_train})
+  dataset = data_lib.load_dataset(f"npz:{path}", valid_fraction=0.1, seed=0)
+  poisoned = set(np.where(dataset.x_train[:, 0] > 1e37)[0].tolist())
+  assert poisoned
+  step = next(s for s in range(1000) if poisoned & set(
+      data_lib.train_batch_indices(dataset.x_train.shape[0], 16, 0, s).tolist()))
+  return f"npz:{path}", step + 1
+
+
+def test_nonfinite_loss_stops_with_step_and_intact_checkpoint(tmp_path):
+  spec, bad_step = _poisoned_npz(tmp_path)
+  assert bad_step > 1  # So that a good checkpoint exists before the bad step.
+  workdir = str(tmp_path / "run")
+  config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 3, checkpoint_every=1,
+                       eval_every=1000)
+  with pytest.raises(trainer.NonFiniteError, match=f"at step {bad_step};") as error:
+    trainer.train_and_evaluate(config, workdir)
+  assert f"step {bad_step - 1} in" in str(error.value)
+  state = final_state(workdir)
+  assert int(state["step"]) == bad_step - 1
+  import jax  # pylint: disable=g-import-not-at-top
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state["params"]))
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_skip_nonfinite_skips_bad_batches(tmp_path):
+  spec, bad_step = _poisoned_npz(tmp_path)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 2, skip_nonfinite=True,
+                       log_every=1, eval_every=1000)
+  results = trainer.train_and_evaluate(config, workdir)
+  assert np.isfinite(results["test_error"])
+  last = [r for r in read_metrics(workdir) if r["kind"] == "train"][-1]
+  assert last["skipped_nonfinite"] >= 1
+  import jax  # pylint: disable=g-import-not-at-top
+  assert all(np.all(np.isfinite(leaf)) for leaf in
+             jax.tree_util.tree_leaves(final_state(workdir)["params"]))
+
+
+def test_epochs_flag_sets_steps():
+  config = tiny_config(steps=None, epochs=2, batch_size=32)
+  assert config.total_steps(100) == 6
+  assert tiny_config(steps=None).total_steps(100) == experiment.DEFAULT_STEPS

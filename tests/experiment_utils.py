@@ -1,0 +1,30 @@
+"""Helpers shared by the entrypoint tests: run a CLI in a subprocess, tiny flags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = ("--hidden=32,32", "--block_size=8", "--batch_size=32", "--steps=12",
+              "--log_every=4", "--eval_every=8", "--checkpoint_every=4",
+              "--measure_latency=false")
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs ``python -m module args`` from the repo root; returns the completed process."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def listing(path: str) -> set[str]:
+  """Every file and directory below ``path`` (relative), empty if it does not exist."""
+  found = set()
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      found.add(os.path.relpath(os.path.join(root, name), path))
+  return found
