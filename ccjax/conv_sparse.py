@@ -314,9 +314,11 @@ def calibrate_policies(model: conv.GatedCNN, params, inputs: jax.Array,
     raise ValueError(f"active_fraction must be in (0, 1), got {active_fraction!r}")
   params = jax.tree_util.tree_map(lambda a: a, params)
   eps = model.policy_eps
+  gate_probs = jax.jit(lambda p, x: [a.probs for a in model.apply(
+      {"params": p}, x, mode="threshold")[1]])
   for index, layer in enumerate(model.gate_layers()):
-    _, aux = model.apply({"params": params}, inputs, mode="threshold")
-    squashed = (np.asarray(aux[index].probs, np.float64) - eps) / (1.0 - 2.0 * eps)
+    probs = gate_probs(params, inputs)[index]
+    squashed = (np.asarray(probs, np.float64) - eps) / (1.0 - 2.0 * eps)
     squashed = np.clip(squashed, 1e-12, 1.0 - 1e-12)
     logits = np.log(squashed) - np.log1p(-squashed)
     shift = np.quantile(logits, 1.0 - active_fraction, axis=0)
