@@ -1,0 +1,49 @@
+"""Runs experiments/bench_inference.py in a tiny configuration, as a user would."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--hidden=128,128", "--block_size=16", "--batch_sizes=1,8", "--repeats=2"]
+RESULT_KEYS = {"batch_size", "dense_ms", "sparse_ms", "ratio", "dense_macs", "sparse_macs",
+               "mac_ratio", "overflow_rate"}
+
+
+def _run(*flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.bench_inference", *flags],
+                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_tiny_benchmark_prints_json_with_schema():
+  result = _run(*TINY, "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert set(report) >= {"config", "device", "results"}
+  assert report["config"]["hidden"] == [128, 128]
+  assert [entry["batch_size"] for entry in report["results"]] == [1, 8]
+  for entry in report["results"]:
+    assert RESULT_KEYS <= set(entry)
+    assert entry["dense_ms"] > 0 and entry["sparse_ms"] > 0
+    assert entry["ratio"] == pytest.approx(entry["dense_ms"] / entry["sparse_ms"])
+    assert entry["dense_macs"] == 784 * 128 + 128 * 128 + 128 * 10
+    assert 0 < entry["sparse_macs"] < entry["dense_macs"]
+    assert 0.0 <= entry["overflow_rate"] <= 1.0
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--tau=1.5", "--tau"),
+    ("--hidden=128,100", "--block_size"),
+    ("--batch_sizes=0", "--batch_sizes"),
+    ("--hidden=a,b", "--hidden"),
+])
+def test_bad_flags_exit_2_with_one_line(flag, message):
+  result = _run(*TINY, flag)
+  assert result.returncode == 2
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
+  assert len(lines) == 1 and message in lines[0], result.stderr
