@@ -38,11 +38,15 @@ def model_costs(config, model, params, dataset, test: dict[str, Any], *,
     costs["macs_per_example"] = float(dense_macs)
   if measure_latency:
     from ccjax import sparse  # pylint: disable=g-import-not-at-top
-    latency = sparse.measure_latency(
-        params, input_dim=dataset.input_dim, hidden=tuple(config.hidden),
-        block_size=config.block_size, num_classes=dataset.num_classes,
-        policy_eps=model.policy_eps, gated=config.model == "condnet")
-    costs["latency_ms"] = {"dense": latency["dense_ms"]}
+    example = np.asarray(dataset.x_test[:1], np.float32).reshape(1, -1)
     if config.model == "condnet":
-      costs["latency_ms"]["sparse"] = latency["sparse_ms"]
+      latency = sparse.measure_latency(
+          params, input_dim=dataset.input_dim, hidden=tuple(config.hidden),
+          block_size=config.block_size, num_classes=dataset.num_classes,
+          policy_eps=model.policy_eps, x=example)
+      costs["latency_ms"] = {"dense": latency["dense_ms"], "sparse": latency["sparse_ms"]}
+    else:
+      import jax  # pylint: disable=g-import-not-at-top
+      costs["latency_ms"] = {"dense": sparse.median_ms(jax.jit(sparse.dense_forward), params,
+                                                       example)}
   return costs
