@@ -15,8 +15,9 @@ were 0. The effective masks are returned, so masked-dense with those masks gives
 same output, and ``overflow`` / ``requested`` counts are reported per layer. Under
 the capacity, the number of gathered rows is the smallest static bucket
 ``{0, C/4, C/2, 3C/4, C}`` (rounded up) holding every kept example, chosen with
-``lax.switch``: with no example running the branch is not computed at all, and at batch
-1 (``C = 1``, buckets ``{0, 1}``) a skipped block is a ``lax.cond`` that does nothing.
+``lax.switch``: with no example running the branch is not computed at all. At batch 1
+the block is a ``lax.cond`` on the example's gate (no gather): a skipped block does
+nothing.
 
 **Channel-gated convs**. The blocks active for *any* example of the batch (the union)
 are gathered from the kernel, again into the smallest of the static buckets
@@ -143,6 +144,7 @@ def channel_gated_conv(inputs: jax.Array, kernel: jax.Array, bias: jax.Array,
   used = jnp.any(block_mask > 0, axis=0)
   # Used blocks first, in index order (stable sort), then unused ones as padding.
   order = jnp.argsort(jnp.logical_not(used).astype(jnp.int32), stable=True)
+  inverse_order = jnp.argsort(order)
   blocked_kernel = kernel.reshape(k_h, k_w, in_channels, num_blocks, block_size)
   blocked_bias = bias.reshape(num_blocks, block_size)
 
@@ -157,7 +159,11 @@ def channel_gated_conv(inputs: jax.Array, kernel: jax.Array, bias: jax.Array,
       part = nn.relu(conv2d(x, part_kernel, part_bias, stride, dtype))
       part = part.reshape(*out_shape[:3], size, block_size)
       part = part * block_mask[:, index][:, None, None, :, None].astype(part.dtype)
-      return jnp.zeros(out_shape, part.dtype).at[:, :, :, index, :].set(part)
+      if size < num_blocks:
+        part = jnp.concatenate(
+            [part, jnp.zeros((*out_shape[:3], num_blocks - size, block_size), part.dtype)], 3)
+      # Block j sits at position inverse_order[j]: a gather puts it back in place.
+      return jnp.take(part, inverse_order, axis=3)
     return branch
 
   buckets = channel_buckets(num_blocks)
@@ -193,6 +199,12 @@ def skip_residual(inputs: jax.Array, branch_params: Sequence[dict], run: jax.Arr
   def branch_fn(x):
     convs = [lambda h, p=p: conv2d(h, p["kernel"], p["bias"], 1, dtype) for p in branch_params]
     return conv.residual_branch(convs, x)
+
+  if inputs.shape[0] == 1 and example_capacity >= 1:
+    # Batch 1: a plain conditional, no gather or scatter; a skipped block does nothing.
+    outputs = jax.lax.cond(run[0], lambda x: x + branch_fn(x).astype(x.dtype), lambda x: x,
+                           inputs)
+    return outputs, run.astype(probs.dtype), jnp.zeros((), jnp.int32)
 
   def compute(size):
     def branch(x):
@@ -327,14 +339,16 @@ def calibrate_policies(model: conv.GatedCNN, params, inputs: jax.Array,
   return params
 
 
-def _median_ms(fn, inputs: Sequence[jax.Array], repeats: int) -> float:
-  times = []
+def _median_ms(fns: Sequence, inputs: Sequence[jax.Array], repeats: int) -> list[float]:
+  """Median wall time (ms) of each function, calls interleaved so load drifts hit all alike."""
+  times = [[] for _ in fns]
   for repeat in range(repeats):
     x = inputs[repeat % len(inputs)]
-    start = time.perf_counter()
-    jax.block_until_ready(fn(x))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+    for fn, fn_times in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      fn_times.append((time.perf_counter() - start) * 1e3)
+  return [statistics.median(fn_times) for fn_times in times]
 
 
 def bench_cnn(batch_sizes: Sequence[int] = (1, 32, 128), repeats: int = 20, seed: int = 0,
@@ -349,8 +363,8 @@ def bench_cnn(batch_sizes: Sequence[int] = (1, 32, 128), repeats: int = 20, seed
   ``example_capacity = ceil(capacity_factor * active_fraction * batch)`` (at most the
   batch). Without ``params`` the model is initialised from ``seed`` and its policies
   calibrated (:func:`calibrate_policies`) to run ``active_fraction`` of blocks/layers.
-  Each timing is the median over ``repeats`` calls (after one warm-up call), cycling
-  over ``num_inputs`` random input batches.
+  Each timing is the median over ``repeats`` calls (after one warm-up call; dense and
+  sparse calls interleaved), cycling over ``num_inputs`` random input batches.
 
   Args:
     batch_sizes: batch sizes to time.
@@ -403,8 +417,7 @@ def bench_cnn(batch_sizes: Sequence[int] = (1, 32, 128), repeats: int = 20, seed
     sparse_fn = lambda x: sparse_infer(params, x)  # noqa: E731
     jax.block_until_ready(dense_fn(inputs[0]))
     jax.block_until_ready(sparse_fn(inputs[0]))
-    dense_ms = _median_ms(dense_fn, inputs, repeats)
-    sparse_ms = _median_ms(sparse_fn, inputs, repeats)
+    dense_ms, sparse_ms = _median_ms((dense_fn, sparse_fn), inputs, repeats)
     macs, requested, dropped = [], 0, 0
     for x in inputs:
       _, info = sparse_fn(x)
