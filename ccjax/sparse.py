@@ -306,25 +306,27 @@ def _select_single(probs: jax.Array, capacity: int):
 
 
 def _sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConfig):
-  """Batch-1 path: ``x [in]`` -> ``logits [classes]``, traces."""
+  """Batch-1 path: ``x [in]`` -> ``logits [classes]``, traces.
+
+  Layer ``l`` runs in one ``lax.switch`` branch per (input bucket, output bucket); the
+  branch also applies the *next* layer's policy (or the output layer) to the compact
+  output it just computed, so each layer costs one switch.
+  """
   eps, bs = model.policy_eps, model.block_size
   buckets = config.buckets or tuple((k,) for k in config.example_capacity)
   traces = []
-  hidden = index = count = None
-  in_sizes = None
-  for layer, capacity, out_sizes in zip(model.layers, config.example_capacity, buckets):
-    if not layer.input_gated:
-      logits = x @ layer.policy_kernel + layer.policy_bias
-    else:
-      def policy_branch(s_in, hidden=hidden, index=index, layer=layer):
-        rows = take_blocks(layer.policy_kernel, index[:s_in])
-        return hidden[:s_in].reshape(-1) @ rows.reshape(s_in * bs, -1)
-      logits = _bucket_switch([count], [in_sizes], policy_branch) + layer.policy_bias
-    probs = _probs(logits, eps)
+  hidden = index = count = in_sizes = None
+  logits = x @ model.layers[0].policy_kernel
+  num_layers = len(model.layers)
+  for position, (layer, capacity, out_sizes) in enumerate(
+      zip(model.layers, config.example_capacity, buckets)):
+    probs = _probs(logits + layer.policy_bias, eps)
     out_index, kept, out_count = _select_single(probs, capacity)
+    next_rows = (model.layers[position + 1].policy_kernel if position + 1 < num_layers
+                 else model.output_kernel)                          # [nb, bs, n]
 
     def layer_branch(*sizes, layer=layer, hidden=hidden, index=index, out_index=out_index,
-                     kept=kept, capacity=capacity):
+                     kept=kept, capacity=capacity, next_rows=next_rows):
       s_out = sizes[-1]
       cols = out_index[:s_out]
       if layer.input_gated:
@@ -341,21 +343,18 @@ def _sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseCon
         weights = take_blocks(layer.kernel, cols)                   # [s_out, bs, in]
         pre = jnp.einsum("jcd,d->jc", weights, x)
       out = jax.nn.relu(pre + take_blocks(layer.bias, cols)) * kept[:s_out, None]
-      return jnp.pad(out, ((0, capacity - s_out), (0, 0)))
+      rows = take_blocks(next_rows, cols).reshape(s_out * bs, -1)  # next policy / output
+      next_logits = out.reshape(-1) @ rows
+      return jnp.pad(out, ((0, capacity - s_out), (0, 0))), next_logits
 
     if layer.input_gated:
-      hidden = _bucket_switch([count, out_count], [in_sizes, out_sizes], layer_branch)
+      hidden, logits = _bucket_switch([count, out_count], [in_sizes, out_sizes], layer_branch)
     else:
-      hidden = _bucket_switch([out_count], [out_sizes], layer_branch)
+      hidden, logits = _bucket_switch([out_count], [out_sizes], layer_branch)
     traces.append(LayerTrace(out_index[None], kept[None],
                              jnp.sum((probs > 0.5).astype(jnp.int32)), out_count))
     index, count, in_sizes = out_index, out_count, out_sizes
-
-  def output_branch(s_in):
-    rows = take_blocks(model.output_kernel, index[:s_in])
-    return hidden[:s_in].reshape(-1) @ rows.reshape(s_in * bs, -1)
-  logits = _bucket_switch([count], [in_sizes], output_branch) + model.output_bias
-  return logits, tuple(traces)
+  return logits + model.output_bias, tuple(traces)
 
 
 # ----------------------------------------------------------------------------- minibatch
@@ -396,7 +395,10 @@ def group_entries(group_id: jax.Array, priority: jax.Array, valid: jax.Array,
   keys = jnp.where(valid, group_id.astype(jnp.int32), num_groups)
   sorted_keys, _, order = jax.lax.sort(
       (keys, -priority.astype(jnp.float32), entries), num_keys=2, is_stable=True)
-  first = jnp.searchsorted(sorted_keys, sorted_keys, side="left").astype(jnp.int32)
+  # Rank inside the group: position minus the position where the group starts (a
+  # running max of group starts; searchsorted would lower to a slow while loop on CPU).
+  starts = jnp.concatenate([jnp.ones((1,), bool), sorted_keys[1:] != sorted_keys[:-1]])
+  first = jax.lax.cummax(jnp.where(starts, entries, 0), axis=0)
   rank = entries - first
   empty = num_groups * capacity
   placed = (sorted_keys < num_groups) & (rank < capacity)
@@ -436,6 +438,62 @@ def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_exampl
   return out.at[example].add(part.reshape(-1, part.shape[-1]), mode="drop")[:batch]
 
 
+def _pair_grouped_layer(layer: BlockLayer, hidden: jax.Array, index: jax.Array,
+                        kept_in: jax.Array, example: jax.Array, batch: int, block_cap: int,
+                        pair_cap: int, implementation: str):
+  """Hidden->hidden product with (example, input block, output block) triples grouped by
+  weight block.
+
+  Output block ``j``'s examples come in its ``C`` slots in priority order (from the
+  per-block grouping), so the rank of a triple inside weight block ``(i, j)`` is a
+  running count along the slots of ``j`` -- no sort over triples is needed. Triples of
+  rank ``>= C2`` are not served and their (example, output block) is dropped.
+
+  Args:
+    layer: block-major layer with a gated input.
+    hidden: ``[batch, k_in, bs]`` compact input (zeros where not kept).
+    index: ``[batch, k_in]`` input block ids.
+    kept_in: ``[batch, k_in]`` input slots that ran.
+    example: ``[nb * C]`` example of each output-block slot (``batch`` when empty).
+    batch: examples.
+    block_cap: ``C``.
+    pair_cap: ``C2``.
+    implementation: grouped-matmul implementation.
+
+  Returns:
+    ``(pre [nb, C, bs]`` pre-activations without bias, ``dropped [nb, C]`` bool).
+  """
+  nb, bs = layer.num_blocks, hidden.shape[-1]
+  k_in = index.shape[1]
+  in_blocks = layer.kernel.shape[0] // nb
+  num_pairs = nb * in_blocks
+  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], index.shape)
+  flat_position = jnp.where(kept_in, rows * k_in + jnp.arange(k_in)[None, :], batch * k_in)
+  # [batch + 1, in_blocks]: where example b keeps input block i (row ``batch`` = empty).
+  position = jnp.full((batch + 1, in_blocks), batch * k_in, jnp.int32).at[rows, index].min(
+      flat_position.astype(jnp.int32))
+  source = take_blocks(position, example).reshape(nb, block_cap, in_blocks)
+  uses = source < batch * k_in                                        # [nb, C, in_blocks]
+  rank = jnp.cumsum(uses.astype(jnp.int32), axis=1) - uses.astype(jnp.int32)
+  served = uses & (rank < pair_cap)
+  dropped = jnp.any(uses & ~served, axis=2)                           # [nb, C]
+  pair = jnp.arange(nb)[:, None, None] * in_blocks + jnp.arange(in_blocks)[None, None, :]
+  pair_slot = jnp.where(served, pair * pair_cap + rank, num_pairs * pair_cap)
+  source_of_slot = jnp.full((num_pairs * pair_cap + 1,), batch * k_in, jnp.int32).at[
+      pair_slot.reshape(-1)].set(source.reshape(-1), mode="drop")[:-1]
+  inputs = take_blocks(_pad_row(hidden.reshape(batch * k_in, bs)), source_of_slot)
+  out = sparse_kernels.grouped_matmul(inputs.reshape(num_pairs, pair_cap, bs), layer.kernel,
+                                      implementation=implementation)  # [P, C2, bs]
+  out = _pad_row(out.reshape(num_pairs * pair_cap, bs))
+  # Sum over the example's own input slots: [nb, C, k_in] lookups into the pair slots.
+  slot_index = take_blocks(_pad_row(index), example).reshape(nb, block_cap, k_in)
+  per_slot = jnp.take_along_axis(pair_slot, slot_index, axis=2)
+  slot_kept = take_blocks(_pad_row(kept_in), example).reshape(nb, block_cap, k_in)
+  per_slot = jnp.where(slot_kept, per_slot, num_pairs * pair_cap)
+  pre = jnp.sum(take_blocks(out, per_slot), axis=2)                   # [nb, C, bs]
+  return pre, dropped
+
+
 def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConfig):
   """Minibatch path: ``x [batch, in]`` -> ``logits [batch, classes]``, traces."""
   eps, bs = model.policy_eps, model.block_size
@@ -460,33 +518,18 @@ def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConf
     grouping = group_entries(out_index.reshape(-1), values.reshape(-1), wanted.reshape(-1),
                              nb, block_cap)
     kept = (grouping.slot_of_entry < nb * block_cap).reshape(batch, k)
+    example = grouping.entry_of_slot // k                             # [nb * C], batch = empty
     if not layer.input_gated:
-      example = grouping.entry_of_slot // k                           # batch when empty
       rows = take_blocks(_pad_row(x), example).reshape(nb, block_cap, -1)
       out = sparse_kernels.grouped_matmul(rows, layer.kernel, implementation=impl,
-                                          transpose_rhs=True)
-      out = _pad_row(out.reshape(nb * block_cap, bs))
-      pre = take_blocks(out, grouping.slot_of_entry).reshape(batch, k, bs)
+                                          transpose_rhs=True)          # [nb, C, bs]
     else:
-      k_in = index.shape[1]
-      in_blocks = layer.kernel.shape[0] // nb
-      pairs = out_index[:, :, None] * in_blocks + index[:, None, :]  # [batch, k, k_in]
-      wants = kept[:, :, None] & kept_in[:, None, :]
-      priority = jnp.broadcast_to(values[:, :, None], pairs.shape)
-      pair_grouping = group_entries(pairs.reshape(-1), priority.reshape(-1),
-                                    wants.reshape(-1), nb * in_blocks, pair_cap)
-      triple = pair_grouping.entry_of_slot                            # b*k*k_in + s*k_in + i
-      source = (triple // (k * k_in)) * k_in + triple % k_in
-      source = jnp.where(triple < batch * k * k_in, source, batch * k_in)
-      rows = take_blocks(_pad_row(hidden.reshape(batch * k_in, bs)), source)
-      rows = rows.reshape(nb * in_blocks, pair_cap, bs)
-      out = sparse_kernels.grouped_matmul(rows, layer.kernel, implementation=impl)
-      out = _pad_row(out.reshape(-1, bs))
-      per_triple = take_blocks(out, pair_grouping.slot_of_entry).reshape(batch, k, k_in, bs)
-      pre = jnp.sum(per_triple, axis=2)
-      unserved = wants & (pair_grouping.slot_of_entry.reshape(wants.shape)
-                          == nb * in_blocks * pair_cap)
-      kept = kept & ~jnp.any(unserved, axis=2)
+      out, dropped = _pair_grouped_layer(layer, hidden, index, kept_in, example, batch,
+                                         block_cap, pair_cap, impl)
+      dropped = jnp.concatenate([dropped.reshape(-1), jnp.zeros((1,), bool)])
+      kept = kept & ~take_blocks(dropped, grouping.slot_of_entry).reshape(batch, k)
+    out = _pad_row(out.reshape(nb * block_cap, bs))
+    pre = take_blocks(out, grouping.slot_of_entry).reshape(batch, k, bs)
     bias = take_blocks(layer.bias, out_index)                          # [batch, k, bs]
     hidden = jax.nn.relu(pre + bias) * kept[..., None].astype(pre.dtype)
     traces.append(LayerTrace(out_index, kept, jnp.sum((probs > 0.5).astype(jnp.int32)),
@@ -606,49 +649,72 @@ def sparse_macs(traces: Sequence[LayerTrace], num_blocks: Sequence[int], input_d
 # ----------------------------------------------------------------------------- timing
 
 
-def median_ms(fn: Callable[..., Any], *args, repeats: int = 20, warmup: int = 3) -> float:
-  """Median wall time of ``fn(*args)`` in milliseconds, after ``warmup`` calls.
+def interleaved_median_ms(calls: Sequence[tuple[Callable[..., Any], Sequence[tuple]]], *,
+                          repeats: int = 20, warmup: int = 3, rounds: int = 4) -> list[float]:
+  """Median wall time (ms) of each function, timed in alternating rounds.
 
-  Every call is synchronised with ``jax.block_until_ready``.
+  ``calls`` holds ``(fn, inputs)`` pairs, ``inputs`` a list of argument tuples cycled
+  over (data-dependent work is timed over many examples). Each function runs
+  ``repeats`` timed calls split into ``rounds`` consecutive runs that alternate between
+  the functions, so that all see the same drifting background load on a shared machine
+  while each run keeps its own caches warm. Every call is synchronised with
+  ``jax.block_until_ready``; each input is first run ``warmup`` times (compilation
+  included there).
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats!r}")
-  for _ in range(max(1, warmup)):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return float(statistics.median(times))
+  for fn, inputs in calls:
+    for _ in range(max(1, warmup)):
+      for args in inputs:
+        jax.block_until_ready(fn(*args))
+  rounds = max(1, min(rounds, repeats))
+  times = [[] for _ in calls]
+  for round_index in range(rounds):
+    count = repeats // rounds + (1 if round_index < repeats % rounds else 0)
+    for slot, (fn, inputs) in enumerate(calls):
+      for _ in range(count):
+        args = inputs[len(times[slot]) % len(inputs)]
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[slot].append((time.perf_counter() - start) * 1e3)
+  return [float(statistics.median(values)) for values in times]
+
+
+def median_ms(fn: Callable[..., Any], *args, repeats: int = 20, warmup: int = 3) -> float:
+  """Median wall time of ``fn(*args)`` in milliseconds, after ``warmup`` calls."""
+  return interleaved_median_ms([(fn, [args])], repeats=repeats, warmup=warmup)[0]
 
 
 def dense_and_sparse_ms(params, model: BlockMajorMLP, x: jax.Array, config: SparseConfig, *,
                         repeats: int = 20, warmup: int = 3) -> dict[str, Any]:
-  """Times the dense MLP and the sparse path on the same input, both under ``jax.jit``.
+  """Times the dense MLP and the sparse path on the same inputs, both under ``jax.jit``.
 
   Dense is :func:`dense_forward` (plain ``x @ W``, no policies); sparse is
   :func:`sparse_forward` (policies included). Each is warmed up (compiled) first and
-  the median over ``repeats`` calls is reported.
+  the median over ``repeats`` calls is reported; dense and sparse runs alternate in
+  rounds (same background load) and cycle over the batches in ``x`` (the sparse work
+  depends on the example).
 
   Args:
     params: ``GatedMLP`` params (dense weights).
     model: the same parameters in block-major layout.
-    x: ``[batch, in]`` inputs.
+    x: ``[batches, batch, in]`` inputs (one batch per call, cycled).
     config: static capacities.
     repeats: timed calls per path.
     warmup: untimed calls per path.
 
   Returns:
-    ``{'dense_ms', 'sparse_ms', 'traces'}`` (traces of the sparse path on ``x``).
+    ``{'dense_ms', 'sparse_ms', 'traces'}`` (traces: one per batch of ``x``).
   """
   dense_params = {name: {"dense": params[name]["dense"]} for name in _hidden_layer_names(params)}
   dense_params["output"] = params["output"]
   dense_fn = jax.jit(dense_forward)
   sparse_fn = jax.jit(sparse_forward, static_argnums=2)
-  dense_ms = median_ms(dense_fn, dense_params, x, repeats=repeats, warmup=warmup)
-  sparse_ms = median_ms(sparse_fn, model, x, config, repeats=repeats, warmup=warmup)
-  _, traces = sparse_fn(model, x, config)
+  batches = [x[index] for index in range(x.shape[0])]
+  dense_ms, sparse_ms = interleaved_median_ms(
+      [(dense_fn, [(dense_params, b) for b in batches]),
+       (sparse_fn, [(model, b, config) for b in batches])], repeats=repeats, warmup=warmup)
+  traces = [sparse_fn(model, b, config)[1] for b in batches]
   return {"dense_ms": dense_ms, "sparse_ms": sparse_ms, "traces": traces}
 
 
@@ -688,7 +754,7 @@ def measure_latency(params, *, input_dim: int, hidden: Sequence[int], block_size
     raise ValueError(f"input_dim={input_dim!r} does not match the params ({model.input_dim})")
   if x is None:
     x = jax.random.normal(jax.random.PRNGKey(0), (1, input_dim), jnp.float32)
-  x = jnp.asarray(x).reshape(1, input_dim)
+  x = jnp.asarray(x).reshape(1, 1, input_dim)
   config = make_sparse_config(model, 1, num_buckets=num_buckets)
   timing = dense_and_sparse_ms(params, model, x, config, repeats=repeats)
   return {"dense_ms": timing["dense_ms"], "sparse_ms": timing["sparse_ms"]}
@@ -755,13 +821,17 @@ def benchmark_mlp(*, input_dim: int, hidden: Sequence[int], block_size: int, num
   dense_macs = flops.dense_mlp_macs(input_dim, hidden, num_classes)
   results = []
   for batch_size in batch_sizes:
-    x = jax.random.normal(jax.random.fold_in(rng, batch_size), (batch_size, input_dim)
-                          ).astype(dtype)
+    # Batch 1 cycles over 16 different examples (the sparse work depends on the example).
+    num_batches = 16 if batch_size == 1 else 1
+    x = jax.random.normal(jax.random.fold_in(rng, batch_size),
+                          (num_batches, batch_size, input_dim)).astype(dtype)
     config = make_sparse_config(model, batch_size, tau, example_slack=example_slack,
                                 num_buckets=num_buckets if batch_size == 1 else 1)
     timing = dense_and_sparse_ms(params, model, x, config, repeats=repeats)
-    macs = float(np.mean(sparse_macs(timing["traces"], model.num_blocks, input_dim,
-                                     block_size, num_classes)))
+    macs = float(np.mean([sparse_macs(traces, model.num_blocks, input_dim, block_size,
+                                      num_classes) for traces in timing["traces"]]))
+    candidates = sum(int(t.num_candidates) for traces in timing["traces"] for t in traces)
+    kept = sum(int(t.num_kept) for traces in timing["traces"] for t in traces)
     results.append({
         "batch_size": int(batch_size),
         "dense_ms": timing["dense_ms"],
@@ -770,7 +840,7 @@ def benchmark_mlp(*, input_dim: int, hidden: Sequence[int], block_size: int, num
         "dense_macs": float(dense_macs),
         "sparse_macs": macs,
         "mac_ratio": float(dense_macs) / max(macs, 1.0),
-        "overflow_rate": float(overflow_rate(timing["traces"])),
+        "overflow_rate": (candidates - kept) / max(candidates, 1),
         "capacity": {"example": list(config.example_capacity),
                      "block": list(config.block_capacity),
                      "pair": list(config.pair_capacity[1:])},
