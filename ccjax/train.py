@@ -182,11 +182,13 @@ def _split_by_label(tree) -> tuple[Any, Any]:
 
 
 def check_model_matches(model: nn.Module, config: TrainConfig) -> None:
-  """Raises ``ValueError`` if the model's estimator differs from the config's."""
+  """Raises ``ValueError`` if the estimator or the number of taus does not fit the model."""
   model_estimator = getattr(model, "estimator", config.estimator)
   if model_estimator != config.estimator:
     raise ValueError(f"estimator mismatch: model uses {model_estimator!r}, "
                      f"TrainConfig.estimator is {config.estimator!r}")
+  if isinstance(model, layers.GatedMLP) and model.gated:
+    config.taus(len(model.hidden))  # one tau or one per gated layer, checked before tracing
 
 
 def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.Array,
