@@ -152,6 +152,9 @@ def channel_gated_conv(inputs: jax.Array, kernel: jax.Array, bias: jax.Array,
     def branch(x):
       if size == 0:
         return jnp.zeros(out_shape, out_dtype)
+      if size == num_blocks:  # every block is used by some example: no gather needed
+        full = nn.relu(conv2d(x, kernel, bias, stride, dtype)).reshape(out_shape)
+        return full * block_mask[:, None, None, :, None].astype(full.dtype)
       index = order[:size]
       part_kernel = blocked_kernel[:, :, :, index, :].reshape(k_h, k_w, in_channels,
                                                                 size * block_size)
@@ -290,8 +293,9 @@ def make_cnn_inference(model: conv.GatedCNN, *, mode: str = "threshold",
       probs_list.append(probs)
     features = jnp.mean(nn.relu(hidden), axis=(1, 2))
     head = params["output"]
-    logits = features.astype(dtype or features.dtype) @ head["kernel"].astype(
-        dtype or features.dtype) + head["bias"]
+    head_dtype = dtype or features.dtype
+    logits = (features.astype(head_dtype) @ head["kernel"].astype(head_dtype)
+              + head["bias"].astype(head_dtype))
     info = CNNInferenceInfo(masks=tuple(masks), probs=tuple(probs_list),
                             requested=jnp.stack(requested), overflow=jnp.stack(overflow))
     return logits, info
