@@ -21,7 +21,7 @@ ARCHS = ("mlp", "cnn")
 MODELS = ("condnet", "dense")
 EVAL_POLICIES = ("threshold", "sample")
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
-DEFAULT_STEPS = 3000
+DEFAULT_STEPS = 4000
 
 # Flags that do not change the trained numbers, so a resumed run may change them.
 RESUME_FREE_FIELDS = frozenset({

@@ -76,7 +76,7 @@ def run_sweep(base: experiment.ExperimentConfig, workdir: str, seeds: Sequence[i
 
   Args:
     base: configuration shared by all runs (its ``model``, ``tau``, ``seed`` are replaced).
-    workdir: each run goes to ``workdir/<label>/seed<k>``; finished runs are reused.
+    workdir: each run goes to ``workdir/<configuration>/seed<k>``; finished runs are reused.
     seeds: seeds of every configuration.
     taus: target active fractions of the condnets.
     train_fn: ``(config, workdir) -> results`` (``ccjax.trainer.train_and_evaluate``).
@@ -98,7 +98,8 @@ def run_sweep(base: experiment.ExperimentConfig, workdir: str, seeds: Sequence[i
     width = matched_dense_width(input_dim, len(base.hidden), num_classes,
                                 rows[-1]["macs_mean"], base.block_size)
     hidden = (width,) * len(base.hidden)
-    matched = [_run(base, os.path.join(workdir, f"dense_matched_tau{tau:g}", f"seed{seed}"),
+    matched_dir = os.path.join(workdir, f"dense_matched_tau{tau:g}_width{width}")
+    matched = [_run(base, os.path.join(matched_dir, f"seed{seed}"),
                     train_fn, model="dense", hidden=hidden, seed=seed) for seed in seeds]
     rows.append(aggregate(f"dense (MACs of tau={tau:g}, width {width})", "dense", tau, hidden,
                           matched))
