@@ -244,7 +244,7 @@ class GatedMLPTest(parameterized.TestCase):
       logits, aux = model.apply({"params": p}, x, mode="threshold")
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), (logits, aux)
 
-    (loss, (logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (logits, aux)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
     np.testing.assert_array_equal(aux[0].mask, 0.0)
     np.testing.assert_array_equal(aux[1].mask, 0.0)
     # Nothing reaches the output layer but its bias.
