@@ -26,9 +26,7 @@ def model_costs(config, model, params, dataset, test: dict[str, Any], *,
     (``{"dense": ms, "sparse": ms}``; for a dense model only ``dense``).
   """
   if config.arch == "cnn":
-    from ccjax import conv_sparse  # pylint: disable=g-import-not-at-top
-    return conv_sparse.model_costs(model, params, dataset, test,
-                                   measure_latency=measure_latency)
+    return _cnn_costs(config, model, params, dataset, test, measure_latency=measure_latency)
   dense_macs = flops.dense_mlp_macs(dataset.input_dim, config.hidden, dataset.num_classes)
   costs = {"dense_macs_per_example": float(dense_macs)}
   if config.model == "condnet":
@@ -49,4 +47,29 @@ def model_costs(config, model, params, dataset, test: dict[str, Any], *,
       import jax  # pylint: disable=g-import-not-at-top
       costs["latency_ms"] = {"dense": sparse.median_ms(jax.jit(sparse.dense_forward), params,
                                                        example)}
+  return costs
+
+
+def _cnn_costs(config, model, params, dataset, test, *, measure_latency: bool) -> dict[str, Any]:
+  """As :func:`model_costs` for a :class:`ccjax.conv.GatedCNN`."""
+  specs = model.layer_specs(dataset.input_shape)
+  dense_macs = flops.dense_cnn_macs(specs, dataset.num_classes)
+  costs = {"dense_macs_per_example": float(dense_macs), "macs_per_example": float(dense_macs)}
+  if config.model == "condnet":
+    costs["macs_per_example"] = float(np.mean(flops.gated_cnn_macs(
+        specs, test["mask"], dataset.num_classes)))
+  if measure_latency:
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top
+    from ccjax import conv  # pylint: disable=g-import-not-at-top
+    from ccjax import conv_sparse  # pylint: disable=g-import-not-at-top
+    from ccjax import sparse  # pylint: disable=g-import-not-at-top
+    example = np.asarray(dataset.x_test[:1], np.float32)
+    dense_model = dataclasses.replace(model, gated=False)
+    dense_params = conv.strip_policy_params(params)
+    dense_fn = jax.jit(lambda p, x: dense_model.apply({"params": p}, x, mode="all")[0])
+    costs["latency_ms"] = {"dense": sparse.median_ms(dense_fn, dense_params, example)}
+    if config.model == "condnet":
+      skipping = jax.jit(conv_sparse.make_cnn_inference(model, mode="threshold"))
+      costs["latency_ms"]["sparse"] = sparse.median_ms(skipping, params, example)
   return costs

@@ -22,6 +22,7 @@ MODELS = ("condnet", "dense")
 EVAL_POLICIES = ("threshold", "sample")
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
 DEFAULT_STEPS = 4000
+CNN_RESIDUAL_BLOCKS = 1
 
 # Flags that do not change the trained numbers, so a resumed run may change them.
 RESUME_FREE_FIELDS = frozenset({
@@ -79,14 +80,13 @@ class ExperimentConfig:
       if not isinstance(width, int) or width <= 0:
         raise ValueError(f"--hidden widths must be positive integers, got {width!r}")
     _check_positive_int("block_size", self.block_size)
-    if self.arch == "mlp":
-      for width in self.hidden:
-        if width % self.block_size:
-          raise ValueError(f"--block_size={self.block_size} must divide every --hidden width "
-                           f"(got width {width})")
-    if self.model == "condnet" and len(self.tau) not in (1, len(self.hidden)):
-      raise ValueError(f"--tau needs one value or one per hidden layer ({len(self.hidden)}), "
-                       f"got {len(self.tau)}")
+    for width in self.hidden:
+      if width % self.block_size:
+        raise ValueError(f"--block_size={self.block_size} must divide every --hidden width "
+                         f"(got width {width})")
+    if self.model == "condnet" and len(self.tau) not in (1, self.num_gated_layers):
+      raise ValueError(f"--tau needs one value or one per gated layer ({self.num_gated_layers}),"
+                       f" got {len(self.tau)}")
     for name in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
       _check_positive_int(name, getattr(self, name))
     if self.steps is not None and self.epochs is not None:
@@ -102,6 +102,16 @@ class ExperimentConfig:
     if not isinstance(self.seed, int) or self.seed < 0:
       raise ValueError(f"--seed must be a non-negative integer, got {self.seed!r}")
     self.train_config()  # Validates tau, lambdas, learning rates.
+
+  @property
+  def num_gated_layers(self) -> int:
+    """MLP: one gate per hidden layer. CNN: per stage a channel-gated conv and a skippable
+    residual block."""
+    return len(self.hidden) * (CNN_RESIDUAL_BLOCKS + 1 if self.arch == "cnn" else 1)
+
+  def taus(self) -> tuple[float, ...]:
+    """``tau`` with one value per gated layer."""
+    return self.tau if len(self.tau) > 1 else self.tau * self.num_gated_layers
 
   def train_config(self) -> train_lib.TrainConfig:
     """The train-step hyperparameters (one tau per gated layer)."""
@@ -143,16 +153,18 @@ def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classe
                 ) -> nn.Module:
   """The model the config asks for; ``model='dense'`` is the same net with gates off."""
   gated = config.model == "condnet"
-  taus = config.tau if len(config.tau) > 1 else config.tau * len(config.hidden)
   if config.arch == "mlp":
     return layers.GatedMLP(
         hidden=tuple(config.hidden), num_classes=num_classes, block_size=config.block_size,
-        gated=gated, estimator=config.estimator, policy_init_prob=tuple(taus))
+        gated=gated, estimator=config.estimator, policy_init_prob=config.taus())
   from ccjax import conv  # pylint: disable=g-import-not-at-top
   if len(input_shape) != 3:
     raise ValueError(f"--arch=cnn needs image inputs [height, width, channels], "
-                     f"got input shape {tuple(input_shape)}")
-  return conv.build_cnn(config, num_classes)
+                     f"got examples of shape {tuple(input_shape)}")
+  return conv.GatedCNN(
+      num_classes=num_classes, stage_features=tuple(config.hidden),
+      residual_blocks=CNN_RESIDUAL_BLOCKS, block_size=config.block_size, gated=gated,
+      estimator=config.estimator, policy_init_prob=config.taus())
 
 
 def architecture_meta(config: ExperimentConfig, input_shape: Sequence[int],

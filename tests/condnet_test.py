@@ -184,3 +184,23 @@ def test_epochs_flag_sets_steps():
   config = tiny_config(steps=None, epochs=2, batch_size=32)
   assert config.total_steps(100) == 6
   assert tiny_config(steps=None).total_steps(100) == experiment.DEFAULT_STEPS
+
+
+def test_cnn_arch_trains_and_reports_costs(tmp_path):
+  results = trainer.train_and_evaluate(
+      tiny_config(arch="cnn", hidden=(8, 16), block_size=8, tau=(0.5,), steps=4, log_every=2,
+                  checkpoint_every=2, eval_every=2, measure_latency=True, plots=True),
+      str(tmp_path / "cnn"))
+  assert results["arch"] == "cnn" and len(results["active_fraction"]) == 4
+  assert 0 < results["macs_per_example"] <= results["dense_macs_per_example"]
+  assert set(results["latency_ms"]) == {"dense", "sparse"}
+  assert os.path.exists(os.path.join(str(tmp_path / "cnn"), "plots", "block_probabilities.png"))
+
+
+def test_cnn_arch_needs_images(tmp_path):
+  path = str(tmp_path / "flat.npz")
+  write_npz(path)
+  with pytest.raises(ValueError, match="--arch=cnn needs image inputs"):
+    trainer.train_and_evaluate(tiny_config(arch="cnn", hidden=(8,), dataset=f"npz:{path}"),
+                               str(tmp_path / "run"))
+  assert not os.path.exists(str(tmp_path / "run"))
