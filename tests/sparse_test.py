@@ -16,6 +16,8 @@ from ccjax import sparse
 INPUT_DIM, HIDDEN, BLOCK, CLASSES = 12, (32, 48, 32), 8, 5
 NUM_BLOCKS = tuple(width // BLOCK for width in HIDDEN)
 FORWARD = jax.jit(sparse.sparse_forward, static_argnums=2)
+MASKED_DENSE = jax.jit(sparse.masked_dense_forward)
+TRACE_MASKS = jax.jit(sparse.trace_masks, static_argnums=1)
 
 
 def _model():
@@ -23,19 +25,29 @@ def _model():
 
 
 def _params(seed, bias_shift=0.0, policy_scale=2.0):
-  """Random GatedMLP params; policy logits spread so masks are ragged per example."""
-  key = jax.random.PRNGKey(seed)
-  params = _model().init({"params": key, "gate": key}, jnp.zeros((1, INPUT_DIM)),
-                         mode="sample")["params"]
-  params = jax.tree_util.tree_map(np.asarray, params)
+  """Random params in the GatedMLP layout; policy logits spread so masks are ragged."""
   rng = np.random.default_rng(seed)
-  for index in range(len(HIDDEN)):
-    policy = params[f"hidden_{index}"]["policy"]["logits"]
-    policy["kernel"] = rng.normal(size=policy["kernel"].shape).astype(np.float32) * policy_scale
-    policy["bias"] = (rng.normal(size=policy["bias"].shape) + bias_shift).astype(np.float32)
-    params[f"hidden_{index}"]["dense"]["bias"] = rng.normal(
-        size=params[f"hidden_{index}"]["dense"]["bias"].shape).astype(np.float32) * 0.1
+  params, fan_in = {}, INPUT_DIM
+  for index, width in enumerate(HIDDEN):
+    blocks = width // BLOCK
+    params[f"hidden_{index}"] = {
+        "dense": {"kernel": (rng.normal(size=(fan_in, width)) / np.sqrt(fan_in)).astype(np.float32),
+                  "bias": (rng.normal(size=(width,)) * 0.1).astype(np.float32)},
+        "policy": {"logits": {
+            "kernel": (rng.normal(size=(fan_in, blocks)) * policy_scale).astype(np.float32),
+            "bias": (rng.normal(size=(blocks,)) + bias_shift).astype(np.float32)}}}
+    fan_in = width
+  params["output"] = {"kernel": rng.normal(size=(fan_in, CLASSES)).astype(np.float32),
+                      "bias": np.zeros((CLASSES,), np.float32)}
   return params
+
+
+def test_params_helper_matches_gated_mlp_layout():
+  shapes = jax.eval_shape(lambda: _model().init(
+      {"params": jax.random.PRNGKey(0), "gate": jax.random.PRNGKey(0)},
+      jnp.zeros((1, INPUT_DIM)), mode="sample")["params"])
+  chex_shapes = jax.tree_util.tree_map(lambda a: a.shape, shapes)
+  assert chex_shapes == jax.tree_util.tree_map(lambda a: a.shape, _params(0))
 
 
 def _inputs(seed, batch):
@@ -45,8 +57,8 @@ def _inputs(seed, batch):
 def _check_against_masked_dense(params, x, config):
   model = sparse.to_block_major(params, BLOCK)
   logits, traces = FORWARD(model, x, config)
-  masks = sparse.trace_masks(traces, NUM_BLOCKS)
-  expected = sparse.masked_dense_forward(params, x, masks)
+  masks = TRACE_MASKS(traces, NUM_BLOCKS)
+  expected = MASKED_DENSE(params, x, masks)
   np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
   return logits, masks, traces
 
@@ -196,24 +208,23 @@ def test_trained_digits_model_sparse_predictions_match_masked_dense():
   config = ccjax.TrainConfig(tau=0.5, lr=3e-3, policy_lr=3e-3)
   state = ccjax.init_train_state(model, config, jax.random.PRNGKey(0), x[:2])
   step = jax.jit(ccjax.make_train_step(model, config))
-  for index in range(10):
+  for index in range(6):
     batch = slice(32 * (index % 8), 32 * (index % 8 + 1))
     state, _ = step(state, {"x": x[batch], "y": y[batch]})
   block_model = sparse.to_block_major(state.params, 8, model.policy_eps)
   ref_logits, aux = model.apply({"params": state.params}, x, mode="threshold")
   ref_masks = [layer_aux.mask for layer_aux in aux]
-  for batch in (1, 64):
+  for batch, starts in ((1, (0, 37, 101)), (128, (0, 128))):
     cfg = sparse.make_sparse_config(block_model, batch)
-    for start in range(0, 128, batch if batch > 1 else 32):
+    for start in starts:
       chunk = x[start:start + batch]
       logits, traces = FORWARD(block_model, chunk, cfg)
-      masks = sparse.trace_masks(traces, (4, 4))
-      for mask, ref in zip(masks, ref_masks):
-        np.testing.assert_array_equal(mask, ref[start:start + batch])
+      masks = TRACE_MASKS(traces, (4, 4))
+      chunk_masks = [ref[start:start + batch] for ref in ref_masks]
+      for mask, ref in zip(masks, chunk_masks):
+        np.testing.assert_array_equal(mask, ref)
       np.testing.assert_array_equal(
-          np.argmax(logits, -1),
-          np.argmax(sparse.masked_dense_forward(state.params, chunk, ref_masks and
-                                                [r[start:start + batch] for r in ref_masks]), -1))
+          np.argmax(logits, -1), np.argmax(MASKED_DENSE(state.params, chunk, chunk_masks), -1))
       np.testing.assert_allclose(logits, ref_logits[start:start + batch], atol=1e-5)
 
 
