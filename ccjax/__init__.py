@@ -75,6 +75,7 @@ from ccjax.sparse import BlockMajorMLP as BlockMajorMLP
 from ccjax.sparse import LayerTrace as LayerTrace
 from ccjax.sparse import SparseConfig as SparseConfig
 from ccjax.sparse import make_sparse_config as make_sparse_config
+from ccjax.sparse import make_sparse_forward as make_sparse_forward
 from ccjax.sparse import masked_dense_forward as masked_dense_forward
 from ccjax.sparse import measure_latency as measure_latency
 from ccjax.sparse import overflow_rate as overflow_rate
