@@ -16,7 +16,6 @@ through :data:`RESULT_BUILDERS` (functions ``(config) -> list[dict]``).
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any, Callable
 
 from absl import app
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ccjax import sparse
+from experiments import cli
 
 _INPUT_DIM = flags.DEFINE_integer("input_dim", 784, "Input features.")
 _HIDDEN = flags.DEFINE_list("hidden", ["4096", "4096", "4096"], "Hidden widths.")
@@ -38,7 +38,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.")
 _EXAMPLE_SLACK = flags.DEFINE_float(
     "example_slack", 2.0, "Per-example capacity k = ceil(slack * tau * blocks).")
 _NUM_BUCKETS = flags.DEFINE_integer("num_buckets", 4, "Batch-1 bucketed slot counts per layer.")
+_MODELS = flags.DEFINE_list("models", ["mlp", "cnn"], "Which benchmarks: mlp, cnn.")
+_CNN_TAU = flags.DEFINE_float(
+    "cnn_tau", 0.5, "CNN case (32x32x3 input, ccjax.GatedCNN defaults): fraction of channel "
+    "blocks and residual layers that run.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+MODELS = ("mlp", "cnn")
 
 # Functions (config dict) -> list of result entries; a CNN benchmark can append its own.
 RESULT_BUILDERS: list[Callable[[dict[str, Any]], list[dict[str, Any]]]] = []
@@ -73,7 +78,13 @@ def read_config() -> dict[str, Any]:
     if width % _BLOCK_SIZE.value:
       raise ValueError(f"--block_size={_BLOCK_SIZE.value} must divide every --hidden width "
                        f"(got {width})")
-  return {"input_dim": _INPUT_DIM.value, "hidden": list(hidden),
+  for model in _MODELS.value:
+    if model not in MODELS:
+      raise ValueError(f"--models must list entries of {'|'.join(MODELS)}, got {model!r}")
+  if not 0.0 < _CNN_TAU.value <= 1.0:
+    raise ValueError(f"--cnn_tau must be in (0, 1], got {_CNN_TAU.value!r}")
+  return {"models": list(_MODELS.value), "cnn_tau": _CNN_TAU.value,
+          "input_dim": _INPUT_DIM.value, "hidden": list(hidden),
           "block_size": _BLOCK_SIZE.value, "num_classes": _NUM_CLASSES.value,
           "tau": _TAU.value, "batch_sizes": list(batch_sizes), "repeats": _REPEATS.value,
           "dtype": _DTYPE.value, "seed": _SEED.value, "example_slack": _EXAMPLE_SLACK.value,
@@ -90,18 +101,27 @@ def mlp_results(config: dict[str, Any]) -> list[dict[str, Any]]:
   return [{"model": "mlp", **entry} for entry in entries]
 
 
+def cnn_results(config: dict[str, Any]) -> list[dict[str, Any]]:
+  """Result entries of the gated CNN (skipped layers / channel blocks) at every batch size."""
+  from ccjax import conv_sparse  # pylint: disable=g-import-not-at-top
+  entries = conv_sparse.bench_cnn(
+      batch_sizes=config["batch_sizes"], repeats=config["repeats"], seed=config["seed"],
+      dtype=config["dtype"], active_fraction=config["cnn_tau"])
+  return [{**entry, "model": "cnn"} for entry in entries]
+
+
 RESULT_BUILDERS.append(mlp_results)
+RESULT_BUILDERS.append(cnn_results)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_extra_args(argv)
   try:
     config = read_config()
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-  results = [entry for builder in RESULT_BUILDERS for entry in builder(config)]
+    cli.fail(error)
+  results = [entry for builder in RESULT_BUILDERS
+             if builder.__name__.split("_")[0] in config["models"] for entry in builder(config)]
   report = {"config": config, "device": str(jax.devices()[0].device_kind), "results": results}
   if _JSON.value:
     print(json.dumps(report))
@@ -113,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--hidden=128,128", "--block_size=16", "--batch_sizes=1,8", "--repeats=2"]
+TINY = ["--hidden=128,128", "--block_size=16", "--batch_sizes=1,8", "--repeats=2", "--models=mlp"]
 RESULT_KEYS = {"batch_size", "dense_ms", "sparse_ms", "ratio", "dense_macs", "sparse_macs",
                "mac_ratio", "overflow_rate"}
 
@@ -27,6 +27,7 @@ def test_tiny_benchmark_prints_json_with_schema():
   assert set(report) >= {"config", "device", "results"}
   assert report["config"]["hidden"] == [128, 128]
   assert [entry["batch_size"] for entry in report["results"]] == [1, 8]
+  assert {entry["model"] for entry in report["results"]} == {"mlp"}
   for entry in report["results"]:
     assert RESULT_KEYS <= set(entry)
     assert entry["dense_ms"] > 0 and entry["sparse_ms"] > 0
@@ -36,7 +37,19 @@ def test_tiny_benchmark_prints_json_with_schema():
     assert 0.0 <= entry["overflow_rate"] <= 1.0
 
 
+def test_cnn_case_reports_dense_and_skipping_time():
+  result = _run("--models=cnn", "--batch_sizes=1,4", "--repeats=2", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert [entry["batch_size"] for entry in report["results"]] == [1, 4]
+  for entry in report["results"]:
+    assert entry["model"] == "cnn" and RESULT_KEYS <= set(entry)
+    assert entry["dense_ms"] > 0 and entry["sparse_ms"] > 0
+    assert 0 < entry["sparse_macs"] < entry["dense_macs"]
+
+
 @pytest.mark.parametrize("flag,message", [
+    ("--models=mlp,rnn", "--models"),
     ("--tau=1.5", "--tau"),
     ("--hidden=128,100", "--block_size"),
     ("--batch_sizes=0", "--batch_sizes"),
