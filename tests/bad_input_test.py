@@ -34,7 +34,7 @@ def assert_clean_failure(workdir: str, args, expected: str) -> str:
 FLAG_CASES = [
     ("tau_zero", ["--tau=0"], "--tau must be in (0, 1]"),
     ("tau_above_one", ["--tau=1.5"], "--tau must be in (0, 1]"),
-    ("tau_per_layer_count", ["--tau=0.2,0.3,0.4"], "--tau needs one value or one per hidden"),
+    ("tau_per_layer_count", ["--tau=0.2,0.3,0.4"], "--tau needs one value or one per gated layer (2)"),
     ("block_size_not_dividing", ["--block_size=7"], "--block_size=7 must divide"),
     ("hidden_empty", ["--hidden="], "--hidden must be a comma-separated list"),
     ("hidden_non_numeric", ["--hidden=wide,deep"], "--hidden must be an integer"),
