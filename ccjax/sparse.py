@@ -52,7 +52,6 @@ layers) into static ``[groups, capacity, ...]`` arrays and runs one grouped matm
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import statistics
 import time
@@ -295,36 +294,56 @@ def _probs(logits: jax.Array, eps: float) -> jax.Array:
 # ----------------------------------------------------------------------------- batch 1
 
 
-def _bucket_switch(counts: Sequence[jax.Array], sizes: Sequence[tuple[int, ...]],
-                   branch: Callable[..., Any]) -> Any:
-  """Calls ``branch(*static_sizes)`` with the smallest bucket holding each count."""
-  if all(len(s) == 1 for s in sizes):
-    return branch(*(s[0] for s in sizes))
-  index = jnp.zeros((), jnp.int32)
-  for count, options in zip(counts, sizes):
-    position = jnp.searchsorted(jnp.asarray(options, jnp.int32), count.astype(jnp.int32))
-    index = index * len(options) + jnp.minimum(position, len(options) - 1).astype(jnp.int32)
-  branches = [lambda _, combo=combo: branch(*combo) for combo in itertools.product(*sizes)]
-  return jax.lax.switch(index, branches, None)
-
-
 def _select_single(probs: jax.Array, capacity: int):
   values, index = jax.lax.top_k(probs, capacity)
   kept = values > 0.5
   return index.astype(jnp.int32), kept, jnp.sum(kept.astype(jnp.int32))
 
 
+def _bucket_switch(count: jax.Array, sizes: Sequence[int], branch: Callable[[int], Any]) -> Any:
+  """Calls ``branch(size)`` with the smallest static ``size`` in ``sizes`` holding ``count``."""
+  if len(sizes) == 1:
+    return branch(sizes[0])
+  position = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
+  index = jnp.minimum(position, len(sizes) - 1).astype(jnp.int32)
+  return jax.lax.switch(index, [lambda _, size=size: branch(size) for size in sizes], None)
+
+
+def pair_buckets(in_sizes: Sequence[int], out_sizes: Sequence[int]) -> tuple[int, ...]:
+  """Static pair counts of a gated-input layer at batch 1: products of the slot buckets."""
+  return tuple(sorted({a * b for a in in_sizes for b in out_sizes}))
+
+
+def _take_rows(blocks: jax.Array, index: jax.Array) -> jax.Array:
+  """``blocks[index]`` with every block flattened to one row (the fastest XLA:CPU gather)."""
+  return jnp.take(blocks.reshape(blocks.shape[0], -1), index, axis=0, mode="clip")
+
+
+def _weighted_row_sum(rows: jax.Array, weights: jax.Array, width: int) -> jax.Array:
+  """``sum_r weights[r] * rows[r]`` over rows reshaped to ``[R, width]``.
+
+  Written as a product and a reduction over the non-minor axis so that XLA:CPU fuses
+  the gather that produced ``rows`` into the reduction (no gathered copy).
+  """
+  return jnp.sum(rows.reshape(-1, width) * weights.reshape(-1, 1), axis=0)
+
+
 def _sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConfig):
   """Batch-1 path: ``x [in]`` -> ``logits [classes]``, traces.
 
-  Layer ``l`` runs in one ``lax.switch`` branch per (input bucket, output bucket); the
-  branch also applies the *next* layer's policy (or the output layer) to the compact
-  output it just computed, so each layer costs one switch.
+  The first layer runs in a ``lax.switch`` branch per output-slot bucket ``s``: it
+  gathers the ``s`` active kernel blocks and, from its compact output, the next layer's
+  policy rows. A hidden layer with a gated input enumerates its ``c_in * c_out`` active
+  weight blocks (input slot ``q % c_in``, output slot ``q // c_in``) and runs in a
+  branch per *pair-count* bucket (the products of the two layers' slot buckets), so the
+  gathered weights follow the real two-sided count; the next policy (or the output
+  layer) then runs in a branch per output-slot bucket. Every product is a gather fused
+  into a multiply-and-reduce (no gathered weight copy is materialised).
   """
   eps, bs = model.policy_eps, model.block_size
   buckets = config.buckets or tuple((k,) for k in config.example_capacity)
   traces = []
-  hidden = index = count = in_sizes = None
+  hidden = index = count = None
   logits = x @ model.layers[0].policy_kernel
   num_layers = len(model.layers)
   for position, (layer, capacity, out_sizes) in enumerate(
@@ -333,33 +352,43 @@ def _sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseCon
     out_index, kept, out_count = _select_single(probs, capacity)
     next_rows = (model.layers[position + 1].policy_kernel if position + 1 < num_layers
                  else model.output_kernel)                          # [nb, bs, n]
+    next_width = next_rows.shape[-1]
 
-    def layer_branch(*sizes, layer=layer, hidden=hidden, index=index, out_index=out_index,
-                     kept=kept, capacity=capacity, next_rows=next_rows):
-      s_out = sizes[-1]
-      cols = out_index[:s_out]
-      if layer.input_gated:
-        s_in = sizes[0]
-        in_blocks = layer.kernel.shape[0] // layer.num_blocks
-        pairs = cols[:, None] * in_blocks + index[None, :s_in]
-        weights = take_blocks(layer.kernel, pairs.reshape(-1))      # [s_out * s_in, bs, bs]
-        # One matvec per weight block, then a sum over input blocks: the fastest XLA:CPU
-        # form measured (a single [s_in * bs] x [s_in * bs, bs] contraction per output
-        # block makes XLA fuse the gather into a slow transposing loop).
-        per_pair = jnp.einsum("pb,pbc->pc", jnp.tile(hidden[:s_in], (s_out, 1)), weights)
-        pre = per_pair.reshape(s_out, s_in, bs).sum(axis=1)
-      else:
-        weights = take_blocks(layer.kernel, cols)                   # [s_out, bs, in]
-        pre = jnp.einsum("jcd,d->jc", weights, x)
-      out = jax.nn.relu(pre + take_blocks(layer.bias, cols)) * kept[:s_out, None]
-      rows = take_blocks(next_rows, cols).reshape(s_out * bs, -1)  # next policy / output
-      next_logits = out.reshape(-1) @ rows
-      return jnp.pad(out, ((0, capacity - s_out), (0, 0))), next_logits
+    def next_logits(out, size, out_index=out_index, next_rows=next_rows,
+                    next_width=next_width):
+      return _weighted_row_sum(_take_rows(next_rows, out_index[:size]), out[:size], next_width)
 
-    if layer.input_gated:
-      hidden, logits = _bucket_switch([count, out_count], [in_sizes, out_sizes], layer_branch)
+    if not layer.input_gated:
+      def first_branch(size, layer=layer, out_index=out_index, kept=kept, capacity=capacity,
+                       next_logits=next_logits):
+        cols = out_index[:size]
+        weights = _take_rows(layer.grouped_kernel, cols).reshape(size, -1, bs)  # [s, in, bs]
+        pre = jnp.sum(weights * x[None, :, None], axis=1)
+        out = jax.nn.relu(pre + _take_rows(layer.bias, cols)) * kept[:size, None]
+        return jnp.pad(out, ((0, capacity - size), (0, 0))), next_logits(out, size)
+
+      hidden, logits = _bucket_switch(out_count, out_sizes, first_branch)
     else:
-      hidden, logits = _bucket_switch([out_count], [out_sizes], layer_branch)
+      in_blocks = layer.kernel.shape[0] // layer.num_blocks
+
+      def pair_branch(num_pairs, layer=layer, hidden=hidden, index=index, count=count,
+                      out_index=out_index, out_count=out_count, kept=kept, capacity=capacity,
+                      in_blocks=in_blocks):
+        pair = jnp.arange(num_pairs, dtype=jnp.int32)
+        in_slot = pair % jnp.maximum(count, 1)
+        out_slot = jnp.minimum(pair // jnp.maximum(count, 1), capacity - 1)
+        valid = pair < count * out_count
+        block = out_index[out_slot] * in_blocks + index[in_slot]
+        weights = _take_rows(layer.kernel, block).reshape(num_pairs, bs, bs)
+        inputs = jnp.where(valid[:, None], hidden[in_slot], 0.0)
+        per_pair = jnp.sum(weights * inputs[:, :, None], axis=1)   # [pairs, bs]
+        pre = jnp.zeros((capacity, bs), per_pair.dtype).at[out_slot].add(per_pair)
+        return jax.nn.relu(pre + _take_rows(layer.bias, out_index)) * kept[:, None]
+
+      hidden = _bucket_switch(count * out_count, pair_buckets(in_sizes, out_sizes),
+                              pair_branch)
+      logits = _bucket_switch(out_count, out_sizes,
+                              lambda size, hidden=hidden, nl=next_logits: nl(hidden, size))
     traces.append(LayerTrace(out_index[None], kept[None],
                              jnp.sum((probs > 0.5).astype(jnp.int32)), out_count))
     index, count, in_sizes = out_index, out_count, out_sizes
