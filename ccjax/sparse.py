@@ -512,7 +512,10 @@ def _pair_grouped_layer(layer: BlockLayer, hidden: jax.Array, index: jax.Array,
       flat_position.astype(jnp.int32))
   source = take_blocks(position, example).reshape(nb, block_cap, in_blocks)
   uses = source < batch * k_in                                        # [nb, C, in_blocks]
-  rank = jnp.cumsum(uses.astype(jnp.int32), axis=1) - uses.astype(jnp.int32)
+  # Exclusive running count along the slots (an associative scan: XLA:CPU lowers cumsum
+  # to a quadratic reduce-window).
+  uses_int = uses.astype(jnp.int32)
+  rank = jax.lax.associative_scan(jnp.add, uses_int, axis=1) - uses_int
   served = uses & (rank < pair_cap)
   dropped = jnp.any(uses & ~served, axis=2)                           # [nb, C]
   pair = jnp.arange(nb)[:, None, None] * in_blocks + jnp.arange(in_blocks)[None, None, :]
@@ -522,13 +525,14 @@ def _pair_grouped_layer(layer: BlockLayer, hidden: jax.Array, index: jax.Array,
   inputs = take_blocks(_pad_row(hidden.reshape(batch * k_in, bs)), source_of_slot)
   out = sparse_kernels.grouped_matmul(inputs.reshape(num_pairs, pair_cap, bs), layer.kernel,
                                       implementation=implementation)  # [P, C2, bs]
-  out = _pad_row(out.reshape(num_pairs * pair_cap, bs))
-  # Sum over the example's own input slots: [nb, C, k_in] lookups into the pair slots.
-  slot_index = take_blocks(_pad_row(index), example).reshape(nb, block_cap, k_in)
-  per_slot = jnp.take_along_axis(pair_slot, slot_index, axis=2)
-  slot_kept = take_blocks(_pad_row(kept_in), example).reshape(nb, block_cap, k_in)
-  per_slot = jnp.where(slot_kept, per_slot, num_pairs * pair_cap)
-  pre = jnp.sum(take_blocks(out, per_slot), axis=2)                   # [nb, C, bs]
+  # Each served pair slot adds into its (output block, example slot): one scatter-add.
+  destination = jnp.broadcast_to(
+      (jnp.arange(nb)[:, None] * block_cap + jnp.arange(block_cap)[None, :])[:, :, None],
+      pair_slot.shape)
+  destination_of_slot = jnp.full((num_pairs * pair_cap + 1,), nb * block_cap, jnp.int32).at[
+      pair_slot.reshape(-1)].set(destination.reshape(-1).astype(jnp.int32), mode="drop")[:-1]
+  pre = jnp.zeros((nb * block_cap, bs), out.dtype).at[destination_of_slot].add(
+      out.reshape(num_pairs * pair_cap, bs), mode="drop").reshape(nb, block_cap, bs)
   return pre, dropped
 
 
