@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccjax import estimators
 from ccjax import flops
 from ccjax import gating
 from ccjax import layers
@@ -42,17 +41,6 @@ def _check_positive_int(value, name: str) -> int:
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
   return value
-
-
-def _check_gate_settings(estimator: str, policy_eps: float, policy_init_prob) -> None:
-  if estimator not in estimators.ESTIMATORS:
-    raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
-                     f"got {estimator!r}")
-  policy_lib.validate_eps(policy_eps)
-  probs = (policy_init_prob,) if isinstance(policy_init_prob, (int, float)) else policy_init_prob
-  for prob in probs:
-    if not isinstance(prob, (int, float)) or not 0.0 < prob < 1.0:
-      raise ValueError(f"policy_init_prob must be in (0, 1), got {prob!r}")
 
 
 def pooled_policy_input(inputs: jax.Array) -> jax.Array:
@@ -118,7 +106,7 @@ class GatedConv(nn.Module):
     gating.validate_block_size(self.features, self.block_size, "features")
     _check_positive_int(self.kernel_size, "kernel_size")
     _check_positive_int(self.strides, "strides")
-    _check_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
+    layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
     super().__post_init__()
 
   @property
@@ -196,7 +184,7 @@ class GatedResidualBlock(nn.Module):
   def __post_init__(self):
     _check_positive_int(self.kernel_size, "kernel_size")
     _check_positive_int(self.num_convs, "num_convs")
-    _check_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
+    layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
     super().__post_init__()
 
   @nn.compact
@@ -309,7 +297,7 @@ class GatedCNN(nn.Module):
       raise ValueError(f"residual_blocks must be an integer >= 0, got {self.residual_blocks!r}")
     _check_positive_int(self.kernel_size, "kernel_size")
     _check_positive_int(self.num_convs, "num_convs")
-    _check_gate_settings(self.estimator, self.policy_eps, _per_layer(
+    layers.validate_gate_settings(self.estimator, self.policy_eps, _per_layer(
         self.policy_init_prob, len(self.gate_layers()), "policy_init_prob"))
     if self.image_shape is not None and (
         len(self.image_shape) != 3 or any(not isinstance(d, int) or d <= 0

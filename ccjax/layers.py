@@ -48,6 +48,18 @@ def validate_layer_mode(mode: str) -> str:
   return mode
 
 
+def validate_gate_settings(estimator: str, policy_eps: float, policy_init_prob) -> None:
+  """Checks a gated module's policy settings (one init prob or a sequence of them)."""
+  if estimator not in estimators.ESTIMATORS:
+    raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
+                     f"got {estimator!r}")
+  policy_lib.validate_eps(policy_eps)
+  probs = (policy_init_prob,) if isinstance(policy_init_prob, (int, float)) else policy_init_prob
+  for prob in probs:
+    if not isinstance(prob, (int, float)) or not 0.0 < prob < 1.0:
+      raise ValueError(f"policy_init_prob must be in (0, 1), got {prob!r}")
+
+
 def _logit(prob: float) -> float:
   return math.log(prob) - math.log1p(-prob)
 
@@ -142,12 +154,7 @@ class GatedDense(nn.Module):
 
   def __post_init__(self):
     gating.validate_block_size(self.features, self.block_size, "features")
-    policy_lib.validate_eps(self.policy_eps)
-    if self.estimator not in estimators.ESTIMATORS:
-      raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
-                       f"got {self.estimator!r}")
-    if not 0.0 < self.policy_init_prob < 1.0:
-      raise ValueError(f"policy_init_prob must be in (0, 1), got {self.policy_init_prob!r}")
+    validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
     super().__post_init__()
 
   @property
@@ -224,13 +231,9 @@ class GatedMLP(nn.Module):
       gating.validate_block_size(width, self.block_size, f"hidden[{index}]")
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
-    for init_prob in _per_layer(self.policy_init_prob, len(self.hidden), "policy_init_prob"):
-      if not 0.0 < init_prob < 1.0:
-        raise ValueError(f"policy_init_prob must be in (0, 1), got {init_prob!r}")
-    policy_lib.validate_eps(self.policy_eps)
-    if self.estimator not in estimators.ESTIMATORS:
-      raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
-                       f"got {self.estimator!r}")
+    validate_gate_settings(self.estimator, self.policy_eps,
+                           _per_layer(self.policy_init_prob, len(self.hidden),
+                                      "policy_init_prob"))
     super().__post_init__()
 
   @nn.compact

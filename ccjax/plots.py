@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,27 +24,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ccjax import atomic
+
 _DPI = 110
 
 
 def _save_atomic(figure: Figure, path: str | os.PathLike) -> str:
-  """Renders ``figure`` as PNG to ``path`` via a same-directory temp file + ``os.replace``."""
+  """Renders ``figure`` as PNG to ``path`` atomically (:func:`ccjax.atomic.atomic_open`)."""
   path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
   FigureCanvasAgg(figure)
-  handle, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                       suffix=".tmp")
-  try:
-    with os.fdopen(handle, "wb") as stream:
-      figure.savefig(stream, format="png", dpi=_DPI)
-      stream.flush()
-      os.fsync(stream.fileno())
-    os.replace(temp_path, path)
-  except BaseException:
-    if os.path.exists(temp_path):
-      os.remove(temp_path)
-    raise
+  with atomic.atomic_open(path, "wb") as stream:
+    figure.savefig(stream, format="png", dpi=_DPI)
   return path
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 import numpy as np
 
+from ccjax import atomic
 from ccjax import experiment
 from ccjax import flops
 
@@ -115,12 +116,11 @@ def _format(mean, std, scale=1.0, digits=2) -> str:
 def write_tables(rows: list[dict[str, Any]], workdir: str) -> tuple[str, str]:
   """Writes ``sweep.csv`` and ``sweep.md``; returns their paths."""
   csv_path = os.path.join(workdir, "sweep.csv")
-  with open(csv_path + ".tmp", "w", newline="") as stream:
+  with atomic.atomic_open(csv_path) as stream:
     writer = csv.DictWriter(stream, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for row in rows:
       writer.writerow({**row, "hidden": "x".join(map(str, row["hidden"]))})
-  os.replace(csv_path + ".tmp", csv_path)
   lines = ["| configuration | seeds | test error (%) | active fraction | MACs / example (k) "
            "| batch-1 latency (ms) |", "|---|---|---|---|---|---|"]
   for row in rows:
@@ -131,7 +131,6 @@ def write_tables(rows: list[dict[str, Any]], workdir: str) -> tuple[str, str]:
         f"{_format(row['macs_mean'], row['macs_std'], 1e-3, 1)} | "
         f"{_format(row['latency_ms_mean'], row['latency_ms_std'], 1, 3)} |")
   md_path = os.path.join(workdir, "sweep.md")
-  with open(md_path + ".tmp", "w") as stream:
+  with atomic.atomic_open(md_path) as stream:
     stream.write("\n".join(lines) + "\n")
-  os.replace(md_path + ".tmp", md_path)
   return csv_path, md_path

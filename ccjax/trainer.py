@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging as py_logging
 import os
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccjax import atomic
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import data as data_lib
 from ccjax import experiment
@@ -58,19 +58,9 @@ class NonFiniteError(RuntimeError):
 
 
 def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON to ``path`` via a temporary file and ``os.replace``."""
-  directory = os.path.dirname(os.path.abspath(path))
-  handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(handle, "w") as stream:
-      json.dump(payload, stream, indent=2, sort_keys=True)
-      stream.flush()
-      os.fsync(stream.fileno())
-    os.replace(temp_path, path)
-  except BaseException:
-    if os.path.exists(temp_path):
-      os.remove(temp_path)
-    raise
+  """Writes JSON to ``path`` atomically (see :func:`ccjax.atomic.atomic_open`)."""
+  with atomic.atomic_open(path) as stream:
+    json.dump(payload, stream, indent=2, sort_keys=True)
 
 
 def _to_python(value):
@@ -100,10 +90,8 @@ class MetricsLog:
           continue
         if record.get("step", 0) <= step:
           kept.append(json.dumps(record, sort_keys=True))
-    temp_path = self.path + ".tmp"
-    with open(temp_path, "w") as stream:
+    with atomic.atomic_open(self.path) as stream:
       stream.write("".join(line + "\n" for line in kept))
-    os.replace(temp_path, self.path)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
