@@ -11,6 +11,7 @@ import pytest
 
 import ccjax
 from ccjax import checkpoint as checkpoint_lib
+from tests import experiment_utils
 
 
 def small_state():
@@ -19,21 +20,13 @@ def small_state():
   return ccjax.init_train_state(model, config, jax.random.PRNGKey(0), jnp.zeros((2, 5)))
 
 
-def assert_trees_equal(first, second):
-  leaves_a, tree_a = jax.tree_util.tree_flatten(first)
-  leaves_b, tree_b = jax.tree_util.tree_flatten(second)
-  assert tree_a == tree_b
-  for a, b in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_round_trip_keeps_every_field_and_meta(tmp_path):
   state = small_state().replace(step=jnp.asarray(7, jnp.int32))
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))
   checkpointer.save(7, state, {"architecture": {"hidden": [16]}})
   assert checkpointer.latest_step() == 7
   restored = checkpointer.restore(small_state())
-  assert_trees_equal(state, restored)
+  experiment_utils.assert_trees_equal(state, restored)
   assert isinstance(restored, ccjax.TrainState)
   assert checkpointer.read_meta() == {"architecture": {"hidden": [16]}}
   raw = checkpointer.restore_raw()
@@ -63,7 +56,7 @@ def test_unfinished_save_is_ignored(tmp_path):
     stream.write(b"\0" * 10)
   reopened = checkpoint_lib.Checkpointer(directory)
   assert reopened.latest_step() == 1
-  assert_trees_equal(reopened.restore(small_state()), small_state())
+  experiment_utils.assert_trees_equal(reopened.restore(small_state()), small_state())
   reopened.close()
 
 

@@ -35,15 +35,6 @@ def final_state(workdir: str):
     checkpointer.close()
 
 
-def assert_states_identical(first, second):
-  import jax  # pylint: disable=g-import-not-at-top
-  leaves_a, tree_a = jax.tree_util.tree_flatten(first)
-  leaves_b, tree_b = jax.tree_util.tree_flatten(second)
-  assert tree_a == tree_b
-  for a, b in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def read_metrics(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as stream:
     return [json.loads(line) for line in stream]
@@ -93,7 +84,7 @@ def test_resume_ends_exactly_like_a_straight_run(tmp_path):
   straight_results = trainer.train_and_evaluate(tiny_config(steps=12), straight)
   trainer.train_and_evaluate(tiny_config(steps=6), resumed)  # "Crash" after 6 steps.
   resumed_results = trainer.train_and_evaluate(tiny_config(steps=12), resumed)
-  assert_states_identical(final_state(straight), final_state(resumed))
+  experiment_utils.assert_trees_equal(final_state(straight), final_state(resumed))
   for key in ("test_error", "valid_error", "active_fraction", "macs_per_example"):
     assert straight_results[key] == resumed_results[key]
   train_steps = [r["step"] for r in read_metrics(resumed) if r["kind"] == "train"]
@@ -104,7 +95,8 @@ def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
   first = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
   second = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
   other = trainer.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "c"))
-  assert_states_identical(final_state(str(tmp_path / "a")), final_state(str(tmp_path / "b")))
+  experiment_utils.assert_trees_equal(final_state(str(tmp_path / "a")),
+                                      final_state(str(tmp_path / "b")))
   assert first["test_error"] == second["test_error"]
   params_a = final_state(str(tmp_path / "a"))["params"]
   params_c = final_state(str(tmp_path / "c"))["params"]

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ("--hidden=32,32", "--block_size=8", "--batch_size=32", "--steps=12",
               "--log_every=4", "--eval_every=8", "--checkpoint_every=4",
@@ -28,3 +30,13 @@ def listing(path: str) -> set[str]:
     for name in dirs + files:
       found.add(os.path.relpath(os.path.join(root, name), path))
   return found
+
+
+def assert_trees_equal(first, second) -> None:
+  """Same pytree structure and bit-identical leaves."""
+  import jax  # pylint: disable=g-import-not-at-top
+  leaves_a, tree_a = jax.tree_util.tree_flatten(first)
+  leaves_b, tree_b = jax.tree_util.tree_flatten(second)
+  assert tree_a == tree_b
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
