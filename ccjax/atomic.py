@@ -8,6 +8,12 @@ import tempfile
 from typing import IO, Iterator
 
 
+def _current_umask() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
   """Opens a temporary sibling of ``path``; on success it replaces ``path`` atomically.
@@ -32,6 +38,7 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
       yield stream
       stream.flush()
       os.fsync(stream.fileno())
+    os.chmod(temp_path, 0o666 & ~_current_umask())  # mkstemp creates 0600 files.
     os.replace(temp_path, path)
   except BaseException:
     if os.path.exists(temp_path):
