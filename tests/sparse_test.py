@@ -293,3 +293,25 @@ def test_sharded_batch_equals_unsharded():
                           text=True, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "OK" in result.stdout
+
+
+def test_pair_buckets_are_sorted_distinct_products():
+  assert sparse.pair_buckets((2, 4), (1, 3)) == (2, 4, 6, 12)
+  assert sparse.pair_buckets((4,), (4,)) == (16,)
+
+
+@pytest.mark.parametrize("shift", [-50.0, 0.0, 1.0, 50.0])
+def test_bucketed_batch1_follows_documented_rules(shift):
+  """Pair-count buckets (all off, ragged, overflowing, all on) never change the result."""
+  params = _params(30, bias_shift=shift, policy_scale=0.0 if abs(shift) > 10 else 2.0)
+  model = sparse.to_block_major(params, BLOCK)
+  config = sparse.SparseConfig(example_capacity=(3, 5, 4), block_capacity=(1, 1, 1),
+                               pair_capacity=(1, 1, 1),
+                               buckets=((1, 2, 3), (2, 5), (1, 3, 4))).validate(model)
+  for seed in range(4):
+    x = _inputs(40 + seed, 1)
+    _, masks, _ = _check_against_masked_dense(params, x, config)
+    expected, _ = _reference_masks(params, x, config.example_capacity, config.block_capacity,
+                                   config.pair_capacity)
+    for mask, ref in zip(masks, expected):
+      np.testing.assert_array_equal(mask, ref)
