@@ -419,8 +419,33 @@ class Grouping(NamedTuple):
   slot_of_entry: jax.Array
 
 
+_HALF_BITS = 0x3F000000   # int32 bit pattern of float32 0.5
+_PACKED_PRIORITY_BITS = 24
+
+
+def _sort_by_group_then_priority(keys: jax.Array, priority: jax.Array, entries: jax.Array,
+                                 num_groups: int, priority_above_half: bool):
+  """Stable sort by ``(group, -priority)``: ``(sorted group keys, order)``.
+
+  With ``priority_above_half`` (every valid priority in ``(0.5, 1]``) and few groups,
+  the two keys are packed exactly into one int32 (a float32 in ``(0.5, 1]`` is ``0.5``
+  plus at most ``2**23`` ulps), which XLA:CPU sorts about 1.5x faster.
+  """
+  if priority_above_half and num_groups + 1 < 2 ** (31 - _PACKED_PRIORITY_BITS):
+    ulps = jax.lax.bitcast_convert_type(priority.astype(jnp.float32), jnp.int32) - _HALF_BITS
+    rank = jnp.clip((1 << 23) - ulps, 0, (1 << _PACKED_PRIORITY_BITS) - 1)
+    packed = jnp.where(keys < num_groups, (keys << _PACKED_PRIORITY_BITS) + rank,
+                       num_groups << _PACKED_PRIORITY_BITS)
+    packed, order = jax.lax.sort((packed, entries), num_keys=1, is_stable=True)
+    return packed >> _PACKED_PRIORITY_BITS, order
+  sorted_keys, _, order = jax.lax.sort(
+      (keys, -priority.astype(jnp.float32), entries), num_keys=2, is_stable=True)
+  return sorted_keys, order
+
+
 def group_entries(group_id: jax.Array, priority: jax.Array, valid: jax.Array,
-                  num_groups: int, capacity: int) -> Grouping:
+                  num_groups: int, capacity: int, *,
+                  priority_above_half: bool = False) -> Grouping:
   """Places valid entries into ``num_groups`` groups of at most ``capacity`` slots.
 
   Within a group, entries are served by decreasing ``priority`` (ties: lower entry
@@ -432,6 +457,9 @@ def group_entries(group_id: jax.Array, priority: jax.Array, valid: jax.Array,
     valid: ``[n]`` bool, entries that want a slot.
     num_groups: static number of groups.
     capacity: static slots per group.
+    priority_above_half: promise that every valid priority lies in ``(0.5, 1]`` (the
+      policy probabilities of the blocks that pass the threshold): enables a faster
+      single-key sort with the same order.
 
   Returns:
     a :class:`Grouping`; sorting is ``O(n log n)``, no ``[n, groups]`` one-hot is built.
@@ -439,8 +467,8 @@ def group_entries(group_id: jax.Array, priority: jax.Array, valid: jax.Array,
   num_entries = group_id.shape[0]
   entries = jnp.arange(num_entries, dtype=jnp.int32)
   keys = jnp.where(valid, group_id.astype(jnp.int32), num_groups)
-  sorted_keys, _, order = jax.lax.sort(
-      (keys, -priority.astype(jnp.float32), entries), num_keys=2, is_stable=True)
+  sorted_keys, order = _sort_by_group_then_priority(keys, priority, entries, num_groups,
+                                                    priority_above_half)
   # Rank inside the group: position minus the position where the group starts (a
   # running max of group starts; searchsorted would lower to a slow while loop on CPU).
   starts = jnp.concatenate([jnp.ones((1,), bool), sorted_keys[1:] != sorted_keys[:-1]])
@@ -567,7 +595,7 @@ def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConf
     out_index = out_index.astype(jnp.int32)
     wanted = values > 0.5
     grouping = group_entries(out_index.reshape(-1), values.reshape(-1), wanted.reshape(-1),
-                             nb, block_cap)
+                             nb, block_cap, priority_above_half=True)
     kept = (grouping.slot_of_entry < nb * block_cap).reshape(batch, k)
     example = grouping.entry_of_slot // k                             # [nb * C], batch = empty
     if not layer.input_gated:

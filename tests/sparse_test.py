@@ -315,3 +315,18 @@ def test_bucketed_batch1_follows_documented_rules(shift):
                                    config.pair_capacity)
     for mask, ref in zip(masks, expected):
       np.testing.assert_array_equal(mask, ref)
+
+
+def test_group_entries_packed_sort_matches_two_key_sort():
+  rng = np.random.default_rng(5)
+  group = jnp.asarray(rng.integers(0, 6, size=200), jnp.int32)
+  # Probabilities above 0.5 with exact ties and neighbours one ulp apart, and 1.0.
+  base = np.float32(0.75)
+  choices = np.array([0.5000001, base, np.nextafter(base, np.float32(1)), 0.99, 1.0], np.float32)
+  priority = jnp.asarray(rng.choice(choices, size=200))
+  valid = jnp.asarray(rng.random(200) < 0.8)
+  plain = sparse.group_entries(group, priority, valid, num_groups=6, capacity=9)
+  packed = sparse.group_entries(group, priority, valid, num_groups=6, capacity=9,
+                                priority_above_half=True)
+  np.testing.assert_array_equal(packed.entry_of_slot, plain.entry_of_slot)
+  np.testing.assert_array_equal(packed.slot_of_entry, plain.slot_of_entry)
