@@ -323,7 +323,12 @@ def pair_buckets(in_sizes: Sequence[int], out_sizes: Sequence[int]) -> tuple[int
 
 
 def _take_rows(blocks: jax.Array, index: jax.Array) -> jax.Array:
-  """``blocks[index]`` with every block flattened to one row (the fastest XLA:CPU gather)."""
+  """``blocks[index]`` with every block flattened to one row (the fastest XLA:CPU gather).
+
+  The barrier keeps XLA from fusing the index arithmetic into the gather, where it is
+  recomputed for every copied element.
+  """
+  index = jax.lax.optimization_barrier(index)
   return jnp.take(blocks.reshape(blocks.shape[0], -1), index, axis=0, mode="clip")
 
 
