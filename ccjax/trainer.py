@@ -322,7 +322,8 @@ def write_plots(plot_dir: str, test: dict[str, Any], dataset, records) -> list[s
   paths = [plots.plot_learning_curves(records, os.path.join(plot_dir, "learning_curves.png"))]
   if test.get("probs"):
     paths.append(plots.plot_block_probabilities(
-        test["probs"], os.path.join(plot_dir, "block_probabilities.png")))
+        test["probs"], os.path.join(plot_dir, "block_probabilities.png"),
+        labels=dataset.y_test))
     paths.append(plots.plot_class_block_map(
         test["mask"], dataset.y_test, dataset.num_classes,
         os.path.join(plot_dir, "class_block_map.png")))
