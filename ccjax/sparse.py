@@ -376,7 +376,8 @@ def _sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseCon
                        next_logits=next_logits):
         cols = out_index[:size]
         # Transposed blocks: the product contracts their minor axis (fastest on XLA:CPU).
-        pre = jnp.einsum("jcd,d->jc", take_blocks(layer.kernel, cols), x)  # [s, bs]
+        weights = _take_rows(layer.kernel, cols).reshape(size, bs, -1)    # [s, bs, in]
+        pre = jnp.einsum("jcd,d->jc", weights, x)                          # [s, bs]
         out = jax.nn.relu(pre + _take_rows(layer.bias, cols)) * kept[:size, None]
         return jnp.pad(out, ((0, capacity - size), (0, 0))), next_logits(out, size)
 
