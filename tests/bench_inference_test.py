@@ -46,6 +46,8 @@ def test_cnn_case_reports_dense_and_skipping_time():
     assert entry["model"] == "cnn" and RESULT_KEYS <= set(entry)
     assert entry["dense_ms"] > 0 and entry["sparse_ms"] > 0
     assert 0 < entry["sparse_macs"] < entry["dense_macs"]
+    assert entry["ratio"] == pytest.approx(entry["dense_ms"] / entry["sparse_ms"])
+    assert entry["mac_ratio"] == pytest.approx(entry["dense_macs"] / entry["sparse_macs"])
 
 
 @pytest.mark.parametrize("flag,message", [

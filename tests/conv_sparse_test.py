@@ -209,5 +209,7 @@ def test_bench_cnn_reports_dense_and_sparse():
     assert result["model"] == "cnn"
     assert result["dense_macs"] == dense_macs
     assert result["dense_ms"] > 0 and result["sparse_ms"] > 0
-    assert 0.0 < result["mac_ratio"] < 1.0
+    assert result["mac_ratio"] == pytest.approx(result["dense_macs"] / result["sparse_macs"])
+    assert result["mac_ratio"] > 1.0
+    assert result["ratio"] == pytest.approx(result["dense_ms"] / result["sparse_ms"])
     assert 0.0 <= result["overflow_rate"] <= 1.0
