@@ -36,7 +36,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or ``None``."""
@@ -81,11 +84,19 @@ class Checkpointer:
     return restored["state"]
 
   def restore_raw(self, step: int | None = None) -> dict[str, Any]:
-    """The state of ``step`` (default: latest) as saved, without a target: nested dicts."""
+    """The state of ``step`` (default: latest) as nested dicts of numpy arrays, no target needed.
+
+    Works for checkpoints written with any device count (e.g. 8 devices, read on 1).
+    """
     step = self.latest_step() if step is None else step
     try:
+      saved = self._manager.item_metadata(step)["state"]
+      # Onto this process's first device, whatever device count wrote it.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree_util.tree_map(
+          lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), saved)
       restored = self._manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     except Exception as error:  # orbax raises many types for damaged files.
       raise CheckpointError(self._unreadable(step, error)) from error
     return jax.device_get(restored["state"])

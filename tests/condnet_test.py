@@ -196,3 +196,27 @@ def test_cnn_arch_needs_images(tmp_path):
     trainer.train_and_evaluate(tiny_config(arch="cnn", hidden=(8,), dataset=f"npz:{path}"),
                                str(tmp_path / "run"))
   assert not os.path.exists(str(tmp_path / "run"))
+
+
+def test_eight_simulated_devices_match_one_device(tmp_path):
+  """The CLI's data-parallel path: 8 CPU devices give the 1-device parameters (1e-5)."""
+  runs = {}
+  for devices in (1, 8):
+    workdir = str(tmp_path / f"devices{devices}")
+    env_flags = f"--xla_force_host_platform_device_count={devices}"
+    old = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = env_flags
+    try:
+      process = experiment_utils.run_module(
+          "experiments.condnet", f"--workdir={workdir}", *experiment_utils.TINY_FLAGS,
+          f"--num_devices={devices}", "--plots=false")
+    finally:
+      if old is None:
+        del os.environ["XLA_FLAGS"]
+      else:
+        os.environ["XLA_FLAGS"] = old
+    assert process.returncode == 0, process.stderr[-3000:]
+    runs[devices] = final_state(workdir)
+  import jax  # pylint: disable=g-import-not-at-top
+  for one, eight in zip(jax.tree_util.tree_leaves(runs[1]), jax.tree_util.tree_leaves(runs[8])):
+    np.testing.assert_allclose(np.asarray(one), np.asarray(eight), rtol=1e-5, atol=1e-5)
