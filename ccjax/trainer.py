@@ -78,7 +78,7 @@ class MetricsLog:
     self.enabled = enabled
 
   def truncate_after(self, step: int) -> None:
-    """Drops records past ``step`` (and torn lines) left by a killed run."""
+    """Drops records past ``step``, torn lines and old ``final`` records (see below)."""
     if not self.enabled or not os.path.exists(self.path):
       return
     kept = []
@@ -88,7 +88,8 @@ class MetricsLog:
           record = json.loads(line)
         except json.JSONDecodeError:
           continue
-        if record.get("step", 0) <= step:
+        # "final" records are rewritten by every run that reaches the end.
+        if record.get("step", 0) <= step and record.get("kind") != "final":
           kept.append(json.dumps(record, sort_keys=True))
     with atomic.atomic_open(self.path) as stream:
       stream.write("".join(line + "\n" for line in kept))
@@ -229,9 +230,6 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
   eval_fn = jax.jit(train_lib.make_eval_step(model, config.eval_policy))
   eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
 
-  def save(step):
-    checkpointer.save(step, state, meta)
-
   last_saved = checkpointer.latest_step()
   if start_step >= total_steps:
     logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
@@ -274,7 +272,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
       logging.info("step %d  valid error %s  active %s", step, valid["error"],
                    np.round(valid["active_fraction"], 3).tolist())
     if step % config.checkpoint_every == 0 or step == total_steps:
-      save(step)
+      checkpointer.save(step, state, meta)
       last_saved = step
   checkpointer.close()
 
@@ -296,7 +294,7 @@ def finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_
                   key=eval_key, keep_gates=True)
   valid = evaluate(eval_fn, params, dataset.x_valid, dataset.y_valid, mode=config.eval_policy,
                    key=jax.random.fold_in(eval_key, 1))
-  metrics_log.write({"step": total_steps, "kind": "eval", "valid_error": valid["error"],
+  metrics_log.write({"step": total_steps, "kind": "final", "valid_error": valid["error"],
                      "test_error": test["error"], "test_active_fraction": test["active_fraction"]})
   logging.info("final: test error %.4f  valid error %s  active %s", test["error"],
                valid["error"], np.round(test["active_fraction"], 3).tolist())

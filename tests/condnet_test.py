@@ -89,6 +89,10 @@ def test_resume_ends_exactly_like_a_straight_run(tmp_path):
     assert straight_results[key] == resumed_results[key]
   train_steps = [r["step"] for r in read_metrics(resumed) if r["kind"] == "train"]
   assert train_steps == [4, 6, 8, 12]  # 6 was the first run's last step; nothing twice.
+  assert [r["step"] for r in read_metrics(resumed) if r["kind"] == "final"] == [12]
+  before = [(r["step"], r["kind"]) for r in read_metrics(resumed)]
+  trainer.train_and_evaluate(tiny_config(steps=12), resumed)  # Finished: only re-evaluates.
+  assert [(r["step"], r["kind"]) for r in read_metrics(resumed)] == before
 
 
 def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
