@@ -34,8 +34,6 @@ and MACs are counted the same way (:func:`ccjax.flops.gated_cnn_macs`).
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -47,6 +45,7 @@ from ccjax import conv
 from ccjax import flops
 from ccjax import layers
 from ccjax import policy as policy_lib
+from ccjax import timing
 
 INFERENCE_MODES = ("threshold", "top_k", "all")
 
@@ -343,18 +342,6 @@ def calibrate_policies(model: conv.GatedCNN, params, inputs: jax.Array,
   return params
 
 
-def _median_ms(fns: Sequence, inputs: Sequence[jax.Array], repeats: int) -> list[float]:
-  """Median wall time (ms) of each function, calls interleaved so load drifts hit all alike."""
-  times = [[] for _ in fns]
-  for repeat in range(repeats):
-    x = inputs[repeat % len(inputs)]
-    for fn, fn_times in zip(fns, times):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x))
-      fn_times.append((time.perf_counter() - start) * 1e3)
-  return [statistics.median(fn_times) for fn_times in times]
-
-
 def bench_cnn(batch_sizes: Sequence[int] = (1, 32, 128), repeats: int = 20, seed: int = 0,
               dtype: Any = "float32", *, image_shape: Sequence[int] = (32, 32, 3),
               num_classes: int = 10, active_fraction: float = 0.5,
@@ -420,9 +407,9 @@ def bench_cnn(batch_sizes: Sequence[int] = (1, 32, 128), repeats: int = 20, seed
     limit = min(batch_size, max(1, math.ceil(capacity_factor * active_fraction * batch_size)))
     sparse_infer = jax.jit(make_cnn_inference(model, example_capacity=limit))
     sparse_fn = lambda x: sparse_infer(params, x)  # noqa: E731
-    jax.block_until_ready(dense_fn(inputs[0]))
-    jax.block_until_ready(sparse_fn(inputs[0]))
-    dense_ms, sparse_ms = _median_ms((dense_fn, sparse_fn), inputs, repeats)
+    dense_ms, sparse_ms = timing.interleaved_median_ms(
+        [(dense_fn, [(x,) for x in inputs]), (sparse_fn, [(x,) for x in inputs])],
+        repeats=repeats, warmup=1)
     macs, requested, dropped = [], 0, 0
     for x in inputs:
       _, info = sparse_fn(x)

@@ -45,7 +45,8 @@ def model_costs(config, model, params, dataset, test: dict[str, Any], *,
       costs["latency_ms"] = {"dense": latency["dense_ms"], "sparse": latency["sparse_ms"]}
     else:
       import jax  # pylint: disable=g-import-not-at-top
-      costs["latency_ms"] = {"dense": sparse.median_ms(jax.jit(sparse.dense_forward), params,
+      from ccjax import timing  # pylint: disable=g-import-not-at-top
+      costs["latency_ms"] = {"dense": timing.median_ms(jax.jit(sparse.dense_forward), params,
                                                        example)}
   return costs
 
@@ -63,13 +64,13 @@ def _cnn_costs(config, model, params, dataset, test, *, measure_latency: bool) -
     import jax  # pylint: disable=g-import-not-at-top
     from ccjax import conv  # pylint: disable=g-import-not-at-top
     from ccjax import conv_sparse  # pylint: disable=g-import-not-at-top
-    from ccjax import sparse  # pylint: disable=g-import-not-at-top
+    from ccjax import timing  # pylint: disable=g-import-not-at-top
     example = np.asarray(dataset.x_test[:1], np.float32)
     dense_model = dataclasses.replace(model, gated=False)
     dense_params = conv.strip_policy_params(params)
     dense_fn = jax.jit(lambda p, x: dense_model.apply({"params": p}, x, mode="all")[0])
-    costs["latency_ms"] = {"dense": sparse.median_ms(dense_fn, dense_params, example)}
+    costs["latency_ms"] = {"dense": timing.median_ms(dense_fn, dense_params, example)}
     if config.model == "condnet":
       skipping = jax.jit(conv_sparse.make_cnn_inference(model, mode="threshold"))
-      costs["latency_ms"]["sparse"] = sparse.median_ms(skipping, params, example)
+      costs["latency_ms"]["sparse"] = timing.median_ms(skipping, params, example)
   return costs

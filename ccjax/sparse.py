@@ -59,8 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
@@ -72,6 +70,7 @@ from ccjax import flops
 from ccjax import gating
 from ccjax import policy as policy_lib
 from ccjax import sparse_kernels
+from ccjax import timing
 
 take_blocks = sparse_kernels.take_blocks
 
@@ -747,42 +746,6 @@ def sparse_macs(traces: Sequence[LayerTrace], num_blocks: Sequence[int], input_d
 # ----------------------------------------------------------------------------- timing
 
 
-def interleaved_median_ms(calls: Sequence[tuple[Callable[..., Any], Sequence[tuple]]], *,
-                          repeats: int = 20, warmup: int = 3, rounds: int = 4) -> list[float]:
-  """Median wall time (ms) of each function, timed in alternating rounds.
-
-  ``calls`` holds ``(fn, inputs)`` pairs, ``inputs`` a list of argument tuples cycled
-  over (data-dependent work is timed over many examples). Each function runs
-  ``repeats`` timed calls split into ``rounds`` consecutive runs that alternate between
-  the functions, so that all see the same drifting background load on a shared machine
-  while each run keeps its own caches warm. Every call is synchronised with
-  ``jax.block_until_ready``; each input is first run ``warmup`` times (compilation
-  included there).
-  """
-  if repeats < 1:
-    raise ValueError(f"repeats must be >= 1, got {repeats!r}")
-  for fn, inputs in calls:
-    for _ in range(max(1, warmup)):
-      for args in inputs:
-        jax.block_until_ready(fn(*args))
-  rounds = max(1, min(rounds, repeats))
-  times = [[] for _ in calls]
-  for round_index in range(rounds):
-    count = repeats // rounds + (1 if round_index < repeats % rounds else 0)
-    for slot, (fn, inputs) in enumerate(calls):
-      for _ in range(count):
-        args = inputs[len(times[slot]) % len(inputs)]
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times[slot].append((time.perf_counter() - start) * 1e3)
-  return [float(statistics.median(values)) for values in times]
-
-
-def median_ms(fn: Callable[..., Any], *args, repeats: int = 20, warmup: int = 3) -> float:
-  """Median wall time of ``fn(*args)`` in milliseconds, after ``warmup`` calls."""
-  return interleaved_median_ms([(fn, [args])], repeats=repeats, warmup=warmup)[0]
-
-
 def dense_and_sparse_ms(params, model: BlockMajorMLP, x: jax.Array, config: SparseConfig, *,
                         repeats: int = 20, warmup: int = 3) -> dict[str, Any]:
   """Times the dense MLP and the sparse path on the same inputs, both under ``jax.jit``.
@@ -809,7 +772,7 @@ def dense_and_sparse_ms(params, model: BlockMajorMLP, x: jax.Array, config: Spar
   dense_fn = jax.jit(dense_forward)
   sparse_fn = make_sparse_forward(config, with_traces=False)
   batches = [x[index] for index in range(x.shape[0])]
-  dense_ms, sparse_ms = interleaved_median_ms(
+  dense_ms, sparse_ms = timing.interleaved_median_ms(
       [(dense_fn, [(dense_params, b) for b in batches]),
        (sparse_fn, [(model, b) for b in batches])], repeats=repeats, warmup=warmup)
   traced_fn = make_sparse_forward(config)
