@@ -162,6 +162,14 @@ def evaluate(eval_fn: Callable, params, x: np.ndarray, y: np.ndarray, *, mode: s
   return result
 
 
+def _pop_flags(pending: list) -> tuple[list[int], list[bool]]:
+  """Empties ``pending`` ``(step, device flag)`` pairs and fetches the flags in one go."""
+  steps = [step for step, _ in pending]
+  flags = [bool(flag) for flag in jax.device_get([flag for _, flag in pending])]
+  pending.clear()
+  return steps, flags
+
+
 def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
                        flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains (or resumes) one run and writes its outputs into ``workdir``.
@@ -234,6 +242,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
   if start_step >= total_steps:
     logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
   skipped = 0
+  pending_finite = []  # (step, device bool) not yet checked on the host.
   window_start, window_steps = time.time(), 0
   for step in range(start_step + 1, total_steps + 1):
     indices = data_lib.train_batch_indices(num_train, config.batch_size, config.seed, step - 1)
@@ -241,16 +250,24 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
         {"x": dataset.x_train[indices], "y": dataset.y_train[indices]}, mesh)
     state, metrics = train_step(state, batch)
     window_steps += 1
-    if not bool(jax.device_get(metrics["finite"])):
-      if not config.skip_nonfinite:
-        where = (f"step {last_saved} in {checkpoint_dir}" if last_saved is not None
-                 else "none (no checkpoint was written yet)")
-        raise NonFiniteError(
-            f"non-finite loss or gradient at step {step}; training stopped. Last good "
-            f"checkpoint: {where}, left intact. Pass --skip_nonfinite to skip such batches")
-      skipped += 1
-      logging.warning("step %d: non-finite loss or gradient, batch skipped", step)
-    if step % config.log_every == 0 or step == total_steps:
+    pending_finite.append((step, metrics["finite"]))
+    log_now = step % config.log_every == 0 or step == total_steps
+    eval_now = step % config.eval_every == 0 and step != total_steps
+    save_now = step % config.checkpoint_every == 0 or step == total_steps
+    if log_now or eval_now or save_now:
+      # One host sync per boundary, not per step; always before anything is saved.
+      for checked_step, finite in zip(*_pop_flags(pending_finite)):
+        if finite:
+          continue
+        if not config.skip_nonfinite:
+          where = (f"step {last_saved} in {checkpoint_dir}" if last_saved is not None
+                   else "none (no checkpoint was written yet)")
+          raise NonFiniteError(
+              f"non-finite loss or gradient at step {checked_step}; training stopped. Last good "
+              f"checkpoint: {where}, left intact. Pass --skip_nonfinite to skip such batches")
+        skipped += 1
+        logging.warning("step %d: non-finite loss or gradient, batch skipped", checked_step)
+    if log_now:
       elapsed = max(time.time() - window_start, 1e-9)
       steps_per_s = window_steps / elapsed
       record = {"step": step, "kind": "train", "steps_per_s": steps_per_s,
@@ -263,7 +280,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
                    step, total_steps, record["loss"], record["error"],
                    np.round(record.get("active_fraction", []), 3).tolist(), steps_per_s, eta)
       window_start, window_steps = time.time(), 0
-    if step % config.eval_every == 0 and step != total_steps:
+    if eval_now:
       valid = evaluate(eval_fn, state.params, dataset.x_valid, dataset.y_valid,
                        mode=config.eval_policy, key=eval_key)
       metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
@@ -271,7 +288,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
                          "valid_active_fraction": valid["active_fraction"]})
       logging.info("step %d  valid error %s  active %s", step, valid["error"],
                    np.round(valid["active_fraction"], 3).tolist())
-    if step % config.checkpoint_every == 0 or step == total_steps:
+    if save_now:
       checkpointer.save(step, state, meta)
       last_saved = step
   checkpointer.close()

@@ -224,3 +224,18 @@ def test_eight_simulated_devices_match_one_device(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   for one, eight in zip(jax.tree_util.tree_leaves(runs[1]), jax.tree_util.tree_leaves(runs[8])):
     np.testing.assert_allclose(np.asarray(one), np.asarray(eight), rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_between_checkpoints_names_the_exact_step(tmp_path):
+  spec, bad_step = _poisoned_npz(tmp_path)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 6, checkpoint_every=3,
+                       log_every=5, eval_every=1000)
+  with pytest.raises(trainer.NonFiniteError, match=f"at step {bad_step};") as error:
+    trainer.train_and_evaluate(config, workdir)
+  last_good = (bad_step - 1) // 3 * 3
+  if last_good:
+    assert f"checkpoint: step {last_good} in" in str(error.value)
+    assert int(final_state(workdir)["step"]) == last_good
+  else:
+    assert "no checkpoint was written yet" in str(error.value)
