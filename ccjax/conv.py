@@ -229,16 +229,6 @@ class GateLayer(NamedTuple):
   stage: int
 
 
-def _per_layer(value, num_layers: int, name: str) -> tuple:
-  if isinstance(value, (int, float)):
-    return (value,) * num_layers
-  value = tuple(value)
-  if len(value) != num_layers:
-    raise ValueError(f"{name} needs one value or one per gated layer ({num_layers}), "
-                     f"got {len(value)}")
-  return value
-
-
 class GatedCNN(nn.Module):
   """A small gated CNN: stem conv, stages of (channel-gated conv, skippable residual blocks).
 
@@ -290,14 +280,14 @@ class GatedCNN(nn.Module):
       raise ValueError("stage_features must list at least one width")
     for index, width in enumerate(self.stage_features):
       gating.validate_block_size(width, self.block_size, f"stage_features[{index}]")
-    for stride in _per_layer(self.strides, len(self.stage_features), "strides"):
+    for stride in layers.per_layer_values(self.strides, len(self.stage_features), "strides"):
       _check_positive_int(stride, "strides")
     if (not isinstance(self.residual_blocks, int) or isinstance(self.residual_blocks, bool)
         or self.residual_blocks < 0):
       raise ValueError(f"residual_blocks must be an integer >= 0, got {self.residual_blocks!r}")
     _check_positive_int(self.kernel_size, "kernel_size")
     _check_positive_int(self.num_convs, "num_convs")
-    layers.validate_gate_settings(self.estimator, self.policy_eps, _per_layer(
+    layers.validate_gate_settings(self.estimator, self.policy_eps, layers.per_layer_values(
         self.policy_init_prob, len(self.gate_layers()), "policy_init_prob"))
     if self.image_shape is not None and (
         len(self.image_shape) != 3 or any(not isinstance(d, int) or d <= 0
@@ -308,7 +298,7 @@ class GatedCNN(nn.Module):
 
   def stage_strides(self) -> tuple[int, ...]:
     """Stride of each stage's gated conv."""
-    return tuple(_per_layer(self.strides, len(self.stage_features), "strides"))
+    return tuple(layers.per_layer_values(self.strides, len(self.stage_features), "strides"))
 
   def gate_layers(self) -> tuple[GateLayer, ...]:
     """The gated layers in forward order (the order of ``aux``)."""
@@ -377,9 +367,10 @@ class GatedCNN(nn.Module):
     """
     layers.validate_layer_mode(mode)
     gate_layers = self.gate_layers()
-    capacities = (None,) * len(gate_layers) if capacity is None else _per_layer(
+    capacities = (None,) * len(gate_layers) if capacity is None else layers.per_layer_values(
         capacity, len(gate_layers), "capacity")
-    init_probs = _per_layer(self.policy_init_prob, len(gate_layers), "policy_init_prob")
+    init_probs = layers.per_layer_values(self.policy_init_prob, len(gate_layers),
+                                         "policy_init_prob")
     if block_masks is not None and len(block_masks) != len(gate_layers):
       raise ValueError(f"block_masks needs one mask per gated layer ({len(gate_layers)}), "
                        f"got {len(block_masks)}")

@@ -229,7 +229,7 @@ def _layer_capacities(model: conv.GatedCNN, mode: str, capacity) -> tuple:
     return (None,) * len(gate_layers)
   if capacity is None:
     raise ValueError("mode 'top_k' needs a capacity (blocks per example)")
-  values = conv._per_layer(capacity, len(gate_layers), "capacity")
+  values = layers.per_layer_values(capacity, len(gate_layers), "capacity")
   return tuple(1 if layer.kind == conv.SKIP_GATE else value
                for layer, value in zip(gate_layers, values))
 

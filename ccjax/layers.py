@@ -189,12 +189,13 @@ class GatedDense(nn.Module):
     return outputs, GateAux(probs=probs, mask=block_mask, log_prob=log_prob)
 
 
-def _per_layer(value, num_layers: int, name: str) -> tuple:
+def per_layer_values(value, num_layers: int, name: str) -> tuple:
+  """``value`` as a tuple with one entry per gated layer (a scalar is repeated)."""
   if isinstance(value, (int, float)):
     return (value,) * num_layers
   value = tuple(value)
   if len(value) != num_layers:
-    raise ValueError(f"{name} needs one value or one per hidden layer ({num_layers}), "
+    raise ValueError(f"{name} needs one value or one per gated layer ({num_layers}), "
                      f"got {len(value)}")
   return value
 
@@ -232,7 +233,7 @@ class GatedMLP(nn.Module):
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
     validate_gate_settings(self.estimator, self.policy_eps,
-                           _per_layer(self.policy_init_prob, len(self.hidden),
+                           per_layer_values(self.policy_init_prob, len(self.hidden),
                                       "policy_init_prob"))
     super().__post_init__()
 
@@ -252,8 +253,8 @@ class GatedMLP(nn.Module):
       when ungated) per hidden layer.
     """
     hidden = inputs.reshape(inputs.shape[0], -1)
-    init_probs = _per_layer(self.policy_init_prob, len(self.hidden), "policy_init_prob")
-    capacities = (None,) * len(self.hidden) if capacity is None else _per_layer(
+    init_probs = per_layer_values(self.policy_init_prob, len(self.hidden), "policy_init_prob")
+    capacities = (None,) * len(self.hidden) if capacity is None else per_layer_values(
         capacity, len(self.hidden), "capacity")
     aux = []
     for index, width in enumerate(self.hidden):
