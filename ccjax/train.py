@@ -99,12 +99,7 @@ class TrainConfig:
 
   def taus(self, num_layers: int) -> tuple[float, ...]:
     """``tau`` expanded to one value per gated layer."""
-    if isinstance(self.tau, (int, float)):
-      return (float(self.tau),) * num_layers
-    if len(self.tau) != num_layers:
-      raise ValueError(f"tau needs one value or one per gated layer ({num_layers}), "
-                       f"got {len(self.tau)}")
-    return tuple(float(value) for value in self.tau)
+    return tuple(float(value) for value in layers.per_layer_values(self.tau, num_layers, "tau"))
 
 
 @flax.struct.dataclass
