@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
+from ccjax import conv
+from ccjax import conv_sparse
 from ccjax import flops
+from ccjax import sparse
+from ccjax import timing
 
 
 def model_costs(config, model, params, dataset, test: dict[str, Any], *,
@@ -35,7 +41,6 @@ def model_costs(config, model, params, dataset, test: dict[str, Any], *,
   else:
     costs["macs_per_example"] = float(dense_macs)
   if measure_latency:
-    from ccjax import sparse  # pylint: disable=g-import-not-at-top
     example = np.asarray(dataset.x_test[:1], np.float32).reshape(1, -1)
     if config.model == "condnet":
       latency = sparse.measure_latency(
@@ -44,8 +49,6 @@ def model_costs(config, model, params, dataset, test: dict[str, Any], *,
           policy_eps=model.policy_eps, x=example)
       costs["latency_ms"] = {"dense": latency["dense_ms"], "sparse": latency["sparse_ms"]}
     else:
-      import jax  # pylint: disable=g-import-not-at-top
-      from ccjax import timing  # pylint: disable=g-import-not-at-top
       costs["latency_ms"] = {"dense": timing.median_ms(jax.jit(sparse.dense_forward), params,
                                                        example)}
   return costs
@@ -60,11 +63,6 @@ def _cnn_costs(config, model, params, dataset, test, *, measure_latency: bool) -
     costs["macs_per_example"] = float(np.mean(flops.gated_cnn_macs(
         specs, test["mask"], dataset.num_classes)))
   if measure_latency:
-    import dataclasses  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    from ccjax import conv  # pylint: disable=g-import-not-at-top
-    from ccjax import conv_sparse  # pylint: disable=g-import-not-at-top
-    from ccjax import timing  # pylint: disable=g-import-not-at-top
     example = np.asarray(dataset.x_test[:1], np.float32)
     dense_model = dataclasses.replace(model, gated=False)
     dense_params = conv.strip_policy_params(params)

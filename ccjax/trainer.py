@@ -23,6 +23,7 @@ import numpy as np
 
 from ccjax import atomic
 from ccjax import checkpoint as checkpoint_lib
+from ccjax import costs
 from ccjax import data as data_lib
 from ccjax import experiment
 from ccjax import parallel
@@ -305,7 +306,6 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
 def finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_key, *,
              total_steps, flag_values, primary) -> dict[str, Any]:
   """Final evaluation, MAC counts, latency and plots; returns the results payload."""
-  from ccjax import costs  # pylint: disable=g-import-not-at-top
   params = parallel.to_host(state.params)
   test = evaluate(eval_fn, params, dataset.x_test, dataset.y_test, mode=config.eval_policy,
                   key=eval_key, keep_gates=True)
