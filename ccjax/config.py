@@ -15,12 +15,15 @@ import flax.linen as nn
 
 from ccjax import conv
 from ccjax import layers
+from ccjax import policy as policy_lib
 from ccjax import step as step_lib
 from ccjax import validation
 
 ARCHS = ("mlp", "cnn")
 MODELS = ("condnet", "dense")
-EVAL_POLICIES = ("threshold", "sample")
+# Test-time policies: ``threshold`` (p > 0.5), ``sample`` (Bernoulli draws), ``top_k``
+# (exactly round(tau * blocks) most probable blocks per example and layer).
+EVAL_POLICIES = ("threshold", "sample", "top_k")
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
 DEFAULT_STEPS = 4000
 CNN_RESIDUAL_BLOCKS = 1
@@ -63,6 +66,8 @@ class ExperimentConfig:
   num_devices: int | None = None
   measure_latency: bool = True
   plots: bool = True
+  init_from: str | None = None
+  distill_from: str | None = None
 
   @classmethod
   def create(cls, **fields) -> "ExperimentConfig":
@@ -123,6 +128,12 @@ class ExperimentConfig:
                            high_open=True)
     if self.num_devices is not None:
       validation.check_int("num_devices", self.num_devices)
+    for name in ("init_from", "distill_from"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise validation.ConfigError(name, f"must be the workdir of a finished run, got {value!r}")
+    if self.distill_from is not None and self.train.distill_weight == 0:
+      raise validation.ConfigError("distill_from", "needs --distill_weight > 0")
     validation.check_int("seed", self.seed, minimum=0)
     if self.seed >= MAX_SEED:
       raise validation.ConfigError("seed", f"must be in [0, 2**63), got {self.seed}")
@@ -136,6 +147,17 @@ class ExperimentConfig:
   def taus(self) -> tuple[float, ...]:
     """``train.tau`` with one value per gated layer."""
     return self.train.taus(self.num_gated_layers)
+
+  def top_k_capacities(self) -> tuple[int, ...]:
+    """Blocks per example of the ``top_k`` test policy, one per gated layer:
+    ``round(tau * blocks)`` (at least 1). CNN skip gates (one block) keep the threshold."""
+    taus = self.taus()
+    if self.arch == "mlp":
+      blocks = [width // self.block_size for width in self.hidden]
+    else:
+      blocks = [width // self.block_size for width in self.hidden
+                for _ in range(CNN_RESIDUAL_BLOCKS + 1)]
+    return tuple(policy_lib.top_k_capacity(tau, nb) for tau, nb in zip(taus, blocks))
 
   def total_steps(self, num_train_examples: int) -> int:
     """``steps``, or ``epochs`` converted with the drop-remainder epoch length."""
@@ -176,7 +198,9 @@ def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classe
                 ) -> nn.Module:
   """The module the config asks for; ``model='dense'`` is the same net with gates off."""
   gated = config.model == "condnet"
-  init_probs = tuple(min(tau, MAX_INIT_PROB) for tau in config.taus())
+  # With a tau curriculum the policies start at the curriculum's first target.
+  init_probs = tuple(min(tau, MAX_INIT_PROB)
+                     for tau in config.train.initial_taus(config.num_gated_layers))
   if config.arch == "mlp":
     return layers.GatedMLP(
         hidden=tuple(config.hidden), num_classes=num_classes, block_size=config.block_size,

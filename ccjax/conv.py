@@ -103,7 +103,7 @@ class GatedConv(nn.Module):
 
     Args:
       inputs: ``[batch, height, width, in]``.
-      mode: ``sample`` | ``threshold`` | ``top_k`` | ``all``.
+      mode: ``sample`` | ``threshold`` | ``top_k`` | ``capped`` | ``all``.
       capacity: blocks per example for ``top_k``.
       block_mask: optional ``[batch, blocks]`` mask used instead of the policy's own
         (e.g. the effective mask of skipping inference); ``log_prob`` is still computed.
@@ -176,7 +176,7 @@ class GatedResidualBlock(nn.Module):
 
     Args:
       inputs: ``[batch, height, width, channels]``.
-      mode: ``sample`` | ``threshold`` | ``top_k`` | ``all``.
+      mode: ``sample`` | ``threshold`` | ``top_k`` | ``capped`` | ``all``.
       capacity: ignored except for validation in ``top_k`` (one gate: top-1 equals
         threshold); pass ``1`` or ``None``.
       block_mask: optional ``[batch, 1]`` mask used instead of the policy's own.
@@ -192,8 +192,9 @@ class GatedResidualBlock(nn.Module):
     branch = residual_branch(convs, inputs)
     if not self.gated:
       return inputs + branch, None
-    if mode == "top_k":
-      capacity = 1
+    if mode in ("top_k", "capped"):
+      # One gate: a fixed top-1 would always run the block, so both keep the threshold.
+      mode, capacity = "threshold", None
     aux = layers.gate(self, pooled_policy_input(inputs), 1, mode, capacity, block_mask)
     return inputs + branch * aux.mask.reshape(-1, 1, 1, 1).astype(branch.dtype), aux
 
@@ -361,9 +362,10 @@ class GatedCNN(nn.Module):
 
     Args:
       inputs: ``[batch, height, width, channels]`` (or flattened, see ``image_shape``).
-      mode: gate mode of every gated layer: ``sample`` | ``threshold`` | ``top_k`` | ``all``.
+      mode: gate mode of every gated layer: ``sample`` | ``threshold`` | ``top_k`` |
+        ``capped`` | ``all``.
       capacity: blocks per example for ``top_k``: one value or one per gated layer
-        (residual blocks have one gate, so their ``top_k`` is ``threshold``).
+        (residual blocks have one gate, so their ``top_k`` / ``capped`` is ``threshold``).
       block_masks: optional masks, one per gated layer (``[batch, blocks]`` or
         ``[batch, 1]``), used instead of the policies' own; for checking skipping
         inference against masked dense.

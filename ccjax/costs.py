@@ -11,7 +11,8 @@ from ccjax.inference import api
 
 
 def model_costs(module, params, dataset: data_lib.Dataset, test: dict[str, Any], *,
-                measure_latency: bool) -> dict[str, Any]:
+                measure_latency: bool, mode: str = "threshold",
+                top_k: tuple[int, ...] | None = None) -> dict[str, Any]:
   """MACs per example (policies included) on the test masks, and batch-1 latency.
 
   Args:
@@ -20,6 +21,10 @@ def model_costs(module, params, dataset: data_lib.Dataset, test: dict[str, Any],
     dataset: the run's dataset.
     test: :func:`ccjax.loop.evaluate` output on the test set with ``keep_gates``.
     measure_latency: time dense and sparse inference at batch 1.
+    mode: the test policy whose masks are in ``test`` (``threshold``, ``top_k`` or
+      ``sample``); the sparse latency is timed for ``top_k`` with ``top_k`` blocks per
+      example and layer, otherwise with the threshold (there is no sampled sparse path).
+    top_k: blocks per example and gated layer for ``mode='top_k'``.
 
   Returns:
     ``macs_per_example``, ``dense_macs_per_example``, ``backend`` and, when measured,
@@ -34,7 +39,12 @@ def model_costs(module, params, dataset: data_lib.Dataset, test: dict[str, Any],
     example = np.asarray(dataset.x_test[:1], np.float32)
     inference = None
     if module.gated:
-      inference = api.make_inference(module, params, with_info=False)
+      if mode == "top_k":
+        inference = api.make_inference(module, params, mode="top_k",
+                                       capacities=api.Capacities(top_k=top_k), with_info=False)
+      else:
+        inference = api.make_inference(module, params, with_info=False)
       costs["backend"] = inference.backend
+      costs["latency_policy"] = "top_k" if mode == "top_k" else "threshold"
     costs["latency_ms"] = api.measure_latency(module, params, [example], inference=inference)
   return costs

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 
 BASELINES = ("none", "batch_mean", "ema")
 ESTIMATORS = ("reinforce", "straight_through", "gumbel")
+# ``raw``: advantage ``c - b``; ``standardized``: ``c - b`` standardised over the batch.
+ADVANTAGES = ("raw", "standardized")
 
 
 class BaselineState(NamedTuple):
@@ -104,6 +106,28 @@ def score_function_loss(log_prob: jax.Array, cost: jax.Array,
         f"log_prob and cost must both be [batch], got {log_prob.shape} and {cost.shape}")
   advantage = jax.lax.stop_gradient(cost - baseline)
   return jnp.mean(advantage * log_prob)
+
+
+def standardized_advantage(cost: jax.Array, baseline: jax.Array | float = 0.0,
+                           eps: float = 1e-6) -> jax.Array:
+  """Per-batch standardised advantage ``(a - mean(a)) / (std(a) + eps)``, ``a = c - b``.
+
+  Rescales the REINFORCE signal to unit size whatever the loss scale (e.g. late in
+  training, when the task loss is small). Centring on the batch mean uses the example's
+  own cost, so the estimate is biased by a factor ``(B - 1) / B`` on the centred part and
+  rescaled by a batch statistic: a variance-reduction heuristic, not an unbiased estimator.
+
+  Args:
+    cost: ``[batch]`` per-example cost.
+    baseline: ``[batch]`` or scalar baseline.
+    eps: added to the standard deviation.
+
+  Returns:
+    ``[batch]`` advantages under ``stop_gradient``.
+  """
+  advantage = jax.lax.stop_gradient(cost - baseline)
+  centred = advantage - jnp.mean(advantage)
+  return centred / (jnp.std(advantage) + eps)
 
 
 def straight_through_mask(key: jax.Array, probs: jax.Array) -> jax.Array:

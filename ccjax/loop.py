@@ -26,6 +26,7 @@ from ccjax import checkpoint as checkpoint_lib
 from ccjax import costs
 from ccjax import data as data_lib
 from ccjax import config as config_lib
+from ccjax import layers
 from ccjax import parallel
 from ccjax import runs
 from ccjax import step as step_lib
@@ -198,6 +199,9 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
     raise ValueError(f"--batch_size={config.batch_size} must be a multiple of the number of "
                      f"devices ({mesh.size}); see --num_devices")
 
+  init_run = _load_source_run(config.init_from, "init_from", config, dataset)
+  teacher_run = _load_source_run(config.distill_from, "distill_from", config, dataset)
+
   workdir = os.path.abspath(workdir)
   checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
   primary = parallel.is_primary_process()
@@ -220,6 +224,8 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
   rng = jax.random.PRNGKey(config.seed)
   sample_x = jnp.asarray(dataset.x_train[:1])
   state = step_lib.init_train_state(module, train_config, rng, sample_x)
+  if init_run is not None:
+    state = init_from_run(state, init_run, train_config)
   state = parallel.replicate(state, mesh)
   start_step = 0
   if checkpointer.latest_step() is not None:
@@ -229,14 +235,17 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
   metrics_log.truncate_after(start_step)
 
   train_step = parallel.make_parallel_train_step(
-      step_lib.make_train_step(module, train_config), mesh, parallel.state_sharding(state, mesh))
-  eval_fn = jax.jit(step_lib.make_eval_step(module, config.eval_policy))
+      step_lib.make_train_step(module, train_config, teacher=_teacher_fn(teacher_run)), mesh,
+      parallel.state_sharding(state, mesh))
+  eval_fn = jax.jit(step_lib.make_eval_step(module, config.eval_policy,
+                                            eval_capacity(config, module)))
   eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
 
   last_saved = checkpointer.latest_step()
   if start_step >= total_steps:
     logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
   skipped = 0
+  train_start = time.time()
   pending_finite = []  # (step, device bool) not yet checked on the host.
   window_start, window_steps = time.time(), 0
   for step in range(start_step + 1, total_steps + 1):
@@ -288,11 +297,15 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
       checkpointer.save(step, state, meta)
       last_saved = step
   checkpointer.close()
+  train_time = time.time() - train_start
 
   results = finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval_key,
                      total_steps=max(total_steps, start_step), flag_values=flag_values,
                      primary=primary)
   results["wall_time_s"] = time.time() - start_time
+  # Training only (this invocation): no data loading, compilation of eval, or final costs.
+  results["train_time_s"] = train_time
+  results["trained_steps"] = max(0, total_steps - start_step)
   if primary:
     atomic.write_json(os.path.join(workdir, runs.RESULTS_FILE), results)
   return results
@@ -311,7 +324,9 @@ def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval
   logging.info("final: test error %.4f  valid error %s  active %s", test["error"],
                valid["error"], np.round(test["active_fraction"], 3).tolist())
   model_costs = costs.model_costs(module, params, dataset, test,
-                                  measure_latency=config.measure_latency)
+                                  measure_latency=config.measure_latency,
+                                  mode=config.eval_policy,
+                                  top_k=eval_capacity(config, module))
   results = {
       "model": config.model, "arch": config.arch, "dataset": config.dataset,
       "seed": config.seed, "steps": total_steps, "test_error": test["error"],
@@ -323,6 +338,78 @@ def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval
   if primary and config.plots:
     write_plots(os.path.join(workdir, "plots"), test, dataset, metrics_log.read())
   return results
+
+
+def eval_capacity(config: config_lib.ExperimentConfig, module) -> tuple[int, ...] | None:
+  """Blocks per example and gated layer of the ``top_k`` test policy (else ``None``)."""
+  if config.eval_policy != "top_k" or not getattr(module, "gated", False):
+    return None
+  return config.top_k_capacities()
+
+
+def _load_source_run(workdir: str | None, flag: str, config: config_lib.ExperimentConfig,
+                     dataset) -> runs.Run | None:
+  """The finished run named by ``--init_from`` / ``--distill_from``, checked against the data.
+
+  Raises:
+    ValueError: not a finished run, or trained on data of another shape (one line).
+  """
+  if workdir is None:
+    return None
+  try:
+    run = runs.load_run(workdir)
+  except runs.RunError as error:
+    raise ValueError(f"--{flag}: {error}") from None
+  if (tuple(run.input_shape) != tuple(dataset.input_shape)
+      or run.num_classes != dataset.num_classes):
+    raise ValueError(
+        f"--{flag}={workdir} was trained on examples of shape {list(run.input_shape)} with "
+        f"{run.num_classes} classes; this run has {list(dataset.input_shape)} and "
+        f"{dataset.num_classes}")
+  return run
+
+
+def init_from_run(state: step_lib.TrainState, run: runs.Run,
+                  train_config: step_lib.TrainConfig) -> step_lib.TrainState:
+  """``state`` with its network parameters replaced by a finished run's (policies kept).
+
+  The source may be a dense or a gated run; its network part must have exactly the
+  shapes of this model's network part.
+
+  Raises:
+    ValueError: the shapes differ (one line naming the first mismatch).
+  """
+  ours = layers.strip_policy_params(state.params)
+  theirs = layers.strip_policy_params(run.params)
+  our_shapes = {jax.tree_util.keystr(path): np.shape(leaf)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(ours)[0]}
+  their_shapes = {jax.tree_util.keystr(path): np.shape(leaf)
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(theirs)[0]}
+  if our_shapes != their_shapes:
+    mismatch = sorted(set(our_shapes.items()) ^ set(their_shapes.items()))[0][0]
+    raise ValueError(
+        f"--init_from: the run's network does not have this model's shape (first difference "
+        f"at {mismatch}: run {their_shapes.get(mismatch)}, model {our_shapes.get(mismatch)}); "
+        "use a run with the same --arch, --hidden and --block_size")
+
+  def merge(ours_tree, theirs_tree):
+    if isinstance(ours_tree, dict) or hasattr(ours_tree, "items"):
+      return {key: (merge(value, theirs_tree[key]) if key in theirs_tree else value)
+              for key, value in ours_tree.items()}
+    return jnp.asarray(theirs_tree, jnp.asarray(ours_tree).dtype)
+
+  params = merge(state.params, run.params)
+  return state.replace(params=params,
+                       opt_state=step_lib.make_optimizer(train_config).init(params))
+
+
+def _teacher_fn(run: runs.Run | None):
+  """``x -> logits`` of a distillation teacher run with every block on (``None``: none)."""
+  if run is None:
+    return None
+  module = run.module.clone(gated=False)
+  params = jax.tree_util.tree_map(jnp.asarray, layers.strip_policy_params(run.params))
+  return lambda x: jax.lax.stop_gradient(module.apply({"params": params}, x, mode="all")[0])
 
 
 def write_plots(plot_dir: str, test: dict[str, Any], dataset, records) -> list[str]:

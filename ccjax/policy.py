@@ -19,8 +19,10 @@ DEFAULT_EPS = 0.01
 
 # A block runs at test time when its probability exceeds this (``threshold`` mode).
 THRESHOLD = 0.5
-# Every way a gate can choose its mask; all but ``sample`` are deterministic.
-POLICY_MODES = ("sample", "threshold", "top_k", "all")
+# Every way a gate can choose its mask; all but ``sample`` are deterministic. ``top_k``
+# runs exactly ``capacity`` blocks per example (fixed compute); ``capped`` runs the
+# blocks above the threshold, at most ``capacity`` of them.
+POLICY_MODES = ("sample", "threshold", "top_k", "capped", "all")
 DETERMINISTIC_MODES = POLICY_MODES[1:]
 
 
@@ -98,8 +100,34 @@ def threshold_mask(probs: jax.Array, threshold: float = THRESHOLD) -> jax.Array:
   return (probs > threshold).astype(probs.dtype)
 
 
-def top_k_mask(probs: jax.Array, capacity: int, threshold: float = THRESHOLD) -> jax.Array:
-  """Deterministic mask capped by a capacity.
+def _top_indicator(probs: jax.Array, capacity: int) -> jax.Array:
+  """``[batch, blocks]`` 1.0 on each row's ``capacity`` most probable blocks (ties: lower index)."""
+  num_blocks = probs.shape[-1]
+  if not 1 <= capacity <= num_blocks:
+    raise ValueError(f"capacity must be in [1, {num_blocks}], got {capacity!r}")
+  _, top_idx = jax.lax.top_k(probs, capacity)
+  return jnp.sum(jax.nn.one_hot(top_idx, num_blocks, dtype=probs.dtype), axis=-2)
+
+
+def top_k_mask(probs: jax.Array, capacity: int) -> jax.Array:
+  """Deterministic mask with exactly ``capacity`` blocks per example (fixed compute).
+
+  The ``capacity`` most probable blocks of every example run, whatever their
+  probability (ties broken by lower index); no threshold is applied.
+
+  Args:
+    probs: ``[batch, blocks]`` probabilities.
+    capacity: blocks per example, ``1 <= capacity <= blocks``.
+
+  Returns:
+    ``[batch, blocks]`` mask of 0.0/1.0 with exactly ``capacity`` ones per row.
+  """
+  return _top_indicator(probs, capacity)
+
+
+def capped_threshold_mask(probs: jax.Array, capacity: int,
+                          threshold: float = THRESHOLD) -> jax.Array:
+  """Deterministic mask: the threshold mask capped by a capacity.
 
   A block runs when its probability exceeds ``threshold`` *and* it is among the
   ``capacity`` most probable blocks of its example (ties broken by lower index).
@@ -112,32 +140,36 @@ def top_k_mask(probs: jax.Array, capacity: int, threshold: float = THRESHOLD) ->
   Returns:
     ``[batch, blocks]`` mask of 0.0/1.0 with at most ``capacity`` ones per row.
   """
-  num_blocks = probs.shape[-1]
-  if not 1 <= capacity <= num_blocks:
-    raise ValueError(f"capacity must be in [1, {num_blocks}], got {capacity!r}")
-  _, top_idx = jax.lax.top_k(probs, capacity)
-  in_top = jnp.sum(jax.nn.one_hot(top_idx, num_blocks, dtype=probs.dtype), axis=-2)
-  return in_top * threshold_mask(probs, threshold)
+  return _top_indicator(probs, capacity) * threshold_mask(probs, threshold)
+
+
+def top_k_capacity(tau: float, num_blocks: int) -> int:
+  """Blocks per example of the ``top_k`` policy for a target fraction: ``round(tau * blocks)``,
+  at least 1."""
+  return int(min(num_blocks, max(1, round(tau * num_blocks))))
 
 
 def deterministic_mask(probs: jax.Array, mode: str, capacity: int | None = None) -> jax.Array:
-  """Test-time mask for ``mode`` in ``threshold``, ``top_k`` or ``all``.
+  """Test-time mask for ``mode`` in ``threshold``, ``top_k``, ``capped`` or ``all``.
 
   Args:
     probs: ``[batch, blocks]`` probabilities.
-    mode: ``threshold`` (p > 0.5), ``top_k`` (threshold capped by ``capacity``),
-      or ``all`` (every block runs: the dense network).
-    capacity: required for ``top_k``.
+    mode: ``threshold`` (p > 0.5), ``top_k`` (exactly ``capacity`` most probable blocks),
+      ``capped`` (threshold capped by ``capacity``) or ``all`` (every block runs: the
+      dense network).
+    capacity: required for ``top_k`` and ``capped``.
 
   Returns:
     ``[batch, blocks]`` mask.
   """
   if mode == "threshold":
     return threshold_mask(probs)
-  if mode == "top_k":
+  if mode in ("top_k", "capped"):
     if capacity is None:
-      raise ValueError("policy mode 'top_k' needs a capacity")
-    return top_k_mask(probs, capacity)
+      raise ValueError(f"policy mode {mode!r} needs a capacity")
+    return top_k_mask(probs, capacity) if mode == "top_k" else capped_threshold_mask(
+        probs, capacity)
   if mode == "all":
     return jnp.ones_like(probs)
-  raise ValueError(f"deterministic policy mode must be one of threshold|top_k|all, got {mode!r}")
+  raise ValueError("deterministic policy mode must be one of threshold|top_k|capped|all, "
+                   f"got {mode!r}")

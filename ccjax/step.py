@@ -25,12 +25,16 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from ccjax import budget as budget_lib
+from ccjax import distill
 from ccjax import estimators
 from ccjax import layers
 from ccjax import policy as policy_lib
 from ccjax import regularizers
+from ccjax import schedules
 from ccjax import validation
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -56,6 +60,23 @@ class TrainConfig:
       ``metrics['finite']`` is 0); otherwise the update is applied and the caller
       is expected to stop (see :mod:`ccjax.loop`).
     max_grad_norm: optional global-norm clipping of each parameter set's gradient.
+    warm_steps: dense warm start: the first ``warm_steps`` updates run every block
+      (``mode='all'``); the policy then learns only its regularizers (no REINFORCE, no
+      dual ascent), >= 0.
+    tau_schedule: ``constant`` | ``linear`` | ``cosine``: the target moves from 1 to
+      ``tau`` over ``tau_schedule_steps`` steps, beginning after the warm start.
+    tau_schedule_steps: length of the tau curriculum, >= 0.
+    distill_weight: weight of the distillation loss towards the teacher (the same net
+      with every block on, or a dense run), >= 0; 0 turns it off.
+    distill_temperature: distillation temperature, > 0.
+    entropy_weight: weight of the policy-entropy penalty (polarises the probabilities
+      towards 0/1 so that the sampled and the threshold masks agree), >= 0.
+    entropy_ramp_steps: the entropy weight grows linearly from 0 over this many steps
+      after the warm start, >= 0 (0: full weight at once).
+    budget: ``penalty`` (only the fixed ``lambda_s`` penalties) | ``lagrange`` (plus one
+      multiplier per layer on ``mean prob - tau``, updated by dual ascent).
+    dual_lr: step size of the dual ascent, >= 0.
+    advantage: REINFORCE advantage, ``raw`` (``c - b``) | ``standardized`` (per batch).
   """
   tau: float | Sequence[float] = 0.25
   lambda_s: float = 2.0
@@ -69,6 +90,16 @@ class TrainConfig:
   estimator: str = "reinforce"
   skip_nonfinite: bool = False
   max_grad_norm: float | None = None
+  warm_steps: int = 0
+  tau_schedule: str = "constant"
+  tau_schedule_steps: int = 0
+  distill_weight: float = 0.0
+  distill_temperature: float = 1.0
+  entropy_weight: float = 0.0
+  entropy_ramp_steps: int = 0
+  budget: str = "penalty"
+  dual_lr: float = 0.01
+  advantage: str = "raw"
 
   def __post_init__(self):
     taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
@@ -87,6 +118,15 @@ class TrainConfig:
     validation.check_choice("estimator", self.estimator, estimators.ESTIMATORS)
     if self.max_grad_norm is not None:
       validation.check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+    for name in ("warm_steps", "tau_schedule_steps", "entropy_ramp_steps"):
+      validation.check_int(name, getattr(self, name), minimum=0)
+    validation.check_choice("tau_schedule", self.tau_schedule, schedules.TAU_SCHEDULES)
+    for name in ("distill_weight", "entropy_weight", "dual_lr"):
+      validation.check_float(name, getattr(self, name), low=0.0)
+    validation.check_float("distill_temperature", self.distill_temperature, low=0.0,
+                           low_open=True)
+    validation.check_choice("budget", self.budget, budget_lib.BUDGETS)
+    validation.check_choice("advantage", self.advantage, estimators.ADVANTAGES)
 
   def taus(self, num_layers: int) -> tuple[float, ...]:
     """``tau`` (one value, a 1-tuple, or one per layer) with one value per gated layer."""
@@ -94,6 +134,18 @@ class TrainConfig:
     if not isinstance(tau, (int, float)) and len(tau) == 1:
       tau = tau[0]
     return tuple(float(value) for value in validation.per_layer_values(tau, num_layers, "tau"))
+
+  def taus_at(self, step: jax.Array | int, num_layers: int) -> jax.Array | tuple[float, ...]:
+    """The targets in force at ``step``: ``taus()`` without a curriculum, else ``[layers]``
+    float32 values of the schedule (which begins after the warm start)."""
+    if self.tau_schedule == "constant":
+      return self.taus(num_layers)
+    return schedules.tau_at(step, self.taus(num_layers), self.tau_schedule,
+                            begin=self.warm_steps, length=self.tau_schedule_steps)
+
+  def initial_taus(self, num_layers: int) -> tuple[float, ...]:
+    """The targets at step 0 (what the policies are initialised to)."""
+    return tuple(float(value) for value in np.asarray(self.taus_at(0, num_layers)).reshape(-1))
 
 
 @flax.struct.dataclass
@@ -106,12 +158,14 @@ class TrainState:
     opt_state: optimizer state of both parameter sets.
     baseline: moving-average baseline state.
     rng: the run's base PRNG key (uint32[2]); step keys are ``fold_in(rng, step)``.
+    duals: ``[layers]`` Lagrange multipliers of the ``lagrange`` budget, else ``None``.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   baseline: estimators.BaselineState
   rng: jax.Array
+  duals: Any = None
 
 
 def _base_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -149,11 +203,24 @@ def init_train_state(model: nn.Module, config: TrainConfig, rng: jax.Array,
     a :class:`TrainState` at step 0.
   """
   init_key, gate_key, run_key = jax.random.split(rng, 3)
-  variables = model.init({"params": init_key, "gate": gate_key}, sample_input, mode="sample")
+  variables, aux = _init_with_aux(model, init_key, gate_key, sample_input)
   params = variables["params"]
   opt_state = make_optimizer(config).init(params)
+  duals = None
+  num_gated = sum(layer_aux is not None for layer_aux in aux)
+  if config.budget == "lagrange" and num_gated:
+    duals = jnp.zeros((num_gated,), jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    baseline=estimators.init_baseline_state(), rng=run_key)
+                    baseline=estimators.init_baseline_state(), rng=run_key, duals=duals)
+
+
+def _init_with_aux(model, init_key, gate_key, sample_input):
+  """``model.init`` that also returns the ``aux`` of the init call (to count gates)."""
+  def init_fn(rngs, x):
+    (_, aux), variables = model.init_with_output(rngs, x, mode="sample")
+    return variables, aux
+  variables, aux = init_fn({"params": init_key, "gate": gate_key}, sample_input)
+  return variables, aux
 
 
 def _global_norm(tree) -> jax.Array:
@@ -181,26 +248,41 @@ def check_model_matches(model: nn.Module, config: TrainConfig) -> None:
 
 
 def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.Array,
-                     config: TrainConfig, baseline_state: estimators.BaselineState
+                     config: TrainConfig, baseline_state: estimators.BaselineState, *,
+                     taus: Sequence[float] | jax.Array | None = None,
+                     duals: jax.Array | None = None, entropy_scale: jax.Array | float = 1.0,
+                     reinforce_on: bool = True
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """REINFORCE + ``lambda_s (L_b + L_e) + lambda_v L_v`` over the gated layers.
+  """REINFORCE + ``lambda_s (L_b + L_e) + lambda_v L_v`` (+ recipe terms) over the gated layers.
 
   Args:
     gate_aux: one :class:`GateAux` per gated layer.
-    per_example_loss: ``[batch]`` task loss; used as the REINFORCE cost (no gradient).
-    config: hyperparameters (taus, lambdas, baseline, estimator).
+    per_example_loss: ``[batch]`` the examples' own task loss (cross-entropy, no
+      distillation term); the REINFORCE cost (no gradient).
+    config: hyperparameters (taus, lambdas, baseline, estimator, recipes).
     baseline_state: state of the ``ema`` baseline.
+    taus: the targets in force (default ``config.taus``); one per layer.
+    duals: ``[layers]`` Lagrange multipliers (``budget='lagrange'``), else ``None``.
+    entropy_scale: scalar schedule factor of ``config.entropy_weight``.
+    reinforce_on: ``False`` during the dense warm start (the masks were not sampled).
 
   Returns:
     ``(objective, terms)``: a scalar and a dict of scalar terms for logging.
   """
-  taus = config.taus(len(gate_aux))
+  if taus is None:
+    taus = config.taus(len(gate_aux))
+  if not isinstance(taus, tuple):
+    taus = tuple(taus[index] for index in range(len(gate_aux)))
   cost = jax.lax.stop_gradient(per_example_loss)
   log_prob = sum(aux.log_prob for aux in gate_aux)
   baseline = estimators.compute_baseline(config.baseline, cost, baseline_state,
                                          config.baseline_decay)
-  if config.estimator == "reinforce":
-    reinforce = estimators.score_function_loss(log_prob, cost, baseline)
+  if config.estimator == "reinforce" and reinforce_on:
+    if config.advantage == "standardized":
+      reinforce = estimators.score_function_loss(
+          log_prob, estimators.standardized_advantage(cost, baseline))
+    else:
+      reinforce = estimators.score_function_loss(log_prob, cost, baseline)
   else:
     reinforce = jnp.zeros((), jnp.float32)
   l_b = sum(regularizers.block_balance_loss(aux.probs, tau) for aux, tau in zip(gate_aux, taus))
@@ -208,17 +290,37 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
             for aux, tau in zip(gate_aux, taus))
   l_v = sum(regularizers.variance_loss(aux.probs) for aux in gate_aux)
   objective = reinforce + config.lambda_s * (l_b + l_e) + config.lambda_v * l_v
+  mean_prob = jnp.stack([jnp.mean(aux.probs) for aux in gate_aux])
   terms = {
       "reinforce": reinforce, "l_b": l_b, "l_e": l_e, "l_v": l_v,
       "baseline": jnp.mean(baseline),
       "entropy": jnp.mean(sum(policy_lib.policy_entropy(aux.probs) for aux in gate_aux)),
       "active_fraction": jnp.stack([jnp.mean(aux.mask) for aux in gate_aux]),
-      "mean_prob": jnp.stack([jnp.mean(aux.probs) for aux in gate_aux]),
+      "mean_prob": mean_prob,
   }
+  if config.entropy_weight > 0:
+    # Mean entropy per block (nats), summed over layers: low when probabilities are 0/1.
+    block_entropy = sum(jnp.mean(policy_lib.policy_entropy(aux.probs)) / aux.probs.shape[-1]
+                        for aux in gate_aux)
+    objective = objective + config.entropy_weight * entropy_scale * block_entropy
+    terms["block_entropy"] = block_entropy
+  if duals is not None:
+    target = jnp.stack([jnp.asarray(tau, jnp.float32) for tau in taus])
+    objective = objective + budget_lib.lagrangian_term(duals, mean_prob, target)
+    terms["tau_target"] = target
   return objective, terms
 
 
-def make_train_step(model: nn.Module, config: TrainConfig
+def _uses_recipes(config: TrainConfig) -> bool:
+  return (config.warm_steps > 0 or config.tau_schedule != "constant"
+          or config.distill_weight > 0 or config.entropy_weight > 0
+          or config.budget != "penalty")
+
+
+Teacher = Callable[[jax.Array], jax.Array]
+
+
+def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | None = None
                     ) -> Callable[[TrainState, dict[str, jax.Array]],
                                   tuple[TrainState, dict[str, jax.Array]]]:
   """Builds the pure train step ``(state, batch) -> (state, metrics)``.
@@ -228,6 +330,9 @@ def make_train_step(model: nn.Module, config: TrainConfig
       and returning ``(logits [batch, classes], aux)`` with one ``GateAux`` or ``None``
       per hidden layer.
     config: hyperparameters.
+    teacher: ``x [batch, ...] -> logits [batch, classes]`` of a distillation teacher (a
+      dense run); ``None`` with ``distill_weight > 0`` distils from the same network
+      with every block on (``mode='all'``, under ``stop_gradient``).
 
   Returns:
     the un-jitted step; wrap it in ``jax.jit(step, donate_argnums=0)``. The batch is a
@@ -236,9 +341,12 @@ def make_train_step(model: nn.Module, config: TrainConfig
   """
   check_model_matches(model, config)
   optimizer = make_optimizer(config)
+  gated_model = getattr(model, "gated", True)
+  recipes_on = gated_model and _uses_recipes(config)
 
-  def objective(params, batch, step_key, baseline_state):
-    logits, aux = model.apply({"params": params}, batch["x"], mode="sample",
+  def objective(params, batch, step_key, baseline_state, step, duals, warm):
+    mode = "all" if warm else "sample"
+    logits, aux = model.apply({"params": params}, batch["x"], mode=mode,
                               rngs={"gate": step_key})
     labels = batch["y"]
     per_example_loss = optax.softmax_cross_entropy_with_integer_labels(
@@ -251,9 +359,28 @@ def make_train_step(model: nn.Module, config: TrainConfig
         "l2": l2,
     }
     total = task_loss + l2
+    if recipes_on and config.distill_weight > 0:
+      if teacher is not None:
+        teacher_logits = teacher(batch["x"])
+      elif warm:
+        teacher_logits = logits  # the student is the all-on network: nothing to distil
+      else:
+        teacher_logits = model.apply({"params": params}, batch["x"], mode="all")[0]
+      distill_loss = jnp.mean(distill.distillation_loss(
+          logits, jax.lax.stop_gradient(teacher_logits), config.distill_temperature))
+      total = total + config.distill_weight * distill_loss
+      metrics["distill"] = distill_loss
     gate_aux = [layer_aux for layer_aux in aux if layer_aux is not None]
     if gate_aux:
-      policy_loss, terms = policy_objective(gate_aux, per_example_loss, config, baseline_state)
+      extra = {}
+      if recipes_on:
+        extra = {"taus": config.taus_at(step, len(gate_aux)), "duals": duals,
+                 "reinforce_on": not warm,
+                 "entropy_scale": schedules.ramp(step, begin=config.warm_steps,
+                                                 length=config.entropy_ramp_steps)}
+      # The REINFORCE cost is the examples' own task loss (never the distillation term).
+      policy_loss, terms = policy_objective(gate_aux, per_example_loss, config,
+                                            baseline_state, **extra)
       total = total + policy_loss
       metrics.update(terms)
     metrics["objective"] = total
@@ -261,10 +388,16 @@ def make_train_step(model: nn.Module, config: TrainConfig
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+  def gradients(state, batch, step_key):
+    args = (state.params, batch, step_key, state.baseline, state.step, state.duals)
+    if not recipes_on or config.warm_steps == 0:
+      return grad_fn(*args, False)
+    return jax.lax.cond(state.step < config.warm_steps,
+                        lambda *a: grad_fn(*a, True), lambda *a: grad_fn(*a, False), *args)
+
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     step_key = jax.random.fold_in(state.rng, state.step)
-    (total, (metrics, per_example_loss)), grads = grad_fn(
-        state.params, batch, step_key, state.baseline)
+    (total, (metrics, per_example_loss)), grads = gradients(state, batch, step_key)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     new_baseline = estimators.update_baseline_state(state.baseline, per_example_loss,
@@ -280,6 +413,13 @@ def make_train_step(model: nn.Module, config: TrainConfig
     })
     new_state = state.replace(step=state.step + 1, params=new_params,
                               opt_state=new_opt_state, baseline=new_baseline)
+    if state.duals is not None and "tau_target" in metrics:
+      moved = budget_lib.dual_update(state.duals, metrics["mean_prob"], metrics["tau_target"],
+                                     config.dual_lr)
+      # No dual ascent during the warm start: the masks were all on.
+      new_state = new_state.replace(duals=jnp.where(state.step < config.warm_steps,
+                                                    state.duals, moved))
+      metrics["duals"] = new_state.duals
     if config.skip_nonfinite:
       kept = state.replace(step=state.step + 1)
       new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),

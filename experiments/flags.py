@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from absl import flags
 
+from ccjax import budget as budget_lib
 from ccjax import config as config_lib
 from ccjax import estimators
+from ccjax import schedules
 from ccjax import step as step_lib
 from ccjax import validation
 
@@ -93,7 +95,38 @@ LOG_EVERY = flags.DEFINE_integer("log_every", _DEFAULT.log_every,
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", _DEFAULT.checkpoint_every,
                                         "Checkpoint every this many steps.")
 EVAL_POLICY = flags.DEFINE_enum("eval_policy", _DEFAULT.eval_policy, config_lib.EVAL_POLICIES,
-                                "Test-time masks: threshold (p > 0.5) | sample.")
+                                "Test-time masks: threshold (p > 0.5) | sample | top_k "
+                                "(exactly round(tau * blocks) blocks per example and layer).")
+# Training recipes (see ccjax.recipes); each sets the TrainConfig field of its name.
+WARM_STEPS = flags.DEFINE_integer(
+    "warm_steps", _DEFAULT_TRAIN.warm_steps, "Dense warm start: this many first steps run "
+    "every block (the policy learns only its regularizers).")
+TAU_SCHEDULE = flags.DEFINE_enum(
+    "tau_schedule", _DEFAULT_TRAIN.tau_schedule, schedules.TAU_SCHEDULES,
+    "Tau curriculum from 1 to --tau after the warm start.")
+TAU_SCHEDULE_STEPS = flags.DEFINE_integer("tau_schedule_steps", _DEFAULT_TRAIN.tau_schedule_steps,
+                                          "Length of the tau curriculum in steps.")
+DISTILL_WEIGHT = flags.DEFINE_float(
+    "distill_weight", _DEFAULT_TRAIN.distill_weight, "Weight of the distillation loss "
+    "towards the teacher (the same net with every block on, or --distill_from); 0: off.")
+DISTILL_TEMPERATURE = flags.DEFINE_float("distill_temperature",
+                                         _DEFAULT_TRAIN.distill_temperature,
+                                         "Distillation temperature.")
+DISTILL_FROM = flags.DEFINE_string("distill_from", None, "Workdir of a finished run used as "
+                                   "the distillation teacher (every block on).")
+INIT_FROM = flags.DEFINE_string("init_from", None, "Workdir of a finished run of the same shape "
+                                "(dense or gated) whose network weights start this run.")
+ENTROPY_WEIGHT = flags.DEFINE_float("entropy_weight", _DEFAULT_TRAIN.entropy_weight,
+                                    "Weight of the policy-entropy penalty (polarisation).")
+ENTROPY_RAMP_STEPS = flags.DEFINE_integer(
+    "entropy_ramp_steps", _DEFAULT_TRAIN.entropy_ramp_steps,
+    "The entropy weight grows linearly from 0 over this many steps after the warm start.")
+BUDGET = flags.DEFINE_enum("budget", _DEFAULT_TRAIN.budget, budget_lib.BUDGETS,
+                           "penalty (fixed lambda_s) | lagrange (plus per-layer multipliers "
+                           "updated by dual ascent).")
+DUAL_LR = flags.DEFINE_float("dual_lr", _DEFAULT_TRAIN.dual_lr, "Dual-ascent step size.")
+ADVANTAGE = flags.DEFINE_enum("advantage", _DEFAULT_TRAIN.advantage, estimators.ADVANTAGES,
+                              "REINFORCE advantage: raw (c - b) | standardized (per batch).")
 VALID_FRACTION = flags.DEFINE_float(
     "valid_fraction", _DEFAULT.valid_fraction, "Fraction of train held out for validation "
     "when the dataset has no validation split, in [0, 1).")
@@ -107,7 +140,9 @@ flags.mark_flag_as_required("workdir")
 SHARED_FLAGS = (DATASET, DATA_DIR, ARCH, HIDDEN, BLOCK_SIZE, LAMBDA_S, LAMBDA_V, L2, LR, POLICY_LR,
                 BASELINE, ESTIMATOR, SKIP_NONFINITE, BATCH_SIZE, STEPS, EPOCHS, EVAL_EVERY,
                 LOG_EVERY, CHECKPOINT_EVERY, EVAL_POLICY, VALID_FRACTION, NUM_DEVICES,
-                MEASURE_LATENCY, PLOTS)
+                MEASURE_LATENCY, PLOTS, WARM_STEPS, TAU_SCHEDULE, TAU_SCHEDULE_STEPS,
+                DISTILL_WEIGHT, DISTILL_TEMPERATURE, DISTILL_FROM, INIT_FROM, ENTROPY_WEIGHT,
+                ENTROPY_RAMP_STEPS, BUDGET, DUAL_LR, ADVANTAGE)
 
 
 def config_from_flags(**fields) -> config_lib.ExperimentConfig:

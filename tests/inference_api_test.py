@@ -59,13 +59,27 @@ def test_tight_capacities_overflow_and_stay_exact(trained):
   np.testing.assert_allclose(logits, masked_dense, atol=1e-5, rtol=1e-5)
 
 
-def test_top_k_mode_caps_blocks_per_example(trained):
+def test_capped_mode_caps_blocks_per_example(trained):
   module, params, x = trained
-  logits, info = ccjax.make_inference(module, params, mode="top_k",
+  logits, info = ccjax.make_inference(module, params, mode="capped",
                                       capacities=ccjax.Capacities(top_k=1))(x[:8])
   for mask, probs in zip(info.masks, info.probs):
     assert np.all(np.sum(np.asarray(mask), -1) <= 1)
-  reference, _ = module.apply({"params": params}, x[:8], mode="top_k", capacity=1)
+  reference, _ = module.apply({"params": params}, x[:8], mode="capped", capacity=1)
+  np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_top_k_mode_runs_exactly_k_blocks(trained, batch):
+  module, params, x = trained
+  fn = ccjax.make_inference(module, params, mode="top_k", capacities=ccjax.Capacities(top_k=2))
+  logits, info = fn(x[:batch])
+  for mask in info.masks:
+    np.testing.assert_array_equal(np.sum(np.asarray(mask), -1), 2)
+  assert int(np.sum(info.dropped)) == 0
+  reference, aux = module.apply({"params": params}, x[:batch], mode="top_k", capacity=2)
+  for mask, layer_aux in zip(info.masks, aux):
+    np.testing.assert_array_equal(mask, layer_aux.mask)
   np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
 
 

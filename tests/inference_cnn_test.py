@@ -125,12 +125,14 @@ def test_overflow_drops_lowest_probability_examples(setup):
   assert not np.allclose(logits, full_logits, atol=1e-3)
 
 
-def test_top_k_and_all_modes(setup):
+@pytest.mark.parametrize("mode", ["top_k", "capped"])
+def test_top_k_capped_and_all_modes(setup, mode):
   model, params, x = setup
-  logits, info = _sparse(model, "top_k", 1)(params, x)
-  ref_logits, ref_aux = _reference(model, "top_k", 1)(params, x)
+  logits, info = _sparse(model, mode, 1)(params, x)
+  ref_logits, ref_aux = _reference(model, mode, 1)(params, x)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
-  assert np.all(np.sum(np.asarray(info.masks[2]), -1) <= 1)
+  counts = np.sum(np.asarray(info.masks[2]), -1)
+  assert np.all(counts == 1) if mode == "top_k" else np.all(counts <= 1)
   all_logits, all_info = _sparse(model, "all")(params, x)
   dense = conv.GatedCNN(10, gated=False, **SMALL)
   dense_logits, _ = jax.jit(dense.apply)({"params": layers.strip_policy_params(params)}, x)

@@ -127,29 +127,44 @@ class DeterministicModesTest(chex.TestCase):
     np.testing.assert_array_equal(self.variant(ccjax.threshold_mask)(probs), [[0, 1, 0, 1]])
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_top_k(self):
+  def test_capped_threshold(self):
     probs = jnp.array([[0.2, 0.51, 0.5, 0.9], [0.8, 0.7, 0.95, 0.6]])
-    top_k = self.variant(ccjax.top_k_mask, static_argnums=1)
-    np.testing.assert_array_equal(top_k(probs, 1), [[0, 0, 0, 1], [0, 0, 1, 0]])
-    np.testing.assert_array_equal(top_k(probs, 2), [[0, 1, 0, 1], [1, 0, 1, 0]])
+    capped = self.variant(ccjax.capped_threshold_mask, static_argnums=1)
+    np.testing.assert_array_equal(capped(probs, 1), [[0, 0, 0, 1], [0, 0, 1, 0]])
+    np.testing.assert_array_equal(capped(probs, 2), [[0, 1, 0, 1], [1, 0, 1, 0]])
     # The threshold still applies: 0.5 and 0.2 never run.
-    np.testing.assert_array_equal(top_k(probs, 4), [[0, 1, 0, 1], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(capped(probs, 4), [[0, 1, 0, 1], [1, 1, 1, 1]])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_top_k_is_exactly_k_without_threshold(self):
+    probs = jnp.array([[0.2, 0.51, 0.5, 0.9], [0.1, 0.2, 0.05, 0.3]])
+    top_k = self.variant(ccjax.top_k_mask, static_argnums=1)
+    np.testing.assert_array_equal(top_k(probs, 1), [[0, 0, 0, 1], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(top_k(probs, 3), [[0, 1, 1, 1], [1, 1, 0, 1]])
 
   def test_top_k_ties_prefer_lower_index(self):
     probs = jnp.array([[0.7, 0.7, 0.7]])
     np.testing.assert_array_equal(ccjax.top_k_mask(probs, 2), [[1, 1, 0]])
 
-  def test_top_k_row_counts_never_exceed_capacity(self):
+  def test_top_k_rows_hold_exactly_k(self):
     probs = jax.random.uniform(jax.random.key(0), (64, 8))
     for capacity in range(1, 9):
-      block_mask = ccjax.top_k_mask(probs, capacity)
-      self.assertLessEqual(int(jnp.max(jnp.sum(block_mask, -1))), capacity)
-      np.testing.assert_array_equal(block_mask * ccjax.threshold_mask(probs), block_mask)
+      np.testing.assert_array_equal(jnp.sum(ccjax.top_k_mask(probs, capacity), -1), capacity)
+      capped = ccjax.capped_threshold_mask(probs, capacity)
+      self.assertLessEqual(int(jnp.max(jnp.sum(capped, -1))), capacity)
+      np.testing.assert_array_equal(capped * ccjax.threshold_mask(probs), capped)
+
+  def test_top_k_capacity_rounds_tau_times_blocks(self):
+    self.assertEqual(ccjax.top_k_capacity(0.125, 16), 2)
+    self.assertEqual(ccjax.top_k_capacity(0.25, 16), 4)
+    self.assertEqual(ccjax.top_k_capacity(0.01, 16), 1)
+    self.assertEqual(ccjax.top_k_capacity(1.0, 16), 16)
 
   @parameterized.parameters(0, 5, -1)
   def test_top_k_bad_capacity(self, capacity):
-    with self.assertRaisesRegex(ValueError, "capacity"):
-      ccjax.top_k_mask(jnp.full((1, 4), 0.6), capacity)
+    for fn in (ccjax.top_k_mask, ccjax.capped_threshold_mask):
+      with self.assertRaisesRegex(ValueError, "capacity"):
+        fn(jnp.full((1, 4), 0.6), capacity)
 
   def test_deterministic_mask_modes(self):
     probs = jnp.array([[0.2, 0.6, 0.9]])

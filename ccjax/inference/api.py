@@ -31,7 +31,10 @@ from ccjax.inference import layout
 from ccjax.inference import mlp
 from ccjax.inference.info import InferenceInfo
 
-INFERENCE_MODES = ("threshold", "top_k")
+# ``threshold``: blocks with p > 0.5; ``top_k``: exactly ``Capacities.top_k`` most probable
+# blocks per example (fixed compute, no threshold); ``capped``: threshold, at most
+# ``Capacities.top_k`` blocks per example.
+INFERENCE_MODES = ("threshold", "top_k", "capped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +46,8 @@ class Capacities:
       gated layer); ``None`` gives exact capacities (nothing can overflow).
     example_slack: per-example block capacity ``k = ceil(slack * fraction * blocks)``.
     num_buckets: batch-1 slot-count buckets per layer (the work follows the real count).
-    top_k: blocks per example for ``mode='top_k'`` (one value or one per gated layer).
+    top_k: blocks per example for ``mode='top_k'`` (exactly) and ``mode='capped'`` (at
+      most): one value or one per gated layer.
   """
   active_fraction: float | tuple[float, ...] | None = None
   example_slack: float = 2.0
@@ -71,8 +75,8 @@ class Capacities:
 def _check_mode(mode: str, capacities: Capacities) -> None:
   if mode not in INFERENCE_MODES:
     raise ValueError(f"mode must be one of {'|'.join(INFERENCE_MODES)}, got {mode!r}")
-  if mode == "top_k" and capacities.top_k is None:
-    raise ValueError("mode 'top_k' needs Capacities(top_k=...)")
+  if mode in ("top_k", "capped") and capacities.top_k is None:
+    raise ValueError(f"mode {mode!r} needs Capacities(top_k=...)")
 
 
 class _MLPFamily:
@@ -84,7 +88,7 @@ class _MLPFamily:
     block_major = layout.to_block_major(module, params)
     backend = kernels.select_backend(backend)
     num_layers = len(module.hidden)
-    top_k = (None if mode != "top_k" else
+    top_k = (None if mode == "threshold" else
              validation.per_layer_values(capacities.top_k, num_layers, "top_k"))
     compiled = {}
 
@@ -94,12 +98,14 @@ class _MLPFamily:
           example_slack=capacities.example_slack,
           num_buckets=capacities.num_buckets if batch_size == 1 else 1, backend=backend)
       if top_k is not None:
-        example = tuple(min(k, cap) for k, cap in zip(top_k, config.example_capacity))
+        # top_k runs exactly k blocks per example; capped at most k of the threshold's.
+        example = (tuple(int(k) for k in top_k) if mode == "top_k" else
+                   tuple(min(k, cap) for k, cap in zip(top_k, config.example_capacity)))
         buckets = None if config.buckets is None else tuple(
             tuple(sorted({min(size, k) for size in sizes})) for sizes, k in
             zip(config.buckets, example))
-        config = dataclasses.replace(config, example_capacity=example,
-                                     buckets=buckets).validate(block_major)
+        config = dataclasses.replace(config, example_capacity=example, buckets=buckets,
+                                     exact_k=mode == "top_k").validate(block_major)
       return config
 
     def run(block_major_params, x, config):
@@ -200,8 +206,9 @@ def make_inference(module, params, *, mode: str = "threshold",
   Args:
     module: a :class:`ccjax.GatedMLP` or :class:`ccjax.GatedCNN` with ``gated=True``.
     params: its trained parameters.
-    mode: test-time policy, ``threshold`` (blocks with ``p > 0.5``) or ``top_k`` (at most
-      ``capacities.top_k`` of those per example).
+    mode: test-time policy, ``threshold`` (blocks with ``p > 0.5``), ``top_k`` (exactly
+      ``capacities.top_k`` most probable blocks per example: fixed compute) or ``capped``
+      (at most ``capacities.top_k`` of the threshold's blocks per example).
     capacities: static work limits (default: exact, nothing overflows); what exceeds
       them is dropped, lowest probability first, and counted in ``info.dropped``.
     backend: kernel backend (default: :func:`ccjax.inference.kernels.select_backend`).

@@ -21,9 +21,9 @@ def block_probs(logits: jax.Array, eps: float) -> jax.Array:
   return policy_lib.policy_probs(logits.astype(jnp.float32), eps)
 
 
-def _select_single(probs: jax.Array, capacity: int):
+def _select_single(probs: jax.Array, capacity: int, config: SparseConfig):
   values, index = jax.lax.top_k(probs, capacity)
-  kept = values > policy_lib.THRESHOLD
+  kept = config.wanted(values)
   return index.astype(jnp.int32), kept, jnp.sum(kept.astype(jnp.int32))
 
 
@@ -81,7 +81,7 @@ def sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConf
   for position, (layer, capacity, out_sizes) in enumerate(
       zip(model.layers, config.example_capacity, buckets)):
     probs = block_probs(logits + layer.policy_bias, eps)
-    out_index, kept, out_count = _select_single(probs, capacity)
+    out_index, kept, out_count = _select_single(probs, capacity, config)
     next_rows = (model.layers[position + 1].policy_kernel if position + 1 < num_layers
                  else model.output_kernel)                          # [nb, bs, n]
     next_width = next_rows.shape[-1]
@@ -123,7 +123,6 @@ def sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConf
       logits = _bucket_switch(out_count, out_sizes,
                               lambda size, hidden=hidden, nl=next_logits: nl(hidden, size))
     traces.append(LayerTrace(out_index[None], kept[None],
-                             jnp.sum((probs > policy_lib.THRESHOLD).astype(jnp.int32)), out_count,
-                             probs[None]))
+                             config.candidates(probs[None], capacity), out_count, probs[None]))
     index, count, in_sizes = out_index, out_count, out_sizes
   return logits + model.output_bias, tuple(traces)

@@ -12,6 +12,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from ccjax import policy as policy_lib
 from ccjax.inference import kernels
 from ccjax.inference.layout import BlockMajorMLP
 from ccjax.inference.layout import LayerTrace
@@ -32,12 +33,29 @@ class SparseConfig:
       gated input with the smallest product of its input and output buckets that holds
       its active pair count (``lax.switch``), so the work follows the real count.
     backend: kernel backend, one of :data:`ccjax.inference.kernels.BACKENDS`.
+    exact_k: the ``top_k`` policy: every example runs exactly ``example_capacity``
+      blocks, its most probable ones, with no ``p > 0.5`` threshold (fixed compute);
+      ``False``: blocks above the threshold, at most ``example_capacity`` of them.
   """
   example_capacity: tuple[int, ...]
   block_capacity: tuple[int, ...]
   pair_capacity: tuple[int, ...]
   buckets: tuple[tuple[int, ...], ...] | None = None
   backend: str = "xla"
+  exact_k: bool = False
+
+  def wanted(self, top_values: jax.Array) -> jax.Array:
+    """Which of an example's ``k`` most probable blocks ask to run (bool, same shape)."""
+    if self.exact_k:
+      return jnp.ones(top_values.shape, bool)
+    return top_values > policy_lib.THRESHOLD
+
+  def candidates(self, probs: jax.Array, k: int) -> jax.Array:
+    """Scalar int32: (example, block) pairs that ask to run before capacities, for a layer
+    with ``probs [batch, blocks]`` and per-example capacity ``k``."""
+    if self.exact_k:
+      return jnp.asarray(probs.shape[0] * k, jnp.int32)
+    return jnp.sum((probs > policy_lib.THRESHOLD).astype(jnp.int32))
 
   def validate(self, model: BlockMajorMLP) -> "SparseConfig":
     num_layers = len(model.layers)

@@ -4,8 +4,9 @@ Axis letters: ``batch`` examples, ``height``/``width`` spatial, ``channels`` cha
 ``blocks`` channel blocks of a gated conv, ``bucket`` a static number of gathered
 blocks or examples.
 
-Masks are deterministic (``threshold``, ``top_k`` with a per-example block capacity, or
-``all``), computed by the same policy module and mask functions as training.
+Masks are deterministic (``threshold``, ``top_k`` with exactly a per-example block count,
+``capped`` (threshold, at most that count) or ``all``), computed by the same policy module
+and mask functions as training.
 
 **Skippable residual blocks** (one gate per example). The examples whose gate is on are
 gathered into the branch, at most ``example_capacity`` of them (static). If more ask
@@ -205,12 +206,12 @@ def skip_residual(inputs: jax.Array, branch_weights: Sequence[layers.LayerWeight
 
 def _layer_capacities(model: conv.GatedCNN, mode: str, capacity) -> tuple:
   gate_layers = model.gate_layers()
-  if mode != "top_k":
+  if mode not in ("top_k", "capped"):
     return (None,) * len(gate_layers)
   if capacity is None:
-    raise ValueError("mode 'top_k' needs a capacity (blocks per example)")
+    raise ValueError(f"mode {mode!r} needs a capacity (blocks per example)")
   values = validation.per_layer_values(capacity, len(gate_layers), "capacity")
-  return tuple(1 if layer.kind == conv.SKIP_GATE else value
+  return tuple(None if layer.kind == conv.SKIP_GATE else value
                for layer, value in zip(gate_layers, values))
 
 
@@ -221,8 +222,10 @@ def make_cnn_inference(model: conv.GatedCNN, *, mode: str = "threshold",
 
   Args:
     model: a :class:`ccjax.conv.GatedCNN` with ``gated=True``.
-    mode: ``threshold`` | ``top_k`` | ``all``.
-    capacity: blocks per example for ``top_k``: one value or one per gated layer.
+    mode: ``threshold`` | ``top_k`` (exactly ``capacity`` blocks) | ``capped`` (threshold,
+      at most ``capacity`` blocks) | ``all``.
+    capacity: blocks per example for ``top_k`` / ``capped``: one value or one per gated
+      layer (residual skip gates keep the threshold).
     example_capacity: most examples a residual block computes per batch (static);
       ``None``: the whole batch (no overflow). See the module docstring for overflow.
 
@@ -252,7 +255,10 @@ def make_cnn_inference(model: conv.GatedCNN, *, mode: str = "threshold",
       policy = model.policy_weights(params, layer)
       probs = policy_lib.policy_probs(
           conv.pooled_policy_input(hidden) @ policy.kernel + policy.bias, model.policy_eps)
-      block_mask = policy_lib.deterministic_mask(probs, mode, layer_capacity)
+      # Skip gates (one block) keep the threshold under top_k / capped, as in GatedSkip.
+      layer_mode = mode if layer_capacity is not None or mode not in ("top_k", "capped") \
+          else "threshold"
+      block_mask = policy_lib.deterministic_mask(probs, layer_mode, layer_capacity)
       requested.append(jnp.sum(block_mask > 0).astype(jnp.int32))
       if layer.kind == conv.CHANNEL_GATE:
         weights = model.channel_conv_weights(params, layer)

@@ -11,7 +11,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ccjax import policy as policy_lib
 from ccjax.inference import kernels
 from ccjax.inference.batch1 import block_probs
 from ccjax.inference.capacity import SparseConfig
@@ -209,9 +208,9 @@ def sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConfi
     probs = block_probs(logits + layer.policy_bias, eps)
     values, out_index = jax.lax.top_k(probs, k)                       # [batch, k]
     out_index = out_index.astype(jnp.int32)
-    wanted = values > policy_lib.THRESHOLD
+    wanted = config.wanted(values)
     grouping = group_entries(out_index.reshape(-1), values.reshape(-1), wanted.reshape(-1),
-                             nb, block_cap, priority_above_half=True)
+                             nb, block_cap, priority_above_half=not config.exact_k)
     kept = (grouping.slot_of_entry < nb * block_cap).reshape(batch, k)
     example = grouping.entry_of_slot // k                             # [nb * C], batch = empty
     if not layer.input_gated:
@@ -227,8 +226,7 @@ def sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConfi
     pre = take_blocks(out, grouping.slot_of_entry).reshape(batch, k, bs)
     bias = take_blocks(layer.bias, out_index)                          # [batch, k, bs]
     hidden = jax.nn.relu(pre + bias) * kept[..., None].astype(pre.dtype)
-    traces.append(LayerTrace(out_index, kept,
-                             jnp.sum((probs > policy_lib.THRESHOLD).astype(jnp.int32)),
+    traces.append(LayerTrace(out_index, kept, config.candidates(probs, k),
                              jnp.sum(kept.astype(jnp.int32)), probs))
     index, kept_in = out_index, kept
   k_in = index.shape[1]
