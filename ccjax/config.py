@@ -99,10 +99,10 @@ class ExperimentConfig:
     object.__setattr__(self, "hidden", tuple(self.hidden))
     validation.check_choice("model", self.model, MODELS)
     validation.check_choice("eval_policy", self.eval_policy, EVAL_POLICIES)
-    if not (self.dataset == "digits" or self.dataset in TFDS_DATASETS
+    if not (self.dataset in ("digits", "mnist1d") or self.dataset in TFDS_DATASETS
             or (self.dataset.startswith("npz:") and len(self.dataset) > 4)):
       raise validation.ConfigError(
-          "dataset", f"must be one of digits|{'|'.join(TFDS_DATASETS)}|npz:PATH, "
+          "dataset", f"must be one of digits|mnist1d|{'|'.join(TFDS_DATASETS)}|npz:PATH, "
           f"got {self.dataset!r}")
     if not self.hidden:
       raise validation.ConfigError("hidden", "must list at least one width, e.g. 512,512")

@@ -10,6 +10,11 @@ image height, width and channels.
   rest with ``seed``.
 * ``mnist`` | ``cifar10`` | ``svhn_cropped``: tensorflow-datasets, already prepared in
   ``data_dir`` (never downloaded here; TFDS is imported only inside the loader).
+* ``mnist1d``: MNIST-1D (Greydanus 2020), 40-sample 1-D signals of 10 classes, generated
+  offline from the templates in the ``mnist1d`` package (``make_dataset``; its
+  ``get_dataset`` would download and is never called) with :data:`MNIST1D_ARGS`: 10,000
+  examples, 8,000 train / 2,000 test; validation is drawn from train with ``seed``.
+  ``mnist1d`` is an optional dependency (``pip install ccjax[mnist1d]``), imported only here.
 * ``npz:PATH``: a user's archive with ``x_train, y_train, x_test, y_test`` and optional
   ``x_valid, y_valid`` (and optional scalar ``num_classes``).
 
@@ -34,7 +39,14 @@ from typing import Iterator
 import numpy as np
 
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
-DATASETS = ("digits", *TFDS_DATASETS, "npz:PATH")
+DATASETS = ("digits", "mnist1d", *TFDS_DATASETS, "npz:PATH")
+# mnist1d.data.make_dataset arguments (the package defaults, with 10,000 examples).
+MNIST1D_ARGS = {"num_samples": 10000, "train_split": 0.8, "template_len": 12,
+                "padding": [36, 60], "scale_coeff": 0.4, "max_translation": 48,
+                "corr_noise_scale": 0.25, "iid_noise_scale": 2e-2, "shear_scale": 0.75,
+                "shuffle_seq": False, "final_seq_length": 40, "seed": 42}
+# sha256 of the generated float32 x_train, int32 y_train, x_test, y_test (mnist1d 0.0.2.post1).
+MNIST1D_PACKAGE_VERSION = "0.0.2.post1"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 _SPLITS = ("train", "valid", "test")
@@ -119,6 +131,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, valid_fraction: floa
   valid_fraction = _check_valid_fraction(valid_fraction)
   if spec == "digits":
     return _load_digits(valid_fraction, seed)
+  if spec == "mnist1d":
+    return _load_mnist1d(valid_fraction, seed)
   if spec in TFDS_DATASETS:
     return _load_tfds(spec, data_dir, valid_fraction, seed)
   if spec.startswith("npz:"):
@@ -200,6 +214,48 @@ def _load_digits(valid_fraction: float, seed: int) -> Dataset:
   test = _stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
   return _finish("digits", images[~test], labels[~test], None, None, images[test],
                  labels[test], 10, valid_fraction, seed)
+
+
+@functools.lru_cache(maxsize=1)
+def mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """``(x_train [8000, 40], y_train, x_test [2000, 40], y_test)`` of MNIST-1D, generated offline.
+
+  Calls ``mnist1d.data.make_dataset`` (no network access: it transforms the templates
+  bundled in the package's code) with :data:`MNIST1D_ARGS`; the package seeds numpy's
+  global generator, whose state is restored afterwards.
+
+  Raises:
+    DataError: the optional ``mnist1d`` package is not installed.
+  """
+  try:
+    from mnist1d import data as mnist1d_data  # pylint: disable=g-import-not-at-top
+    from mnist1d import utils as mnist1d_utils  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise DataError("dataset mnist1d needs the mnist1d package: pip install "
+                    f"'mnist1d=={MNIST1D_PACKAGE_VERSION}' (or ccjax[mnist1d])") from None
+  state = np.random.get_state()
+  try:
+    generated = mnist1d_data.make_dataset(mnist1d_utils.ObjectView(dict(MNIST1D_ARGS)))
+  finally:
+    np.random.set_state(state)
+  return (np.asarray(generated["x"], np.float32), np.asarray(generated["y"], np.int32),
+          np.asarray(generated["x_test"], np.float32), np.asarray(generated["y_test"], np.int32))
+
+
+def mnist1d_fingerprint() -> str:
+  """sha256 (hex) of the generated MNIST-1D arrays, to check a reproduction."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = hashlib.sha256()
+  for array in mnist1d_arrays():
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def _load_mnist1d(valid_fraction: float, seed: int) -> Dataset:
+  seed = _check_seed(seed)
+  x_train, y_train, x_test, y_test = mnist1d_arrays()
+  return _finish("mnist1d", x_train, y_train, None, None, x_test, y_test, 10, valid_fraction,
+                 seed)
 
 
 # ----------------------------------------------------------------------------- TFDS

@@ -304,8 +304,10 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
                      primary=primary)
   results["wall_time_s"] = time.time() - start_time
   # Training only (this invocation): no data loading, compilation of eval, or final costs.
-  results["train_time_s"] = train_time
   results["trained_steps"] = max(0, total_steps - start_step)
+  results["train_time_s"] = train_time
+  if not results["trained_steps"]:  # only re-evaluated: keep the time of the real training
+    results["train_time_s"] = _previous_train_time(workdir, train_time)
   if primary:
     atomic.write_json(os.path.join(workdir, runs.RESULTS_FILE), results)
   return results
@@ -338,6 +340,15 @@ def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval
   if primary and config.plots:
     write_plots(os.path.join(workdir, "plots"), test, dataset, metrics_log.read())
   return results
+
+
+def _previous_train_time(workdir: str, default: float) -> float:
+  """``train_time_s`` of the ``results.json`` already in ``workdir`` (else ``default``)."""
+  try:
+    with open(os.path.join(workdir, runs.RESULTS_FILE)) as stream:
+      return float(json.load(stream).get("train_time_s", default))
+  except (OSError, ValueError, TypeError):
+    return default
 
 
 def eval_capacity(config: config_lib.ExperimentConfig, module) -> tuple[int, ...] | None:

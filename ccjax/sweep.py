@@ -19,10 +19,12 @@ from ccjax import atomic
 from ccjax import config as config_lib
 from ccjax import validation
 from ccjax import flops
+from ccjax import recipes as recipes_lib
 
-CSV_FIELDS = ("label", "model", "tau", "hidden", "seeds", "test_error_mean", "test_error_std",
+CSV_FIELDS = ("label", "recipe", "model", "tau", "hidden", "seeds", "valid_error_mean",
+              "valid_error_std", "test_error_mean", "test_error_std",
               "active_fraction_mean", "active_fraction_std", "macs_mean", "macs_std",
-              "latency_ms_mean", "latency_ms_std")
+              "latency_ms_mean", "latency_ms_std", "train_time_s_mean", "train_time_s_std")
 
 
 def matched_dense_width(input_dim: int, num_layers: int, num_classes: int, target_macs: float,
@@ -50,7 +52,7 @@ def _latency(result: dict[str, Any]) -> float | None:
 
 
 def aggregate(label: str, model: str, tau: float | None, hidden: Sequence[int],
-              results: list[dict[str, Any]]) -> dict[str, Any]:
+              results: list[dict[str, Any]], recipe: str = "") -> dict[str, Any]:
   """Mean and std over seeds of one configuration's results."""
   def stats(values):
     values = [v for v in values if v is not None]
@@ -58,10 +60,12 @@ def aggregate(label: str, model: str, tau: float | None, hidden: Sequence[int],
       return None, None
     return float(np.mean(values)), float(np.std(values))
 
-  row = {"label": label, "model": model, "tau": tau, "hidden": list(hidden),
+  row = {"label": label, "recipe": recipe, "model": model, "tau": tau, "hidden": list(hidden),
          "seeds": len(results)}
   for name, values in (
+      ("valid_error", [r.get("valid_error") for r in results]),
       ("test_error", [r["test_error"] for r in results]),
+      ("train_time_s", [r.get("train_time_s") for r in results]),
       ("active_fraction", [float(np.mean(r["active_fraction"])) if r["active_fraction"] else 1.0
                            for r in results]),
       ("macs", [r["macs_per_example"] for r in results]),
@@ -71,33 +75,38 @@ def aggregate(label: str, model: str, tau: float | None, hidden: Sequence[int],
 
 
 class Grid(NamedTuple):
-  """The validated seeds and taus of a sweep."""
+  """The validated seeds, taus and recipes of a sweep (no recipes: the base config only)."""
   seeds: tuple[int, ...]
   taus: tuple[float, ...]
+  recipes: tuple[str, ...] = ()
 
 
 def validate_grid(base: config_lib.ExperimentConfig, *, seeds: Sequence[int],
-                  taus: Sequence[float]) -> Grid:
+                  taus: Sequence[float], recipes: Sequence[str] = ()) -> Grid:
   """Checks every run of the grid before any starts.
 
   Raises:
-    validation.ConfigError: a bad or duplicate seed or tau, or two taus whose run
-      directories would collide (field ``seed`` / ``tau``).
+    validation.ConfigError: a bad or duplicate seed, tau or recipe, or two taus whose run
+      directories would collide (field ``seed`` / ``tau`` / ``recipes``).
   """
-  seeds, taus = tuple(seeds), tuple(taus)
+  seeds, taus, recipes = tuple(seeds), tuple(taus), tuple(recipes)
   for name, values in (("seed", seeds), ("tau", taus)):
     if not values:
       raise validation.ConfigError(name, "needs at least one value")
     if len(set(values)) != len(values):
       raise validation.ConfigError(name, f"lists a value twice: {list(values)}")
-  for tau in taus:
-    for seed in seeds:
-      base.replace(model="condnet", tau=(tau,), seed=seed)
+  if len(set(recipes)) != len(recipes):
+    raise validation.ConfigError("recipes", f"lists a recipe twice: {list(recipes)}")
+  for recipe in recipes or ("",):
+    fields = recipes_lib.recipe_fields(recipe) if recipe else {}
+    for tau in taus:
+      for seed in seeds:
+        base.replace(model="condnet", tau=(tau,), seed=seed, **fields)
   names = [_tau_name(tau) for tau in taus]
   if len(set(names)) != len(names):
     raise validation.ConfigError("tau", f"values {list(taus)} give the same run directory "
                                         f"names {names}; use values that differ in 6 digits")
-  return Grid(seeds, taus)
+  return Grid(seeds, taus, recipes)
 
 
 def _tau_name(tau: float) -> str:
@@ -106,37 +115,47 @@ def _tau_name(tau: float) -> str:
 
 def run_sweep(base: config_lib.ExperimentConfig, workdir: str, grid: Grid,
               train_fn: Callable, input_dim: int, num_classes: int) -> list[dict[str, Any]]:
-  """Runs condnets for every tau and both dense baselines, for every seed.
+  """Runs condnets for every (recipe,) tau and both dense baselines, for every seed.
 
   Args:
-    base: configuration shared by all runs (its ``model``, ``tau``, ``seed`` are replaced).
-    workdir: each run goes to ``workdir/<configuration>/seed<k>``; finished runs are reused.
-    grid: seeds and taus (:func:`validate_grid`).
+    base: configuration shared by all runs (its ``model``, ``tau``, ``seed`` are replaced,
+      and a recipe's fields set on top).
+    workdir: each run goes to ``workdir/[<recipe>/]<configuration>/seed<k>``; finished runs
+      are reused. Dense baselines are shared by all recipes.
+    grid: seeds, taus and recipes (:func:`validate_grid`).
     train_fn: ``(config, workdir) -> results`` (``ccjax.loop.train_and_evaluate``).
     input_dim: flattened input size (for the MAC-matched width).
     num_classes: classes (for the MAC-matched width).
 
   Returns:
-    one aggregated row per configuration.
+    one aggregated row per configuration: the dense same-width baseline, then per recipe
+    and tau the condnet and its MAC-matched dense baseline.
   """
-  seeds, taus = grid
+  seeds, taus, recipes = grid
   rows = []
   dense_runs = [_run(base, os.path.join(workdir, "dense_same_width", f"seed{seed}"), train_fn,
                      model="dense", seed=seed) for seed in seeds]
   rows.append(aggregate("dense (same width)", "dense", None, base.hidden, dense_runs))
-  for tau in taus:
-    label = f"condnet tau={_tau_name(tau)}"
-    runs = [_run(base, os.path.join(workdir, f"condnet_tau{_tau_name(tau)}", f"seed{seed}"), train_fn,
-                 model="condnet", tau=(tau,), seed=seed) for seed in seeds]
-    rows.append(aggregate(label, "condnet", tau, base.hidden, runs))
-    width = matched_dense_width(input_dim, len(base.hidden), num_classes,
-                                rows[-1]["macs_mean"], base.block_size)
-    hidden = (width,) * len(base.hidden)
-    matched_dir = os.path.join(workdir, f"dense_matched_tau{_tau_name(tau)}_width{width}")
-    matched = [_run(base, os.path.join(matched_dir, f"seed{seed}"),
-                    train_fn, model="dense", hidden=hidden, seed=seed) for seed in seeds]
-    rows.append(aggregate(f"dense (MACs of tau={_tau_name(tau)}, width {width})", "dense", tau, hidden,
-                          matched))
+  for recipe in recipes or ("",):
+    fields = recipes_lib.recipe_fields(recipe) if recipe else {}
+    prefix = os.path.join(workdir, recipe) if recipe else workdir
+    for tau in taus:
+      label = f"{recipe} tau={_tau_name(tau)}" if recipe else f"condnet tau={_tau_name(tau)}"
+      runs = [_run(base, os.path.join(prefix, f"condnet_tau{_tau_name(tau)}", f"seed{seed}"),
+                   train_fn, model="condnet", tau=(tau,), seed=seed, **fields)
+              for seed in seeds]
+      rows.append(aggregate(label, f"condnet {recipe}".strip(), tau, base.hidden, runs,
+                            recipe=recipe))
+      width = matched_dense_width(input_dim, len(base.hidden), num_classes,
+                                  rows[-1]["macs_mean"], base.block_size)
+      hidden = (width,) * len(base.hidden)
+      # Recipes whose MACs match the same width share that baseline's runs.
+      matched_dir = (os.path.join(workdir, f"dense_width{width}") if recipe else
+                     os.path.join(workdir, f"dense_matched_tau{_tau_name(tau)}_width{width}"))
+      matched = [_run(base, os.path.join(matched_dir, f"seed{seed}"),
+                      train_fn, model="dense", hidden=hidden, seed=seed) for seed in seeds]
+      rows.append(aggregate(f"dense (MACs of {label}, width {width})", "dense", tau, hidden,
+                            matched, recipe=recipe))
   return rows
 
 
@@ -154,15 +173,18 @@ def write_tables(rows: list[dict[str, Any]], workdir: str) -> tuple[str, str]:
     writer.writeheader()
     for row in rows:
       writer.writerow({**row, "hidden": "x".join(map(str, row["hidden"]))})
-  lines = ["| configuration | seeds | test error (%) | active fraction | MACs / example (k) "
-           "| batch-1 latency (ms) |", "|---|---|---|---|---|---|"]
+  lines = ["| configuration | seeds | valid error (%) | test error (%) | active fraction "
+           "| MACs / example (k) | batch-1 latency (ms) | train time (s) |",
+           "|---|---|---|---|---|---|---|---|"]
   for row in rows:
     lines.append(
         f"| {row['label']} | {row['seeds']} | "
+        f"{_format(row.get('valid_error_mean'), row.get('valid_error_std'), 100)} | "
         f"{_format(row['test_error_mean'], row['test_error_std'], 100)} | "
         f"{_format(row['active_fraction_mean'], row['active_fraction_std'], 1, 3)} | "
         f"{_format(row['macs_mean'], row['macs_std'], 1e-3, 1)} | "
-        f"{_format(row['latency_ms_mean'], row['latency_ms_std'], 1, 3)} |")
+        f"{_format(row['latency_ms_mean'], row['latency_ms_std'], 1, 3)} | "
+        f"{_format(row.get('train_time_s_mean'), row.get('train_time_s_std'), 1, 1)} |")
   md_path = os.path.join(workdir, "sweep.md")
   with atomic.atomic_open(md_path) as stream:
     stream.write("\n".join(lines) + "\n")

@@ -57,7 +57,8 @@ _DEFAULT_TRAIN = step_lib.TrainConfig()
 _DEFAULT = config_lib.ExperimentConfig()
 
 DATASET = flags.DEFINE_string(
-    "dataset", _DEFAULT.dataset, "digits (scikit-learn, offline) | mnist | cifar10 | "
+    "dataset", _DEFAULT.dataset, "digits (scikit-learn, offline) | mnist1d (generated offline by the mnist1d "
+    "package) | mnist | cifar10 | "
     "svhn_cropped (TFDS, from --data_dir) | npz:PATH (x_train, y_train, x_test, y_test"
     "[, x_valid, y_valid]).")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")

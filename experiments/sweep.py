@@ -1,6 +1,7 @@
 r"""Seeds x tau grid of condnets with two dense baselines; writes sweep.csv, sweep.md, pareto.png.
 
   python -m experiments.sweep --workdir=runs/sweep
+  python -m experiments.sweep --workdir=runs/study --recipes=baseline,warm,distill --taus=0.125,0.25
 
 Runs go through the same code path as ``experiments.condnet`` and take the same flags
 (:mod:`experiments.flags`), with ``--taus`` and ``--seeds`` lists instead of ``--tau`` and
@@ -27,6 +28,10 @@ from experiments import flags as shared
 _SEEDS = shared.define_number_list("seeds", (0, 1, 2), "Comma list of seeds.", int)
 _TAUS = shared.define_number_list("taus", (0.125, 0.25, 0.5),
                                   "Comma list of target active fractions.")
+_RECIPES = flags.DEFINE_list(
+    "recipes", [], "Recipe study: comma list of recipes (ccjax.recipes.RECIPES, composed with "
+    "'+', e.g. baseline,warm,warm+distill); each runs every tau and seed, in "
+    "workdir/<recipe>/. Empty: the flags as given.")
 flags.FLAGS.set_default("steps", 4000)
 
 # The sweep's list flags set these config fields.
@@ -39,7 +44,8 @@ def main(argv):
   workdir = shared.WORKDIR.value
   try:
     base = shared.config_from_flags()
-    configs = sweep.validate_grid(base, seeds=_SEEDS.value, taus=_TAUS.value)
+    configs = sweep.validate_grid(base, seeds=_SEEDS.value, taus=_TAUS.value,
+                                  recipes=_RECIPES.value)
     dataset = data.load_dataset(base.dataset, data_dir=base.data_dir, seed=0)
     loop.check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)

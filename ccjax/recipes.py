@@ -1,0 +1,61 @@
+"""Named training recipes: sets of config fields the recipe study compares.
+
+A recipe is a mapping ``{field: value}`` of :class:`ccjax.ExperimentConfig` /
+:class:`ccjax.TrainConfig` fields applied on top of a base config; recipes compose with
+``+`` (``warm+distill``: both sets of fields; a field named twice must agree). Every
+recipe is also reachable with the flags of the same names, so a study row can be
+reproduced with ``experiments.condnet`` alone.
+
+``baseline`` is the empty recipe: the base config as given (after the study, the
+default config *is* the chosen recipe, so ``baseline`` then means "the defaults").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ccjax import validation
+
+# Values were set once before the study (not tuned on its results); see docs/recipes.md.
+RECIPES: Mapping[str, Mapping[str, Any]] = {
+    "baseline": {},
+    # Dense warm start: 1,000 steps with every block on, policy learns only L_b/L_e/L_v.
+    "warm": {"warm_steps": 1000},
+    # Tau curriculum from 1 to tau over 1,500 steps (cosine).
+    "curriculum": {"tau_schedule": "cosine", "tau_schedule_steps": 1500},
+    # Distillation from the same net with every block on, T = 2.
+    "distill": {"distill_weight": 1.0, "distill_temperature": 2.0},
+    # Entropy penalty ramped in over 2,000 steps: polarises the policies.
+    "entropy": {"entropy_weight": 0.5, "entropy_ramp_steps": 2000},
+    # Per-layer Lagrange multipliers on (mean prob - tau), dual ascent.
+    "lagrange": {"budget": "lagrange", "dual_lr": 0.05},
+    # Per-batch standardised REINFORCE advantage.
+    "stdadv": {"advantage": "standardized"},
+    # Fixed compute at test time: exactly round(tau * blocks) blocks per example and layer.
+    "topk": {"eval_policy": "top_k"},
+    # The biased relaxed estimators.
+    "straight_through": {"estimator": "straight_through"},
+    "gumbel": {"estimator": "gumbel"},
+}
+
+
+def recipe_fields(name: str) -> dict[str, Any]:
+  """The config fields of a recipe name (``a+b`` composes ``a`` and ``b``).
+
+  Raises:
+    validation.ConfigError: an unknown recipe, or two parts setting a field differently
+      (field ``recipes``).
+  """
+  if not isinstance(name, str) or not name.strip():
+    raise validation.ConfigError("recipes", f"names a recipe, got {name!r}")
+  fields: dict[str, Any] = {}
+  for part in name.split("+"):
+    if part not in RECIPES:
+      raise validation.ConfigError(
+          "recipes", f"must be names from {'|'.join(RECIPES)} joined by '+', got {part!r}")
+    for field, value in RECIPES[part].items():
+      if field in fields and fields[field] != value:
+        raise validation.ConfigError(
+            "recipes", f"{name!r} sets {field} to both {fields[field]!r} and {value!r}")
+      fields[field] = value
+  return fields
