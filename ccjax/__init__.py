@@ -4,6 +4,8 @@ Block-gated networks (Bengio et al., 2015) whose per-example Bernoulli block pol
 are trained with REINFORCE, and jitted inference that skips inactive blocks.
 """
 
+from ccjax.budget import dual_update as dual_update
+from ccjax.budget import lagrangian_term as lagrangian_term
 from ccjax.config import ExperimentConfig as ExperimentConfig
 from ccjax.config import build_model as build_model
 from ccjax.conv import GatedCNN as GatedCNN
@@ -17,6 +19,7 @@ from ccjax.data import load_dataset as load_dataset
 from ccjax.data import steps_per_epoch as steps_per_epoch
 from ccjax.data import train_batch as train_batch
 from ccjax.data import train_batch_indices as train_batch_indices
+from ccjax.distill import distillation_loss as distillation_loss
 from ccjax.estimators import BASELINES as BASELINES
 from ccjax.estimators import BaselineState as BaselineState
 from ccjax.estimators import ESTIMATORS as ESTIMATORS
@@ -25,6 +28,7 @@ from ccjax.estimators import ema_baseline_value as ema_baseline_value
 from ccjax.estimators import gumbel_sigmoid_mask as gumbel_sigmoid_mask
 from ccjax.estimators import init_baseline_state as init_baseline_state
 from ccjax.estimators import score_function_loss as score_function_loss
+from ccjax.estimators import standardized_advantage as standardized_advantage
 from ccjax.estimators import straight_through_mask as straight_through_mask
 from ccjax.estimators import update_baseline_state as update_baseline_state
 from ccjax.flops import ConvLayerSpec as ConvLayerSpec
@@ -80,13 +84,19 @@ from ccjax.policy import policy_entropy as policy_entropy
 from ccjax.policy import policy_probs as policy_probs
 from ccjax.policy import sample_mask as sample_mask
 from ccjax.policy import threshold_mask as threshold_mask
+from ccjax.policy import capped_threshold_mask as capped_threshold_mask
+from ccjax.policy import top_k_capacity as top_k_capacity
 from ccjax.policy import top_k_mask as top_k_mask
+from ccjax.recipes import RECIPES as RECIPES
+from ccjax.recipes import recipe_fields as recipe_fields
 from ccjax.regularizers import block_balance_loss as block_balance_loss
 from ccjax.regularizers import example_balance_loss as example_balance_loss
 from ccjax.regularizers import l2_loss as l2_loss
 from ccjax.regularizers import variance_loss as variance_loss
 from ccjax.runs import Run as Run
 from ccjax.runs import load_run as load_run
+from ccjax.schedules import ramp as ramp
+from ccjax.schedules import tau_at as tau_at
 from ccjax.step import TrainConfig as TrainConfig
 from ccjax.step import TrainState as TrainState
 from ccjax.step import init_train_state as init_train_state
@@ -113,6 +123,7 @@ __all__ = (
     "build_model",
     "calibrate_policies",
     "Capacities",
+    "capped_threshold_mask",
     "compute_baseline",
     "ConfigError",
     "conv2d_macs",
@@ -124,6 +135,8 @@ __all__ = (
     "dense_macs_per_example",
     "dense_mlp_macs",
     "deterministic_mask",
+    "distillation_loss",
+    "dual_update",
     "ema_baseline_value",
     "ESTIMATORS",
     "eval_batches",
@@ -147,6 +160,7 @@ __all__ = (
     "is_policy_path",
     "is_primary_process",
     "l2_loss",
+    "lagrangian_term",
     "LayerWeights",
     "load_dataset",
     "load_run",
@@ -167,6 +181,9 @@ __all__ = (
     "policy_objective",
     "policy_probs",
     "process_batch_slice",
+    "ramp",
+    "recipe_fields",
+    "RECIPES",
     "replicate",
     "replicated_sharding",
     "Run",
@@ -174,14 +191,17 @@ __all__ = (
     "score_function_loss",
     "select_backend",
     "shard_batch",
+    "standardized_advantage",
     "state_sharding",
     "steps_per_epoch",
     "straight_through_mask",
     "strip_policy_params",
+    "tau_at",
     "THRESHOLD",
     "threshold_mask",
     "to_block_major",
     "to_host",
+    "top_k_capacity",
     "top_k_mask",
     "train_and_evaluate",
     "train_batch",

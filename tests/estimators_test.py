@@ -282,3 +282,118 @@ class RelaxedEstimatorsTest(chex.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+# ------------------------------------------------------------------ two gated layers
+# Two gated layers of 2 blocks of 2 units: the second policy reads the first layer's
+# masked output, so the exact expected loss sums over the 4 x 4 joint masks with weight
+# pi_1(u_1 | x) pi_2(u_2 | h_1(x, u_1)), and REINFORCE must use log pi_1 + log pi_2.
+TWO_LAYER_BLOCKS = 2
+TWO_LAYER_MASKS = [jnp.array([[(code >> j) & 1 for j in range(TWO_LAYER_BLOCKS)]], jnp.float32)
+                   for code in range(2 ** TWO_LAYER_BLOCKS)]
+# Family-wise false-alarm rate of the per-coordinate checks (Bonferroni-corrected).
+FAMILY_ALPHA = 1e-3
+
+
+def bonferroni_z(num_coordinates: int, alpha: float = FAMILY_ALPHA) -> float:
+  """Two-sided z threshold so that ``num_coordinates`` checks together fail w.p. <= alpha."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float(stats.norm.isf(alpha / (2 * num_coordinates)))
+
+
+class TwoLayerProblem:
+  """A fixed two-gated-layer net, its exact expected loss and single-draw estimates."""
+
+  def __init__(self):
+    self.model = ccjax.GatedMLP(hidden=(4, 4), num_classes=NUM_CLASSES, block_size=2)
+    key_x, key_init, key_1, key_2 = jax.random.split(jax.random.key(3), 4)
+    self.x = jax.random.normal(key_x, (BATCH, INPUT_DIM))
+    self.y = jnp.array([0, 1, 2, 1])
+    params = jax.tree_util.tree_map(jnp.asarray, self.model.init(
+        {"params": key_init, "gate": key_init}, self.x)["params"])
+    params["hidden_0"]["policy"]["logits"]["kernel"] = 0.8 * jax.random.normal(key_1, (3, 2))
+    params["hidden_0"]["policy"]["logits"]["bias"] = jnp.array([0.4, -0.3])
+    params["hidden_1"]["policy"]["logits"]["kernel"] = 0.3 * jax.random.normal(key_2, (4, 2))
+    params["hidden_1"]["policy"]["logits"]["bias"] = jnp.array([-0.2, 0.3])
+    for name in ("hidden_0", "hidden_1"):
+      params[name]["dense"]["kernel"] = 3.0 * params[name]["dense"]["kernel"]
+    self.params = params
+    self.policies = {name: params[name]["policy"] for name in ("hidden_0", "hidden_1")}
+
+  def with_policies(self, policies):
+    params = dict(self.params)
+    for name, policy in policies.items():
+      params[name] = dict(params[name], policy=policy)
+    return params
+
+  def expected_loss(self, policies):
+    """Exact ``mean_x E_{u_1, u_2} loss_x`` over the 16 joint masks."""
+    params = self.with_policies(policies)
+    total = jnp.zeros((BATCH,))
+    for mask_1 in TWO_LAYER_MASKS:
+      for mask_2 in TWO_LAYER_MASKS:
+        masks = (jnp.broadcast_to(mask_1, (BATCH, 2)), jnp.broadcast_to(mask_2, (BATCH, 2)))
+        logits, aux = self.model.apply({"params": params}, self.x, mode="all",
+                                       block_masks=masks)
+        loss = jax.lax.stop_gradient(
+            optax.softmax_cross_entropy_with_integer_labels(logits, self.y))
+        total = total + jnp.exp(aux[0].log_prob + aux[1].log_prob) * loss
+    return jnp.mean(total)
+
+  def exact_gradient(self) -> np.ndarray:
+    return np.asarray(ravel_pytree(jax.grad(self.expected_loss)(self.policies))[0])
+
+  def objective(self, policies, key, first_layer_only=False):
+    """The library path (``policy_objective``, lambdas 0, no baseline) for one draw;
+    ``first_layer_only`` is the bug the test must catch (layer 2's log-prob dropped)."""
+    logits, aux = self.model.apply({"params": self.with_policies(policies)}, self.x,
+                                   mode="sample", rngs={"gate": key})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, self.y)
+    config = ccjax.TrainConfig(lambda_s=0.0, lambda_v=0.0, baseline="none")
+    if first_layer_only:
+      aux = (aux[0], aux[1]._replace(log_prob=jax.lax.stop_gradient(aux[1].log_prob)))
+    return ccjax.policy_objective(aux, loss, config, ccjax.init_baseline_state())[0]
+
+  def sampled_gradients(self, first_layer_only=False, seed=4) -> np.ndarray:
+    def one(key):
+      return ravel_pytree(jax.grad(self.objective)(self.policies, key, first_layer_only))[0]
+    keys = jax.random.split(jax.random.key(seed), NUM_SAMPLES)
+    return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
+
+
+@functools.lru_cache(maxsize=None)
+def two_layer_problem() -> TwoLayerProblem:
+  return TwoLayerProblem()
+
+
+def max_z_score(samples: np.ndarray, target: np.ndarray) -> float:
+  standard_error = samples.std(axis=0, ddof=1) / np.sqrt(samples.shape[0])
+  return float(np.max(np.abs(samples.mean(axis=0) - target) / (standard_error + 1e-12)))
+
+
+class TwoLayerUnbiasednessTest(absltest.TestCase):
+
+  def test_joint_mask_weights_sum_to_one(self):
+    problem = two_layer_problem()
+    params = problem.params
+    total = jnp.zeros((BATCH,))
+    for mask_1 in TWO_LAYER_MASKS:
+      for mask_2 in TWO_LAYER_MASKS:
+        masks = (jnp.broadcast_to(mask_1, (BATCH, 2)), jnp.broadcast_to(mask_2, (BATCH, 2)))
+        _, aux = problem.model.apply({"params": params}, problem.x, mode="all",
+                                     block_masks=masks)
+        total = total + jnp.exp(aux[0].log_prob + aux[1].log_prob)
+    np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+
+  def test_reinforce_sums_log_probs_over_layers(self):
+    problem = two_layer_problem()
+    exact = problem.exact_gradient()
+    threshold = bonferroni_z(exact.size)
+    # Both layers' policies have a sizable gradient (the test can see either).
+    half = exact.size - 10  # hidden_1's policy: kernel [4, 2] + bias [2]
+    self.assertGreater(float(np.max(np.abs(exact[:half]))), 0.02)
+    self.assertGreater(float(np.max(np.abs(exact[half:]))), 0.02)
+    self.assertLess(max_z_score(problem.sampled_gradients(), exact), threshold)
+    # Sensitivity: the estimate that keeps only the first layer's log-prob is rejected.
+    self.assertGreater(max_z_score(problem.sampled_gradients(first_layer_only=True), exact),
+                       2 * threshold)
