@@ -201,6 +201,10 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
 
   init_run = _load_source_run(config.init_from, "init_from", config, dataset)
   teacher_run = _load_source_run(config.distill_from, "distill_from", config, dataset)
+  if init_run is not None:  # shapes checked before anything is written
+    abstract = jax.eval_shape(lambda: step_lib.init_train_state(
+        module, train_config, jax.random.PRNGKey(0), jnp.asarray(dataset.x_train[:1])))
+    check_network_shapes(abstract.params, init_run)
 
   workdir = os.path.abspath(workdir)
   checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
@@ -390,18 +394,7 @@ def init_from_run(state: step_lib.TrainState, run: runs.Run,
   Raises:
     ValueError: the shapes differ (one line naming the first mismatch).
   """
-  ours = layers.strip_policy_params(state.params)
-  theirs = layers.strip_policy_params(run.params)
-  our_shapes = {jax.tree_util.keystr(path): np.shape(leaf)
-                for path, leaf in jax.tree_util.tree_flatten_with_path(ours)[0]}
-  their_shapes = {jax.tree_util.keystr(path): np.shape(leaf)
-                  for path, leaf in jax.tree_util.tree_flatten_with_path(theirs)[0]}
-  if our_shapes != their_shapes:
-    mismatch = sorted(set(our_shapes.items()) ^ set(their_shapes.items()))[0][0]
-    raise ValueError(
-        f"--init_from: the run's network does not have this model's shape (first difference "
-        f"at {mismatch}: run {their_shapes.get(mismatch)}, model {our_shapes.get(mismatch)}); "
-        "use a run with the same --arch, --hidden and --block_size")
+  check_network_shapes(state.params, run)
 
   def merge(ours_tree, theirs_tree):
     if isinstance(ours_tree, dict) or hasattr(ours_tree, "items"):
@@ -412,6 +405,23 @@ def init_from_run(state: step_lib.TrainState, run: runs.Run,
   params = merge(state.params, run.params)
   return state.replace(params=params,
                        opt_state=step_lib.make_optimizer(train_config).init(params))
+
+
+def check_network_shapes(params, run: runs.Run) -> None:
+  """Raises ``ValueError`` (one line) unless ``run``'s network part has the shapes of
+  ``params``' network part (arrays or ``ShapeDtypeStruct``)."""
+  ours = layers.strip_policy_params(params)
+  theirs = layers.strip_policy_params(run.params)
+  our_shapes = {jax.tree_util.keystr(path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(ours)[0]}
+  their_shapes = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(theirs)[0]}
+  if our_shapes != their_shapes:
+    mismatch = sorted(set(our_shapes.items()) ^ set(their_shapes.items()))[0][0]
+    raise ValueError(
+        f"--init_from: the run's network does not have this model's shape (first difference "
+        f"at {mismatch}: run {their_shapes.get(mismatch)}, model {our_shapes.get(mismatch)}); "
+        "use a run with the same --arch, --hidden and --block_size")
 
 
 def _teacher_fn(run: runs.Run | None):
