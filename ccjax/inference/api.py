@@ -81,8 +81,8 @@ class _MLPFamily:
   @staticmethod
   def build(module: layers.GatedMLP, params, mode: str, capacities: Capacities,
             backend: str | None, with_info: bool) -> Callable:
-    block_major = layout.to_block_major(module, params)
     backend = kernels.select_backend(backend)
+    block_major = layout.to_block_major(module, params, pallas_tiles=backend == "pallas-gpu")
     num_layers = len(module.hidden)
     top_k = (None if mode != "top_k" else
              validation.per_layer_values(capacities.top_k, num_layers, "top_k"))
