@@ -52,7 +52,10 @@ the result. The minibatch path
 groups (example, block) pairs by block (examples per output block for the first layer
 and for policies / the output layer; triples per weight block for hidden->hidden
 layers) into static ``[groups, capacity, ...]`` arrays and runs one grouped matmul
-(:func:`ccjax.sparse_kernels.grouped_matmul`, Pallas on GPU).
+(:func:`ccjax.sparse_kernels.grouped_matmul`): XLA, or on a GPU the Pallas kernel
+(:mod:`ccjax.inference.kernels.pallas_gpu`), which skips the empty slots of each group
+and reads no weight tile of a group no example uses, from weights padded once by
+:func:`to_block_major`.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from ccjax import gating
 from ccjax import policy as policy_lib
 from ccjax import sparse_kernels
 from ccjax import timing
+from ccjax.inference.kernels import pallas_gpu
 
 take_blocks = sparse_kernels.take_blocks
 
@@ -89,6 +93,12 @@ class BlockLayer:
     grouped_kernel: dense-input layers only, ``[nb, in, bs]``: the same weights with
       untransposed blocks, for the minibatch path's grouped matmul (XLA:CPU runs the
       untransposed batched product about twice as fast); ``None`` otherwise.
+    grouped_tiles: the weights of the minibatch grouped product (``grouped_kernel`` or,
+      with a gated input, ``kernel``) padded by
+      :func:`ccjax.inference.kernels.pallas_gpu.pad_weight_tiles` for the Pallas kernel;
+      ``None`` when the layout was not made for it.
+    policy_tiles: gated-input layers made for the Pallas kernel, ``policy_kernel``
+      padded likewise; ``None`` otherwise.
   """
   kernel: jax.Array
   bias: jax.Array
@@ -96,6 +106,8 @@ class BlockLayer:
   policy_bias: jax.Array
   input_gated: bool = flax.struct.field(pytree_node=False)
   grouped_kernel: jax.Array | None = None
+  grouped_tiles: jax.Array | None = None
+  policy_tiles: jax.Array | None = None
 
   @property
   def num_blocks(self) -> int:
@@ -112,12 +124,15 @@ class BlockMajorMLP:
     output_bias: ``[classes]``.
     block_size: units per block (static).
     policy_eps: probability bound of the policies (static).
+    output_tiles: ``output_kernel`` padded for the Pallas kernel (``None`` when the
+      layout was not made for it).
   """
   layers: tuple[BlockLayer, ...]
   output_kernel: jax.Array
   output_bias: jax.Array
   block_size: int = flax.struct.field(pytree_node=False)
   policy_eps: float = flax.struct.field(pytree_node=False)
+  output_tiles: jax.Array | None = None
 
   @property
   def num_blocks(self) -> tuple[int, ...]:
@@ -151,8 +166,8 @@ def _hidden_layer_names(params) -> list[str]:
   return names
 
 
-def to_block_major(params, block_size: int, policy_eps: float = policy_lib.DEFAULT_EPS
-                   ) -> BlockMajorMLP:
+def to_block_major(params, block_size: int, policy_eps: float = policy_lib.DEFAULT_EPS, *,
+                   pallas_tiles: bool | None = None) -> BlockMajorMLP:
   """Converts trained ``GatedMLP`` params to the block-major inference layout.
 
   Args:
@@ -161,11 +176,16 @@ def to_block_major(params, block_size: int, policy_eps: float = policy_lib.DEFAU
       every hidden layer must be gated.
     block_size: the model's ``block_size``.
     policy_eps: the model's ``policy_eps``.
+    pallas_tiles: also store the minibatch weights padded for the Pallas kernel (once,
+      here; aligned weights are shared, not copied); ``None``: iff the backend is a GPU.
 
   Returns:
     a :class:`BlockMajorMLP` pytree.
   """
   policy_lib.validate_eps(policy_eps)
+  if pallas_tiles is None:
+    pallas_tiles = sparse_kernels.use_pallas()
+  pad = pallas_gpu.pad_weight_tiles if pallas_tiles else lambda weights: None
   layers = []
   in_blocks = None
   for name in _hidden_layer_names(params):
@@ -188,17 +208,19 @@ def to_block_major(params, block_size: int, policy_eps: float = policy_lib.DEFAU
           nb * in_blocks, block_size, block_size)
       block_policy = policy_kernel.reshape(in_blocks, block_size, nb)
       grouped_kernel = None
+    input_gated = in_blocks is not None
     layers.append(BlockLayer(kernel=block_kernel, bias=bias.reshape(nb, block_size),
                              policy_kernel=block_policy, policy_bias=policy_bias,
-                             input_gated=in_blocks is not None,
-                             grouped_kernel=grouped_kernel))
+                             input_gated=input_gated, grouped_kernel=grouped_kernel,
+                             grouped_tiles=pad(block_kernel if input_gated else grouped_kernel),
+                             policy_tiles=pad(block_policy) if input_gated else None))
     in_blocks = nb
   out_kernel = jnp.asarray(params["output"]["kernel"])
+  out_kernel = out_kernel.reshape(in_blocks, block_size, out_kernel.shape[-1])
   return BlockMajorMLP(
-      layers=tuple(layers),
-      output_kernel=out_kernel.reshape(in_blocks, block_size, out_kernel.shape[-1]),
+      layers=tuple(layers), output_kernel=out_kernel,
       output_bias=jnp.asarray(params["output"]["bias"]),
-      block_size=block_size, policy_eps=float(policy_eps))
+      block_size=block_size, policy_eps=float(policy_eps), output_tiles=pad(out_kernel))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -493,8 +515,31 @@ def _pad_row(rows: jax.Array) -> jax.Array:
   return jnp.concatenate([rows, jnp.zeros((1, *rows.shape[1:]), rows.dtype)], axis=0)
 
 
+def _group_sizes(entry_of_slot: jax.Array, num_groups: int, num_entries: int) -> jax.Array:
+  """``[num_groups]`` filled slots per group (:func:`group_entries` fills a prefix)."""
+  filled = (entry_of_slot < num_entries).reshape(num_groups, -1)
+  return jnp.sum(filled.astype(jnp.int32), axis=1)
+
+
+def _grouped_product(rows: jax.Array, weights: jax.Array, tiles: jax.Array | None,
+                     group_sizes: Callable[[], jax.Array], implementation: str) -> jax.Array:
+  """``rows [G, C, k] @ weights [G, k, n]`` per group, by the resolved implementation.
+
+  ``group_sizes`` is called (``[G]`` slots in use, a prefix) only for the Pallas kernel,
+  which skips the empty slots and reads no weights for empty groups.
+  """
+  if implementation == "xla":
+    return sparse_kernels.grouped_matmul(rows, weights, implementation="xla")
+  if tiles is None:
+    raise ValueError("the Pallas path needs a layout made with "
+                     "to_block_major(..., pallas_tiles=True)")
+  return sparse_kernels.grouped_matmul(rows, weights, None, group_sizes(), tiles=tiles,
+                                       implementation=implementation)
+
+
 def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_example: int,
-                    weights: jax.Array, batch: int, implementation: str) -> jax.Array:
+                    weights: jax.Array, tiles: jax.Array | None, batch: int,
+                    implementation: str) -> jax.Array:
   """``out[b] = sum over kept slots (b, s) of hidden[b, s] @ weights[block(b, s)]``.
 
   Args:
@@ -502,8 +547,9 @@ def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_exampl
     grouping: the activations grouped by block, ``C`` slots per block.
     slots_per_example: ``k``.
     weights: ``[nb, bs, n]`` per-input-block weight rows.
+    tiles: ``weights`` padded for the Pallas kernel, or ``None``.
     batch: examples.
-    implementation: grouped-matmul implementation.
+    implementation: resolved grouped-matmul implementation, ``xla`` | ``pallas``.
 
   Returns:
     ``[batch, n]`` float.
@@ -511,7 +557,10 @@ def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_exampl
   num_blocks = weights.shape[0]
   rows = take_blocks(_pad_row(hidden_flat), grouping.entry_of_slot)
   rows = rows.reshape(num_blocks, -1, rows.shape[-1])                 # [nb, C, bs]
-  part = sparse_kernels.grouped_matmul(rows, weights, implementation=implementation)
+  part = _grouped_product(
+      rows, weights, tiles,
+      lambda: _group_sizes(grouping.entry_of_slot, num_blocks, hidden_flat.shape[0]),
+      implementation)
   example = grouping.entry_of_slot // slots_per_example              # batch when empty
   out = jnp.zeros((batch + 1, weights.shape[-1]), part.dtype)
   return out.at[example].add(part.reshape(-1, part.shape[-1]), mode="drop")[:batch]
@@ -537,7 +586,7 @@ def _pair_grouped_layer(layer: BlockLayer, hidden: jax.Array, index: jax.Array,
     batch: examples.
     block_cap: ``C``.
     pair_cap: ``C2``.
-    implementation: grouped-matmul implementation.
+    implementation: resolved grouped-matmul implementation, ``xla`` | ``pallas``.
 
   Returns:
     ``(pre [nb, C, bs]`` pre-activations without bias, ``dropped [nb, C]`` bool).
@@ -564,8 +613,9 @@ def _pair_grouped_layer(layer: BlockLayer, hidden: jax.Array, index: jax.Array,
   source_of_slot = jnp.full((num_pairs * pair_cap + 1,), batch * k_in, jnp.int32).at[
       pair_slot.reshape(-1)].set(source.reshape(-1), mode="drop")[:-1]
   inputs = take_blocks(_pad_row(hidden.reshape(batch * k_in, bs)), source_of_slot)
-  out = sparse_kernels.grouped_matmul(inputs.reshape(num_pairs, pair_cap, bs), layer.kernel,
-                                      implementation=implementation)  # [P, C2, bs]
+  out = _grouped_product(                                             # [P, C2, bs]
+      inputs.reshape(num_pairs, pair_cap, bs), layer.kernel, layer.grouped_tiles,
+      lambda: jnp.sum(served.astype(jnp.int32), axis=1).reshape(num_pairs), implementation)
   # Each served pair slot adds into its (output block, example slot): one scatter-add.
   destination = jnp.broadcast_to(
       (jnp.arange(nb)[:, None] * block_cap + jnp.arange(block_cap)[None, :])[:, :, None],
@@ -582,7 +632,7 @@ def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConf
   """Minibatch path: ``x [batch, in]`` -> ``logits [batch, classes]``, traces."""
   eps, bs = model.policy_eps, model.block_size
   batch = x.shape[0]
-  impl = config.implementation
+  impl = sparse_kernels.resolve_implementation(config.implementation)
   traces = []
   hidden = index = kept_in = grouping = None
   for layer, k, block_cap, pair_cap in zip(model.layers, config.example_capacity,
@@ -594,7 +644,7 @@ def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConf
     else:
       k_in = index.shape[1]
       logits = _sum_by_example(hidden.reshape(batch * k_in, bs), grouping, k_in,
-                               layer.policy_kernel, batch, impl)
+                               layer.policy_kernel, layer.policy_tiles, batch, impl)
     probs = _probs(logits + layer.policy_bias, eps)
     values, out_index = jax.lax.top_k(probs, k)                       # [batch, k]
     out_index = out_index.astype(jnp.int32)
@@ -605,8 +655,9 @@ def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConf
     example = grouping.entry_of_slot // k                             # [nb * C], batch = empty
     if not layer.input_gated:
       rows = take_blocks(_pad_row(x), example).reshape(nb, block_cap, -1)
-      out = sparse_kernels.grouped_matmul(rows, layer.grouped_kernel,
-                                          implementation=impl)          # [nb, C, bs]
+      out = _grouped_product(rows, layer.grouped_kernel, layer.grouped_tiles,  # [nb, C, bs]
+                             lambda: _group_sizes(grouping.entry_of_slot, nb, batch * k),
+                             impl)
     else:
       out, dropped = _pair_grouped_layer(layer, hidden, index, kept_in, example, batch,
                                          block_cap, pair_cap, impl)
@@ -621,7 +672,7 @@ def _sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConf
     index, kept_in = out_index, kept
   k_in = index.shape[1]
   logits = _sum_by_example(hidden.reshape(batch * k_in, bs), grouping, k_in,
-                           model.output_kernel, batch, impl)
+                           model.output_kernel, model.output_tiles, batch, impl)
   return logits + model.output_bias, tuple(traces)
 
 
