@@ -17,6 +17,7 @@ from ccjax import sparse_kernels
 from ccjax.inference.kernels import pallas_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
 
 def _kernel(x, weights, index, sizes):

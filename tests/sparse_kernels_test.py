@@ -14,6 +14,8 @@ from ccjax import sparse
 from ccjax import sparse_kernels
 from ccjax.inference.kernels import pallas_gpu
 
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
+
 
 @pytest.mark.parametrize("groups,rows,depth,width,num_weights", [(5, 3, 8, 6, 7), (4, 16, 16, 16, 4)])
 def test_pallas_equals_xla(groups, rows, depth, width, num_weights):
