@@ -24,8 +24,8 @@ def test_pallas_equals_xla(groups, rows, depth, width, num_weights):
   weights = jax.random.normal(keys[1], (num_weights, depth, width))
   index = jax.random.randint(keys[2], (groups,), 0, num_weights)
   expected = sparse_kernels.grouped_matmul(x, weights, index, implementation="xla")
-  got = sparse_kernels.grouped_matmul(x, weights, index, tiles=pallas_gpu.pad_weight_tiles(weights),
-                                      implementation="pallas")
+  got = sparse_kernels.grouped_matmul(x, weights, index, implementation="pallas",
+                                      tiles=pallas_gpu.pad_weight_tiles(weights))
   np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
   dense = np.einsum("grk,gkn->grn", np.asarray(x), np.asarray(weights)[np.asarray(index)])
   np.testing.assert_allclose(expected, dense, atol=1e-4, rtol=1e-5)
