@@ -1,0 +1,1 @@
+"""Sparse inference (being restructured into this package; see issue 10)."""

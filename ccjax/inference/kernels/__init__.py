@@ -1,0 +1,1 @@
+"""Inference kernels, one module per backend."""
