@@ -220,7 +220,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
   rng = jax.random.PRNGKey(config.seed)
   sample_x = jnp.asarray(dataset.x_train[:1])
   state = step_lib.init_train_state(module, train_config, rng, sample_x)
-  state = parallel.replicate(state, mesh)
+  state = parallel.place_state(state, mesh)
   start_step = 0
   if checkpointer.latest_step() is not None:
     start_step = int(checkpointer.latest_step())
