@@ -26,7 +26,8 @@ Which blocks run (deterministic, static shapes). For every gated layer:
 
 A candidate dropped by 2-4 is *treated as inactive*: its units are exactly zero, as if
 its mask were 0, so the output equals :class:`ccjax.GatedMLP` applied with ``block_masks=`` the
-effective masks (:func:`~ccjax.inference.capacity.trace_masks`). ``overflow_rate`` = dropped candidates /
+effective masks (:func:`~ccjax.inference.capacity.trace_masks`). The overflow rate
+(:func:`ccjax.overflow_rate`) = dropped candidates /
 candidates (over examples, blocks and layers). With the exact capacities
 (``k = nb``, ``C = C2 = batch``, the :func:`make_sparse_config` default) nothing can
 overflow and the result is the ``threshold``-mode network.
