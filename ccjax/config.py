@@ -21,8 +21,9 @@ from ccjax import validation
 
 ARCHS = ("mlp", "cnn")
 MODELS = ("condnet", "dense")
-# Test-time policies: ``threshold`` (p > 0.5), ``sample`` (Bernoulli draws), ``top_k``
-# (exactly round(tau * blocks) most probable blocks per example and layer).
+# Test-time policies (members of ccjax.policy.POLICY_MODES): ``threshold`` (p > 0.5),
+# ``sample`` (Bernoulli draws), ``top_k`` (exactly round(tau * blocks) most probable blocks
+# per example and layer).
 EVAL_POLICIES = ("threshold", "sample", "top_k")
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
 DEFAULT_STEPS = 4000

@@ -22,6 +22,7 @@ import numpy as np
 from ccjax import conv
 from ccjax import flops
 from ccjax import layers
+from ccjax import policy as policy_lib
 from ccjax import timing
 from ccjax import validation
 from ccjax.inference import capacity as capacity_lib
@@ -29,12 +30,11 @@ from ccjax.inference import cnn
 from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import mlp
-from ccjax.inference.info import InferenceInfo
 
-# ``threshold``: blocks with p > 0.5; ``top_k``: exactly ``Capacities.top_k`` most probable
-# blocks per example (fixed compute, no threshold); ``capped``: threshold, at most
-# ``Capacities.top_k`` blocks per example.
-INFERENCE_MODES = ("threshold", "top_k", "capped")
+# The test-time policies the sparse paths implement ("all" is the dense network):
+# ``threshold`` (p > 0.5), ``top_k`` (exactly ``Capacities.top_k`` most probable blocks per
+# example, no threshold: fixed compute), ``capped`` (threshold, at most ``Capacities.top_k``).
+INFERENCE_MODES = tuple(mode for mode in policy_lib.DETERMINISTIC_MODES if mode != "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +85,8 @@ class _MLPFamily:
   @staticmethod
   def build(module: layers.GatedMLP, params, mode: str, capacities: Capacities,
             backend: str | None, with_info: bool) -> Callable:
-    block_major = layout.to_block_major(module, params)
     backend = kernels.select_backend(backend)
+    block_major = layout.to_block_major(module, params, pallas_tiles=backend == "pallas-gpu")
     num_layers = len(module.hidden)
     top_k = (None if mode == "threshold" else
              validation.per_layer_values(capacities.top_k, num_layers, "top_k"))
@@ -112,12 +112,7 @@ class _MLPFamily:
       logits, traces = mlp.sparse_forward(block_major_params, x, config)
       if not with_info:
         return logits
-      masks = capacity_lib.trace_masks(traces, block_major_params.num_blocks)
-      info = InferenceInfo(
-          masks=masks, probs=tuple(trace.probs for trace in traces),
-          requested=jnp.stack([trace.num_candidates for trace in traces]),
-          dropped=jnp.stack([trace.num_candidates - trace.num_kept for trace in traces]))
-      return logits, info
+      return logits, capacity_lib.traces_info(traces, block_major_params.num_blocks)
 
     def infer(x):
       batch_size = x.shape[0]
