@@ -75,7 +75,8 @@ def test_top_k_mode_runs_exactly_k_blocks(trained, batch):
   fn = ccjax.make_inference(module, params, mode="top_k", capacities=ccjax.Capacities(top_k=2))
   logits, info = fn(x[:batch])
   for mask in info.masks:
-    np.testing.assert_array_equal(np.sum(np.asarray(mask), -1), 2)
+    if mask.shape[-1] > 1:  # a CNN's skip gates (one block) keep the threshold
+      np.testing.assert_array_equal(np.sum(np.asarray(mask), -1), 2)
   assert int(np.sum(info.dropped)) == 0
   reference, aux = module.apply({"params": params}, x[:batch], mode="top_k", capacity=2)
   for mask, layer_aux in zip(info.masks, aux):
