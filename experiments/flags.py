@@ -53,8 +53,8 @@ def define_number_list(name: str, default, help_text: str, kind=float) -> flags.
                       serializer=_ListSerializer())
 
 
-_DEFAULT_TRAIN = step_lib.TrainConfig()
 _DEFAULT = config_lib.ExperimentConfig()
+_DEFAULT_TRAIN = _DEFAULT.train
 
 DATASET = flags.DEFINE_string(
     "dataset", _DEFAULT.dataset, "digits (scikit-learn, offline) | mnist1d (generated offline by the mnist1d "

@@ -31,14 +31,16 @@ from ccjax import timing
 from experiments import cli
 
 PREDICT_FILE = "predict.json"
-INFERENCE_POLICIES = ("threshold",)
+INFERENCE_POLICIES = ("threshold", "top_k")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's --workdir.")
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset to evaluate (default: the run's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Examples per inference call.", lower_bound=1)
-_EVAL_POLICY = flags.DEFINE_enum("eval_policy", "threshold", list(INFERENCE_POLICIES),
-                                 "Test-time policy of the sparse path.")
+_EVAL_POLICY = flags.DEFINE_enum("eval_policy", None, list(INFERENCE_POLICIES),
+                                 "Test-time policy of the sparse path (default: the run's "
+                                 "--eval_policy when it is one of these, else threshold); "
+                                 "top_k runs round(tau * blocks) blocks per example and layer.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per latency (median).",
                                 lower_bound=1)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
@@ -48,7 +50,9 @@ flags.mark_flag_as_required("workdir")
 def evaluate(run: runs.Run, dataset: data_lib.Dataset, batch_size: int, mode: str,
              repeats: int) -> dict:
   """The predict report of ``run`` on ``dataset``'s test split."""
-  inference = ccjax.make_inference(run.module, run.params, mode=mode)
+  capacities = (ccjax.Capacities(top_k=run.config.top_k_capacities()) if mode == "top_k"
+                else None)
+  inference = ccjax.make_inference(run.module, run.params, mode=mode, capacities=capacities)
   x, y = np.asarray(dataset.x_test, np.float32), np.asarray(dataset.y_test)
   num_examples = x.shape[0]
   padded = -(-num_examples // batch_size) * batch_size
@@ -66,7 +70,8 @@ def evaluate(run: runs.Run, dataset: data_lib.Dataset, batch_size: int, mode: st
              for start in range(0, min(padded, 16 * batch_size), batch_size)]
   latency = ccjax.measure_latency(run.module, run.params, batches, repeats=repeats,
                                   inference=ccjax.make_inference(run.module, run.params,
-                                                                 mode=mode, with_info=False))
+                                                                 mode=mode, capacities=capacities,
+                                                                 with_info=False))
   return {
       "workdir": os.path.abspath(_WORKDIR.value), "dataset": dataset.name,
       "batch_size": batch_size, "eval_policy": mode,
@@ -97,7 +102,9 @@ def main(argv):
       raise ValueError(f"--dataset {dataset.name} has examples of shape "
                        f"{list(dataset.input_shape)}, the run was trained on "
                        f"{list(run.input_shape)}")
-    report = evaluate(run, dataset, _BATCH_SIZE.value, _EVAL_POLICY.value, _REPEATS.value)
+    mode = _EVAL_POLICY.value or (run.config.eval_policy
+                                  if run.config.eval_policy in INFERENCE_POLICIES else "threshold")
+    report = evaluate(run, dataset, _BATCH_SIZE.value, mode, _REPEATS.value)
   except (ValueError, OSError) as error:
     cli.fail(error)
   atomic.write_json(os.path.join(_WORKDIR.value, PREDICT_FILE), report)

@@ -43,7 +43,7 @@ def test_one_set_of_defaults():
     (dict(dataset="npz:"), "dataset must be one of"),
     (dict(steps=5, epochs=1), "steps and --epochs: give one, not both"),
     (dict(arch="rnn"), "arch must be one of mlp|cnn"),
-    (dict(eval_policy="top_k"), "eval_policy must be one of threshold|sample"),
+    (dict(eval_policy="capped"), "eval_policy must be one of threshold|sample|top_k"),
     (dict(num_devices=0), "num_devices must be a positive integer"),
     (dict(seed=-1), "seed must be an integer >= 0"),
     (dict(tau=(0.2, 0.3, 0.4)), "tau needs one value or one per gated layer (2), got 3"),

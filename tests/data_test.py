@@ -341,3 +341,22 @@ def test_eval_batches_keep_image_shape():
   batches = list(data.eval_batches(x, np.zeros(5, np.int32), 4))
   assert [b["x"].shape for b in batches] == [(4, 4, 4, 1)] * 2
   npt.assert_array_equal(batches[1]["x"][1:], 0)
+
+
+def test_mnist1d_is_generated_offline_and_fingerprinted(monkeypatch):
+  pytest.importorskip("mnist1d")
+  import socket  # pylint: disable=g-import-not-at-top
+
+  def no_network(*args, **kwargs):
+    raise AssertionError("mnist1d tried to use the network")
+
+  monkeypatch.setattr(socket.socket, "connect", no_network)
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  data.mnist1d_arrays.cache_clear()
+  state = np.random.get_state()
+  dataset = data.load_dataset("mnist1d", valid_fraction=0.1, seed=0)
+  assert dataset.x_train.shape == (7200, 40) and dataset.x_valid.shape == (800, 40)
+  assert dataset.x_test.shape == (2000, 40) and dataset.num_classes == 10
+  assert np.array_equal(np.random.get_state()[1], state[1])  # numpy's global RNG restored
+  assert data.mnist1d_fingerprint() == (
+      "0b3f3b9432060ad6628e1a5f661004cfa12919dea8e5ca2965e6b0fe62b8ecee")
