@@ -154,7 +154,8 @@ def run_sweep(base: config_lib.ExperimentConfig, workdir: str, grid: Grid,
                      os.path.join(workdir, f"dense_matched_tau{_tau_name(tau)}_width{width}"))
       matched = [_run(base, os.path.join(matched_dir, f"seed{seed}"),
                       train_fn, model="dense", hidden=hidden, seed=seed) for seed in seeds]
-      rows.append(aggregate(f"dense (MACs of {label}, width {width})", "dense", tau, hidden,
+      of = f"{recipe} tau={_tau_name(tau)}" if recipe else f"tau={_tau_name(tau)}"
+      rows.append(aggregate(f"dense (MACs of {of}, width {width})", "dense", tau, hidden,
                             matched, recipe=recipe))
   return rows
 

@@ -16,7 +16,7 @@ create = config_lib.ExperimentConfig.create
 def test_defaults_are_valid_and_taus_broadcast():
   config = config_lib.ExperimentConfig()
   assert config.taus() == (0.25, 0.25)
-  assert config.train == step_lib.TrainConfig()
+  assert config.train == config_lib.DEFAULT_TRAIN  # the study's recipe (docs/recipes.md)
   cnn = create(arch="cnn")
   assert cnn.hidden == (32, 64) and cnn.block_size == 8
   assert cnn.num_gated_layers == 4 and len(cnn.taus()) == 4
