@@ -16,7 +16,6 @@ dense_macs / sparse_macs`` (MACs per example, policies included).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from absl import app
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ccjax
+from ccjax import atomic
 from ccjax import timing
 from experiments import cli
 
@@ -163,9 +163,9 @@ def main(argv):
   report = {"config": config, "machine": timing.machine_info(),
             "backend": results[0]["backend"] if results else None, "results": results}
   if _JSON.value:
-    print(json.dumps(report))
+    print(atomic.dumps(report))
   else:
-    print(json.dumps(report["machine"]))
+    print(atomic.dumps(report["machine"]))
     for entry in results:
       print(f"{entry['model']} batch {entry['batch_size']} ({entry['backend']}): dense "
             f"{entry['dense_ms']:.3f} ms, sparse {entry['sparse_ms']:.3f} ms, ratio "
