@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ccjax import layers as layers_lib
+from ccjax.inference.kernels import pallas_gpu
 
 
 @flax.struct.dataclass
@@ -40,6 +41,12 @@ class BlockLayer:
     grouped_kernel: dense-input layers only, ``[nb, in, bs]``: the same weights with
       untransposed blocks, for the minibatch path's grouped matmul (XLA:CPU runs the
       untransposed batched product about twice as fast); ``None`` otherwise.
+    grouped_tiles: the weights of the minibatch grouped product (``grouped_kernel`` or,
+      with a gated input, ``kernel``) padded by
+      :func:`ccjax.inference.kernels.pallas_gpu.pad_weight_tiles` for the Pallas kernel;
+      ``None`` when the layout was not made for it.
+    policy_tiles: gated-input layers made for the Pallas kernel, ``policy_kernel``
+      padded likewise; ``None`` otherwise.
   """
   kernel: jax.Array
   bias: jax.Array
@@ -47,6 +54,8 @@ class BlockLayer:
   policy_bias: jax.Array
   input_gated: bool = flax.struct.field(pytree_node=False)
   grouped_kernel: jax.Array | None = None
+  grouped_tiles: jax.Array | None = None
+  policy_tiles: jax.Array | None = None
 
   @property
   def num_blocks(self) -> int:
@@ -63,12 +72,15 @@ class BlockMajorMLP:
     output_bias: ``[classes]``.
     block_size: units per block (static).
     policy_eps: probability bound of the policies (static).
+    output_tiles: ``output_kernel`` padded for the Pallas kernel (``None`` when the
+      layout was not made for it).
   """
   layers: tuple[BlockLayer, ...]
   output_kernel: jax.Array
   output_bias: jax.Array
   block_size: int = flax.struct.field(pytree_node=False)
   policy_eps: float = flax.struct.field(pytree_node=False)
+  output_tiles: jax.Array | None = None
 
   @property
   def num_blocks(self) -> tuple[int, ...]:
@@ -96,18 +108,24 @@ class LayerTrace(NamedTuple):
   probs: jax.Array
 
 
-def to_block_major(module: layers_lib.GatedMLP, params) -> BlockMajorMLP:
+def to_block_major(module: layers_lib.GatedMLP, params, *,
+                   pallas_tiles: bool | None = None) -> BlockMajorMLP:
   """Converts a trained :class:`ccjax.GatedMLP`'s params to the block-major layout.
 
   Args:
     module: the gated MLP (``gated=True``); its ``block_size`` and ``policy_eps`` are used.
     params: its parameters.
+    pallas_tiles: also store the minibatch weights padded for the Pallas kernel (once,
+      here; aligned weights are shared, not copied); ``None``: iff JAX runs on a GPU.
 
   Returns:
     a :class:`BlockMajorMLP` pytree.
   """
   if not isinstance(module, layers_lib.GatedMLP) or not module.gated:
     raise ValueError("to_block_major needs a GatedMLP with gated=True")
+  if pallas_tiles is None:
+    pallas_tiles = jax.default_backend() == "gpu"
+  pad = pallas_gpu.pad_weight_tiles if pallas_tiles else lambda weights: None
   block_size = module.block_size
   block_layers = []
   in_blocks = None
@@ -126,15 +144,18 @@ def to_block_major(module: layers_lib.GatedMLP, params) -> BlockMajorMLP:
           nb * in_blocks, block_size, block_size)
       block_policy = policy_kernel.reshape(in_blocks, block_size, nb)
       grouped_kernel = None
+    input_gated = in_blocks is not None
     block_layers.append(BlockLayer(
         kernel=block_kernel, bias=jnp.asarray(weights.dense.bias).reshape(nb, block_size),
         policy_kernel=block_policy, policy_bias=jnp.asarray(weights.policy.bias),
-        input_gated=in_blocks is not None, grouped_kernel=grouped_kernel))
+        input_gated=input_gated, grouped_kernel=grouped_kernel,
+        grouped_tiles=pad(block_kernel if input_gated else grouped_kernel),
+        policy_tiles=pad(block_policy) if input_gated else None))
     in_blocks = nb
   output = module.output_weights(params)
   out_kernel = jnp.asarray(output.kernel)
+  out_kernel = out_kernel.reshape(in_blocks, block_size, out_kernel.shape[-1])
   return BlockMajorMLP(
-      layers=tuple(block_layers),
-      output_kernel=out_kernel.reshape(in_blocks, block_size, out_kernel.shape[-1]),
-      output_bias=jnp.asarray(output.bias),
-      block_size=block_size, policy_eps=float(module.policy_eps))
+      layers=tuple(block_layers), output_kernel=out_kernel,
+      output_bias=jnp.asarray(output.bias), block_size=block_size,
+      policy_eps=float(module.policy_eps), output_tiles=pad(out_kernel))

@@ -6,7 +6,7 @@ See :mod:`ccjax.inference.mlp` for the rules (capacities, overflow priority).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,8 +104,31 @@ def _pad_row(rows: jax.Array) -> jax.Array:
   return jnp.concatenate([rows, jnp.zeros((1, *rows.shape[1:]), rows.dtype)], axis=0)
 
 
+def _group_sizes(entry_of_slot: jax.Array, num_groups: int, num_entries: int) -> jax.Array:
+  """``[num_groups]`` filled slots per group (:func:`group_entries` fills a prefix)."""
+  filled = (entry_of_slot < num_entries).reshape(num_groups, -1)
+  return jnp.sum(filled.astype(jnp.int32), axis=1)
+
+
+def _grouped_product(rows: jax.Array, weights: jax.Array, tiles: jax.Array | None,
+                     group_sizes: Callable[[], jax.Array], backend: str) -> jax.Array:
+  """``rows [G, C, k] @ weights [G, k, n]`` per group on ``backend``.
+
+  ``group_sizes`` is called (``[G]`` slots in use, a prefix) only for the Pallas kernel,
+  which skips the empty slots and reads no weights for empty groups.
+  """
+  if backend != "pallas-gpu":
+    return kernels.grouped_matmul(rows, weights, backend="xla")
+  if tiles is None:
+    raise ValueError("the pallas-gpu backend needs a layout made with "
+                     "to_block_major(..., pallas_tiles=True)")
+  return kernels.grouped_matmul(rows, weights, None, group_sizes(), tiles=tiles,
+                                backend=backend)
+
+
 def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_example: int,
-                    weights: jax.Array, batch: int, backend: str) -> jax.Array:
+                    weights: jax.Array, tiles: jax.Array | None, batch: int,
+                    backend: str) -> jax.Array:
   """``out[b] = sum over kept slots (b, s) of hidden[b, s] @ weights[block(b, s)]``.
 
   Args:
@@ -113,6 +136,7 @@ def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_exampl
     grouping: the activations grouped by block, ``C`` slots per block.
     slots_per_example: ``k``.
     weights: ``[nb, bs, n]`` per-input-block weight rows.
+    tiles: ``weights`` padded for the Pallas kernel, or ``None``.
     batch: examples.
     backend: kernel backend (see :mod:`ccjax.inference.kernels`).
 
@@ -122,7 +146,9 @@ def _sum_by_example(hidden_flat: jax.Array, grouping: Grouping, slots_per_exampl
   num_blocks = weights.shape[0]
   rows = take_blocks(_pad_row(hidden_flat), grouping.entry_of_slot)
   rows = rows.reshape(num_blocks, -1, rows.shape[-1])                 # [nb, C, bs]
-  part = kernels.grouped_matmul(rows, weights, backend=backend)
+  part = _grouped_product(
+      rows, weights, tiles,
+      lambda: _group_sizes(grouping.entry_of_slot, num_blocks, hidden_flat.shape[0]), backend)
   example = grouping.entry_of_slot // slots_per_example              # batch when empty
   out = jnp.zeros((batch + 1, weights.shape[-1]), part.dtype)
   return out.at[example].add(part.reshape(-1, part.shape[-1]), mode="drop")[:batch]
@@ -175,8 +201,9 @@ def _pair_grouped_layer(layer: BlockLayer, hidden: jax.Array, index: jax.Array,
   source_of_slot = jnp.full((num_pairs * pair_cap + 1,), batch * k_in, jnp.int32).at[
       pair_slot.reshape(-1)].set(source.reshape(-1), mode="drop")[:-1]
   inputs = take_blocks(_pad_row(hidden.reshape(batch * k_in, bs)), source_of_slot)
-  out = kernels.grouped_matmul(inputs.reshape(num_pairs, pair_cap, bs), layer.kernel,
-                                      backend=backend)  # [P, C2, bs]
+  out = _grouped_product(                                             # [P, C2, bs]
+      inputs.reshape(num_pairs, pair_cap, bs), layer.kernel, layer.grouped_tiles,
+      lambda: jnp.sum(served.astype(jnp.int32), axis=1).reshape(num_pairs), backend)
   # Each served pair slot adds into its (output block, example slot): one scatter-add.
   destination = jnp.broadcast_to(
       (jnp.arange(nb)[:, None] * block_cap + jnp.arange(block_cap)[None, :])[:, :, None],
@@ -205,7 +232,7 @@ def sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConfi
     else:
       k_in = index.shape[1]
       logits = _sum_by_example(hidden.reshape(batch * k_in, bs), grouping, k_in,
-                               layer.policy_kernel, batch, backend)
+                               layer.policy_kernel, layer.policy_tiles, batch, backend)
     probs = block_probs(logits + layer.policy_bias, eps)
     values, out_index = jax.lax.top_k(probs, k)                       # [batch, k]
     out_index = out_index.astype(jnp.int32)
@@ -216,8 +243,9 @@ def sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConfi
     example = grouping.entry_of_slot // k                             # [nb * C], batch = empty
     if not layer.input_gated:
       rows = take_blocks(_pad_row(x), example).reshape(nb, block_cap, -1)
-      out = kernels.grouped_matmul(rows, layer.grouped_kernel,
-                                          backend=backend)          # [nb, C, bs]
+      out = _grouped_product(rows, layer.grouped_kernel, layer.grouped_tiles,  # [nb, C, bs]
+                             lambda: _group_sizes(grouping.entry_of_slot, nb, batch * k),
+                             backend)
     else:
       out, dropped = _pair_grouped_layer(layer, hidden, index, kept_in, example, batch,
                                          block_cap, pair_cap, backend)
@@ -233,5 +261,5 @@ def sparse_forward_batch(model: BlockMajorMLP, x: jax.Array, config: SparseConfi
     index, kept_in = out_index, kept
   k_in = index.shape[1]
   logits = _sum_by_example(hidden.reshape(batch * k_in, bs), grouping, k_in,
-                           model.output_kernel, batch, backend)
+                           model.output_kernel, model.output_tiles, batch, backend)
   return logits + model.output_bias, tuple(traces)

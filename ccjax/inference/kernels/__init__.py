@@ -55,21 +55,33 @@ def select_backend(requested: str | None = None) -> str:
 
 
 def grouped_matmul(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None = None,
-                   *, backend: str = "xla", transpose_rhs: bool = False) -> jax.Array:
+                   group_sizes: jax.Array | None = None, *, tiles: jax.Array | None = None,
+                   backend: str = "xla", transpose_rhs: bool = False) -> jax.Array:
   """``out[g] = x[g] @ weights[weight_index[g]]`` on ``backend``.
 
   Args:
-    x: ``[groups, rows, k]``.
+    x: ``[groups, rows, k]``; rows at or past ``group_sizes[g]`` must be zero.
     weights: ``[weights, k, n]`` block-major weight blocks (``[weights, n, k]`` with
-      ``transpose_rhs``).
+      ``transpose_rhs``, XLA only).
     weight_index: ``[groups]`` int block ids; ``None`` means ``arange(groups)``.
+    group_sizes: ``[groups]`` int rows in use per group (a prefix), ``None`` for all: the
+      Pallas kernel skips the rest (a group of size 0 reads no weights); the XLA path
+      multiplies the zero rows.
+    tiles: ``weights`` padded by :func:`~ccjax.inference.kernels.pallas_gpu.pad_weight_tiles`
+      (required by ``pallas-gpu``; made once, at layout time).
     backend: one of :data:`BACKENDS`; backends without a grouped-matmul kernel of their
-      own use the XLA one.
+      own use the XLA one. Off a GPU, ``pallas-gpu`` runs in the Pallas interpreter.
     transpose_rhs: the blocks are stored transposed.
 
   Returns:
     ``[groups, rows, n]`` in ``x.dtype``.
   """
-  if backend == "pallas-gpu":
-    return pallas_gpu.grouped_matmul(x, weights, weight_index, transpose_rhs=transpose_rhs)
-  return xla.grouped_matmul_xla(x, weights, weight_index, transpose_rhs)
+  if backend != "pallas-gpu":
+    return xla.grouped_matmul_xla(x, weights, weight_index, transpose_rhs)
+  if transpose_rhs:
+    raise ValueError("the Pallas grouped matmul takes untransposed [weights, k, n] blocks")
+  if tiles is None:
+    raise ValueError("the Pallas grouped matmul needs tiles=pad_weight_tiles(weights), made "
+                     "once at layout time")
+  return pallas_gpu.grouped_matmul(x, tiles, weight_index, group_sizes, width=weights.shape[2],
+                                   interpret=jax.default_backend() != "gpu")

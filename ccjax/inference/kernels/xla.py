@@ -19,16 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-def check_shapes(x: jax.Array, weights: jax.Array, weight_index: jax.Array) -> None:
-  if x.ndim != 3 or weights.ndim != 3 or weight_index.ndim != 1:
-    raise ValueError("grouped_matmul needs x [groups, rows, k], weights [weights, k, n] and "
-                     f"weight_index [groups]; got {x.shape}, {weights.shape}, "
-                     f"{weight_index.shape}")
-  if x.shape[0] != weight_index.shape[0] or x.shape[2] != weights.shape[1]:
-    raise ValueError(f"grouped_matmul shape mismatch: x {x.shape}, weights {weights.shape}, "
-                     f"weight_index {weight_index.shape}")
-
-
 def grouped_matmul_xla(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None = None,
                        transpose_rhs: bool = False) -> jax.Array:
   """XLA path of :func:`grouped_matmul`.
