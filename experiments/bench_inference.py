@@ -162,10 +162,12 @@ def check_memory(config: dict[str, Any]) -> None:
   for family in config["models"]:
     needed = estimate_bytes(config, family)
     if needed > available:
+      widths = "hidden" if family == "mlp" else "cnn_stages"
       raise ValueError(
-          f"--batch_sizes={','.join(map(str, config['batch_sizes']))} with the {family} sizes "
-          f"needs about {needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
-          f"free on the {where}; use smaller --batch_sizes or widths")
+          f"the {family} benchmark (--{widths}={','.join(map(str, config[widths]))}, "
+          f"--batch_sizes={','.join(map(str, config['batch_sizes']))}) needs about "
+          f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB free on the "
+          f"{where}; use smaller --batch_sizes or --{widths}")
 
 
 def build_model(config: dict[str, Any], family: str):
