@@ -46,8 +46,9 @@ class OptionalBuildExt(build_ext):
 
 
 def _reason(error: Exception) -> str:
-  text = str(error).strip().splitlines()
-  return text[-1] if text else type(error).__name__
+  """A short reason: the error type and the start of its message."""
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:80]}{'...' if len(text) > 80 else ''}"
 
 
 setup(
