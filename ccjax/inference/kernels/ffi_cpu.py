@@ -36,8 +36,6 @@ TARGET_NAME = "ccjax_gated_mlp_forward"
 _SYMBOL = "CcjaxGatedMlpForward"
 _LIBRARY_STEM = "_ffi_cpu"
 THREADS_ENV = "CCJAX_FFI_THREADS"
-# Below this batch size one thread is used (thread start-up would cost more than it saves).
-MIN_BATCH_FOR_THREADS = 8
 
 
 def library_path() -> pathlib.Path | None:
@@ -76,11 +74,10 @@ def available() -> bool:
   return _register() is None
 
 
-def num_threads(batch: int) -> int:
-  """Threads for a call: 1 below :data:`MIN_BATCH_FOR_THREADS`, else ``CCJAX_FFI_THREADS``
-  or the cores this process may use."""
-  if batch < MIN_BATCH_FOR_THREADS:
-    return 1
+def num_threads() -> int:
+  """Most threads a call may use: ``$CCJAX_FFI_THREADS``, else the cores this process may
+  use. The handler runs its loops on XLA's intra-op thread pool and uses fewer threads
+  where a loop is too small to pay for a second one."""
   value = os.environ.get(THREADS_ENV)
   if value:
     if not value.isdigit() or int(value) < 1:
@@ -173,7 +170,7 @@ def gated_mlp_forward(model: sparse.BlockMajorMLP, x: jax.Array, config: sparse.
       block_capacity=np.asarray([min(c, batch) for c in config.block_capacity], np.int64),
       pair_capacity=np.asarray(config.pair_capacity, np.int64),
       policy_eps=np.float32(eps), policy_scale=np.float32(1.0 - 2.0 * eps),
-      num_threads=np.int64(num_threads(batch)))
+      num_threads=np.int64(num_threads()))
   traces = tuple(
       sparse.LayerTrace(block_index, kept, counts[0], counts[1])
       for block_index, kept, counts in zip(outputs[1::3], outputs[2::3], outputs[3::3]))

@@ -18,16 +18,19 @@
 //   rets: logits [batch, classes]; per layer: block_index s32 [batch, k],
 //         kept pred [batch, k], counts s32 [2] = (candidates, kept).
 //   attrs: example_capacity, block_capacity, pair_capacity (i64 [L]), policy_eps and
-//          policy_scale (f32; p = eps + scale * sigmoid(logit)), num_threads (i64).
+//          policy_scale (f32; p = eps + scale * sigmoid(logit)), num_threads (i64: most
+//          threads, taken from XLA's intra-op pool, for loops large enough to pay).
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
 #include <string>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -39,31 +42,72 @@ namespace {
 
 // ---------------------------------------------------------------------- threads
 
-// Calls fn(item) for every item in [0, n), handing items out dynamically to up to
-// `num_threads` threads (the calling thread included). fn must not throw.
-template <typename Fn>
-void ParallelFor(int64_t n, int64_t num_threads, const Fn& fn) {
-  const int64_t workers = std::min(num_threads, n);
-  if (workers <= 1) {
-    for (int64_t item = 0; item < n; ++item) fn(item);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  auto work = [&]() {
-    for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) fn(item);
-  };
-  std::vector<std::thread> threads;
-  threads.reserve(workers - 1);
-  for (int64_t t = 1; t < workers; ++t) {
-    try {
-      threads.emplace_back(work);
-    } catch (const std::system_error&) {
-      break;  // Fewer threads; the work is still done.
+// Parallel loops on XLA's intra-op thread pool (no thread start-up per call).
+class Workers {
+ public:
+  Workers(ffi::ThreadPool pool, int64_t max_threads)
+      : pool_(pool), max_threads_(std::max<int64_t>(1, max_threads)) {}
+
+  // Calls fn(item) for every item in [0, n), handed out dynamically to the calling thread
+  // and up to max_threads - 1 pool tasks. `work` (about the multiply-adds of the whole
+  // loop) decides whether extra threads pay off. Pool tasks that start after the loop
+  // is done return without touching it; the caller waits only for tasks that started.
+  template <typename Fn>
+  void ParallelFor(int64_t n, int64_t work, const Fn& fn) {
+    const int64_t helpers = std::min({max_threads_, n, work / kMinWorkPerThread}) - 1;
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> failed{false};
+    auto run = [&]() {
+      for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) {
+        try {
+          fn(item);
+        } catch (...) {
+          failed = true;
+        }
+      }
+    };
+    if (helpers <= 0) {
+      run();
+    } else {
+      struct State {
+        std::mutex mutex;
+        std::condition_variable idle;
+        bool closed = false;
+        int64_t running = 0;
+      };
+      auto state = std::make_shared<State>();
+      for (int64_t t = 0; t < helpers; ++t) {
+        try {
+          pool_.Schedule([state, &run]() {
+            {
+              std::lock_guard<std::mutex> lock(state->mutex);
+              if (state->closed) return;
+              ++state->running;
+            }
+            run();
+            std::lock_guard<std::mutex> lock(state->mutex);
+            if (--state->running == 0) state->idle.notify_all();
+          });
+        } catch (...) {
+          break;  // Fewer helpers; the calling thread still does all remaining items.
+        }
+      }
+      run();
+      std::unique_lock<std::mutex> lock(state->mutex);
+      state->closed = true;
+      state->idle.wait(lock, [&]() { return state->running == 0; });
     }
+    if (failed) throw std::runtime_error("a parallel task failed");
   }
-  work();
-  for (std::thread& thread : threads) thread.join();
-}
+
+ private:
+  // Below this many multiply-adds per thread (~10 us), a second thread costs more than
+  // it saves.
+  static constexpr int64_t kMinWorkPerThread = 1 << 17;
+
+  ffi::ThreadPool pool_;
+  int64_t max_threads_;
+};
 
 // ---------------------------------------------------------------------- products
 
@@ -161,21 +205,21 @@ struct Compact {
   std::vector<uint8_t> kept;           // [batch, slots]
   std::vector<float> hidden;           // [batch, slots, bs], zero where not kept
   std::vector<int32_t> slot_of_block;  // [batch, num_blocks], -1 where not kept
+  int64_t num_kept = 0;
 };
 
 struct Shape {
   int64_t batch;
   int64_t input_dim;
   int64_t block_size;
-  int64_t num_threads;
 };
 
 // out[e, :width] += sum over kept slots s of h[e, s] @ blocks[block(e, s)], where
 // blocks is [num_blocks, bs, width] (a gated-input policy or the output layer).
 void AddCompactTimesBlocks(const Compact& input, const float* blocks, int64_t width,
-                           const Shape& shape, float* out) {
+                           const Shape& shape, Workers& workers, float* out) {
   const int64_t bs = shape.block_size;
-  ParallelFor(shape.batch, shape.batch >= 8 ? shape.num_threads : 1, [&](int64_t e) {
+  workers.ParallelFor(shape.batch, input.num_kept * bs * width, [&](int64_t e) {
     float* row = out + e * width;
     for (int64_t s = 0; s < input.slots; ++s) {
       const int64_t slot = e * input.slots + s;
@@ -188,12 +232,13 @@ void AddCompactTimesBlocks(const Compact& input, const float* blocks, int64_t wi
 
 // Policy logits [batch, nb] of `layer` on its input (x or the previous compact output).
 std::vector<float> PolicyLogits(const Layer& layer, const float* x, const Compact* input,
-                                const Shape& shape) {
+                                const Shape& shape, Workers& workers) {
   const int64_t nb = layer.num_blocks;
   std::vector<float> logits(shape.batch * nb, 0.0f);
   if (input == nullptr) {
     const int64_t chunks = (shape.batch + kRowBlock - 1) / kRowBlock;
-    ParallelFor(chunks, shape.batch >= 8 ? shape.num_threads : 1, [&](int64_t chunk) {
+    const int64_t work = shape.batch * shape.input_dim * nb;
+    workers.ParallelFor(chunks, work, [&](int64_t chunk) {
       const float* rows[kRowBlock];
       float* outs[kRowBlock];
       const int64_t first = chunk * kRowBlock;
@@ -205,7 +250,7 @@ std::vector<float> PolicyLogits(const Layer& layer, const float* x, const Compac
       AddRowsTimesTile(rows, outs, count, layer.policy_kernel, shape.input_dim, nb);
     });
   } else {
-    AddCompactTimesBlocks(*input, layer.policy_kernel, nb, shape, logits.data());
+    AddCompactTimesBlocks(*input, layer.policy_kernel, nb, shape, workers, logits.data());
   }
   return logits;
 }
@@ -223,11 +268,11 @@ inline float SortKey(float prob) { return std::isnan(prob) ? INFINITY : prob; }
 // Runs one layer: selection, capacities, products. Writes the trace outputs and
 // returns the compact output.
 Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
-                 const Shape& shape, float eps, float scale, int32_t* block_index_out,
-                 bool* kept_out, int32_t* counts_out) {
+                 const Shape& shape, Workers& workers, float eps, float scale,
+                 int32_t* block_index_out, bool* kept_out, int32_t* counts_out) {
   const int64_t batch = shape.batch, bs = shape.block_size, nb = layer.num_blocks;
   const int64_t k = layer.example_capacity;
-  const std::vector<float> logits = PolicyLogits(layer, x, input, shape);
+  const std::vector<float> logits = PolicyLogits(layer, x, input, shape, workers);
 
   // 1-2. Probabilities, per-example top-k (ties: lower block id), threshold.
   Compact output;
@@ -296,18 +341,19 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
     }
   }
   output.slot_of_block.assign(batch * nb, -1);
-  int64_t num_kept = 0;
   for (int64_t m = 0; m < static_cast<int64_t>(entries.size()); ++m) {
     if (!run[m]) continue;
     const int64_t slot = entries[m].example * k + entries[m].slot;
     output.kept[slot] = 1;
     output.slot_of_block[entries[m].example * nb + output.block[slot]] = entries[m].slot;
-    ++num_kept;
+    ++output.num_kept;
   }
 
   // 5. Products of the kept (example, block) pairs, block by block, reading tiles in place.
   output.hidden.assign(batch * k * bs, 0.0f);
-  ParallelFor(nb, batch >= 8 ? shape.num_threads : 1, [&](int64_t j) {
+  // Multiply-adds: kept pairs times the input's mean kept blocks (or its dense width).
+  const int64_t depth = input == nullptr ? shape.input_dim : input->num_kept * bs / batch;
+  workers.ParallelFor(nb, output.num_kept * depth * bs, [&](int64_t j) {
     std::vector<int64_t> members;  // examples of block j that run, in j's order
     std::vector<float*> outs;      // their compact output rows
     for (int64_t m = start[j]; m < start[j] + served[j]; ++m) {
@@ -362,7 +408,7 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
   std::copy(output.block.begin(), output.block.end(), block_index_out);
   for (int64_t slot = 0; slot < batch * k; ++slot) kept_out[slot] = output.kept[slot] != 0;
   counts_out[0] = static_cast<int32_t>(candidates);
-  counts_out[1] = static_cast<int32_t>(num_kept);
+  counts_out[1] = static_cast<int32_t>(output.num_kept);
   return output;
 }
 
@@ -393,7 +439,7 @@ ffi::Error Expect(const ffi::AnyBuffer& buffer, ffi::DataType dtype,
   return ffi::Error::Success();
 }
 
-ffi::Error GatedMlpForwardImpl(ffi::RemainingArgs args, ffi::RemainingRets rets,
+ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
                                ffi::Span<const int64_t> example_capacity,
                                ffi::Span<const int64_t> block_capacity,
                                ffi::Span<const int64_t> pair_capacity, float policy_eps,
@@ -422,8 +468,7 @@ ffi::Error GatedMlpForwardImpl(ffi::RemainingArgs args, ffi::RemainingRets rets,
     return ffi::Error::InvalidArgument("gated_mlp_forward: x must be [batch, in], the first "
                                        "kernel [nb, in, bs] and its bias [nb, bs]");
   }
-  Shape shape{in[0].dimensions()[0], in[0].dimensions()[1], in[1].dimensions()[2],
-              std::max<int64_t>(1, num_threads)};
+  Shape shape{in[0].dimensions()[0], in[0].dimensions()[1], in[1].dimensions()[2]};
   const int64_t batch = shape.batch, bs = shape.block_size;
   if (bs < 1) return ffi::Error::InvalidArgument("gated_mlp_forward: block size < 1");
   if (ffi::Error error = Expect(in[0], ffi::F32, {batch, shape.input_dim}, "x");
@@ -476,9 +521,10 @@ ffi::Error GatedMlpForwardImpl(ffi::RemainingArgs args, ffi::RemainingRets rets,
 
   try {
     const float* x = static_cast<const float*>(in[0].untyped_data());
+    Workers workers(pool, num_threads);
     Compact hidden;
     for (int64_t l = 0; l < num_layers; ++l) {
-      hidden = RunLayer(layers[l], x, l == 0 ? nullptr : &hidden, shape, policy_eps,
+      hidden = RunLayer(layers[l], x, l == 0 ? nullptr : &hidden, shape, workers, policy_eps,
                         policy_scale, static_cast<int32_t*>(out[1 + 3 * l].untyped_data()),
                         static_cast<bool*>(out[2 + 3 * l].untyped_data()),
                         static_cast<int32_t*>(out[3 + 3 * l].untyped_data()));
@@ -487,7 +533,7 @@ ffi::Error GatedMlpForwardImpl(ffi::RemainingArgs args, ffi::RemainingRets rets,
     const float* bias = static_cast<const float*>(output_bias.untyped_data());
     for (int64_t e = 0; e < batch; ++e) std::copy(bias, bias + classes, logits + e * classes);
     AddCompactTimesBlocks(hidden, static_cast<const float*>(output_kernel.untyped_data()),
-                          classes, shape, logits);
+                          classes, shape, workers, logits);
   } catch (const std::exception& error) {
     return ffi::Error::Internal(std::string("gated_mlp_forward: ") + error.what());
   }
@@ -499,6 +545,7 @@ ffi::Error GatedMlpForwardImpl(ffi::RemainingArgs args, ffi::RemainingRets rets,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CcjaxGatedMlpForward, ccjax::GatedMlpForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<ffi::Span<const int64_t>>("example_capacity")
