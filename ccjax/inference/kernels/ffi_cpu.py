@@ -86,9 +86,10 @@ def num_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def supports(model: sparse.BlockMajorMLP, x: jax.Array) -> bool:
-  """Whether the handler covers this model and input (float32 weights and inputs)."""
-  arrays = [x, model.output_kernel, model.output_bias]
+def supports(model: sparse.BlockMajorMLP) -> bool:
+  """Whether the handler covers this model (every weight float32; other dtypes run on
+  the XLA path)."""
+  arrays = [model.output_kernel, model.output_bias]
   for layer in model.layers:
     arrays += [layer.bias, layer.policy_kernel, layer.policy_bias,
                layer.grouped_kernel if not layer.input_gated else layer.kernel]
@@ -137,7 +138,8 @@ def gated_mlp_forward(model: sparse.BlockMajorMLP, x: jax.Array, config: sparse.
 
   Args:
     model: block-major float32 parameters (:func:`ccjax.to_block_major`).
-    x: ``[batch, in]`` float32 inputs.
+    x: ``[batch, in]`` inputs, cast to float32 (what the XLA path's promotion against
+      float32 weights gives).
     config: capacities; ``block_capacity`` is clipped to the batch as on the XLA path.
 
   Returns:
@@ -154,7 +156,7 @@ def gated_mlp_forward(model: sparse.BlockMajorMLP, x: jax.Array, config: sparse.
   config.validate(model)
   if x.ndim != 2 or x.shape[1] != model.input_dim or x.shape[0] < 1:
     raise ValueError(f"ffi-cpu: x must be [batch >= 1, {model.input_dim}], got {x.shape}")
-  _expect("x", x, tuple(x.shape))
+  x = x.astype(jnp.float32)
   operands = _layer_operands(model)
   batch = int(x.shape[0])
   classes = int(model.output_bias.shape[0])
