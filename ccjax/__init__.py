@@ -4,15 +4,11 @@ Block-gated networks (Bengio et al., 2015) whose per-example Bernoulli block pol
 are trained with REINFORCE, and jitted inference that skips inactive blocks.
 """
 
-from ccjax.conv import GateLayer as GateLayer
+from ccjax.config import ExperimentConfig as ExperimentConfig
+from ccjax.config import build_model as build_model
 from ccjax.conv import GatedCNN as GatedCNN
 from ccjax.conv import GatedConv as GatedConv
 from ccjax.conv import GatedResidualBlock as GatedResidualBlock
-from ccjax.conv import strip_policy_params as strip_policy_params
-from ccjax.conv_sparse import CNNInferenceInfo as CNNInferenceInfo
-from ccjax.conv_sparse import bench_cnn as bench_cnn
-from ccjax.conv_sparse import calibrate_policies as calibrate_policies
-from ccjax.conv_sparse import make_cnn_inference as make_cnn_inference
 from ccjax.data import DATASETS as DATASETS
 from ccjax.data import DataError as DataError
 from ccjax.data import Dataset as Dataset
@@ -41,12 +37,30 @@ from ccjax.flops import gated_mlp_macs as gated_mlp_macs
 from ccjax.gating import active_fraction as active_fraction
 from ccjax.gating import apply_block_mask as apply_block_mask
 from ccjax.gating import expand_block_mask as expand_block_mask
+from ccjax.inference.api import Capacities as Capacities
+from ccjax.inference.api import calibrate_policies as calibrate_policies
+from ccjax.inference.api import dense_macs_per_example as dense_macs_per_example
+from ccjax.inference.api import macs_per_example as macs_per_example
+from ccjax.inference.api import make_dense_inference as make_dense_inference
+from ccjax.inference.api import make_inference as make_inference
+from ccjax.inference.api import measure_latency as measure_latency
+from ccjax.inference.info import InferenceInfo as InferenceInfo
+from ccjax.inference.info import overflow_rate as overflow_rate
+from ccjax.inference.kernels import BACKENDS as BACKENDS
+from ccjax.inference.kernels import available_backends as available_backends
+from ccjax.inference.kernels import select_backend as select_backend
+from ccjax.inference.layout import BlockMajorMLP as BlockMajorMLP
+from ccjax.inference.layout import to_block_major as to_block_major
 from ccjax.layers import BlockPolicy as BlockPolicy
 from ccjax.layers import GateAux as GateAux
 from ccjax.layers import GatedDense as GatedDense
 from ccjax.layers import GatedMLP as GatedMLP
+from ccjax.layers import LayerWeights as LayerWeights
+from ccjax.layers import is_policy_path as is_policy_path
 from ccjax.layers import make_block_mask as make_block_mask
 from ccjax.layers import param_labels as param_labels
+from ccjax.layers import strip_policy_params as strip_policy_params
+from ccjax.loop import train_and_evaluate as train_and_evaluate
 from ccjax.parallel import abstract_state_for as abstract_state_for
 from ccjax.parallel import batch_sharding as batch_sharding
 from ccjax.parallel import initialize_distributed as initialize_distributed
@@ -59,6 +73,7 @@ from ccjax.parallel import replicated_sharding as replicated_sharding
 from ccjax.parallel import shard_batch as shard_batch
 from ccjax.parallel import state_sharding as state_sharding
 from ccjax.parallel import to_host as to_host
+from ccjax.policy import THRESHOLD as THRESHOLD
 from ccjax.policy import deterministic_mask as deterministic_mask
 from ccjax.policy import mask_log_prob as mask_log_prob
 from ccjax.policy import policy_entropy as policy_entropy
@@ -70,25 +85,109 @@ from ccjax.regularizers import block_balance_loss as block_balance_loss
 from ccjax.regularizers import example_balance_loss as example_balance_loss
 from ccjax.regularizers import l2_loss as l2_loss
 from ccjax.regularizers import variance_loss as variance_loss
-from ccjax.sparse import BlockLayer as BlockLayer
-from ccjax.sparse import BlockMajorMLP as BlockMajorMLP
-from ccjax.sparse import LayerTrace as LayerTrace
-from ccjax.sparse import SparseConfig as SparseConfig
-from ccjax.sparse import make_sparse_config as make_sparse_config
-from ccjax.sparse import make_sparse_forward as make_sparse_forward
-from ccjax.sparse import masked_dense_forward as masked_dense_forward
-from ccjax.sparse import measure_latency as measure_latency
-from ccjax.sparse import overflow_rate as overflow_rate
-from ccjax.sparse import sparse_forward as sparse_forward
-from ccjax.sparse import to_block_major as to_block_major
-from ccjax.sparse import trace_masks as trace_masks
-from ccjax.sparse_kernels import grouped_matmul as grouped_matmul
-from ccjax.train import TrainConfig as TrainConfig
-from ccjax.train import TrainState as TrainState
-from ccjax.train import init_train_state as init_train_state
-from ccjax.train import make_eval_step as make_eval_step
-from ccjax.train import make_optimizer as make_optimizer
-from ccjax.train import make_train_step as make_train_step
-from ccjax.train import policy_objective as policy_objective
+from ccjax.runs import Run as Run
+from ccjax.runs import load_run as load_run
+from ccjax.step import TrainConfig as TrainConfig
+from ccjax.step import TrainState as TrainState
+from ccjax.step import init_train_state as init_train_state
+from ccjax.step import make_eval_step as make_eval_step
+from ccjax.step import make_optimizer as make_optimizer
+from ccjax.step import make_train_step as make_train_step
+from ccjax.step import policy_objective as policy_objective
+from ccjax.validation import ConfigError as ConfigError
 
 __version__ = "0.1.0"
+
+__all__ = (
+    "abstract_state_for",
+    "active_fraction",
+    "apply_block_mask",
+    "available_backends",
+    "BACKENDS",
+    "BASELINES",
+    "BaselineState",
+    "batch_sharding",
+    "block_balance_loss",
+    "BlockMajorMLP",
+    "BlockPolicy",
+    "build_model",
+    "calibrate_policies",
+    "Capacities",
+    "compute_baseline",
+    "ConfigError",
+    "conv2d_macs",
+    "ConvLayerSpec",
+    "DataError",
+    "Dataset",
+    "DATASETS",
+    "dense_cnn_macs",
+    "dense_macs_per_example",
+    "dense_mlp_macs",
+    "deterministic_mask",
+    "ema_baseline_value",
+    "ESTIMATORS",
+    "eval_batches",
+    "example_balance_loss",
+    "expand_block_mask",
+    "expected_gated_mlp_macs",
+    "ExperimentConfig",
+    "GateAux",
+    "gated_cnn_macs",
+    "gated_mlp_macs",
+    "GatedCNN",
+    "GatedConv",
+    "GatedDense",
+    "GatedMLP",
+    "GatedResidualBlock",
+    "gumbel_sigmoid_mask",
+    "InferenceInfo",
+    "init_baseline_state",
+    "init_train_state",
+    "initialize_distributed",
+    "is_policy_path",
+    "is_primary_process",
+    "l2_loss",
+    "LayerWeights",
+    "load_dataset",
+    "load_run",
+    "macs_per_example",
+    "make_block_mask",
+    "make_dense_inference",
+    "make_eval_step",
+    "make_inference",
+    "make_mesh",
+    "make_optimizer",
+    "make_parallel_train_step",
+    "make_train_step",
+    "mask_log_prob",
+    "measure_latency",
+    "overflow_rate",
+    "param_labels",
+    "policy_entropy",
+    "policy_objective",
+    "policy_probs",
+    "process_batch_slice",
+    "replicate",
+    "replicated_sharding",
+    "Run",
+    "sample_mask",
+    "score_function_loss",
+    "select_backend",
+    "shard_batch",
+    "state_sharding",
+    "steps_per_epoch",
+    "straight_through_mask",
+    "strip_policy_params",
+    "THRESHOLD",
+    "threshold_mask",
+    "to_block_major",
+    "to_host",
+    "top_k_mask",
+    "train_and_evaluate",
+    "train_batch",
+    "train_batch_indices",
+    "TrainConfig",
+    "TrainState",
+    "update_baseline_state",
+    "variance_loss",
+)

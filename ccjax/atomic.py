@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 
 def _current_umask() -> int:
@@ -44,3 +45,9 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     if os.path.exists(temp_path):
       os.remove(temp_path)
     raise
+
+
+def write_json(path: str, payload: Any) -> None:
+  """Writes ``payload`` as indented JSON to ``path`` atomically."""
+  with atomic_open(path) as stream:
+    json.dump(payload, stream, indent=2, sort_keys=True)

@@ -32,15 +32,17 @@ from ccjax import flops
 from ccjax import gating
 from ccjax import layers
 from ccjax import policy as policy_lib
+from ccjax import validation
 
 CHANNEL_GATE = "channel"
 SKIP_GATE = "skip"
+_STEM_NAME = "stem"
+_CONV_NAME = "conv"          # the conv inside GatedConv
+_OUTPUT_NAME = "output"
 
 
-def _check_positive_int(value, name: str) -> int:
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return value
+def _residual_conv_name(index: int) -> str:
+  return f"conv_{index}"
 
 
 def pooled_policy_input(inputs: jax.Array) -> jax.Array:
@@ -49,25 +51,6 @@ def pooled_policy_input(inputs: jax.Array) -> jax.Array:
   The result is under ``stop_gradient``: the policy never sends gradient into the network.
   """
   return jnp.mean(jax.lax.stop_gradient(inputs), axis=(1, 2))
-
-
-def _gate(module: nn.Module, inputs: jax.Array, num_blocks: int, mode: str,
-          capacity: int | None, block_mask: jax.Array | None
-          ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Shared gate of the conv modules: ``(probs, mask, log_prob)`` from the pooled input."""
-  probs = layers.BlockPolicy(num_blocks, eps=module.policy_eps,
-                             init_prob=module.policy_init_prob,
-                             name=layers.POLICY_COLLECTION_NAME)(pooled_policy_input(inputs))
-  if block_mask is None:
-    rng = module.make_rng("gate") if mode == "sample" else None
-    block_mask = layers.make_block_mask(probs, mode, module.estimator, rng=rng,
-                                        capacity=capacity,
-                                        gumbel_temperature=module.gumbel_temperature)
-  else:
-    block_mask = jax.lax.stop_gradient(jnp.asarray(block_mask, probs.dtype))
-    if block_mask.shape != probs.shape:
-      raise ValueError(f"block_mask must have shape {probs.shape}, got {block_mask.shape}")
-  return probs, block_mask, policy_lib.mask_log_prob(probs, block_mask)
 
 
 class GatedConv(nn.Module):
@@ -104,8 +87,8 @@ class GatedConv(nn.Module):
 
   def __post_init__(self):
     gating.validate_block_size(self.features, self.block_size, "features")
-    _check_positive_int(self.kernel_size, "kernel_size")
-    _check_positive_int(self.strides, "strides")
+    validation.check_int("kernel_size", self.kernel_size)
+    validation.check_int("strides", self.strides)
     layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
     super().__post_init__()
 
@@ -131,13 +114,12 @@ class GatedConv(nn.Module):
     layers.validate_layer_mode(mode)
     outputs = self.activation(nn.Conv(
         self.features, (self.kernel_size, self.kernel_size), strides=self.strides,
-        padding="SAME", dtype=self.dtype, name="conv")(inputs))
+        padding="SAME", dtype=self.dtype, name=_CONV_NAME)(inputs))
     if not self.gated:
       return outputs, None
-    probs, block_mask, log_prob = _gate(self, inputs, self.num_blocks, mode, capacity,
-                                        block_mask)
-    outputs = gating.apply_block_mask(outputs, block_mask[:, None, None, :])
-    return outputs, layers.GateAux(probs=probs, mask=block_mask, log_prob=log_prob)
+    aux = layers.gate(self, pooled_policy_input(inputs), self.num_blocks, mode, capacity,
+                      block_mask)
+    return gating.apply_block_mask(outputs, aux.mask[:, None, None, :]), aux
 
 
 def residual_branch(convs: Sequence[Callable[[jax.Array], jax.Array]],
@@ -182,8 +164,8 @@ class GatedResidualBlock(nn.Module):
   dtype: Any = None
 
   def __post_init__(self):
-    _check_positive_int(self.kernel_size, "kernel_size")
-    _check_positive_int(self.num_convs, "num_convs")
+    validation.check_int("kernel_size", self.kernel_size)
+    validation.check_int("num_convs", self.num_convs)
     layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
     super().__post_init__()
 
@@ -205,15 +187,15 @@ class GatedResidualBlock(nn.Module):
     layers.validate_layer_mode(mode)
     channels = inputs.shape[-1]
     convs = [nn.Conv(channels, (self.kernel_size, self.kernel_size), padding="SAME",
-                     dtype=self.dtype, name=f"conv_{index}") for index in range(self.num_convs)]
+                     dtype=self.dtype, name=_residual_conv_name(index))
+             for index in range(self.num_convs)]
     branch = residual_branch(convs, inputs)
     if not self.gated:
       return inputs + branch, None
     if mode == "top_k":
       capacity = 1
-    probs, block_mask, log_prob = _gate(self, inputs, 1, mode, capacity, block_mask)
-    outputs = inputs + branch * block_mask.reshape(-1, 1, 1, 1).astype(branch.dtype)
-    return outputs, layers.GateAux(probs=probs, mask=block_mask, log_prob=log_prob)
+    aux = layers.gate(self, pooled_policy_input(inputs), 1, mode, capacity, block_mask)
+    return inputs + branch * aux.mask.reshape(-1, 1, 1, 1).astype(branch.dtype), aux
 
 
 class GateLayer(NamedTuple):
@@ -275,19 +257,19 @@ class GatedCNN(nn.Module):
   def __post_init__(self):
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
-    _check_positive_int(self.stem_features, "stem_features")
+    validation.check_int("stem_features", self.stem_features)
     if len(self.stage_features) == 0:
       raise ValueError("stage_features must list at least one width")
     for index, width in enumerate(self.stage_features):
       gating.validate_block_size(width, self.block_size, f"stage_features[{index}]")
-    for stride in layers.per_layer_values(self.strides, len(self.stage_features), "strides"):
-      _check_positive_int(stride, "strides")
+    for stride in validation.per_layer_values(self.strides, len(self.stage_features), "strides"):
+      validation.check_int("strides", stride)
     if (not isinstance(self.residual_blocks, int) or isinstance(self.residual_blocks, bool)
         or self.residual_blocks < 0):
       raise ValueError(f"residual_blocks must be an integer >= 0, got {self.residual_blocks!r}")
-    _check_positive_int(self.kernel_size, "kernel_size")
-    _check_positive_int(self.num_convs, "num_convs")
-    layers.validate_gate_settings(self.estimator, self.policy_eps, layers.per_layer_values(
+    validation.check_int("kernel_size", self.kernel_size)
+    validation.check_int("num_convs", self.num_convs)
+    layers.validate_gate_settings(self.estimator, self.policy_eps, validation.per_layer_values(
         self.policy_init_prob, len(self.gate_layers()), "policy_init_prob"))
     if self.image_shape is not None and (
         len(self.image_shape) != 3 or any(not isinstance(d, int) or d <= 0
@@ -298,7 +280,32 @@ class GatedCNN(nn.Module):
 
   def stage_strides(self) -> tuple[int, ...]:
     """Stride of each stage's gated conv."""
-    return tuple(layers.per_layer_values(self.strides, len(self.stage_features), "strides"))
+    return tuple(validation.per_layer_values(self.strides, len(self.stage_features), "strides"))
+
+  def gate_names(self) -> tuple[str, ...]:
+    """Sub-module names of the gated layers, in the order of ``aux``."""
+    return tuple(layer.name for layer in self.gate_layers())
+
+  def stem_weights(self, params) -> layers.LayerWeights:
+    """The stem conv's weights (``kernel [k, k, in, stem_features]``)."""
+    return layers.layer_weights(params[_STEM_NAME])
+
+  def channel_conv_weights(self, params, layer: GateLayer) -> layers.LayerWeights:
+    """The conv of a ``channel`` gated layer (``kernel [k, k, in, out]``)."""
+    return layers.layer_weights(params[layer.name][_CONV_NAME])
+
+  def residual_conv_weights(self, params, layer: GateLayer) -> tuple[layers.LayerWeights, ...]:
+    """The branch convs of a ``skip`` gated layer, in order."""
+    return tuple(layers.layer_weights(params[layer.name][_residual_conv_name(index)])
+                 for index in range(self.num_convs))
+
+  def policy_weights(self, params, layer: GateLayer) -> layers.LayerWeights:
+    """The policy of a gated layer (``kernel [in channels, blocks]``)."""
+    return layers.policy_weights(params[layer.name])
+
+  def output_weights(self, params) -> layers.LayerWeights:
+    """The dense head's weights (``kernel [channels, num_classes]``)."""
+    return layers.layer_weights(params[_OUTPUT_NAME])
 
   def gate_layers(self) -> tuple[GateLayer, ...]:
     """The gated layers in forward order (the order of ``aux``)."""
@@ -367,9 +374,9 @@ class GatedCNN(nn.Module):
     """
     layers.validate_layer_mode(mode)
     gate_layers = self.gate_layers()
-    capacities = (None,) * len(gate_layers) if capacity is None else layers.per_layer_values(
+    capacities = (None,) * len(gate_layers) if capacity is None else validation.per_layer_values(
         capacity, len(gate_layers), "capacity")
-    init_probs = layers.per_layer_values(self.policy_init_prob, len(gate_layers),
+    init_probs = validation.per_layer_values(self.policy_init_prob, len(gate_layers),
                                          "policy_init_prob")
     if block_masks is not None and len(block_masks) != len(gate_layers):
       raise ValueError(f"block_masks needs one mask per gated layer ({len(gate_layers)}), "
@@ -377,7 +384,7 @@ class GatedCNN(nn.Module):
     strides = self.stage_strides()
     hidden = nn.relu(nn.Conv(self.stem_features, (self.kernel_size, self.kernel_size),
                              padding="SAME", dtype=self.dtype,
-                             name="stem")(self.as_images(inputs)))
+                             name=_STEM_NAME)(self.as_images(inputs)))
     aux = []
     for index, layer in enumerate(gate_layers):
       common = dict(gated=self.gated, estimator=self.estimator, policy_eps=self.policy_eps,
@@ -393,19 +400,8 @@ class GatedCNN(nn.Module):
           block_mask=None if block_masks is None else block_masks[index])
       aux.append(layer_aux)
     features = jnp.mean(nn.relu(hidden), axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="output")(features)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name=_OUTPUT_NAME)(features)
     return logits, tuple(aux)
-
-
-def strip_policy_params(params) -> Any:
-  """The network part of a gated model's parameters (every ``policy`` sub-tree removed).
-
-  The result is the parameter tree of the same model built with ``gated=False``.
-  """
-  if isinstance(params, dict) or hasattr(params, "items"):
-    return {key: strip_policy_params(value) for key, value in params.items()
-            if key != layers.POLICY_COLLECTION_NAME}
-  return params
 
 
 def num_gate_layers(model: GatedCNN) -> int:

@@ -2,7 +2,7 @@
 
 Axis letters: ``batch`` examples, ``blocks`` blocks of a layer.
 
-Accounting for a gated MLP run by :mod:`ccjax.sparse` (two-sided sparsity): hidden
+Accounting for a gated MLP run by :mod:`ccjax.inference` (two-sided sparsity): hidden
 layer ``l`` reads only the active units of its input (all ``input_dim`` features for the
 first layer), so with ``a_in`` active input units, ``n_l`` blocks of ``block_size`` and
 ``k_l`` active blocks its cost is ``a_in * n_l`` (policy) + ``a_in * k_l * block_size``

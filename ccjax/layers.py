@@ -6,7 +6,13 @@ gated layer, ``blocks = units / block_size``.
 Every gated layer returns ``(y, aux)`` where ``aux`` is a :class:`GateAux` holding the
 layer's block probabilities, the mask that was applied and its log-probability; an
 ungated (dense) layer returns ``aux = None``. Parameters of the policy live under a
-sub-module named ``policy`` so that the train step can give them their own optimizer.
+sub-module named ``policy`` (:data:`POLICY_MODULE_NAME`) so that the train step can give
+them their own optimizer; :func:`is_policy_path` is the one rule that says which
+parameters belong to a policy.
+
+Modules know their own parameter names: code outside this file reads a trained
+model's weights through :meth:`GatedMLP.hidden_weights` / :meth:`GatedMLP.output_weights`
+and the policy accessors below, never by string keys.
 
 Masks need randomness only in ``mode='sample'``; it comes from the Flax RNG stream
 ``'gate'`` (``model.apply(..., rngs={'gate': key})``).
@@ -24,9 +30,10 @@ import jax.numpy as jnp
 from ccjax import estimators
 from ccjax import gating
 from ccjax import policy as policy_lib
+from ccjax import validation
 
-POLICY_COLLECTION_NAME = "policy"
-LAYER_MODES = ("sample", "threshold", "top_k", "all")
+POLICY_MODULE_NAME = "policy"
+_POLICY_DENSE_NAME = "logits"   # the Dense inside BlockPolicy
 
 
 class GateAux(NamedTuple):
@@ -43,8 +50,8 @@ class GateAux(NamedTuple):
 
 
 def validate_layer_mode(mode: str) -> str:
-  if mode not in LAYER_MODES:
-    raise ValueError(f"mode must be one of {'|'.join(LAYER_MODES)}, got {mode!r}")
+  if mode not in policy_lib.POLICY_MODES:
+    raise ValueError(f"mode must be one of {'|'.join(policy_lib.POLICY_MODES)}, got {mode!r}")
   return mode
 
 
@@ -96,6 +103,40 @@ def make_block_mask(probs: jax.Array, mode: str, estimator: str, *,
       f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, got {estimator!r}")
 
 
+def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
+         capacity: int | None, block_mask: jax.Array | None) -> GateAux:
+  """The gate shared by every gated module: policy, mask and its log-probability.
+
+  Must be called inside ``module``'s compact ``__call__``; the policy becomes its
+  sub-module :data:`POLICY_MODULE_NAME`.
+
+  Args:
+    module: the gated module (reads its ``policy_eps``, ``policy_init_prob``,
+      ``estimator`` and ``gumbel_temperature``).
+    policy_input: ``[batch, in]`` what the policy reads (under ``stop_gradient``).
+    num_blocks: gated blocks.
+    mode: see :func:`make_block_mask`.
+    capacity: blocks per example for ``top_k``.
+    block_mask: optional ``[batch, blocks]`` mask used instead of the policy's own (the
+      masked-dense reference of sparse inference); ``log_prob`` is still computed.
+
+  Returns:
+    the layer's :class:`GateAux`.
+  """
+  probs = BlockPolicy(num_blocks, eps=module.policy_eps, init_prob=module.policy_init_prob,
+                      name=POLICY_MODULE_NAME)(jax.lax.stop_gradient(policy_input))
+  if block_mask is None:
+    rng = module.make_rng("gate") if mode == "sample" else None
+    block_mask = make_block_mask(probs, mode, module.estimator, rng=rng, capacity=capacity,
+                                 gumbel_temperature=module.gumbel_temperature)
+  else:
+    block_mask = jax.lax.stop_gradient(jnp.asarray(block_mask, probs.dtype))
+    if block_mask.shape != probs.shape:
+      raise ValueError(f"block_mask must have shape {probs.shape}, got {block_mask.shape}")
+  return GateAux(probs=probs, mask=block_mask,
+                 log_prob=policy_lib.mask_log_prob(probs, block_mask))
+
+
 class BlockPolicy(nn.Module):
   """``probs = eps + (1 - 2 eps) sigmoid(h @ Z + d)``, one probability per block.
 
@@ -117,17 +158,63 @@ class BlockPolicy(nn.Module):
     squashed = (self.init_prob - self.eps) / (1.0 - 2.0 * self.eps)
     squashed = min(max(squashed, 1e-4), 1.0 - 1e-4)
     logits = nn.Dense(
-        self.num_blocks, name="logits", dtype=jnp.float32,
+        self.num_blocks, name=_POLICY_DENSE_NAME, dtype=jnp.float32,
         kernel_init=nn.initializers.variance_scaling(self.kernel_scale, "fan_in", "normal"),
         bias_init=nn.initializers.constant(_logit(squashed)))(inputs.astype(jnp.float32))
     return policy_lib.policy_probs(logits, self.eps)
+
+
+_DENSE_NAME = "dense"         # the Dense inside GatedDense
+_OUTPUT_NAME = "output"       # GatedMLP's output layer
+
+
+class LayerWeights(NamedTuple):
+  """Kernel and bias of one dense or conv layer.
+
+  Attributes:
+    kernel: ``[in, out]`` (dense) or ``[k, k, in, out]`` (conv).
+    bias: ``[out]``.
+  """
+  kernel: jax.Array
+  bias: jax.Array
+
+
+class GatedDenseWeights(NamedTuple):
+  """Weights of one :class:`GatedDense` layer.
+
+  Attributes:
+    dense: the layer's :class:`LayerWeights` (``kernel [in, units]``).
+    policy: the policy's :class:`LayerWeights` (``kernel [in, blocks]``), ``None`` when
+      the layer is ungated.
+  """
+  dense: LayerWeights
+  policy: LayerWeights | None
+
+
+def layer_weights(dense_params) -> LayerWeights:
+  """The :class:`LayerWeights` of a ``flax.linen.Dense`` / ``Conv`` parameter dict."""
+  return LayerWeights(kernel=dense_params["kernel"], bias=dense_params["bias"])
+
+
+def policy_weights(gated_layer_params) -> LayerWeights:
+  """The policy's :class:`LayerWeights` inside one gated layer's parameters."""
+  return layer_weights(gated_layer_params[POLICY_MODULE_NAME][_POLICY_DENSE_NAME])
+
+
+def with_policy_bias(params, layer_name: str, bias: jax.Array):
+  """A copy of ``params`` whose gated layer ``layer_name`` has policy bias ``bias``."""
+  layer = dict(params[layer_name])
+  policy = dict(layer[POLICY_MODULE_NAME])
+  policy[_POLICY_DENSE_NAME] = {**policy[_POLICY_DENSE_NAME], "bias": bias}
+  layer[POLICY_MODULE_NAME] = policy
+  return {**params, layer_name: layer}
 
 
 class GatedDense(nn.Module):
   """A dense layer whose output units are switched on and off in blocks.
 
   ``y = mask(policy(stop_gradient(x))) * activation(x @ W + b)``. Training computes the
-  dense product and then masks; :mod:`ccjax.sparse` computes only active blocks.
+  dense product and then masks; :mod:`ccjax.inference` computes only active blocks.
 
   Attributes:
     features: output units; must be a multiple of ``block_size``.
@@ -163,41 +250,25 @@ class GatedDense(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mode: str = "sample",
-               capacity: int | None = None) -> tuple[jax.Array, GateAux | None]:
+               capacity: int | None = None, block_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, GateAux | None]:
     """Applies the layer.
 
     Args:
       inputs: ``[batch, in]``.
       mode: ``sample`` | ``threshold`` | ``top_k`` | ``all`` (see :func:`make_block_mask`).
       capacity: blocks per example for ``top_k``.
+      block_mask: optional ``[batch, blocks]`` mask used instead of the policy's own.
 
     Returns:
       ``(y [batch, units], aux)``; ``aux`` is ``None`` for an ungated layer.
     """
     validate_layer_mode(mode)
-    outputs = self.activation(nn.Dense(self.features, name="dense", dtype=self.dtype)(inputs))
+    outputs = self.activation(nn.Dense(self.features, name=_DENSE_NAME, dtype=self.dtype)(inputs))
     if not self.gated:
       return outputs, None
-    probs = BlockPolicy(self.num_blocks, eps=self.policy_eps,
-                        init_prob=self.policy_init_prob,
-                        name=POLICY_COLLECTION_NAME)(jax.lax.stop_gradient(inputs))
-    rng = self.make_rng("gate") if mode == "sample" else None
-    block_mask = make_block_mask(probs, mode, self.estimator, rng=rng, capacity=capacity,
-                                 gumbel_temperature=self.gumbel_temperature)
-    outputs = gating.apply_block_mask(outputs, block_mask)
-    log_prob = policy_lib.mask_log_prob(probs, block_mask)
-    return outputs, GateAux(probs=probs, mask=block_mask, log_prob=log_prob)
-
-
-def per_layer_values(value, num_layers: int, name: str) -> tuple:
-  """``value`` as a tuple with one entry per gated layer (a scalar is repeated)."""
-  if isinstance(value, (int, float)):
-    return (value,) * num_layers
-  value = tuple(value)
-  if len(value) != num_layers:
-    raise ValueError(f"{name} needs one value or one per gated layer ({num_layers}), "
-                     f"got {len(value)}")
-  return value
+    aux = gate(self, inputs, self.num_blocks, mode, capacity, block_mask)
+    return gating.apply_block_mask(outputs, aux.mask), aux
 
 
 class GatedMLP(nn.Module):
@@ -233,13 +304,29 @@ class GatedMLP(nn.Module):
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
     validate_gate_settings(self.estimator, self.policy_eps,
-                           per_layer_values(self.policy_init_prob, len(self.hidden),
+                           validation.per_layer_values(self.policy_init_prob, len(self.hidden),
                                       "policy_init_prob"))
     super().__post_init__()
 
+  def gate_names(self) -> tuple[str, ...]:
+    """Sub-module names of the gated layers, in the order of ``aux``."""
+    return tuple(f"hidden_{index}" for index in range(len(self.hidden)))
+
+  def hidden_weights(self, params) -> tuple[GatedDenseWeights, ...]:
+    """The hidden layers' weights (``policy=None`` when ungated), in forward order."""
+    return tuple(GatedDenseWeights(
+        dense=layer_weights(params[name][_DENSE_NAME]),
+        policy=policy_weights(params[name]) if POLICY_MODULE_NAME in params[name] else None)
+                 for name in self.gate_names())
+
+  def output_weights(self, params) -> LayerWeights:
+    """The output layer's weights (``kernel [hidden[-1], num_classes]``)."""
+    return layer_weights(params[_OUTPUT_NAME])
+
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mode: str = "sample",
-               capacity: int | Sequence[int] | None = None
+               capacity: int | Sequence[int] | None = None,
+               block_masks: Sequence[jax.Array] | None = None
                ) -> tuple[jax.Array, tuple[GateAux | None, ...]]:
     """Applies the network.
 
@@ -247,29 +334,47 @@ class GatedMLP(nn.Module):
       inputs: ``[batch, ...]``, flattened to ``[batch, in]``.
       mode: gate mode for every hidden layer (see :class:`GatedDense`).
       capacity: blocks per example for ``top_k``: one value or one per layer.
+      block_masks: optional ``[batch, blocks]`` masks, one per hidden layer, used instead
+        of the policies' own (masked-dense reference of sparse inference).
 
     Returns:
       ``(logits [batch, num_classes], aux)`` with one :class:`GateAux` (or ``None``
       when ungated) per hidden layer.
     """
     hidden = inputs.reshape(inputs.shape[0], -1)
-    init_probs = per_layer_values(self.policy_init_prob, len(self.hidden), "policy_init_prob")
-    capacities = (None,) * len(self.hidden) if capacity is None else per_layer_values(
-        capacity, len(self.hidden), "capacity")
+    num_layers = len(self.hidden)
+    init_probs = validation.per_layer_values(self.policy_init_prob, num_layers, "policy_init_prob")
+    capacities = (None,) * num_layers if capacity is None else validation.per_layer_values(
+        capacity, num_layers, "capacity")
+    if block_masks is not None and len(block_masks) != num_layers:
+      raise ValueError(f"block_masks needs one mask per gated layer ({num_layers}), "
+                       f"got {len(block_masks)}")
     aux = []
-    for index, width in enumerate(self.hidden):
+    for index, (width, name) in enumerate(zip(self.hidden, self.gate_names())):
       hidden, layer_aux = GatedDense(
           width, block_size=self.block_size, gated=self.gated, estimator=self.estimator,
           policy_eps=self.policy_eps, policy_init_prob=init_probs[index], dtype=self.dtype,
-          name=f"hidden_{index}")(hidden, mode=mode, capacity=capacities[index])
+          name=name)(hidden, mode=mode, capacity=capacities[index],
+                     block_mask=None if block_masks is None else block_masks[index])
       aux.append(layer_aux)
-    logits = nn.Dense(self.num_classes, name="output", dtype=self.dtype)(hidden)
+    logits = nn.Dense(self.num_classes, name=_OUTPUT_NAME, dtype=self.dtype)(hidden)
     return logits, tuple(aux)
 
 
 def is_policy_path(path: Sequence[Any]) -> bool:
-  """True for a parameter path that belongs to a gate policy."""
-  return any(getattr(entry, "key", entry) == POLICY_COLLECTION_NAME for entry in path)
+  """True for a parameter path that belongs to a gate policy (the one rule for it)."""
+  return any(getattr(entry, "key", entry) == POLICY_MODULE_NAME for entry in path)
+
+
+def strip_policy_params(params) -> Any:
+  """The network part of a gated model's parameters (every policy sub-tree removed).
+
+  The result is the parameter tree of the same model built with ``gated=False``.
+  """
+  if isinstance(params, dict) or hasattr(params, "items"):
+    return {key: strip_policy_params(value) for key, value in params.items()
+            if not is_policy_path((key,))}
+  return params
 
 
 def param_labels(params) -> Any:

@@ -17,7 +17,11 @@ import jax.numpy as jnp
 
 DEFAULT_EPS = 0.01
 
+# A block runs at test time when its probability exceeds this (``threshold`` mode).
+THRESHOLD = 0.5
+# Every way a gate can choose its mask; all but ``sample`` are deterministic.
 POLICY_MODES = ("sample", "threshold", "top_k", "all")
+DETERMINISTIC_MODES = POLICY_MODES[1:]
 
 
 def validate_eps(eps: float) -> float:
@@ -81,7 +85,7 @@ def policy_entropy(probs: jax.Array) -> jax.Array:
   return jnp.sum(ent, axis=-1)
 
 
-def threshold_mask(probs: jax.Array, threshold: float = 0.5) -> jax.Array:
+def threshold_mask(probs: jax.Array, threshold: float = THRESHOLD) -> jax.Array:
   """Deterministic mask: a block runs when its probability exceeds ``threshold``.
 
   Args:
@@ -94,7 +98,7 @@ def threshold_mask(probs: jax.Array, threshold: float = 0.5) -> jax.Array:
   return (probs > threshold).astype(probs.dtype)
 
 
-def top_k_mask(probs: jax.Array, capacity: int, threshold: float = 0.5) -> jax.Array:
+def top_k_mask(probs: jax.Array, capacity: int, threshold: float = THRESHOLD) -> jax.Array:
   """Deterministic mask capped by a capacity.
 
   A block runs when its probability exceeds ``threshold`` *and* it is among the

@@ -1,6 +1,6 @@
 """Seeds x tau sweeps with honest aggregation and two dense baselines.
 
-Every configuration is run for every seed through :func:`ccjax.trainer.train_and_evaluate`
+Every configuration is run for every seed through :func:`ccjax.loop.train_and_evaluate`
 and reported as mean +- std over seeds (never best-of-seeds). Each sweep has two dense
 baselines: the same width as the condnet, and, for every tau, the width whose dense
 MACs per example match the condnet's measured active MACs (mean over seeds).
@@ -9,15 +9,15 @@ MACs per example match the condnet's measured active MACs (mean over seeds).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from absl import logging
 import numpy as np
 
 from ccjax import atomic
-from ccjax import experiment
+from ccjax import config as config_lib
+from ccjax import validation
 from ccjax import flops
 
 CSV_FIELDS = ("label", "model", "tau", "hidden", "seeds", "test_error_mean", "test_error_std",
@@ -34,10 +34,10 @@ def matched_dense_width(input_dim: int, num_layers: int, num_classes: int, targe
   return min(costs)[1]
 
 
-def _run(base: experiment.ExperimentConfig, workdir: str, train_fn: Callable, **changes
+def _run(base: config_lib.ExperimentConfig, workdir: str, train_fn: Callable, **changes
          ) -> dict[str, Any]:
   """One run; a finished run in ``workdir`` is resumed at its end (only re-evaluated)."""
-  config = dataclasses.replace(base, **changes)
+  config = base.replace(**changes)
   logging.info("sweep: %s", workdir)
   return train_fn(config, workdir)
 
@@ -70,39 +70,72 @@ def aggregate(label: str, model: str, tau: float | None, hidden: Sequence[int],
   return row
 
 
-def run_sweep(base: experiment.ExperimentConfig, workdir: str, seeds: Sequence[int],
-              taus: Sequence[float], train_fn: Callable, input_dim: int,
-              num_classes: int) -> list[dict[str, Any]]:
+class Grid(NamedTuple):
+  """The validated seeds and taus of a sweep."""
+  seeds: tuple[int, ...]
+  taus: tuple[float, ...]
+
+
+def validate_grid(base: config_lib.ExperimentConfig, *, seeds: Sequence[int],
+                  taus: Sequence[float]) -> Grid:
+  """Checks every run of the grid before any starts.
+
+  Raises:
+    validation.ConfigError: a bad or duplicate seed or tau, or two taus whose run
+      directories would collide (field ``seed`` / ``tau``).
+  """
+  seeds, taus = tuple(seeds), tuple(taus)
+  for name, values in (("seed", seeds), ("tau", taus)):
+    if not values:
+      raise validation.ConfigError(name, "needs at least one value")
+    if len(set(values)) != len(values):
+      raise validation.ConfigError(name, f"lists a value twice: {list(values)}")
+  for tau in taus:
+    for seed in seeds:
+      base.replace(model="condnet", tau=(tau,), seed=seed)
+  names = [_tau_name(tau) for tau in taus]
+  if len(set(names)) != len(names):
+    raise validation.ConfigError("tau", f"values {list(taus)} give the same run directory "
+                                        f"names {names}; use values that differ in 6 digits")
+  return Grid(seeds, taus)
+
+
+def _tau_name(tau: float) -> str:
+  return f"{tau:g}"
+
+
+def run_sweep(base: config_lib.ExperimentConfig, workdir: str, grid: Grid,
+              train_fn: Callable, input_dim: int, num_classes: int) -> list[dict[str, Any]]:
   """Runs condnets for every tau and both dense baselines, for every seed.
 
   Args:
     base: configuration shared by all runs (its ``model``, ``tau``, ``seed`` are replaced).
     workdir: each run goes to ``workdir/<configuration>/seed<k>``; finished runs are reused.
-    seeds: seeds of every configuration.
-    taus: target active fractions of the condnets.
-    train_fn: ``(config, workdir) -> results`` (``ccjax.trainer.train_and_evaluate``).
+    grid: seeds and taus (:func:`validate_grid`).
+    train_fn: ``(config, workdir) -> results`` (``ccjax.loop.train_and_evaluate``).
     input_dim: flattened input size (for the MAC-matched width).
     num_classes: classes (for the MAC-matched width).
 
   Returns:
     one aggregated row per configuration.
   """
+  seeds, taus = grid
   rows = []
   dense_runs = [_run(base, os.path.join(workdir, "dense_same_width", f"seed{seed}"), train_fn,
                      model="dense", seed=seed) for seed in seeds]
   rows.append(aggregate("dense (same width)", "dense", None, base.hidden, dense_runs))
   for tau in taus:
-    label = f"condnet tau={tau:g}"
-    runs = [_run(base, os.path.join(workdir, f"condnet_tau{tau:g}", f"seed{seed}"), train_fn,
+    label = f"condnet tau={_tau_name(tau)}"
+    runs = [_run(base, os.path.join(workdir, f"condnet_tau{_tau_name(tau)}", f"seed{seed}"), train_fn,
                  model="condnet", tau=(tau,), seed=seed) for seed in seeds]
     rows.append(aggregate(label, "condnet", tau, base.hidden, runs))
     width = matched_dense_width(input_dim, len(base.hidden), num_classes,
                                 rows[-1]["macs_mean"], base.block_size)
     hidden = (width,) * len(base.hidden)
-    matched_dir = os.path.join(workdir, f"dense_matched_tau{tau:g}_width{width}")
+    matched_dir = os.path.join(workdir, f"dense_matched_tau{_tau_name(tau)}_width{width}")
     matched = [_run(base, os.path.join(matched_dir, f"seed{seed}"),
                     train_fn, model="dense", hidden=hidden, seed=seed) for seed in seeds]
-    rows.append(aggregate(f"dense (MACs of tau={tau:g}, width {width})", "dense", tau, hidden,
+    rows.append(aggregate(f"dense (MACs of tau={_tau_name(tau)}, width {width})", "dense", tau, hidden,
                           matched))
   return rows
 

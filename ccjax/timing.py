@@ -6,6 +6,8 @@ benchmarks print.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -47,3 +49,21 @@ def interleaved_median_ms(calls: Sequence[tuple[Callable[..., Any], Sequence[tup
 def median_ms(fn: Callable[..., Any], *args, repeats: int = 20, warmup: int = 3) -> float:
   """Median wall time of ``fn(*args)`` in milliseconds, after ``warmup`` calls."""
   return interleaved_median_ms([(fn, [args])], repeats=repeats, warmup=warmup)[0]
+
+
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as stream:
+      for line in stream:
+        if line.lower().startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+  """What every timing depends on: CPU model, core count, JAX device and versions."""
+  return {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
+          "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}

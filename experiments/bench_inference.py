@@ -1,52 +1,62 @@
-r"""Dense vs sparse (block-skipping) inference latency of a gated MLP.
+r"""Dense vs sparse (block-skipping) inference latency of gated models.
 
-Random weights; each layer's policy bias is calibrated so that about ``tau`` of the
-blocks run per example (the count varies per example). Dense is the same MLP as plain
-``x @ W`` under ``jax.jit``; sparse is :func:`ccjax.sparse.sparse_forward` (policies
-included). Both are warmed up; the median over ``--repeats`` calls is reported.
+One driver times every model family through the one inference contract
+(:func:`ccjax.make_inference` vs :func:`ccjax.make_dense_inference`, same process, calls
+interleaved, medians). Weights are random; each policy's bias is calibrated
+(:func:`ccjax.calibrate_policies`) so that about ``--tau`` (MLP) / ``--cnn_tau`` (CNN) of
+the blocks run; the count varies per example.
 
   python -m experiments.bench_inference --json
 
-prints ``{"config": {...}, "device": "...", "results": [{"batch_size", "dense_ms",
-"sparse_ms", "ratio", "dense_macs", "sparse_macs", "mac_ratio", "overflow_rate"}, ...]}``
-with ``ratio = dense_ms / sparse_ms``. Other model families add entries to ``results``
-through :data:`RESULT_BUILDERS` (functions ``(config) -> list[dict]``).
+prints ``{"config": {...}, "machine": {...}, "backend": "...", "results": [{"model",
+"batch_size", "dense_ms", "sparse_ms", "ratio", "dense_macs", "sparse_macs", "mac_ratio",
+"overflow_rate"}, ...]}`` with ``ratio = dense_ms / sparse_ms`` and ``mac_ratio =
+dense_macs / sparse_macs`` (MACs per example, policies included).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ccjax import sparse
+import ccjax
+from ccjax import timing
 from experiments import cli
 
-_INPUT_DIM = flags.DEFINE_integer("input_dim", 784, "Input features.")
-_HIDDEN = flags.DEFINE_list("hidden", ["4096", "4096", "4096"], "Hidden widths.")
-_BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "Units per gated block.")
-_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Output logits.")
-_TAU = flags.DEFINE_float("tau", 0.125, "Target fraction of active blocks, in (0, 1].")
+MODELS = ("mlp", "cnn")
+CNN_IMAGE_SHAPE = (32, 32, 3)
+CALIBRATION_SIZE = 512
+
+_INPUT_DIM = flags.DEFINE_integer("input_dim", 784, "MLP input features.", lower_bound=1)
+_HIDDEN = flags.DEFINE_list("hidden", ["4096", "4096", "4096"], "MLP hidden widths.")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "MLP units per gated block.", lower_bound=1)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 10, "Output logits.", lower_bound=2)
+_TAU = flags.DEFINE_float("tau", 0.125, "MLP target fraction of active blocks, in (0, 1).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "128"], "Batch sizes to time.")
-_REPEATS = flags.DEFINE_integer("repeats", 30, "Timed calls per measurement (median).")
+_REPEATS = flags.DEFINE_integer("repeats", 30, "Timed calls per measurement (median).",
+                                lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights/activations.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights and inputs.")
 _EXAMPLE_SLACK = flags.DEFINE_float(
-    "example_slack", 2.0, "Per-example capacity k = ceil(slack * tau * blocks).")
-_NUM_BUCKETS = flags.DEFINE_integer("num_buckets", 4, "Batch-1 bucketed slot counts per layer.")
-_MODELS = flags.DEFINE_list("models", ["mlp", "cnn"], "Which benchmarks: mlp, cnn.")
+    "example_slack", 2.0, "Per-example capacity k = ceil(slack * tau * blocks), >= 1.")
+_NUM_BUCKETS = flags.DEFINE_integer("num_buckets", 4, "Batch-1 bucketed slot counts per layer.",
+                                    lower_bound=1)
+_MODELS = flags.DEFINE_list("models", list(MODELS), "Which benchmarks: mlp, cnn.")
+_CNN_STAGES = flags.DEFINE_list("cnn_stages", ["64", "128"], "CNN stage channel widths.")
+_CNN_BLOCK_SIZE = flags.DEFINE_integer("cnn_block_size", 16, "CNN channels per gated block.",
+                                       lower_bound=1)
 _CNN_TAU = flags.DEFINE_float(
-    "cnn_tau", 0.5, "CNN case (32x32x3 input, ccjax.GatedCNN defaults): fraction of channel "
-    "blocks and residual layers that run.")
+    "cnn_tau", 0.5, "CNN (32x32x3 input): fraction of channel blocks and residual blocks that "
+    "run, in (0, 1).")
+_BACKEND = flags.DEFINE_enum("backend", None, list(ccjax.BACKENDS),
+                             "Force a kernel backend (default: the best available).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
-MODELS = ("mlp", "cnn")
-
-# Functions (config dict) -> list of result entries; a CNN benchmark can append its own.
-RESULT_BUILDERS: list[Callable[[dict[str, Any]], list[dict[str, Any]]]] = []
 
 
 def _positive_ints(name: str, values) -> tuple[int, ...]:
@@ -63,55 +73,83 @@ def _positive_ints(name: str, values) -> tuple[int, ...]:
 def read_config() -> dict[str, Any]:
   """Flags -> validated config dict (ValueError with a one-line message on bad input)."""
   hidden = _positive_ints("hidden", _HIDDEN.value)
+  cnn_stages = _positive_ints("cnn_stages", _CNN_STAGES.value)
   batch_sizes = _positive_ints("batch_sizes", _BATCH_SIZES.value)
-  for name, flag in (("input_dim", _INPUT_DIM), ("block_size", _BLOCK_SIZE),
-                     ("repeats", _REPEATS), ("num_buckets", _NUM_BUCKETS)):
-    if flag.value < 1:
-      raise ValueError(f"--{name} must be a positive integer, got {flag.value!r}")
-  if _NUM_CLASSES.value < 2:
-    raise ValueError(f"--num_classes must be an integer >= 2, got {_NUM_CLASSES.value!r}")
-  if not 0.0 < _TAU.value <= 1.0:
-    raise ValueError(f"--tau must be in (0, 1], got {_TAU.value!r}")
-  if not _EXAMPLE_SLACK.value >= 1.0:
-    raise ValueError(f"--example_slack must be >= 1, got {_EXAMPLE_SLACK.value!r}")
-  for width in hidden:
-    if width % _BLOCK_SIZE.value:
-      raise ValueError(f"--block_size={_BLOCK_SIZE.value} must divide every --hidden width "
-                       f"(got {width})")
+  for name, flag in (("tau", _TAU), ("cnn_tau", _CNN_TAU)):
+    if not 0.0 < flag.value < 1.0:
+      raise ValueError(f"--{name} must be in (0, 1), got {flag.value!r}")
+  if not 1.0 <= _EXAMPLE_SLACK.value < float("inf"):
+    raise ValueError(f"--example_slack must be a finite number >= 1, got {_EXAMPLE_SLACK.value!r}")
+  for name, widths, block in (("hidden", hidden, _BLOCK_SIZE.value),
+                              ("cnn_stages", cnn_stages, _CNN_BLOCK_SIZE.value)):
+    for width in widths:
+      if width % block:
+        flag = "block_size" if name == "hidden" else "cnn_block_size"
+        raise ValueError(f"--{flag}={block} must divide every --{name} width (got {width})")
   for model in _MODELS.value:
     if model not in MODELS:
       raise ValueError(f"--models must list entries of {'|'.join(MODELS)}, got {model!r}")
-  if not 0.0 < _CNN_TAU.value <= 1.0:
-    raise ValueError(f"--cnn_tau must be in (0, 1], got {_CNN_TAU.value!r}")
-  return {"models": list(_MODELS.value), "cnn_tau": _CNN_TAU.value,
-          "input_dim": _INPUT_DIM.value, "hidden": list(hidden),
+  ccjax.select_backend(_BACKEND.value)
+  return {"models": list(_MODELS.value), "input_dim": _INPUT_DIM.value, "hidden": list(hidden),
           "block_size": _BLOCK_SIZE.value, "num_classes": _NUM_CLASSES.value,
-          "tau": _TAU.value, "batch_sizes": list(batch_sizes), "repeats": _REPEATS.value,
-          "dtype": _DTYPE.value, "seed": _SEED.value, "example_slack": _EXAMPLE_SLACK.value,
-          "num_buckets": _NUM_BUCKETS.value}
+          "tau": _TAU.value, "cnn_stages": list(cnn_stages),
+          "cnn_block_size": _CNN_BLOCK_SIZE.value, "cnn_tau": _CNN_TAU.value,
+          "batch_sizes": list(batch_sizes), "repeats": _REPEATS.value, "dtype": _DTYPE.value,
+          "seed": _SEED.value, "example_slack": _EXAMPLE_SLACK.value,
+          "num_buckets": _NUM_BUCKETS.value, "backend": _BACKEND.value}
 
 
-def mlp_results(config: dict[str, Any]) -> list[dict[str, Any]]:
-  """Result entries of the gated MLP at every batch size."""
-  entries = sparse.benchmark_mlp(
-      input_dim=config["input_dim"], hidden=config["hidden"], block_size=config["block_size"],
-      num_classes=config["num_classes"], tau=config["tau"], batch_sizes=config["batch_sizes"],
-      repeats=config["repeats"], seed=config["seed"], dtype=jnp.dtype(config["dtype"]),
-      example_slack=config["example_slack"], num_buckets=config["num_buckets"])
-  return [{"model": "mlp", **entry} for entry in entries]
+def build_model(config: dict[str, Any], family: str):
+  """``(module, params, example_shape, active_fraction)`` of one benchmark family, with
+  policies calibrated to run the configured fraction of blocks."""
+  dtype = jnp.dtype(config["dtype"])
+  key = jax.random.PRNGKey(config["seed"])
+  if family == "mlp":
+    module = ccjax.GatedMLP(hidden=tuple(config["hidden"]), num_classes=config["num_classes"],
+                            block_size=config["block_size"], dtype=dtype)
+    example_shape, fraction = (config["input_dim"],), config["tau"]
+  else:
+    module = ccjax.GatedCNN(config["num_classes"], stem_features=config["cnn_stages"][0],
+                            stage_features=tuple(config["cnn_stages"]), residual_blocks=2,
+                            block_size=config["cnn_block_size"], dtype=dtype)
+    example_shape, fraction = CNN_IMAGE_SHAPE, config["cnn_tau"]
+  init_key, calibration_key = jax.random.split(key)
+  params = module.init({"params": init_key, "gate": init_key},
+                       jnp.zeros((1, *example_shape), jnp.float32), mode="threshold")["params"]
+  calibration = jax.random.normal(calibration_key, (CALIBRATION_SIZE, *example_shape))
+  params = ccjax.calibrate_policies(module, params, calibration, fraction)
+  params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+  return module, params, example_shape, fraction
 
 
-def cnn_results(config: dict[str, Any]) -> list[dict[str, Any]]:
-  """Result entries of the gated CNN (skipped layers / channel blocks) at every batch size."""
-  from ccjax import conv_sparse  # pylint: disable=g-import-not-at-top
-  entries = conv_sparse.bench_cnn(
-      batch_sizes=config["batch_sizes"], repeats=config["repeats"], seed=config["seed"],
-      dtype=config["dtype"], active_fraction=config["cnn_tau"])
-  return [{**entry, "model": "cnn"} for entry in entries]
-
-
-RESULT_BUILDERS.append(mlp_results)
-RESULT_BUILDERS.append(cnn_results)
+def bench_family(config: dict[str, Any], family: str) -> list[dict[str, Any]]:
+  """Result entries of one model family at every batch size."""
+  module, params, example_shape, fraction = build_model(config, family)
+  capacities = ccjax.Capacities(active_fraction=fraction, example_slack=config["example_slack"],
+                                num_buckets=config["num_buckets"])
+  dense_macs = ccjax.dense_macs_per_example(module, example_shape)
+  traced = ccjax.make_inference(module, params, capacities=capacities, backend=config["backend"])
+  timed = ccjax.make_inference(module, params, capacities=capacities, backend=config["backend"],
+                               with_info=False)
+  entries = []
+  for batch_size in config["batch_sizes"]:
+    # Batch 1 cycles over 16 different examples (the sparse work depends on the example).
+    num_batches = 16 if batch_size == 1 else 2
+    data_key = jax.random.fold_in(jax.random.PRNGKey(config["seed"] + 1), batch_size)
+    inputs = [x.astype(jnp.dtype(config["dtype"])) for x in jax.random.normal(
+        data_key, (num_batches, batch_size, *example_shape))]
+    latency = ccjax.measure_latency(module, params, inputs, repeats=config["repeats"],
+                                    inference=timed)
+    infos = [traced(x)[1] for x in inputs]
+    sparse_macs = float(np.mean([ccjax.macs_per_example(module, example_shape, info.masks)
+                                 for info in infos]))
+    entries.append({
+        "model": family, "batch_size": int(batch_size), "dense_ms": latency["dense"],
+        "sparse_ms": latency["sparse"], "ratio": latency["dense"] / latency["sparse"],
+        "dense_macs": float(dense_macs), "sparse_macs": sparse_macs,
+        "mac_ratio": float(dense_macs) / max(sparse_macs, 1.0),
+        "overflow_rate": ccjax.overflow_rate(infos), "backend": traced.backend})
+  return entries
 
 
 def main(argv):
@@ -120,16 +158,19 @@ def main(argv):
     config = read_config()
   except ValueError as error:
     cli.fail(error)
-  results = [entry for builder in RESULT_BUILDERS
-             if builder.__name__.split("_")[0] in config["models"] for entry in builder(config)]
-  report = {"config": config, "device": str(jax.devices()[0].device_kind), "results": results}
+  results = [entry for family in MODELS if family in config["models"]
+             for entry in bench_family(config, family)]
+  report = {"config": config, "machine": timing.machine_info(),
+            "backend": results[0]["backend"] if results else None, "results": results}
   if _JSON.value:
     print(json.dumps(report))
   else:
+    print(json.dumps(report["machine"]))
     for entry in results:
-      print(f"{entry['model']} batch {entry['batch_size']}: dense {entry['dense_ms']:.3f} ms, "
-            f"sparse {entry['sparse_ms']:.3f} ms, ratio {entry['ratio']:.1f}, "
-            f"MAC ratio {entry['mac_ratio']:.1f}, overflow {entry['overflow_rate']:.4f}")
+      print(f"{entry['model']} batch {entry['batch_size']} ({entry['backend']}): dense "
+            f"{entry['dense_ms']:.3f} ms, sparse {entry['sparse_ms']:.3f} ms, ratio "
+            f"{entry['ratio']:.1f}, MAC ratio {entry['mac_ratio']:.1f}, overflow "
+            f"{entry['overflow_rate']:.4f}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def metrics_steps_once(workdir: str, steps: int, log_every: int = 5) -> bool:
   with open(os.path.join(workdir, "metrics.jsonl")) as stream:
     records = [json.loads(line) for line in stream]
   train_steps = [r["step"] for r in records if r["kind"] == "train"]
-  return train_steps == list(range(log_every, steps + 1, log_every))
+  return train_steps == [1, *range(log_every, steps + 1, log_every)]  # step 1 is logged too
 
 
 def wait_for_training(workdir: str, process: subprocess.Popen, timeout: float = 600) -> float:

@@ -24,7 +24,8 @@ def test_tiny_benchmark_prints_json_with_schema():
   result = _run(*TINY, "--json")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
-  assert set(report) >= {"config", "device", "results"}
+  assert set(report) >= {"config", "machine", "backend", "results"}
+  assert report["machine"]["cpu"] and report["backend"] in ("xla", "ffi-cpu", "pallas-gpu")
   assert report["config"]["hidden"] == [128, 128]
   assert [entry["batch_size"] for entry in report["results"]] == [1, 8]
   assert {entry["model"] for entry in report["results"]} == {"mlp"}
@@ -33,12 +34,14 @@ def test_tiny_benchmark_prints_json_with_schema():
     assert entry["dense_ms"] > 0 and entry["sparse_ms"] > 0
     assert entry["ratio"] == pytest.approx(entry["dense_ms"] / entry["sparse_ms"])
     assert entry["dense_macs"] == 784 * 128 + 128 * 128 + 128 * 10
+    assert entry["backend"] == report["backend"]
     assert 0 < entry["sparse_macs"] < entry["dense_macs"]
     assert 0.0 <= entry["overflow_rate"] <= 1.0
 
 
 def test_cnn_case_reports_dense_and_skipping_time():
-  result = _run("--models=cnn", "--batch_sizes=1,4", "--repeats=2", "--json")
+  result = _run("--models=cnn", "--cnn_stages=16,32", "--cnn_block_size=8", "--batch_sizes=1,4",
+                "--repeats=2", "--json")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert [entry["batch_size"] for entry in report["results"]] == [1, 4]
@@ -53,6 +56,8 @@ def test_cnn_case_reports_dense_and_skipping_time():
 @pytest.mark.parametrize("flag,message", [
     ("--models=mlp,rnn", "--models"),
     ("--tau=1.5", "--tau"),
+    ("--example_slack=inf", "--example_slack"),
+    ("--backend=cuda", "--backend"),
     ("--hidden=128,100", "--block_size"),
     ("--batch_sizes=0", "--batch_sizes"),
     ("--hidden=a,b", "--hidden"),

@@ -1,4 +1,4 @@
-"""Tests of experiments/condnet.py and the training loop behind it (ccjax.trainer)."""
+"""Tests of experiments/condnet.py and the training loop behind it (ccjax.loop)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import data as data_lib
-from ccjax import experiment
-from ccjax import trainer
+from ccjax import config as config_lib
+from ccjax import loop
 from tests import experiment_utils
 
 RESULT_KEYS = {"model", "arch", "dataset", "seed", "steps", "test_error", "valid_error",
@@ -20,11 +20,11 @@ RESULT_KEYS = {"model", "arch", "dataset", "seed", "steps", "test_error", "valid
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def tiny_config(**changes) -> experiment.ExperimentConfig:
+def tiny_config(**changes) -> config_lib.ExperimentConfig:
   values = dict(hidden=(32, 32), block_size=8, batch_size=32, steps=12, log_every=4,
                 eval_every=8, checkpoint_every=4, measure_latency=False, plots=False)
   values.update(changes)
-  return experiment.ExperimentConfig(**values)
+  return config_lib.ExperimentConfig.create(**values)
 
 
 def final_state(workdir: str):
@@ -67,38 +67,38 @@ def test_cli_digits_writes_every_output(tmp_path):
   assert len(results["active_fraction"]) == 2
   assert 0.0 <= results["test_error"] <= 1.0
   assert results["macs_per_example"] < results["dense_macs_per_example"]
-  assert results["flags"]["hidden"] == "32,32"
+  assert results["flags"]["hidden"] == [32, 32]
   for name in ("block_probabilities.png", "class_block_map.png", "learning_curves.png"):
     with open(os.path.join(workdir, "plots", name), "rb") as stream:
       content = stream.read()
     assert content.startswith(PNG_MAGIC) and len(content) > 1000
   records = read_metrics(workdir)
   train_steps = [r["step"] for r in records if r["kind"] == "train"]
-  assert train_steps == [4, 8, 12]
+  assert train_steps == [1, 4, 8, 12]  # step 1: a progress line within seconds
   assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train")
   assert any("valid_error" in r for r in records if r["kind"] == "eval")
 
 
 def test_resume_ends_exactly_like_a_straight_run(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  straight_results = trainer.train_and_evaluate(tiny_config(steps=12), straight)
-  trainer.train_and_evaluate(tiny_config(steps=6), resumed)  # "Crash" after 6 steps.
-  resumed_results = trainer.train_and_evaluate(tiny_config(steps=12), resumed)
+  straight_results = loop.train_and_evaluate(tiny_config(steps=12), straight)
+  loop.train_and_evaluate(tiny_config(steps=6), resumed)  # "Crash" after 6 steps.
+  resumed_results = loop.train_and_evaluate(tiny_config(steps=12), resumed)
   experiment_utils.assert_trees_equal(final_state(straight), final_state(resumed))
   for key in ("test_error", "valid_error", "active_fraction", "macs_per_example"):
     assert straight_results[key] == resumed_results[key]
   train_steps = [r["step"] for r in read_metrics(resumed) if r["kind"] == "train"]
-  assert train_steps == [4, 6, 8, 12]  # 6 was the first run's last step; nothing twice.
+  assert train_steps == [1, 4, 6, 8, 12]  # 6 was the first run's last step; nothing twice.
   assert [r["step"] for r in read_metrics(resumed) if r["kind"] == "final"] == [12]
   before = [(r["step"], r["kind"]) for r in read_metrics(resumed)]
-  trainer.train_and_evaluate(tiny_config(steps=12), resumed)  # Finished: only re-evaluates.
+  loop.train_and_evaluate(tiny_config(steps=12), resumed)  # Finished: only re-evaluates.
   assert [(r["step"], r["kind"]) for r in read_metrics(resumed)] == before
 
 
 def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
-  first = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
-  second = trainer.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
-  other = trainer.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "c"))
+  first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+  second = loop.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
+  other = loop.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "c"))
   experiment_utils.assert_trees_equal(final_state(str(tmp_path / "a")),
                                       final_state(str(tmp_path / "b")))
   assert first["test_error"] == second["test_error"]
@@ -111,8 +111,8 @@ def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
 def test_npz_dataset_and_dense_model(tmp_path):
   path = str(tmp_path / "data.npz")
   write_npz(path)
-  condnet = trainer.train_and_evaluate(tiny_config(dataset=f"npz:{path}"), str(tmp_path / "c"))
-  dense = trainer.train_and_evaluate(tiny_config(dataset=f"npz:{path}", model="dense"),
+  condnet = loop.train_and_evaluate(tiny_config(dataset=f"npz:{path}"), str(tmp_path / "c"))
+  dense = loop.train_and_evaluate(tiny_config(dataset=f"npz:{path}", model="dense"),
                                      str(tmp_path / "d"))
   assert condnet["dense_macs_per_example"] == 6 * 32 + 32 * 32 + 32 * 3
   assert dense["macs_per_example"] == dense["dense_macs_per_example"]
@@ -122,7 +122,7 @@ def test_npz_dataset_and_dense_model(tmp_path):
 def test_mocked_tfds_dataset(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=80):
-    results = trainer.train_and_evaluate(
+    results = loop.train_and_evaluate(
         tiny_config(dataset="mnist", data_dir=str(tmp_path / "tfds"), steps=4, log_every=2,
                     checkpoint_every=2, eval_every=2, batch_size=16),
         str(tmp_path / "run"))
@@ -152,8 +152,8 @@ def test_nonfinite_loss_stops_with_step_and_intact_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 3, checkpoint_every=1,
                        eval_every=1000)
-  with pytest.raises(trainer.NonFiniteError, match=f"at step {bad_step};") as error:
-    trainer.train_and_evaluate(config, workdir)
+  with pytest.raises(loop.NonFiniteError, match=f"at step {bad_step};") as error:
+    loop.train_and_evaluate(config, workdir)
   assert f"step {bad_step - 1} in" in str(error.value)
   state = final_state(workdir)
   assert int(state["step"]) == bad_step - 1
@@ -167,7 +167,7 @@ def test_skip_nonfinite_skips_bad_batches(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 2, skip_nonfinite=True,
                        log_every=1, eval_every=1000)
-  results = trainer.train_and_evaluate(config, workdir)
+  results = loop.train_and_evaluate(config, workdir)
   assert np.isfinite(results["test_error"])
   last = [r for r in read_metrics(workdir) if r["kind"] == "train"][-1]
   assert last["skipped_nonfinite"] >= 1
@@ -179,11 +179,11 @@ def test_skip_nonfinite_skips_bad_batches(tmp_path):
 def test_epochs_flag_sets_steps():
   config = tiny_config(steps=None, epochs=2, batch_size=32)
   assert config.total_steps(100) == 6
-  assert tiny_config(steps=None).total_steps(100) == experiment.DEFAULT_STEPS
+  assert tiny_config(steps=None).total_steps(100) == config_lib.DEFAULT_STEPS
 
 
 def test_cnn_arch_trains_and_reports_costs(tmp_path):
-  results = trainer.train_and_evaluate(
+  results = loop.train_and_evaluate(
       tiny_config(arch="cnn", hidden=(8, 16), block_size=8, tau=(0.5,), steps=4, log_every=2,
                   checkpoint_every=2, eval_every=2, measure_latency=True, plots=True),
       str(tmp_path / "cnn"))
@@ -197,7 +197,7 @@ def test_cnn_arch_needs_images(tmp_path):
   path = str(tmp_path / "flat.npz")
   write_npz(path)
   with pytest.raises(ValueError, match="--arch=cnn needs image inputs"):
-    trainer.train_and_evaluate(tiny_config(arch="cnn", hidden=(8,), dataset=f"npz:{path}"),
+    loop.train_and_evaluate(tiny_config(arch="cnn", hidden=(8,), dataset=f"npz:{path}"),
                                str(tmp_path / "run"))
   assert not os.path.exists(str(tmp_path / "run"))
 
@@ -231,8 +231,8 @@ def test_nonfinite_between_checkpoints_names_the_exact_step(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 6, checkpoint_every=3,
                        log_every=5, eval_every=1000)
-  with pytest.raises(trainer.NonFiniteError, match=f"at step {bad_step};") as error:
-    trainer.train_and_evaluate(config, workdir)
+  with pytest.raises(loop.NonFiniteError, match=f"at step {bad_step};") as error:
+    loop.train_and_evaluate(config, workdir)
   last_good = (bad_step - 1) // 3 * 3
   if last_good:
     assert f"checkpoint: step {last_good} in" in str(error.value)

@@ -79,7 +79,7 @@ def test_residual_block_skipped_is_identity_and_run_adds_branch():
   chex.assert_shape(aux.probs, (2, 1))
   np.testing.assert_array_equal(y[0], x[0])
   ungated, none_aux = conv.GatedResidualBlock(num_convs=2, gated=False).apply(
-      {"params": conv.strip_policy_params(params)}, x)
+      {"params": ccjax.strip_policy_params(params)}, x)
   assert none_aux is None
   np.testing.assert_allclose(y[1], ungated[1], atol=1e-6)
   assert not np.allclose(ungated[1], x[1])
@@ -98,7 +98,7 @@ def test_gated_cnn_contract_and_dense_baseline():
   assert labels["stage_0"]["policy"]["logits"]["kernel"] == "policy"
   assert labels["stage_0_res_0"]["conv_1"]["kernel"] == "network"
   dense_model = conv.GatedCNN(10, gated=False, **TINY)
-  dense_logits, dense_aux = jax.jit(dense_model.apply)({"params": conv.strip_policy_params(params)},
+  dense_logits, dense_aux = jax.jit(dense_model.apply)({"params": ccjax.strip_policy_params(params)},
                                                        x)
   assert dense_aux == (None, None)
   all_logits, _ = jax.jit(lambda p: model.apply({"params": p}, x, mode="all"))(params)

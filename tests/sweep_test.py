@@ -58,29 +58,29 @@ def test_sweep_bad_flag_is_one_line(tmp_path):
   process = experiment_utils.run_module("experiments.sweep", f"--workdir={tmp_path}/s",
                                         "--taus=0.25,2")
   assert process.returncode == 2
-  assert process.stderr.strip().startswith("error: --tau must be in (0, 1]")
+  assert process.stderr.strip().startswith("error: --taus must be in (0, 1]")
   assert not os.path.exists(f"{tmp_path}/s")
 
 
 def test_sweep_on_npz_and_mocked_tfds(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import pytest  # pylint: disable=g-import-not-at-top
-  from ccjax import experiment  # pylint: disable=g-import-not-at-top
-  from ccjax import trainer  # pylint: disable=g-import-not-at-top
+  from ccjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ccjax import loop  # pylint: disable=g-import-not-at-top
   from tests.condnet_test import write_npz  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / "data.npz")
   write_npz(path)
   tiny = dict(hidden=(16, 16), block_size=8, batch_size=16, steps=4, log_every=2,
               eval_every=2, checkpoint_every=2, measure_latency=False, plots=False)
-  rows = sweep.run_sweep(experiment.ExperimentConfig(dataset=f"npz:{path}", **tiny),
-                         str(tmp_path / "npz"), [0], [0.5], trainer.train_and_evaluate,
+  rows = sweep.run_sweep(config_lib.ExperimentConfig.create(dataset=f"npz:{path}", **tiny),
+                         str(tmp_path / "npz"), sweep.Grid((0,), (0.5,)), loop.train_and_evaluate,
                          input_dim=6, num_classes=3)
   assert [row["model"] for row in rows] == ["dense", "condnet", "dense"]
   assert all(np.isfinite(row["test_error_mean"]) for row in rows)
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=64):
     rows = sweep.run_sweep(
-        experiment.ExperimentConfig(dataset="mnist", data_dir=str(tmp_path / "tfds"), **tiny),
-        str(tmp_path / "mnist"), [0], [0.5], trainer.train_and_evaluate, input_dim=784,
+        config_lib.ExperimentConfig.create(dataset="mnist", data_dir=str(tmp_path / "tfds"), **tiny),
+        str(tmp_path / "mnist"), sweep.Grid((0,), (0.5,)), loop.train_and_evaluate, input_dim=784,
         num_classes=10)
   assert rows[1]["macs_mean"] < rows[0]["macs_mean"]

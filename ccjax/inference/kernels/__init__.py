@@ -1,0 +1,87 @@
+"""Inference backends: one module per backend, chosen once and reported everywhere.
+
+* ``xla`` (:mod:`~ccjax.inference.kernels.xla`): stock XLA ops; always available; the
+  reference every other backend is tested against.
+* ``ffi-cpu``: fused C++ kernels called through XLA FFI (built by ``pip install`` when a
+  compiler is available).
+* ``pallas-gpu`` (:mod:`~ccjax.inference.kernels.pallas_gpu`): a Pallas kernel on GPU.
+
+:func:`select_backend` picks the fastest available backend for the default JAX device;
+the environment variable ``CCJAX_BACKEND`` forces one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from ccjax.inference.kernels import pallas_gpu
+from ccjax.inference.kernels import xla
+
+BACKENDS = ("xla", "ffi-cpu", "pallas-gpu")
+BACKEND_ENV = "CCJAX_BACKEND"
+
+take_blocks = xla.take_blocks
+
+
+def available_backends() -> tuple[str, ...]:
+  """The backends that can run on this machine's default JAX device."""
+  available = ["xla"]
+  if jax.default_backend() == "gpu":
+    available.append("pallas-gpu")
+  return tuple(available)
+
+
+def select_backend(requested: str | None = None) -> str:
+  """The backend to use: ``requested``, else ``$CCJAX_BACKEND``, else the best available.
+
+  Raises:
+    ValueError: an unknown or unavailable backend was asked for (one line naming where
+      it came from and the allowed values).
+  """
+  source = "backend"
+  if requested is None and os.environ.get(BACKEND_ENV):
+    requested, source = os.environ[BACKEND_ENV], BACKEND_ENV
+  available = available_backends()
+  if requested is None:
+    return available[-1]
+  if requested not in BACKENDS:
+    raise ValueError(f"{source} must be one of {'|'.join(BACKENDS)}, got {requested!r}")
+  if requested not in available:
+    raise ValueError(f"{source}={requested} is not available here (available: "
+                     f"{'|'.join(available)})")
+  return requested
+
+
+def grouped_matmul(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None = None,
+                   group_sizes: jax.Array | None = None, *, tiles: jax.Array | None = None,
+                   backend: str = "xla", transpose_rhs: bool = False) -> jax.Array:
+  """``out[g] = x[g] @ weights[weight_index[g]]`` on ``backend``.
+
+  Args:
+    x: ``[groups, rows, k]``; rows at or past ``group_sizes[g]`` must be zero.
+    weights: ``[weights, k, n]`` block-major weight blocks (``[weights, n, k]`` with
+      ``transpose_rhs``, XLA only).
+    weight_index: ``[groups]`` int block ids; ``None`` means ``arange(groups)``.
+    group_sizes: ``[groups]`` int rows in use per group (a prefix), ``None`` for all: the
+      Pallas kernel skips the rest (a group of size 0 reads no weights); the XLA path
+      multiplies the zero rows.
+    tiles: ``weights`` padded by :func:`~ccjax.inference.kernels.pallas_gpu.pad_weight_tiles`
+      (required by ``pallas-gpu``; made once, at layout time).
+    backend: one of :data:`BACKENDS`; backends without a grouped-matmul kernel of their
+      own use the XLA one. Off a GPU, ``pallas-gpu`` runs in the Pallas interpreter.
+    transpose_rhs: the blocks are stored transposed.
+
+  Returns:
+    ``[groups, rows, n]`` in ``x.dtype``.
+  """
+  if backend != "pallas-gpu":
+    return xla.grouped_matmul_xla(x, weights, weight_index, transpose_rhs)
+  if transpose_rhs:
+    raise ValueError("the Pallas grouped matmul takes untransposed [weights, k, n] blocks")
+  if tiles is None:
+    raise ValueError("the Pallas grouped matmul needs tiles=pad_weight_tiles(weights), made "
+                     "once at layout time")
+  return pallas_gpu.grouped_matmul(x, tiles, weight_index, group_sizes, width=weights.shape[2],
+                                   interpret=jax.default_backend() != "gpu")

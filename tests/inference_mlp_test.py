@@ -1,4 +1,5 @@
-"""Tests of ccjax.sparse: sparse inference equals masked-dense inference."""
+"""Tests of the sparse MLP path (ccjax.inference.{layout,capacity,batch1,minibatch,mlp}):
+sparse inference equals masked-dense inference."""
 
 import os
 import subprocess
@@ -11,17 +12,35 @@ import numpy as np
 import pytest
 
 import ccjax
-from ccjax import sparse
+from ccjax.inference import batch1
+from ccjax.inference import capacity
+from ccjax.inference import layout
+from ccjax.inference import minibatch
+from ccjax.inference import mlp
 
 INPUT_DIM, HIDDEN, BLOCK, CLASSES = 12, (32, 48, 32), 8, 5
 NUM_BLOCKS = tuple(width // BLOCK for width in HIDDEN)
-FORWARD = jax.jit(sparse.sparse_forward, static_argnums=2)
-MASKED_DENSE = jax.jit(sparse.masked_dense_forward)
-TRACE_MASKS = jax.jit(sparse.trace_masks, static_argnums=1)
+FORWARD = jax.jit(mlp.sparse_forward, static_argnums=2)
+TRACE_MASKS = jax.jit(capacity.trace_masks, static_argnums=1)
 
 
 def _model():
   return ccjax.GatedMLP(hidden=HIDDEN, num_classes=CLASSES, block_size=BLOCK)
+
+
+@jax.jit
+def MASKED_DENSE(params, x, masks):  # pylint: disable=invalid-name
+  """The module itself with the given block masks (the masked-dense reference)."""
+  return _model().apply({"params": params}, x, mode="all", block_masks=masks)[0]
+
+
+def _block_major(params):
+  return layout.to_block_major(_model(), params)
+
+
+def _policy_probs(params, hidden, layer, eps):
+  policy = _model().hidden_weights(params)[layer].policy
+  return batch1.block_probs(hidden @ policy.kernel + policy.bias, eps)
 
 
 def _params(seed, bias_shift=0.0, policy_scale=2.0):
@@ -55,7 +74,7 @@ def _inputs(seed, batch):
 
 
 def _check_against_masked_dense(params, x, config):
-  model = sparse.to_block_major(params, BLOCK)
+  model = _block_major(params)
   logits, traces = FORWARD(model, x, config)
   masks = TRACE_MASKS(traces, NUM_BLOCKS)
   expected = MASKED_DENSE(params, x, masks)
@@ -67,20 +86,20 @@ def _check_against_masked_dense(params, x, config):
 @pytest.mark.parametrize("seed", range(3))
 def test_exact_capacity_equals_threshold_mode(seed, batch):
   params, x = _params(seed), _inputs(seed, batch)
-  model = sparse.to_block_major(params, BLOCK)
+  model = _block_major(params)
   logits, masks, traces = _check_against_masked_dense(
-      params, x, sparse.make_sparse_config(model, batch))
+      params, x, capacity.make_sparse_config(model, batch))
   ref_logits, aux = _model().apply({"params": params}, x, mode="threshold")
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
   for mask, layer_aux in zip(masks, aux):
     np.testing.assert_array_equal(mask, layer_aux.mask)
-  assert float(sparse.overflow_rate(traces)) == 0.0
+  assert float(capacity.overflow_rate(traces)) == 0.0
 
 
 def test_masks_are_ragged_per_example():
   params, x = _params(0), _inputs(0, 16)
-  model = sparse.to_block_major(params, BLOCK)
-  _, masks, _ = _check_against_masked_dense(params, x, sparse.make_sparse_config(model, 16))
+  model = _block_major(params)
+  _, masks, _ = _check_against_masked_dense(params, x, capacity.make_sparse_config(model, 16))
   counts = np.asarray(masks[0]).sum(axis=1)
   assert len(set(counts.tolist())) > 2
 
@@ -89,8 +108,8 @@ def test_masks_are_ragged_per_example():
 @pytest.mark.parametrize("shift,expected", [(-50.0, 0.0), (50.0, 1.0)])
 def test_all_blocks_off_or_on(shift, expected, batch):
   params, x = _params(3, bias_shift=shift, policy_scale=0.0), _inputs(3, batch)
-  model = sparse.to_block_major(params, BLOCK)
-  _, masks, _ = _check_against_masked_dense(params, x, sparse.make_sparse_config(model, batch))
+  model = _block_major(params)
+  _, masks, _ = _check_against_masked_dense(params, x, capacity.make_sparse_config(model, batch))
   for mask in masks:
     np.testing.assert_array_equal(mask, expected)
 
@@ -100,8 +119,7 @@ def _reference_masks(params, x, example_cap, block_cap, pair_cap, eps=0.01):
   hidden = np.asarray(x, np.float64)
   masks, previous, candidates = [], None, 0
   for layer, nb in enumerate(NUM_BLOCKS):
-    probs = np.asarray(sparse.dense_policy_probs(params, jnp.asarray(hidden, jnp.float32),
-                                                 layer, eps))
+    probs = np.asarray(_policy_probs(params, jnp.asarray(hidden, jnp.float32), layer, eps))
     batch = probs.shape[0]
     mask = np.zeros((batch, nb), bool)
     candidates += int(np.sum(probs > 0.5))
@@ -120,8 +138,8 @@ def _reference_masks(params, x, example_cap, block_cap, pair_cap, eps=0.01):
                            key=lambda b: (-probs[b, j], b))
             drop[users[pair_cap[layer]:], j] = True
         mask &= ~drop
-    dense = params[f"hidden_{layer}"]["dense"]
-    hidden = np.maximum(hidden @ dense["kernel"] + dense["bias"], 0.0)
+    dense = _model().hidden_weights(params)[layer].dense
+    hidden = np.maximum(hidden @ dense.kernel + dense.bias, 0.0)
     hidden = hidden * np.repeat(mask, BLOCK, axis=1)
     masks.append(mask.astype(np.float32))
     previous = mask
@@ -132,8 +150,8 @@ def _reference_masks(params, x, example_cap, block_cap, pair_cap, eps=0.01):
 @pytest.mark.parametrize("seed", range(3))
 def test_capacity_overflow_follows_documented_rules(seed, batch):
   params, x = _params(10 + seed, bias_shift=1.0), _inputs(seed, batch)
-  model = sparse.to_block_major(params, BLOCK)
-  config = sparse.SparseConfig(example_capacity=(2, 3, 2), block_capacity=(3, 4, 3),
+  model = _block_major(params)
+  config = capacity.SparseConfig(example_capacity=(2, 3, 2), block_capacity=(3, 4, 3),
                                pair_capacity=(1, 2, 1)).validate(model)
   _, masks, traces = _check_against_masked_dense(params, x, config)
   expected, candidates = _reference_masks(params, x, config.example_capacity,
@@ -141,7 +159,7 @@ def test_capacity_overflow_follows_documented_rules(seed, batch):
   for mask, ref in zip(masks, expected):
     np.testing.assert_array_equal(mask, ref)
   kept = sum(float(np.sum(ref)) for ref in expected)
-  np.testing.assert_allclose(float(sparse.overflow_rate(traces)),
+  np.testing.assert_allclose(float(capacity.overflow_rate(traces)),
                              (candidates - kept) / candidates, rtol=1e-6)
   if batch > 1:
     assert kept < candidates   # the capacities really overflow in this configuration
@@ -149,8 +167,8 @@ def test_capacity_overflow_follows_documented_rules(seed, batch):
 
 def test_overflow_rate_counts_dropped_candidates():
   params, x = _params(11, bias_shift=1.0), _inputs(1, 8)
-  model = sparse.to_block_major(params, BLOCK)
-  config = sparse.SparseConfig((1, 1, 1), (8, 8, 8), (8, 8, 8)).validate(model)
+  model = _block_major(params)
+  config = capacity.SparseConfig((1, 1, 1), (8, 8, 8), (8, 8, 8)).validate(model)
   _, traces = FORWARD(model, x, config)
   _, aux = _model().apply({"params": params}, x, mode="threshold")
   candidates = np.asarray(aux[0].mask).sum()
@@ -162,9 +180,9 @@ def test_overflow_rate_counts_dropped_candidates():
 @pytest.mark.parametrize("seed", range(3))
 def test_bucketed_batch1_matches_unbucketed(seed):
   params, x = _params(20 + seed), _inputs(seed, 1)
-  model = sparse.to_block_major(params, BLOCK)
-  plain = sparse.make_sparse_config(model, 1)
-  bucketed = sparse.make_sparse_config(model, 1, num_buckets=3)
+  model = _block_major(params)
+  plain = capacity.make_sparse_config(model, 1)
+  bucketed = capacity.make_sparse_config(model, 1, num_buckets=3)
   assert bucketed.buckets is not None
   logits, _, _ = _check_against_masked_dense(params, x, bucketed)
   np.testing.assert_allclose(logits, FORWARD(model, x, plain)[0], atol=1e-5)
@@ -174,7 +192,7 @@ def test_group_entries_orders_by_priority_and_drops_overflow():
   group = jnp.array([1, 0, 1, 1, 2, 1])
   priority = jnp.array([0.2, 0.9, 0.8, 0.8, 0.5, 0.1])
   valid = jnp.array([True, True, True, True, False, True])
-  grouping = sparse.group_entries(group, priority, valid, num_groups=3, capacity=2)
+  grouping = minibatch.group_entries(group, priority, valid, num_groups=3, capacity=2)
   # group 0: [1, empty]; group 1: entries 2 and 3 (tie -> lower index first); group 2: empty.
   np.testing.assert_array_equal(grouping.entry_of_slot, [1, 6, 2, 3, 6, 6])
   np.testing.assert_array_equal(grouping.slot_of_entry, [6, 0, 2, 3, 6, 6])
@@ -182,21 +200,13 @@ def test_group_entries_orders_by_priority_and_drops_overflow():
 
 def test_block_major_layout_matches_dense_kernels():
   params = _params(0)
-  model = sparse.to_block_major(params, BLOCK)
-  kernel = params["hidden_1"]["dense"]["kernel"]            # [32, 48]: 4 in, 6 out blocks
+  model = _block_major(params)
+  kernel = _model().hidden_weights(params)[1].dense.kernel    # [32, 48]: 4 in, 6 out blocks
   block = model.layers[1].kernel[2 * 4 + 3]                  # output block 2, input block 3
   np.testing.assert_array_equal(block, kernel[24:32, 16:24])
-  np.testing.assert_array_equal(model.layers[0].kernel[1], params["hidden_0"]["dense"]["kernel"][:, 8:16].T)
+  np.testing.assert_array_equal(model.layers[0].kernel[1],
+                                _model().hidden_weights(params)[0].dense.kernel[:, 8:16].T)
   assert model.input_dim == INPUT_DIM and model.num_blocks == NUM_BLOCKS
-
-
-def test_sparse_macs_use_flops_accounting():
-  params, x = _params(2), _inputs(2, 4)
-  model = sparse.to_block_major(params, BLOCK)
-  _, traces = FORWARD(model, x, sparse.make_sparse_config(model, 4))
-  masks = [np.asarray(m) for m in sparse.trace_masks(traces, NUM_BLOCKS)]
-  np.testing.assert_allclose(sparse.sparse_macs(traces, NUM_BLOCKS, INPUT_DIM, BLOCK, CLASSES),
-                             ccjax.gated_mlp_macs(INPUT_DIM, masks, BLOCK, CLASSES))
 
 
 def test_trained_digits_model_sparse_predictions_match_masked_dense():
@@ -211,11 +221,11 @@ def test_trained_digits_model_sparse_predictions_match_masked_dense():
   for index in range(6):
     batch = slice(32 * (index % 8), 32 * (index % 8 + 1))
     state, _ = step(state, {"x": x[batch], "y": y[batch]})
-  block_model = sparse.to_block_major(state.params, 8, model.policy_eps)
+  block_model = layout.to_block_major(model, state.params)
   ref_logits, aux = model.apply({"params": state.params}, x, mode="threshold")
   ref_masks = [layer_aux.mask for layer_aux in aux]
   for batch, starts in ((1, (0, 37, 101)), (128, (0, 128))):
-    cfg = sparse.make_sparse_config(block_model, batch)
+    cfg = capacity.make_sparse_config(block_model, batch)
     for start in starts:
       chunk = x[start:start + batch]
       logits, traces = FORWARD(block_model, chunk, cfg)
@@ -223,45 +233,35 @@ def test_trained_digits_model_sparse_predictions_match_masked_dense():
       chunk_masks = [ref[start:start + batch] for ref in ref_masks]
       for mask, ref in zip(masks, chunk_masks):
         np.testing.assert_array_equal(mask, ref)
-      np.testing.assert_array_equal(
-          np.argmax(logits, -1), np.argmax(MASKED_DENSE(state.params, chunk, chunk_masks), -1))
+      masked_dense = model.apply({"params": state.params}, chunk, mode="all",
+                                 block_masks=chunk_masks)[0]
+      np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(masked_dense, -1))
       np.testing.assert_allclose(logits, ref_logits[start:start + batch], atol=1e-5)
 
 
-def test_measure_latency_returns_positive_times():
-  params = _params(4)
-  result = sparse.measure_latency(params, input_dim=INPUT_DIM, hidden=HIDDEN, block_size=BLOCK,
-                                  num_classes=CLASSES, policy_eps=0.01, repeats=2)
-  assert set(result) == {"dense_ms", "sparse_ms"}
-  assert all(value > 0 for value in result.values())
-  with pytest.raises(ValueError, match="hidden"):
-    sparse.measure_latency(params, input_dim=INPUT_DIM, hidden=(32,), block_size=BLOCK,
-                           num_classes=CLASSES, policy_eps=0.01, repeats=2)
-
-
 def test_bad_configs_raise():
-  model = sparse.to_block_major(_params(0), BLOCK)
+  model = _block_major(_params(0))
   with pytest.raises(ValueError, match="example_capacity"):
-    sparse.SparseConfig((0, 1, 1), (1, 1, 1), (1, 1, 1)).validate(model)
+    capacity.SparseConfig((0, 1, 1), (1, 1, 1), (1, 1, 1)).validate(model)
   with pytest.raises(ValueError, match="example_capacity"):
-    sparse.SparseConfig((5, 1, 1), (1, 1, 1), (1, 1, 1)).validate(model)
+    capacity.SparseConfig((5, 1, 1), (1, 1, 1), (1, 1, 1)).validate(model)
   with pytest.raises(ValueError, match="active_fraction"):
-    sparse.make_sparse_config(model, 4, 1.5)
+    capacity.make_sparse_config(model, 4, 1.5)
   with pytest.raises(ValueError, match="batch_size"):
-    sparse.make_sparse_config(model, 0)
-  with pytest.raises(ValueError, match="implementation"):
-    sparse.make_sparse_config(model, 4, implementation="cuda")
+    capacity.make_sparse_config(model, 0)
+  with pytest.raises(ValueError, match="backend"):
+    capacity.make_sparse_config(model, 4, backend="cuda")
   ungated = ccjax.GatedMLP(hidden=(16,), num_classes=3, block_size=8, gated=False)
   params = ungated.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)), mode="all")["params"]
   with pytest.raises(ValueError, match="gated"):
-    sparse.to_block_major(params, 8)
+    layout.to_block_major(ungated, params)
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     import ccjax
-    from ccjax import sparse
+    from ccjax.inference import capacity, layout, mlp
     assert len(jax.devices()) == 8, jax.devices()
     model = ccjax.GatedMLP(hidden=(32, 48), num_classes=5, block_size=8)
     key = jax.random.PRNGKey(0)
@@ -269,9 +269,9 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     params = model.init({"params": key, "gate": key}, x, mode="sample")["params"]
     params = jax.tree_util.tree_map_with_path(
         lambda path, v: v * 40.0 if "policy" in jax.tree_util.keystr(path) else v, params)
-    block_model = sparse.to_block_major(params, 8)
-    config = sparse.SparseConfig((2, 3), (5, 6), (1, 1))
-    forward = jax.jit(sparse.sparse_forward, static_argnums=2)
+    block_model = layout.to_block_major(model, params)
+    config = capacity.SparseConfig((2, 3), (5, 6), (1, 1))
+    forward = jax.jit(mlp.sparse_forward, static_argnums=2)
     expected, expected_traces = forward(block_model, x, config)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     sharded_x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
@@ -280,7 +280,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-6)
     for a, b in zip(traces, expected_traces):
       np.testing.assert_array_equal(np.asarray(a.kept), np.asarray(b.kept))
-    rate = float(sparse.overflow_rate(traces))
+    rate = float(capacity.overflow_rate(traces))
     assert 0 < rate < 1, rate
     print("OK", rate)
     """)
@@ -296,16 +296,16 @@ def test_sharded_batch_equals_unsharded():
 
 
 def test_pair_buckets_are_sorted_distinct_products():
-  assert sparse.pair_buckets((2, 4), (1, 3)) == (2, 4, 6, 12)
-  assert sparse.pair_buckets((4,), (4,)) == (16,)
+  assert batch1.pair_buckets((2, 4), (1, 3)) == (2, 4, 6, 12)
+  assert batch1.pair_buckets((4,), (4,)) == (16,)
 
 
 @pytest.mark.parametrize("shift", [-50.0, 0.0, 1.0, 50.0])
 def test_bucketed_batch1_follows_documented_rules(shift):
   """Pair-count buckets (all off, ragged, overflowing, all on) never change the result."""
   params = _params(30, bias_shift=shift, policy_scale=0.0 if abs(shift) > 10 else 2.0)
-  model = sparse.to_block_major(params, BLOCK)
-  config = sparse.SparseConfig(example_capacity=(3, 5, 4), block_capacity=(1, 1, 1),
+  model = _block_major(params)
+  config = capacity.SparseConfig(example_capacity=(3, 5, 4), block_capacity=(1, 1, 1),
                                pair_capacity=(1, 1, 1),
                                buckets=((1, 2, 3), (2, 5), (1, 3, 4))).validate(model)
   for seed in range(4):
@@ -325,8 +325,8 @@ def test_group_entries_packed_sort_matches_two_key_sort():
   choices = np.array([0.5000001, base, np.nextafter(base, np.float32(1)), 0.99, 1.0], np.float32)
   priority = jnp.asarray(rng.choice(choices, size=200))
   valid = jnp.asarray(rng.random(200) < 0.8)
-  plain = sparse.group_entries(group, priority, valid, num_groups=6, capacity=9)
-  packed = sparse.group_entries(group, priority, valid, num_groups=6, capacity=9,
+  plain = minibatch.group_entries(group, priority, valid, num_groups=6, capacity=9)
+  packed = minibatch.group_entries(group, priority, valid, num_groups=6, capacity=9,
                                 priority_above_half=True)
   np.testing.assert_array_equal(packed.entry_of_slot, plain.entry_of_slot)
   np.testing.assert_array_equal(packed.slot_of_entry, plain.slot_of_entry)

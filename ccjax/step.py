@@ -31,6 +31,7 @@ from ccjax import estimators
 from ccjax import layers
 from ccjax import policy as policy_lib
 from ccjax import regularizers
+from ccjax import validation
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
 
@@ -53,12 +54,12 @@ class TrainConfig:
     skip_nonfinite: if True, a step whose loss or gradients are NaN/Inf leaves the
       parameters and optimizer states unchanged (the step counter still advances and
       ``metrics['finite']`` is 0); otherwise the update is applied and the caller
-      is expected to stop (see :mod:`ccjax.trainer`).
+      is expected to stop (see :mod:`ccjax.loop`).
     max_grad_norm: optional global-norm clipping of each parameter set's gradient.
   """
   tau: float | Sequence[float] = 0.25
-  lambda_s: float = 1.0
-  lambda_v: float = 0.1
+  lambda_s: float = 2.0
+  lambda_v: float = 0.5
   l2: float = 1e-5
   lr: float = 1e-3
   policy_lr: float = 1e-3
@@ -72,34 +73,27 @@ class TrainConfig:
   def __post_init__(self):
     taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
     if not taus:
-      raise ValueError("tau must hold one value or one per gated layer")
+      raise validation.ConfigError("tau", "must hold one value or one per gated layer")
     for value in taus:
-      if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"tau must be in (0, 1], got {value!r}")
+      validation.check_float("tau", value, low=0.0, high=1.0, low_open=True)
     for name in ("lambda_s", "lambda_v", "l2"):
-      value = getattr(self, name)
-      if not value >= 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+      validation.check_float(name, getattr(self, name), low=0.0)
     for name in ("lr", "policy_lr"):
-      value = getattr(self, name)
-      if not value > 0.0:
-        raise ValueError(f"{name} (learning rate) must be > 0, got {value!r}")
-    if self.optimizer not in OPTIMIZERS:
-      raise ValueError(f"optimizer must be one of {'|'.join(OPTIMIZERS)}, got {self.optimizer!r}")
-    if self.baseline not in estimators.BASELINES:
-      raise ValueError(
-          f"baseline must be one of {'|'.join(estimators.BASELINES)}, got {self.baseline!r}")
-    if not 0.0 <= self.baseline_decay < 1.0:
-      raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay!r}")
-    if self.estimator not in estimators.ESTIMATORS:
-      raise ValueError(
-          f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, got {self.estimator!r}")
-    if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-      raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+      validation.check_float(name, getattr(self, name), low=0.0, low_open=True)
+    validation.check_choice("optimizer", self.optimizer, OPTIMIZERS)
+    validation.check_choice("baseline", self.baseline, estimators.BASELINES)
+    validation.check_float("baseline_decay", self.baseline_decay, low=0.0, high=1.0,
+                           high_open=True)
+    validation.check_choice("estimator", self.estimator, estimators.ESTIMATORS)
+    if self.max_grad_norm is not None:
+      validation.check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
 
   def taus(self, num_layers: int) -> tuple[float, ...]:
-    """``tau`` expanded to one value per gated layer."""
-    return tuple(float(value) for value in layers.per_layer_values(self.tau, num_layers, "tau"))
+    """``tau`` (one value, a 1-tuple, or one per layer) with one value per gated layer."""
+    tau = self.tau
+    if not isinstance(tau, (int, float)) and len(tau) == 1:
+      tau = tau[0]
+    return tuple(float(value) for value in validation.per_layer_values(tau, num_layers, "tau"))
 
 
 @flax.struct.dataclass

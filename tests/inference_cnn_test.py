@@ -1,4 +1,4 @@
-"""Tests for ccjax.conv_sparse: skipping CNN inference agrees with masked dense."""
+"""Tests for ccjax.inference.cnn: skipping CNN inference agrees with masked dense."""
 
 import functools
 
@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ccjax
 from ccjax import conv
-from ccjax import conv_sparse
-from ccjax import flops
+from ccjax import layers
+from ccjax.inference import cnn
 
 SMALL = dict(stem_features=4, stage_features=(8, 12), strides=(2, 1), residual_blocks=1,
              block_size=4)
@@ -43,7 +44,7 @@ def _shift_policy_biases(params, shift):
 def setup():
   model = conv.GatedCNN(10, **SMALL)
   x = jax.random.uniform(jax.random.PRNGKey(0), (BATCH, 8, 8, 1))
-  params = conv_sparse.calibrate_policies(model, _init(model, x), x, 0.5)
+  params = ccjax.calibrate_policies(model, _init(model, x), x, 0.5)
   return model, params, x
 
 
@@ -55,7 +56,7 @@ def _reference(model, mode="threshold", capacity=None):
 
 @functools.lru_cache(maxsize=None)
 def _sparse(model, mode="threshold", capacity=None, example_capacity=None):
-  return jax.jit(conv_sparse.make_cnn_inference(model, mode=mode, capacity=capacity,
+  return jax.jit(cnn.make_cnn_inference(model, mode=mode, capacity=capacity,
                                                 example_capacity=example_capacity))
 
 
@@ -70,13 +71,13 @@ def test_minibatch_matches_masked_dense(setup, case, shift):
   for mask, probs, ref in zip(info.masks, info.probs, ref_aux):
     np.testing.assert_array_equal(mask, ref.mask)
     np.testing.assert_allclose(probs, ref.probs, atol=1e-6)
-  np.testing.assert_array_equal(info.overflow, 0)
+  np.testing.assert_array_equal(info.dropped, 0)
   active = np.mean([np.mean(m) for m in info.masks])
   if case == "none_run":
     assert active == 0.0
   elif case == "all_run":
     assert active == 1.0
-    np.testing.assert_array_equal(info.requested, [0, BATCH, 0, BATCH])
+    np.testing.assert_array_equal(info.requested, [BATCH * 2, BATCH, BATCH * 3, BATCH])
   else:
     assert 0.0 < active < 1.0
 
@@ -100,22 +101,23 @@ def test_overflow_drops_lowest_probability_examples(setup):
   params = _shift_policy_biases(params, 30.0)  # every residual block asks to run ...
   for layer in model.gate_layers():  # ... with probabilities that differ by example
     if layer.kind == conv.SKIP_GATE:
-      params[layer.name]["policy"]["logits"]["bias"] = jnp.zeros((1,))
-      params[layer.name]["policy"]["logits"]["kernel"] = jnp.full(
-          params[layer.name]["policy"]["logits"]["kernel"].shape, 50.0)
-  params = jax.tree_util.tree_map(lambda a: a, params)
+      params = jax.tree_util.tree_map_with_path(
+          lambda path, leaf, name=layer.name: (
+              (jnp.zeros_like(leaf) if path[-1].key == "bias" else jnp.full(leaf.shape, 50.0))
+              if path[0].key == name and layers.is_policy_path(path) else leaf), params)
   logits, info = _sparse(model, example_capacity=3)(params, x)
-  requested = np.asarray(info.requested)[1::2]
+  requested = np.asarray(info.requested)[1::2]   # the residual (skip) layers
   assert np.all(requested > 3)
-  np.testing.assert_array_equal(np.asarray(info.overflow)[1::2], requested - 3)
-  np.testing.assert_array_equal(np.asarray(info.overflow)[0::2], 0)
+  np.testing.assert_array_equal(np.asarray(info.dropped)[1::2], requested - 3)
+  np.testing.assert_array_equal(np.asarray(info.dropped)[0::2], 0)
   for layer_index in (1, 3):
     kept = np.asarray(info.masks[layer_index])[:, 0]
     probs = np.asarray(info.probs[layer_index])[:, 0]
     assert kept.sum() == 3
     assert probs[kept > 0].min() >= probs[kept == 0].max()
-  assert conv_sparse.overflow_rate(info) == pytest.approx(
-      (requested - 3).sum() / requested.sum())
+  # Dropped over every requested (example, block) pair, channel blocks included.
+  assert ccjax.overflow_rate(info) == pytest.approx(
+      (requested - 3).sum() / np.asarray(info.requested).sum())
   # Overflowing examples behave exactly as skipped: masked dense with the effective masks.
   ref_logits, _ = _reference(model)(params, x, info.masks)
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
@@ -131,7 +133,7 @@ def test_top_k_and_all_modes(setup):
   assert np.all(np.sum(np.asarray(info.masks[2]), -1) <= 1)
   all_logits, all_info = _sparse(model, "all")(params, x)
   dense = conv.GatedCNN(10, gated=False, **SMALL)
-  dense_logits, _ = jax.jit(dense.apply)({"params": conv.strip_policy_params(params)}, x)
+  dense_logits, _ = jax.jit(dense.apply)({"params": layers.strip_policy_params(params)}, x)
   np.testing.assert_allclose(all_logits, dense_logits, atol=1e-5, rtol=0)
   assert all(np.all(np.asarray(m) == 1) for m in all_info.masks)
 
@@ -141,8 +143,8 @@ def test_channel_gated_conv_computes_masked_dense():
   x = jnp.asarray(rng.normal(size=(5, 6, 6, 3)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 3, 20)), jnp.float32)
   bias = jnp.asarray(rng.normal(size=(20,)), jnp.float32)
-  dense = jax.nn.relu(conv_sparse.conv2d(x, kernel, bias, 2))
-  fn = jax.jit(functools.partial(conv_sparse.channel_gated_conv, block_size=4, stride=2))
+  dense = jax.nn.relu(cnn.conv2d(x, kernel, bias, 2))
+  fn = jax.jit(functools.partial(cnn.channel_gated_conv, block_size=4, stride=2))
   masks = [np.zeros((5, 5)), np.ones((5, 5)), np.eye(5), (rng.random((5, 5)) > 0.7) * 1.0,
            np.zeros((5, 5)) + (np.arange(5) == 3)]
   for mask in masks:
@@ -154,13 +156,13 @@ def test_channel_gated_conv_computes_masked_dense():
 def test_skip_residual_matches_loop():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(6, 4, 4, 2)), jnp.float32)
-  branch = [{"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.float32),
-             "bias": jnp.zeros((2,))} for _ in range(2)]
+  branch = [layers.LayerWeights(kernel=jnp.asarray(rng.normal(size=(3, 3, 2, 2)), jnp.float32),
+                                bias=jnp.zeros((2,))) for _ in range(2)]
   probs = jnp.asarray(rng.random(6), jnp.float32)
   full = x + conv.residual_branch(
-      [lambda h, p=p: conv_sparse.conv2d(h, p["kernel"], p["bias"]) for p in branch], x)
+      [lambda h, w=w: cnn.conv2d(h, w.kernel, w.bias) for w in branch], x)
   for capacity in (1, 4, 6):
-    fn = jax.jit(functools.partial(conv_sparse.skip_residual, branch_params=branch,
+    fn = jax.jit(functools.partial(cnn.skip_residual, branch_weights=branch,
                                    example_capacity=capacity))
     for run in (np.zeros(6), np.ones(6), (rng.random(6) > 0.5) * 1.0):
       y, kept, overflow = fn(x, run=jnp.asarray(run, jnp.float32), probs=probs)
@@ -174,42 +176,19 @@ def test_skip_residual_matches_loop():
 
 
 def test_buckets():
-  assert conv_sparse.channel_buckets(1) == (0, 1)
-  assert conv_sparse.channel_buckets(6) == (0, 1, 2, 4, 6)
-  assert conv_sparse.example_buckets(1) == (0, 1)
-  assert conv_sparse.example_buckets(10) == (0, 3, 5, 8, 10)
+  assert cnn.channel_buckets(1) == (0, 1)
+  assert cnn.channel_buckets(6) == (0, 1, 2, 4, 6)
+  assert cnn.example_buckets(1) == (0, 1)
+  assert cnn.example_buckets(10) == (0, 3, 5, 8, 10)
 
 
 def test_inference_validates_arguments():
   gated = conv.GatedCNN(10, **SMALL)
   with pytest.raises(ValueError, match="gated=True"):
-    conv_sparse.make_cnn_inference(conv.GatedCNN(10, gated=False, **SMALL))
+    cnn.make_cnn_inference(conv.GatedCNN(10, gated=False, **SMALL))
   with pytest.raises(ValueError, match="mode"):
-    conv_sparse.make_cnn_inference(gated, mode="sample")
+    cnn.make_cnn_inference(gated, mode="sample")
   with pytest.raises(ValueError, match="capacity"):
-    conv_sparse.make_cnn_inference(gated, mode="top_k")
+    cnn.make_cnn_inference(gated, mode="top_k")
   with pytest.raises(ValueError, match="example_capacity"):
-    conv_sparse.make_cnn_inference(gated, example_capacity=0)
-  with pytest.raises(ValueError, match="dtype"):
-    conv_sparse.bench_cnn((1,), dtype="int32")
-
-
-def test_bench_cnn_reports_dense_and_sparse():
-  model = conv.GatedCNN(10, stem_features=4, stage_features=(8,), residual_blocks=1,
-                        block_size=4)
-  x = jax.random.uniform(jax.random.PRNGKey(0), (16, 8, 8, 1))
-  params = conv_sparse.calibrate_policies(model, _init(model, x), x, 0.5)
-  results = conv_sparse.bench_cnn((1, 4), repeats=2, seed=0, image_shape=(8, 8, 1),
-                                  model=model, params=params, num_inputs=2)
-  assert [r["batch_size"] for r in results] == [1, 4]
-  dense_macs = flops.dense_cnn_macs(model.layer_specs((8, 8, 1)), 10)
-  for result in results:
-    assert set(result) == {"model", "batch_size", "dense_ms", "sparse_ms", "ratio",
-                           "dense_macs", "sparse_macs", "mac_ratio", "overflow_rate"}
-    assert result["model"] == "cnn"
-    assert result["dense_macs"] == dense_macs
-    assert result["dense_ms"] > 0 and result["sparse_ms"] > 0
-    assert result["mac_ratio"] == pytest.approx(result["dense_macs"] / result["sparse_macs"])
-    assert result["mac_ratio"] > 1.0
-    assert result["ratio"] == pytest.approx(result["dense_ms"] / result["sparse_ms"])
-    assert 0.0 <= result["overflow_rate"] <= 1.0
+    cnn.make_cnn_inference(gated, example_capacity=0)

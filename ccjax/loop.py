@@ -25,13 +25,13 @@ from ccjax import atomic
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import costs
 from ccjax import data as data_lib
-from ccjax import experiment
+from ccjax import config as config_lib
 from ccjax import parallel
-from ccjax import train as train_lib
+from ccjax import runs
+from ccjax import step as step_lib
 
 EVAL_BATCH_SIZE = 512
 METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
 
 
 _OWN_PACKAGE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
@@ -56,12 +56,6 @@ def quiet_library_logs() -> None:
 
 class NonFiniteError(RuntimeError):
   """Training produced a NaN/Inf loss or gradient."""
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-  """Writes JSON to ``path`` atomically (see :func:`ccjax.atomic.atomic_open`)."""
-  with atomic.atomic_open(path) as stream:
-    json.dump(payload, stream, indent=2, sort_keys=True)
 
 
 def _to_python(value):
@@ -171,7 +165,7 @@ def _pop_flags(pending: list) -> tuple[list[int], list[bool]]:
   return steps, flags
 
 
-def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
+def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
                        flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains (or resumes) one run and writes its outputs into ``workdir``.
 
@@ -197,24 +191,24 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
     raise ValueError(f"--batch_size must be in [1, {num_train}] (the training set size), "
                      f"got {config.batch_size}")
   total_steps = config.total_steps(num_train)
-  model = experiment.build_model(config, dataset.input_shape, dataset.num_classes)
-  train_config = config.train_config()
+  module = config_lib.build_model(config, dataset.input_shape, dataset.num_classes)
+  train_config = config.train
   mesh = parallel.make_mesh(config.num_devices)
   if config.batch_size % mesh.size:
     raise ValueError(f"--batch_size={config.batch_size} must be a multiple of the number of "
                      f"devices ({mesh.size}); see --num_devices")
 
   workdir = os.path.abspath(workdir)
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
   primary = parallel.is_primary_process()
-  meta = {"architecture": experiment.architecture_meta(config, dataset.input_shape,
+  meta = {"architecture": config_lib.architecture_meta(config, dataset.input_shape,
                                                        dataset.num_classes),
           "config": config.as_dict()}
   checkpointer = None
   if os.path.isdir(checkpoint_dir):
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
     if checkpointer.latest_step() is not None:
-      experiment.check_resume_compatible(checkpointer.read_meta(), config,
+      config_lib.check_resume_compatible(checkpointer.read_meta(), config,
                                          dataset.input_shape, dataset.num_classes)
 
   # Everything is validated: from here on the run writes to the workdir.
@@ -225,7 +219,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
 
   rng = jax.random.PRNGKey(config.seed)
   sample_x = jnp.asarray(dataset.x_train[:1])
-  state = train_lib.init_train_state(model, train_config, rng, sample_x)
+  state = step_lib.init_train_state(module, train_config, rng, sample_x)
   state = parallel.replicate(state, mesh)
   start_step = 0
   if checkpointer.latest_step() is not None:
@@ -235,8 +229,8 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
   metrics_log.truncate_after(start_step)
 
   train_step = parallel.make_parallel_train_step(
-      train_lib.make_train_step(model, train_config), mesh, parallel.state_sharding(state, mesh))
-  eval_fn = jax.jit(train_lib.make_eval_step(model, config.eval_policy))
+      step_lib.make_train_step(module, train_config), mesh, parallel.state_sharding(state, mesh))
+  eval_fn = jax.jit(step_lib.make_eval_step(module, config.eval_policy))
   eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
 
   last_saved = checkpointer.latest_step()
@@ -252,7 +246,8 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
     state, metrics = train_step(state, batch)
     window_steps += 1
     pending_finite.append((step, metrics["finite"]))
-    log_now = step % config.log_every == 0 or step == total_steps
+    # Step 1 is logged too: a progress line within seconds, whatever the model.
+    log_now = step % config.log_every == 0 or step == total_steps or step == 1
     eval_now = step % config.eval_every == 0 and step != total_steps
     save_now = step % config.checkpoint_every == 0 or step == total_steps
     if log_now or eval_now or save_now:
@@ -260,7 +255,7 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
       for checked_step, finite in zip(*_pop_flags(pending_finite)):
         if finite:
           continue
-        if not config.skip_nonfinite:
+        if not config.train.skip_nonfinite:
           where = (f"step {last_saved} in {checkpoint_dir}" if last_saved is not None
                    else "none (no checkpoint was written yet)")
           raise NonFiniteError(
@@ -294,16 +289,16 @@ def train_and_evaluate(config: experiment.ExperimentConfig, workdir: str,
       last_saved = step
   checkpointer.close()
 
-  results = finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_key,
+  results = finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval_key,
                      total_steps=max(total_steps, start_step), flag_values=flag_values,
                      primary=primary)
   results["wall_time_s"] = time.time() - start_time
   if primary:
-    write_json_atomic(os.path.join(workdir, RESULTS_FILE), results)
+    atomic.write_json(os.path.join(workdir, runs.RESULTS_FILE), results)
   return results
 
 
-def finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_key, *,
+def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval_key, *,
              total_steps, flag_values, primary) -> dict[str, Any]:
   """Final evaluation, MAC counts, latency and plots; returns the results payload."""
   params = parallel.to_host(state.params)
@@ -315,7 +310,7 @@ def finalize(config, model, state, dataset, workdir, metrics_log, eval_fn, eval_
                      "test_error": test["error"], "test_active_fraction": test["active_fraction"]})
   logging.info("final: test error %.4f  valid error %s  active %s", test["error"],
                valid["error"], np.round(test["active_fraction"], 3).tolist())
-  model_costs = costs.model_costs(config, model, params, dataset, test,
+  model_costs = costs.model_costs(module, params, dataset, test,
                                   measure_latency=config.measure_latency)
   results = {
       "model": config.model, "arch": config.arch, "dataset": config.dataset,

@@ -1,0 +1,232 @@
+"""The one run configuration and model construction shared by every entrypoint.
+
+``ExperimentConfig`` (nesting :class:`ccjax.TrainConfig`) is the validated form of the
+flags; every check raises :class:`ccjax.validation.ConfigError` naming the field (= the
+flag) and the allowed values, before anything is written to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+
+from ccjax import conv
+from ccjax import layers
+from ccjax import step as step_lib
+from ccjax import validation
+
+ARCHS = ("mlp", "cnn")
+MODELS = ("condnet", "dense")
+EVAL_POLICIES = ("threshold", "sample")
+TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
+DEFAULT_STEPS = 4000
+CNN_RESIDUAL_BLOCKS = 1
+# Architecture-dependent defaults of ``hidden`` / ``block_size`` (used when they are None).
+ARCH_DEFAULTS = {"mlp": {"hidden": (512, 512), "block_size": 32},
+                 "cnn": {"hidden": (32, 64), "block_size": 8}}
+# Policies start at probability tau; a block that always runs (tau = 1) starts here.
+MAX_INIT_PROB = 0.99
+
+# Fields that do not change the trained numbers, so a resumed run may change them.
+RESUME_FREE_FIELDS = frozenset({
+    "steps", "epochs", "eval_every", "log_every", "checkpoint_every", "measure_latency",
+    "plots", "num_devices", "data_dir"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything that defines one training run: the data, the model, the schedule and
+  the train step's hyperparameters (:class:`ccjax.TrainConfig`, nested as ``train``).
+
+  Field names are the flag names of ``experiments/condnet.py``. Build one with
+  :meth:`create`, which routes the train-step fields into ``train``.
+  """
+  dataset: str = "digits"
+  data_dir: str | None = None
+  arch: str = "mlp"
+  model: str = "condnet"
+  hidden: tuple[int, ...] | None = None
+  block_size: int | None = None
+  train: step_lib.TrainConfig = step_lib.TrainConfig()
+  batch_size: int = 64
+  steps: int | None = None
+  epochs: int | None = None
+  eval_every: int = 500
+  log_every: int = 100
+  checkpoint_every: int = 500
+  seed: int = 0
+  eval_policy: str = "threshold"
+  valid_fraction: float = 0.1
+  num_devices: int | None = None
+  measure_latency: bool = True
+  plots: bool = True
+
+  @classmethod
+  def create(cls, **fields) -> "ExperimentConfig":
+    """A config from flat field names: train-step fields (``tau``, ``lr``, ...) go into
+    ``train``; a scalar ``tau`` is allowed."""
+    train_fields = {name: fields.pop(name) for name in list(fields) if name in _TRAIN_FIELDS}
+    unknown = set(fields) - _OWN_FIELDS
+    if unknown:
+      raise TypeError(f"unknown config fields {sorted(unknown)}")
+    train = dataclasses.replace(fields.pop("train", step_lib.TrainConfig()), **train_fields)
+    return cls(**fields, train=train)
+
+  def replace(self, **fields) -> "ExperimentConfig":
+    """A copy with flat fields changed (train-step fields go into ``train``)."""
+    train_fields = {name: fields.pop(name) for name in list(fields) if name in _TRAIN_FIELDS}
+    unknown = set(fields) - _OWN_FIELDS
+    if unknown:
+      raise TypeError(f"unknown config fields {sorted(unknown)}")
+    return dataclasses.replace(self, train=dataclasses.replace(self.train, **train_fields),
+                               **fields)
+
+  def __post_init__(self):
+    validation.check_choice("arch", self.arch, ARCHS)
+    defaults = ARCH_DEFAULTS[self.arch]
+    if self.hidden is None:
+      object.__setattr__(self, "hidden", defaults["hidden"])
+    if self.block_size is None:
+      object.__setattr__(self, "block_size", defaults["block_size"])
+    object.__setattr__(self, "hidden", tuple(self.hidden))
+    validation.check_choice("model", self.model, MODELS)
+    validation.check_choice("eval_policy", self.eval_policy, EVAL_POLICIES)
+    if not (self.dataset == "digits" or self.dataset in TFDS_DATASETS
+            or (self.dataset.startswith("npz:") and len(self.dataset) > 4)):
+      raise validation.ConfigError(
+          "dataset", f"must be one of digits|{'|'.join(TFDS_DATASETS)}|npz:PATH, "
+          f"got {self.dataset!r}")
+    if not self.hidden:
+      raise validation.ConfigError("hidden", "must list at least one width, e.g. 512,512")
+    for width in self.hidden:
+      validation.check_int("hidden", width)
+    validation.check_int("block_size", self.block_size)
+    for width in self.hidden:
+      if width % self.block_size:
+        raise validation.ConfigError(
+            "block_size", f"must divide every hidden width, got {self.block_size} "
+            f"and width {width}")
+    if self.model == "condnet":
+      self.taus()
+    for name in ("batch_size", "eval_every", "log_every", "checkpoint_every"):
+      validation.check_int(name, getattr(self, name))
+    if self.steps is not None and self.epochs is not None:
+      raise validation.ConfigError("steps", "and --epochs: give one, not both")
+    if self.steps is not None:
+      validation.check_int("steps", self.steps)
+    if self.epochs is not None:
+      validation.check_int("epochs", self.epochs)
+    validation.check_float("valid_fraction", self.valid_fraction, low=0.0, high=1.0,
+                           high_open=True)
+    if self.num_devices is not None:
+      validation.check_int("num_devices", self.num_devices)
+    validation.check_int("seed", self.seed, minimum=0)
+    if self.seed >= MAX_SEED:
+      raise validation.ConfigError("seed", f"must be in [0, 2**63), got {self.seed}")
+
+  @property
+  def num_gated_layers(self) -> int:
+    """MLP: one gate per hidden layer. CNN: per stage a channel-gated conv and a skippable
+    residual block."""
+    return len(self.hidden) * (CNN_RESIDUAL_BLOCKS + 1 if self.arch == "cnn" else 1)
+
+  def taus(self) -> tuple[float, ...]:
+    """``train.tau`` with one value per gated layer."""
+    return self.train.taus(self.num_gated_layers)
+
+  def total_steps(self, num_train_examples: int) -> int:
+    """``steps``, or ``epochs`` converted with the drop-remainder epoch length."""
+    if self.steps is not None:
+      return self.steps
+    if self.epochs is not None:
+      return self.epochs * max(1, num_train_examples // self.batch_size)
+    return DEFAULT_STEPS
+
+  def as_dict(self) -> dict[str, Any]:
+    """Flat ``{field: value}`` (train-step fields included), JSON-ready."""
+    values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+              if field.name != "train"}
+    values.update(dataclasses.asdict(self.train))
+    values["hidden"] = list(self.hidden)
+    values["tau"] = list(self.train.tau) if not isinstance(self.train.tau, (int, float)) \
+        else [self.train.tau]
+    return values
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "ExperimentConfig":
+    """Inverse of :meth:`as_dict` (unknown keys are ignored)."""
+    known = {key: value for key, value in values.items()
+             if key in _OWN_FIELDS or key in _TRAIN_FIELDS}
+    if "hidden" in known:
+      known["hidden"] = tuple(known["hidden"])
+    if isinstance(known.get("tau"), list):
+      known["tau"] = tuple(known["tau"])
+    return cls.create(**known)
+
+
+MAX_SEED = 2 ** 63
+_TRAIN_FIELDS = frozenset(field.name for field in dataclasses.fields(step_lib.TrainConfig))
+_OWN_FIELDS = frozenset(field.name for field in dataclasses.fields(ExperimentConfig))
+
+
+def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int
+                ) -> nn.Module:
+  """The module the config asks for; ``model='dense'`` is the same net with gates off."""
+  gated = config.model == "condnet"
+  init_probs = tuple(min(tau, MAX_INIT_PROB) for tau in config.taus())
+  if config.arch == "mlp":
+    return layers.GatedMLP(
+        hidden=tuple(config.hidden), num_classes=num_classes, block_size=config.block_size,
+        gated=gated, estimator=config.train.estimator, policy_init_prob=init_probs)
+  if len(input_shape) != 3:
+    raise validation.ConfigError(
+        "arch", f"=cnn needs image inputs [height, width, channels], got examples of shape "
+        f"{tuple(input_shape)}")
+  return conv.GatedCNN(
+      num_classes=num_classes, stage_features=tuple(config.hidden),
+      residual_blocks=CNN_RESIDUAL_BLOCKS, block_size=config.block_size, gated=gated,
+      estimator=config.train.estimator, policy_init_prob=init_probs)
+
+
+def architecture_meta(config: ExperimentConfig, input_shape: Sequence[int],
+                      num_classes: int) -> dict[str, Any]:
+  """What a checkpoint records about the architecture it belongs to."""
+  return {"arch": config.arch, "model": config.model, "hidden": list(config.hidden),
+          "block_size": config.block_size, "num_classes": int(num_classes),
+          "input_shape": [int(d) for d in input_shape]}
+
+
+def check_resume_compatible(saved: dict[str, Any], config: ExperimentConfig,
+                            input_shape: Sequence[int], num_classes: int) -> None:
+  """Raises ``ValueError`` when a workdir's checkpoint belongs to another run.
+
+  Args:
+    saved: the checkpoint's metadata (``architecture`` and ``config`` entries).
+    config: the current run's configuration.
+    input_shape: the current data's per-example shape.
+    num_classes: the current data's class count.
+  """
+  saved_arch = saved.get("architecture", {})
+  current = architecture_meta(config, input_shape, num_classes)
+  saved_dim = math.prod(saved_arch.get("input_shape", [0]))
+  if saved_arch.get("input_shape") != current["input_shape"]:
+    raise ValueError(
+        f"input dimension {math.prod(current['input_shape'])} (shape {current['input_shape']}) "
+        f"is inconsistent with the checkpoint in --workdir (input dimension {saved_dim}, "
+        f"shape {saved_arch.get('input_shape')}); use a fresh --workdir")
+  for key in ("arch", "model", "hidden", "block_size", "num_classes"):
+    if saved_arch.get(key) != current[key]:
+      raise ValueError(
+          f"--workdir holds a checkpoint of a different architecture ({key}: checkpoint "
+          f"{saved_arch.get(key)!r}, now {current[key]!r}); use a fresh --workdir")
+  saved_config = saved.get("config", {})
+  for key, value in config.as_dict().items():
+    if key in RESUME_FREE_FIELDS or key not in saved_config:
+      continue
+    if saved_config[key] != value:
+      raise ValueError(
+          f"--workdir holds a run with --{key}={saved_config[key]!r} (now {value!r}); resuming "
+          "would not reproduce it: use the same flags or a fresh --workdir")

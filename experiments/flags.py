@@ -1,0 +1,137 @@
+"""Flags shared by ``experiments.condnet`` and ``experiments.sweep``, defined once.
+
+Each flag is named like the :class:`ccjax.ExperimentConfig` / :class:`ccjax.TrainConfig`
+field it sets, is typed (absl parses numbers and choices, with one-line errors) and
+carries no validation of its own: the config types own every rule, and
+:func:`config_error_message` turns a field in their messages into the flag's name.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from ccjax import config as config_lib
+from ccjax import estimators
+from ccjax import step as step_lib
+from ccjax import validation
+
+
+class _NumberListParser(flags.ArgumentParser):
+  """Comma-separated numbers (``512,512``; ``0.25``), parsed to a tuple."""
+
+  def __init__(self, kind):
+    super().__init__()
+    self._kind = kind
+
+  def parse(self, argument):
+    if isinstance(argument, (list, tuple)):
+      return tuple(self._kind(value) for value in argument)
+    parts = [part.strip() for part in str(argument).split(",")]
+    if not str(argument).strip() or any(not part for part in parts):
+      raise ValueError(f"must be a comma-separated list of numbers, got {argument!r}")
+    try:
+      return tuple(self._kind(part) for part in parts)
+    except ValueError:
+      wanted = "integers" if self._kind is int else "numbers"
+      raise ValueError(f"must be a comma-separated list of {wanted}, got {argument!r}") from None
+
+  def flag_type(self):
+    return f"comma-separated {self._kind.__name__} list"
+
+
+class _ListSerializer(flags.ArgumentSerializer):
+
+  def serialize(self, value):
+    return ",".join(str(item) for item in value)
+
+
+def define_number_list(name: str, default, help_text: str, kind=float) -> flags.FlagHolder:
+  """A flag holding one number or a comma-separated list (e.g. one value per layer)."""
+  return flags.DEFINE(_NumberListParser(kind), name, default, help_text,
+                      serializer=_ListSerializer())
+
+
+_DEFAULT_TRAIN = step_lib.TrainConfig()
+_DEFAULT = config_lib.ExperimentConfig()
+
+DATASET = flags.DEFINE_string(
+    "dataset", _DEFAULT.dataset, "digits (scikit-learn, offline) | mnist | cifar10 | "
+    "svhn_cropped (TFDS, from --data_dir) | npz:PATH (x_train, y_train, x_test, y_test"
+    "[, x_valid, y_valid]).")
+DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+ARCH = flags.DEFINE_enum("arch", _DEFAULT.arch, config_lib.ARCHS, "Network family.")
+HIDDEN = define_number_list(
+    "hidden", None, "Hidden widths (MLP) or stage channel widths (CNN); default per --arch: "
+    + "; ".join(f"{arch} {','.join(map(str, d['hidden']))}"
+                for arch, d in config_lib.ARCH_DEFAULTS.items()) + ".", int)
+BLOCK_SIZE = flags.DEFINE_integer(
+    "block_size", None, "Units (or channels) per gated block; default per --arch: "
+    + "; ".join(f"{arch} {d['block_size']}" for arch, d in config_lib.ARCH_DEFAULTS.items())
+    + ".")
+LAMBDA_S = flags.DEFINE_float("lambda_s", _DEFAULT_TRAIN.lambda_s,
+                              "Weight of the sparsity terms L_b + L_e.")
+LAMBDA_V = flags.DEFINE_float("lambda_v", _DEFAULT_TRAIN.lambda_v, "Weight of the variance term L_v.")
+L2 = flags.DEFINE_float("l2", _DEFAULT_TRAIN.l2, "L2 weight on all kernels.")
+LR = flags.DEFINE_float("lr", _DEFAULT_TRAIN.lr, "Network learning rate (Adam).")
+POLICY_LR = flags.DEFINE_float("policy_lr", _DEFAULT_TRAIN.policy_lr,
+                               "Policy learning rate (Adam).")
+BASELINE = flags.DEFINE_enum("baseline", _DEFAULT_TRAIN.baseline, estimators.BASELINES,
+                             "REINFORCE baseline.")
+ESTIMATOR = flags.DEFINE_enum("estimator", _DEFAULT_TRAIN.estimator, estimators.ESTIMATORS,
+                              "Policy gradient estimator.")
+SKIP_NONFINITE = flags.DEFINE_bool("skip_nonfinite", _DEFAULT_TRAIN.skip_nonfinite,
+                                   "Skip batches with NaN/Inf loss or gradients instead of "
+                                   "stopping.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULT.batch_size, "Global training batch size.")
+STEPS = flags.DEFINE_integer("steps", None, f"Training steps (default {config_lib.DEFAULT_STEPS} "
+                             "unless --epochs is given).")
+EPOCHS = flags.DEFINE_integer("epochs", None, "Training epochs (instead of --steps).")
+EVAL_EVERY = flags.DEFINE_integer("eval_every", _DEFAULT.eval_every,
+                                  "Validation every this many steps.")
+LOG_EVERY = flags.DEFINE_integer("log_every", _DEFAULT.log_every,
+                                 "Log train metrics every this many steps.")
+CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", _DEFAULT.checkpoint_every,
+                                        "Checkpoint every this many steps.")
+EVAL_POLICY = flags.DEFINE_enum("eval_policy", _DEFAULT.eval_policy, config_lib.EVAL_POLICIES,
+                                "Test-time masks: threshold (p > 0.5) | sample.")
+VALID_FRACTION = flags.DEFINE_float(
+    "valid_fraction", _DEFAULT.valid_fraction, "Fraction of train held out for validation "
+    "when the dataset has no validation split, in [0, 1).")
+NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to use (default: all).")
+MEASURE_LATENCY = flags.DEFINE_bool("measure_latency", _DEFAULT.measure_latency,
+                                    "Time batch-1 dense and sparse inference at the end.")
+PLOTS = flags.DEFINE_bool("plots", _DEFAULT.plots, "Write plots/*.png at the end.")
+WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; an existing run is resumed.")
+flags.mark_flag_as_required("workdir")
+
+SHARED_FLAGS = (DATASET, DATA_DIR, ARCH, HIDDEN, BLOCK_SIZE, LAMBDA_S, LAMBDA_V, L2, LR, POLICY_LR,
+                BASELINE, ESTIMATOR, SKIP_NONFINITE, BATCH_SIZE, STEPS, EPOCHS, EVAL_EVERY,
+                LOG_EVERY, CHECKPOINT_EVERY, EVAL_POLICY, VALID_FRACTION, NUM_DEVICES,
+                MEASURE_LATENCY, PLOTS)
+
+
+def config_from_flags(**fields) -> config_lib.ExperimentConfig:
+  """The :class:`ccjax.ExperimentConfig` of the shared flags, with ``fields`` on top.
+
+  Raises:
+    validation.ConfigError: a value breaks a rule of the config types.
+  """
+  values = {holder.name: holder.value for holder in SHARED_FLAGS}
+  values.update(fields)
+  return config_lib.ExperimentConfig.create(**values)
+
+
+def config_error_message(error: validation.ConfigError,
+                         flag_for_field: dict[str, str] | None = None) -> str:
+  """``error`` naming the flag the user typed (e.g. the sweep's ``--taus`` for ``tau``)."""
+  return error.for_flag((flag_for_field or {}).get(error.field))
+
+
+def experiment_flag_values() -> dict:
+  """``{name: value}`` of every flag defined by the ``experiments`` entrypoints."""
+  values = {}
+  for module_name, module_flags in flags.FLAGS.flags_by_module_dict().items():
+    if module_name.startswith("experiments") or module_name == "__main__":
+      values.update({flag.name: flag.value for flag in module_flags})
+  return {name: list(value) if isinstance(value, tuple) else value
+          for name, value in sorted(values.items())}

@@ -1,0 +1,115 @@
+r"""Evaluates a finished run with real skipping: accuracy, compute, latency, overflow.
+
+  python -m experiments.predict --workdir=runs/digits
+  python -m experiments.predict --workdir=runs/digits --batch_size=128 --json
+
+Loads the run (:func:`ccjax.load_run`), runs its test split through
+:func:`ccjax.make_inference` (blocks that do not run are never computed) and reports
+``test_error``, ``active_fraction`` (per gated layer), ``macs_per_example``,
+``latency_ms`` {``dense``, ``sparse``} at ``--batch_size`` (same process, interleaved
+medians), ``overflow_rate`` and ``backend``; writes them to ``<workdir>/predict.json``.
+With the run's own test-time policy and no overflow, ``test_error`` equals the run's
+``results.json`` at any batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import jax.numpy as jnp
+import numpy as np
+
+import ccjax
+from ccjax import atomic
+from ccjax import data as data_lib
+from ccjax import loop
+from ccjax import runs
+from ccjax import timing
+from experiments import cli
+
+PREDICT_FILE = "predict.json"
+INFERENCE_POLICIES = ("threshold",)
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's --workdir.")
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset to evaluate (default: the run's).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "Examples per inference call.", lower_bound=1)
+_EVAL_POLICY = flags.DEFINE_enum("eval_policy", "threshold", list(INFERENCE_POLICIES),
+                                 "Test-time policy of the sparse path.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per latency (median).",
+                                lower_bound=1)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+flags.mark_flag_as_required("workdir")
+
+
+def evaluate(run: runs.Run, dataset: data_lib.Dataset, batch_size: int, mode: str,
+             repeats: int) -> dict:
+  """The predict report of ``run`` on ``dataset``'s test split."""
+  inference = ccjax.make_inference(run.module, run.params, mode=mode)
+  x, y = np.asarray(dataset.x_test, np.float32), np.asarray(dataset.y_test)
+  num_examples = x.shape[0]
+  padded = -(-num_examples // batch_size) * batch_size
+  x_padded = np.concatenate([x, np.zeros((padded - num_examples, *x.shape[1:]), x.dtype)])
+  predictions, masks, infos = [], [], []
+  for start in range(0, padded, batch_size):
+    logits, info = inference(jnp.asarray(x_padded[start:start + batch_size]))
+    predictions.append(np.argmax(np.asarray(logits), -1))
+    masks.append([np.asarray(mask) for mask in info.masks])
+    infos.append(info)
+  keep = slice(0, num_examples)   # padding examples are dropped from every statistic
+  prediction = np.concatenate(predictions)[keep]
+  layer_masks = [np.concatenate(layer)[keep] for layer in zip(*masks)]
+  batches = [jnp.asarray(x_padded[start:start + batch_size])
+             for start in range(0, min(padded, 16 * batch_size), batch_size)]
+  latency = ccjax.measure_latency(run.module, run.params, batches, repeats=repeats,
+                                  inference=ccjax.make_inference(run.module, run.params,
+                                                                 mode=mode, with_info=False))
+  return {
+      "workdir": os.path.abspath(_WORKDIR.value), "dataset": dataset.name,
+      "batch_size": batch_size, "eval_policy": mode,
+      "test_error": float(np.mean(prediction != y)),
+      "active_fraction": [float(np.mean(mask)) for mask in layer_masks],
+      "macs_per_example": float(np.mean(ccjax.macs_per_example(
+          run.module, run.input_shape, layer_masks))),
+      "dense_macs_per_example": float(ccjax.dense_macs_per_example(run.module,
+                                                                   run.input_shape)),
+      "latency_ms": latency, "overflow_rate": ccjax.overflow_rate(infos),
+      "backend": inference.backend, "machine": timing.machine_info(),
+  }
+
+
+def main(argv):
+  cli.reject_extra_args(argv)
+  loop.quiet_library_logs()
+  try:
+    run = runs.load_run(_WORKDIR.value)
+    if not run.module.gated:
+      raise ValueError(f"--workdir {_WORKDIR.value} holds a dense run (--model=dense): there "
+                       "is nothing to skip; predict evaluates condnet runs")
+    config = run.config
+    dataset = data_lib.load_dataset(
+        _DATASET.value or config.dataset, data_dir=_DATA_DIR.value or config.data_dir,
+        valid_fraction=config.valid_fraction, seed=config.seed)
+    if tuple(dataset.input_shape) != run.input_shape:
+      raise ValueError(f"--dataset {dataset.name} has examples of shape "
+                       f"{list(dataset.input_shape)}, the run was trained on "
+                       f"{list(run.input_shape)}")
+    report = evaluate(run, dataset, _BATCH_SIZE.value, _EVAL_POLICY.value, _REPEATS.value)
+  except (ValueError, OSError) as error:
+    cli.fail(error)
+  atomic.write_json(os.path.join(_WORKDIR.value, PREDICT_FILE), report)
+  if _JSON.value:
+    print(json.dumps(report))
+  else:
+    print(f"test error {report['test_error']:.4f}  active {np.round(report['active_fraction'], 3).tolist()}  "
+          f"MACs/example {report['macs_per_example']:.0f} (dense {report['dense_macs_per_example']:.0f})  "
+          f"latency dense {report['latency_ms']['dense']:.3f} ms / sparse "
+          f"{report['latency_ms']['sparse']:.3f} ms at batch {report['batch_size']}  "
+          f"overflow {report['overflow_rate']:.4f}  backend {report['backend']}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
