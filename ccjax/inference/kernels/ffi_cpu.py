@@ -8,8 +8,10 @@ call, so a batch-1 forward pass costs one dispatch. It has the semantics of the 
 minibatch path (at batch 1 the per-block and per-tile capacities cannot bind, so it is
 also the batch-1 path): the same blocks run and the logits agree to float32 rounding.
 
-Axis letters as in :mod:`ccjax.sparse`: ``batch`` examples, ``in`` input features,
-``nb`` blocks of a layer, ``bs`` units per block, ``k`` per-example capacity.
+Axis letters as in :mod:`ccjax.inference.mlp`: ``batch`` examples, ``in`` input
+features, ``nb`` blocks of a layer, ``bs`` units per block, ``k`` per-example capacity.
+Only float32 models run here (:func:`supports`); the backend selection gives other
+dtypes to the XLA path.
 
 The library is loaded with ``ctypes`` and registered with
 :func:`jax.ffi.register_ffi_target` on first use; :func:`available` says whether that
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccjax import sparse
+from ccjax.inference import layout
 
 TARGET_NAME = "ccjax_gated_mlp_forward"
 _SYMBOL = "CcjaxGatedMlpForward"
@@ -86,7 +88,7 @@ def num_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def supports(model: sparse.BlockMajorMLP) -> bool:
+def supports(model: layout.BlockMajorMLP) -> bool:
   """Whether the handler covers this model (every weight float32; other dtypes run on
   the XLA path)."""
   arrays = [model.output_kernel, model.output_bias]
@@ -102,7 +104,7 @@ def _expect(name: str, array: jax.Array | None, shape: tuple[int, ...]) -> None:
     raise ValueError(f"ffi-cpu: {name} must be float32 {shape}, got {got}")
 
 
-def _layer_operands(model: sparse.BlockMajorMLP) -> list[jax.Array]:
+def _layer_operands(model: layout.BlockMajorMLP) -> list[jax.Array]:
   """The handler's weight operands, checked: 4 per layer, then the output layer."""
   bs, fan_in = model.block_size, model.input_dim
   operands = []
@@ -132,19 +134,20 @@ def _layer_operands(model: sparse.BlockMajorMLP) -> list[jax.Array]:
   return operands + [model.output_kernel, model.output_bias]
 
 
-def gated_mlp_forward(model: sparse.BlockMajorMLP, x: jax.Array, config: sparse.SparseConfig
-                      ) -> tuple[jax.Array, tuple[sparse.LayerTrace, ...]]:
+def gated_mlp_forward(model: layout.BlockMajorMLP, x: jax.Array, config
+                      ) -> tuple[jax.Array, tuple[layout.LayerTrace, ...]]:
   """Sparse forward pass of a gated MLP in one FFI call (traceable under ``jax.jit``).
 
   Args:
-    model: block-major float32 parameters (:func:`ccjax.to_block_major`).
+    model: block-major float32 parameters (:func:`ccjax.inference.layout.to_block_major`).
     x: ``[batch, in]`` inputs, cast to float32 (what the XLA path's promotion against
       float32 weights gives).
-    config: capacities; ``block_capacity`` is clipped to the batch as on the XLA path.
+    config: a :class:`ccjax.inference.capacity.SparseConfig` (validated for ``model``);
+      ``block_capacity`` is clipped to the batch as on the XLA path.
 
   Returns:
-    ``(logits [batch, classes], traces)``, one :class:`ccjax.sparse.LayerTrace` per
-    hidden layer, equal to the XLA path's (see the module docstring).
+    ``(logits [batch, classes], traces)``, one :class:`ccjax.inference.layout.LayerTrace`
+    per hidden layer, equal to the XLA path's (see the module docstring).
 
   Raises:
     RuntimeError: the extension is not available.
@@ -161,10 +164,11 @@ def gated_mlp_forward(model: sparse.BlockMajorMLP, x: jax.Array, config: sparse.
   batch = int(x.shape[0])
   classes = int(model.output_bias.shape[0])
   result_shapes = [jax.ShapeDtypeStruct((batch, classes), jnp.float32)]
-  for k in config.example_capacity:
-    result_shapes += [jax.ShapeDtypeStruct((batch, k), jnp.int32),
-                      jax.ShapeDtypeStruct((batch, k), jnp.bool_),
-                      jax.ShapeDtypeStruct((2,), jnp.int32)]
+  for k, nb in zip(config.example_capacity, model.num_blocks):
+    result_shapes += [jax.ShapeDtypeStruct((batch, k), jnp.int32),     # block_index
+                      jax.ShapeDtypeStruct((batch, k), jnp.bool_),     # kept
+                      jax.ShapeDtypeStruct((2,), jnp.int32),           # candidates, kept
+                      jax.ShapeDtypeStruct((batch, nb), jnp.float32)]  # probs
   eps = float(model.policy_eps)
   outputs = jax.ffi.ffi_call(TARGET_NAME, result_shapes)(
       x, *operands,
@@ -174,6 +178,6 @@ def gated_mlp_forward(model: sparse.BlockMajorMLP, x: jax.Array, config: sparse.
       policy_eps=np.float32(eps), policy_scale=np.float32(1.0 - 2.0 * eps),
       num_threads=np.int64(num_threads()))
   traces = tuple(
-      sparse.LayerTrace(block_index, kept, counts[0], counts[1])
-      for block_index, kept, counts in zip(outputs[1::3], outputs[2::3], outputs[3::3]))
+      layout.LayerTrace(block_index, kept, counts[0], counts[1], probs)
+      for block_index, kept, counts, probs in zip(*(outputs[1 + i::4] for i in range(4))))
   return outputs[0], traces

@@ -16,7 +16,7 @@
 //         Gated input: kernel [nb * in_blocks, bs, bs] (tile j * in_blocks + i),
 //         policy_kernel [in_blocks, bs, nb].
 //   rets: logits [batch, classes]; per layer: block_index s32 [batch, k],
-//         kept pred [batch, k], counts s32 [2] = (candidates, kept).
+//         kept pred [batch, k], counts s32 [2] = (candidates, kept), probs f32 [batch, nb].
 //   attrs: example_capacity, block_capacity, pair_capacity (i64 [L]), policy_eps and
 //          policy_scale (f32; p = eps + scale * sigmoid(logit)), num_threads (i64: most
 //          threads, taken from XLA's intra-op pool, for loops large enough to pay).
@@ -265,11 +265,19 @@ struct Entry {
 // Sort key that orders NaN before every number (a strict weak order in all cases).
 inline float SortKey(float prob) { return std::isnan(prob) ? INFINITY : prob; }
 
-// Runs one layer: selection, capacities, products. Writes the trace outputs and
-// returns the compact output.
+// A layer's trace outputs (XLA result buffers).
+struct Trace {
+  int32_t* block_index;  // [batch, k]
+  bool* kept;            // [batch, k]
+  int32_t* counts;       // [2]: candidates, kept
+  float* probs;          // [batch, nb]
+};
+
+// Runs one layer: selection, capacities, products. Writes the trace and returns the
+// compact output.
 Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
                  const Shape& shape, Workers& workers, float eps, float scale,
-                 int32_t* block_index_out, bool* kept_out, int32_t* counts_out) {
+                 const Trace& trace) {
   const int64_t batch = shape.batch, bs = shape.block_size, nb = layer.num_blocks;
   const int64_t k = layer.example_capacity;
   const std::vector<float> logits = PolicyLogits(layer, x, input, shape, workers);
@@ -282,9 +290,9 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
   output.kept.assign(batch * k, 0);
   std::vector<float> slot_prob(batch * k);
   std::vector<int32_t> order(nb);
-  std::vector<float> probs(nb);
   int64_t candidates = 0;
   for (int64_t e = 0; e < batch; ++e) {
+    float* probs = trace.probs + e * nb;
     for (int64_t j = 0; j < nb; ++j) {
       const float z = logits[e * nb + j] + layer.policy_bias[j];
       probs[j] = eps + scale * (1.0f / (1.0f + std::exp(-z)));
@@ -405,14 +413,16 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
     }
   });
 
-  std::copy(output.block.begin(), output.block.end(), block_index_out);
-  for (int64_t slot = 0; slot < batch * k; ++slot) kept_out[slot] = output.kept[slot] != 0;
-  counts_out[0] = static_cast<int32_t>(candidates);
-  counts_out[1] = static_cast<int32_t>(output.num_kept);
+  std::copy(output.block.begin(), output.block.end(), trace.block_index);
+  for (int64_t slot = 0; slot < batch * k; ++slot) trace.kept[slot] = output.kept[slot] != 0;
+  trace.counts[0] = static_cast<int32_t>(candidates);
+  trace.counts[1] = static_cast<int32_t>(output.num_kept);
   return output;
 }
 
 // ---------------------------------------------------------------------- FFI glue
+
+constexpr int64_t kTraceOutputs = 4;  // block_index, kept, counts, probs per layer
 
 std::string DimsString(ffi::AnyBuffer::Dimensions dims) {
   std::string text = "[";
@@ -448,7 +458,7 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
   if (num_layers < 1 || static_cast<int64_t>(block_capacity.size()) != num_layers ||
       static_cast<int64_t>(pair_capacity.size()) != num_layers ||
       static_cast<int64_t>(args.size()) != 4 * num_layers + 3 ||
-      static_cast<int64_t>(rets.size()) != 3 * num_layers + 1) {
+      static_cast<int64_t>(rets.size()) != kTraceOutputs * num_layers + 1) {
     return ffi::Error::InvalidArgument("gated_mlp_forward: inconsistent layer count");
   }
   std::vector<ffi::AnyBuffer> in;
@@ -480,6 +490,7 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
   int64_t in_blocks = 0;
   for (int64_t l = 0; l < num_layers; ++l) {
     const ffi::AnyBuffer* buffers = &in[1 + 4 * l];
+    const ffi::AnyBuffer* trace = &out[1 + kTraceOutputs * l];
     const int64_t nb = buffers[1].dimensions().size() == 0 ? -1 : buffers[1].dimensions()[0];
     const int64_t k = example_capacity[l];
     if (nb < 1 || k < 1 || k > nb || block_capacity[l] < 1 || pair_capacity[l] < 1) {
@@ -497,9 +508,10 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
                              Expect(buffers[1], ffi::F32, {nb, bs}, name + " bias"),
                              Expect(buffers[2], ffi::F32, policy_dims, name + " policy kernel"),
                              Expect(buffers[3], ffi::F32, {nb}, name + " policy bias"),
-                             Expect(out[1 + 3 * l], ffi::S32, {batch, k}, name + " block_index"),
-                             Expect(out[2 + 3 * l], ffi::PRED, {batch, k}, name + " kept"),
-                             Expect(out[3 + 3 * l], ffi::S32, {2}, name + " counts")}) {
+                             Expect(trace[0], ffi::S32, {batch, k}, name + " block_index"),
+                             Expect(trace[1], ffi::PRED, {batch, k}, name + " kept"),
+                             Expect(trace[2], ffi::S32, {2}, name + " counts"),
+                             Expect(trace[3], ffi::F32, {batch, nb}, name + " probs")}) {
       if (error.failure()) return error;
     }
     layers.push_back({static_cast<const float*>(buffers[0].untyped_data()),
@@ -524,10 +536,13 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
     Workers workers(pool, num_threads);
     Compact hidden;
     for (int64_t l = 0; l < num_layers; ++l) {
+      const ffi::AnyBuffer* buffers = &out[1 + kTraceOutputs * l];
+      const Trace trace{static_cast<int32_t*>(buffers[0].untyped_data()),
+                        static_cast<bool*>(buffers[1].untyped_data()),
+                        static_cast<int32_t*>(buffers[2].untyped_data()),
+                        static_cast<float*>(buffers[3].untyped_data())};
       hidden = RunLayer(layers[l], x, l == 0 ? nullptr : &hidden, shape, workers, policy_eps,
-                        policy_scale, static_cast<int32_t*>(out[1 + 3 * l].untyped_data()),
-                        static_cast<bool*>(out[2 + 3 * l].untyped_data()),
-                        static_cast<int32_t*>(out[3 + 3 * l].untyped_data()));
+                        policy_scale, trace);
     }
     float* logits = static_cast<float*>(out[0].untyped_data());
     const float* bias = static_cast<const float*>(output_bias.untyped_data());
