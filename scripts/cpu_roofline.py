@@ -15,27 +15,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccjax import sparse
+import ccjax
 from ccjax import timing
-
-
-def cpu_model() -> str:
-  """``Model name`` from ``lscpu`` (or ``unknown``)."""
-  try:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-  for line in text.splitlines():
-    if line.startswith("Model name:"):
-      return line.split(":", 1)[1].strip()
-  return "unknown"
+from experiments import bench_inference
 
 
 def read_bandwidth_gbs(threads: int, megabytes: int = 256, repeats: int = 5) -> float:
@@ -93,43 +81,39 @@ def main():
   parser.add_argument("--tau", type=float, default=0.125)
   parser.add_argument("--batch_sizes", default="1,128")
   parser.add_argument("--repeats", type=int, default=30)
+  parser.add_argument("--backend", default=None, help="kernel backend (default: the best)")
   args = parser.parse_args()
-  hidden = tuple(int(width) for width in args.hidden.split(","))
+  config = {"input_dim": args.input_dim, "hidden": [int(w) for w in args.hidden.split(",")],
+            "block_size": args.block_size, "num_classes": args.num_classes, "tau": args.tau,
+            "dtype": "float32", "seed": 0}
   bandwidth = {threads: read_bandwidth_gbs(threads) for threads in (1, 2)}
   rate = matmul_gmacs()
-  params = sparse.random_gated_mlp_params(jax.random.PRNGKey(0), args.input_dim, hidden,
-                                          args.num_classes, args.block_size, args.tau)
-  model = sparse.to_block_major(params, args.block_size)
-  dense_params = {name: {"dense": params[name]["dense"]} for name in params
-                  if name.startswith("hidden_")}
-  dense_params["output"] = params["output"]
-  dense_macs = float(sum(a * b for a, b in zip((args.input_dim,) + hidden,
-                                               hidden + (args.num_classes,))))
+  # The benchmark's own network: random weights, policies calibrated to run tau.
+  module, params, example_shape, fraction = bench_inference.build_model(config, "mlp")
+  capacities = ccjax.Capacities(active_fraction=fraction)
+  traced = ccjax.make_inference(module, params, capacities=capacities, backend=args.backend)
+  timed = ccjax.make_inference(module, params, capacities=capacities, backend=args.backend,
+                               with_info=False)
+  dense_macs = float(ccjax.dense_macs_per_example(module, example_shape))
   dense_bytes = 4.0 * dense_macs
-  report = {"cpu": cpu_model(), "read_gbs": bandwidth, "matmul_gmacs": rate,
-            "config": vars(args), "results": []}
+  report = {"cpu": timing.cpu_model(), "backend": traced.backend, "read_gbs": bandwidth,
+            "matmul_gmacs": rate, "config": vars(args), "results": []}
   for batch in (int(value) for value in args.batch_sizes.split(",")):
-    xs = [jax.random.normal(jax.random.PRNGKey(100 + i), (batch, args.input_dim))
-          for i in range(16 if batch == 1 else 1)]
-    config = sparse.make_sparse_config(model, batch, args.tau)
-    traced = jax.jit(lambda m, x, config=config: sparse.sparse_forward(m, x, config))
+    key = jax.random.fold_in(jax.random.PRNGKey(1), batch)
+    xs = list(jax.random.normal(key, (16 if batch == 1 else 2, batch, *example_shape)))
     macs, moved = [], []
     for x in xs:
-      _, traces = traced(model, x)
-      masks = sparse.trace_masks(traces, model.num_blocks)
-      macs.append(float(np.sum(sparse.sparse_macs(traces, model.num_blocks, args.input_dim,
-                                                   args.block_size, args.num_classes))))
+      masks = traced(x)[1].masks
+      macs.append(float(np.sum(ccjax.macs_per_example(module, example_shape, masks))))
       moved.append(weight_bytes(masks, args.input_dim, args.block_size, args.num_classes))
-    sparse_fn = jax.jit(lambda m, x, config=config: sparse.sparse_forward(m, x, config)[0])
-    dense_ms, sparse_ms = timing.interleaved_median_ms(
-        [(jax.jit(sparse.dense_forward), [(dense_params, x) for x in xs]),
-         (sparse_fn, [(model, x) for x in xs])], repeats=args.repeats)
-    entry = {"batch_size": batch, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-             "ratio": dense_ms / sparse_ms}
+    latency = ccjax.measure_latency(module, params, xs, repeats=args.repeats, inference=timed)
+    entry = {"batch_size": batch, "dense_ms": latency["dense"], "sparse_ms": latency["sparse"],
+             "ratio": latency["dense"] / latency["sparse"]}
     for name, call_macs, call_bytes, ms in (
-        ("dense", batch * dense_macs, dense_bytes, dense_ms),
-        ("sparse", float(np.mean(macs)), float(np.mean(moved)), sparse_ms)):
-      bound_ms = 1e3 * max(call_bytes / (bandwidth[2] * 1e9), call_macs / (rate * 1e9))
+        ("dense", batch * dense_macs, dense_bytes, latency["dense"]),
+        ("sparse", float(np.mean(macs)), float(np.mean(moved)), latency["sparse"])):
+      bound_ms = 1e3 * max(call_bytes / (max(bandwidth.values()) * 1e9),
+                           call_macs / (rate * 1e9))
       entry[name] = {"macs": call_macs, "weight_mb": call_bytes / 1e6,
                      "achieved_gbs": call_bytes / ms / 1e6,
                      "achieved_gmacs": call_macs / ms / 1e6, "roofline_ms": bound_ms}
