@@ -200,11 +200,9 @@ struct Layer {
 // A layer's output in compact form: `slots` per example.
 struct Compact {
   int64_t slots = 0;
-  int64_t num_blocks = 0;
-  std::vector<int32_t> block;          // [batch, slots] block id (top-k order)
-  std::vector<uint8_t> kept;           // [batch, slots]
-  std::vector<float> hidden;           // [batch, slots, bs], zero where not kept
-  std::vector<int32_t> slot_of_block;  // [batch, num_blocks], -1 where not kept
+  std::vector<int32_t> block;  // [batch, slots] block id (top-k order)
+  std::vector<uint8_t> kept;   // [batch, slots]
+  std::vector<float> hidden;   // [batch, slots, bs], zero where not kept
   int64_t num_kept = 0;
 };
 
@@ -285,7 +283,6 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
   // 1-2. Probabilities, per-example top-k (ties: lower block id), threshold.
   Compact output;
   output.slots = k;
-  output.num_blocks = nb;
   output.block.assign(batch * k, 0);
   output.kept.assign(batch * k, 0);
   std::vector<float> slot_prob(batch * k);
@@ -348,12 +345,10 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
       run[m] = ok;
     }
   }
-  output.slot_of_block.assign(batch * nb, -1);
   for (int64_t m = 0; m < static_cast<int64_t>(entries.size()); ++m) {
     if (!run[m]) continue;
     const int64_t slot = entries[m].example * k + entries[m].slot;
     output.kept[slot] = 1;
-    output.slot_of_block[entries[m].example * nb + output.block[slot]] = entries[m].slot;
     ++output.num_kept;
   }
 
