@@ -14,6 +14,7 @@ import pytest
 import ccjax
 from ccjax.inference import batch1
 from ccjax.inference import capacity
+from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import minibatch
 from ccjax.inference import mlp
@@ -22,6 +23,8 @@ INPUT_DIM, HIDDEN, BLOCK, CLASSES = 12, (32, 48, 32), 8, 5
 NUM_BLOCKS = tuple(width // BLOCK for width in HIDDEN)
 FORWARD = jax.jit(mlp.sparse_forward, static_argnums=2)
 TRACE_MASKS = jax.jit(capacity.trace_masks, static_argnums=1)
+# Every equivalence test runs on every backend this machine has (CI builds ffi-cpu).
+with_backends = pytest.mark.parametrize("backend", kernels.available_backends())
 
 
 def _model():
@@ -86,13 +89,14 @@ def _check_against_masked_dense(params, x, config):
   return logits, masks, traces
 
 
+@with_backends
 @pytest.mark.parametrize("batch", [1, 7])
 @pytest.mark.parametrize("seed", range(3))
-def test_exact_capacity_equals_threshold_mode(seed, batch):
+def test_exact_capacity_equals_threshold_mode(seed, batch, backend):
   params, x = _params(seed), _inputs(seed, batch)
   model = _block_major(params)
   logits, masks, traces = _check_against_masked_dense(
-      params, x, capacity.make_sparse_config(model, batch))
+      params, x, capacity.make_sparse_config(model, batch, backend=backend))
   ref_logits, aux = _model().apply({"params": params}, x, mode="threshold")
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
   for mask, layer_aux in zip(masks, aux):
@@ -100,20 +104,24 @@ def test_exact_capacity_equals_threshold_mode(seed, batch):
   assert _overflow_rate(traces) == 0.0
 
 
-def test_masks_are_ragged_per_example():
+@with_backends
+def test_masks_are_ragged_per_example(backend):
   params, x = _params(0), _inputs(0, 16)
   model = _block_major(params)
-  _, masks, _ = _check_against_masked_dense(params, x, capacity.make_sparse_config(model, 16))
+  _, masks, _ = _check_against_masked_dense(
+      params, x, capacity.make_sparse_config(model, 16, backend=backend))
   counts = np.asarray(masks[0]).sum(axis=1)
   assert len(set(counts.tolist())) > 2
 
 
+@with_backends
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("shift,expected", [(-50.0, 0.0), (50.0, 1.0)])
-def test_all_blocks_off_or_on(shift, expected, batch):
+def test_all_blocks_off_or_on(shift, expected, batch, backend):
   params, x = _params(3, bias_shift=shift, policy_scale=0.0), _inputs(3, batch)
   model = _block_major(params)
-  _, masks, _ = _check_against_masked_dense(params, x, capacity.make_sparse_config(model, batch))
+  _, masks, _ = _check_against_masked_dense(
+      params, x, capacity.make_sparse_config(model, batch, backend=backend))
   for mask in masks:
     np.testing.assert_array_equal(mask, expected)
 
@@ -150,13 +158,14 @@ def _reference_masks(params, x, example_cap, block_cap, pair_cap, eps=0.01):
   return masks, candidates
 
 
+@with_backends
 @pytest.mark.parametrize("batch", [1, 9, 16])
 @pytest.mark.parametrize("seed", range(3))
-def test_capacity_overflow_follows_documented_rules(seed, batch):
+def test_capacity_overflow_follows_documented_rules(seed, batch, backend):
   params, x = _params(10 + seed, bias_shift=1.0), _inputs(seed, batch)
   model = _block_major(params)
   config = capacity.SparseConfig(example_capacity=(2, 3, 2), block_capacity=(3, 4, 3),
-                               pair_capacity=(1, 2, 1)).validate(model)
+                                 pair_capacity=(1, 2, 1), backend=backend).validate(model)
   _, masks, traces = _check_against_masked_dense(params, x, config)
   expected, candidates = _reference_masks(params, x, config.example_capacity,
                                           config.block_capacity, config.pair_capacity)
@@ -213,7 +222,8 @@ def test_block_major_layout_matches_dense_kernels():
   assert model.input_dim == INPUT_DIM and model.num_blocks == NUM_BLOCKS
 
 
-def test_trained_digits_model_sparse_predictions_match_masked_dense():
+@with_backends
+def test_trained_digits_model_sparse_predictions_match_masked_dense(backend):
   from sklearn.datasets import load_digits
   digits = load_digits()
   x = jnp.asarray(digits.data[:256] / 16.0, jnp.float32)
@@ -229,7 +239,7 @@ def test_trained_digits_model_sparse_predictions_match_masked_dense():
   ref_logits, aux = model.apply({"params": state.params}, x, mode="threshold")
   ref_masks = [layer_aux.mask for layer_aux in aux]
   for batch, starts in ((1, (0, 37, 101)), (128, (0, 128))):
-    cfg = capacity.make_sparse_config(block_model, batch)
+    cfg = capacity.make_sparse_config(block_model, batch, backend=backend)
     for start in starts:
       chunk = x[start:start + batch]
       logits, traces = FORWARD(block_model, chunk, cfg)
@@ -304,14 +314,15 @@ def test_pair_buckets_are_sorted_distinct_products():
   assert batch1.pair_buckets((4,), (4,)) == (16,)
 
 
+@with_backends
 @pytest.mark.parametrize("shift", [-50.0, 0.0, 1.0, 50.0])
-def test_bucketed_batch1_follows_documented_rules(shift):
+def test_bucketed_batch1_follows_documented_rules(shift, backend):
   """Pair-count buckets (all off, ragged, overflowing, all on) never change the result."""
   params = _params(30, bias_shift=shift, policy_scale=0.0 if abs(shift) > 10 else 2.0)
   model = _block_major(params)
   config = capacity.SparseConfig(example_capacity=(3, 5, 4), block_capacity=(1, 1, 1),
-                               pair_capacity=(1, 1, 1),
-                               buckets=((1, 2, 3), (2, 5), (1, 3, 4))).validate(model)
+                                 pair_capacity=(1, 1, 1), buckets=((1, 2, 3), (2, 5), (1, 3, 4)),
+                                 backend=backend).validate(model)
   for seed in range(4):
     x = _inputs(40 + seed, 1)
     _, masks, _ = _check_against_masked_dense(params, x, config)

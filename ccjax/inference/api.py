@@ -85,7 +85,8 @@ class _MLPFamily:
   @staticmethod
   def build(module: layers.GatedMLP, params, mode: str, capacities: Capacities,
             backend: str | None, with_info: bool) -> Callable:
-    backend = kernels.select_backend(backend)
+    float32 = all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+    backend = kernels.select_backend(backend, float32=float32)
     block_major = layout.to_block_major(module, params, pallas_tiles=backend == "pallas-gpu")
     num_layers = len(module.hidden)
     top_k = (None if mode == "threshold" else
@@ -141,7 +142,8 @@ class _CNNFamily:
   @staticmethod
   def build(module: conv.GatedCNN, params, mode: str, capacities: Capacities,
             backend: str | None, with_info: bool) -> Callable:
-    backend = kernels.select_backend(backend)
+    kernels.select_backend(backend)  # Rejects an unknown or unavailable forced backend.
+    backend = "xla"  # The CNN path has XLA kernels only, whichever backend the MLP uses.
     num_layers = len(module.gate_layers())
     fractions = capacities.fractions(num_layers)
     compiled = {}

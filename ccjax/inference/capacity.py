@@ -78,6 +78,8 @@ class SparseConfig:
     if self.backend not in kernels.BACKENDS:
       raise ValueError(f"backend must be one of {'|'.join(kernels.BACKENDS)}, "
                        f"got {self.backend!r}")
+    if self.backend == "ffi-cpu" and not kernels.ffi_cpu.supports(model):
+      raise ValueError("backend ffi-cpu runs float32 models only; use backend='xla'")
     return self
 
 
@@ -128,7 +130,8 @@ def make_sparse_config(model: BlockMajorMLP, batch_size: int,
     buckets = tuple(tuple(sorted({max(1, math.ceil(k * (b + 1) / num_buckets))
                                   for b in range(num_buckets)})) for k in example)
   return SparseConfig(example, block, pair, buckets,
-                      kernels.select_backend(backend)).validate(model)
+                      kernels.select_backend(backend, float32=kernels.ffi_cpu.supports(model))
+                      ).validate(model)
 
 
 def trace_masks(traces: Sequence[LayerTrace], num_blocks: Sequence[int]) -> tuple[jax.Array, ...]:

@@ -54,6 +54,7 @@ import jax
 
 from ccjax.inference.batch1 import sparse_forward_single
 from ccjax.inference.capacity import SparseConfig
+from ccjax.inference.kernels import ffi_cpu
 from ccjax.inference.layout import BlockMajorMLP
 from ccjax.inference.layout import LayerTrace
 from ccjax.inference.minibatch import sparse_forward_batch
@@ -63,10 +64,12 @@ def sparse_forward(model: BlockMajorMLP, x: jax.Array, config: SparseConfig
                    ) -> tuple[jax.Array, tuple[LayerTrace, ...]]:
   """Sparse inference that computes only the blocks that run.
 
-  Jit it with ``config`` static: ``jax.jit(sparse_forward, static_argnums=2)``. A batch
-  of one example takes the batch-1 path (gathers of the active weight blocks,
-  optionally bucketed), larger batches the grouped minibatch path. See the module
-  docstring for which blocks run and what happens on overflow.
+  Jit it with ``config`` static: ``jax.jit(sparse_forward, static_argnums=2)``. With
+  ``config.backend == 'ffi-cpu'`` the whole network is one XLA FFI call
+  (:func:`ccjax.inference.kernels.ffi_cpu.gated_mlp_forward`, same blocks and traces).
+  Otherwise a batch of one example takes the batch-1 path (gathers of the active weight
+  blocks, optionally bucketed), larger batches the grouped minibatch path. See the
+  module docstring for which blocks run and what happens on overflow.
 
   Args:
     model: block-major parameters from :func:`to_block_major`.
@@ -79,6 +82,8 @@ def sparse_forward(model: BlockMajorMLP, x: jax.Array, config: SparseConfig
   x = x.reshape(x.shape[0], -1)
   if x.shape[1] != model.input_dim:
     raise ValueError(f"x has {x.shape[1]} features, the model expects {model.input_dim}")
+  if config.backend == "ffi-cpu":
+    return ffi_cpu.gated_mlp_forward(model, x, config)
   if x.shape[0] == 1:
     logits, traces = sparse_forward_single(model, x[0], config)
     return logits[None], traces

@@ -2,8 +2,9 @@
 
 * ``xla`` (:mod:`~ccjax.inference.kernels.xla`): stock XLA ops; always available; the
   reference every other backend is tested against.
-* ``ffi-cpu``: fused C++ kernels called through XLA FFI (built by ``pip install`` when a
-  compiler is available).
+* ``ffi-cpu`` (:mod:`~ccjax.inference.kernels.ffi_cpu`): the whole MLP forward pass as
+  one XLA FFI call into fused C++ kernels (built by ``pip install`` when a compiler is
+  available; float32 models).
 * ``pallas-gpu`` (:mod:`~ccjax.inference.kernels.pallas_gpu`): a Pallas kernel on GPU.
 
 :func:`select_backend` picks the fastest available backend for the default JAX device;
@@ -12,29 +13,54 @@ the environment variable ``CCJAX_BACKEND`` forces one.
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import jax
 
+from ccjax.inference.kernels import ffi_cpu
 from ccjax.inference.kernels import pallas_gpu
 from ccjax.inference.kernels import xla
 
 BACKENDS = ("xla", "ffi-cpu", "pallas-gpu")
 BACKEND_ENV = "CCJAX_BACKEND"
+# Backends that run float32 models only (others go to the XLA path).
+FLOAT32_ONLY = ("ffi-cpu",)
+
+
+@functools.cache
+def _warn_ffi_cpu_unavailable(reason: str) -> None:
+  warnings.warn(f"ccjax: ffi-cpu backend unavailable ({reason}); using the XLA path",
+                RuntimeWarning, stacklevel=3)
+
 
 take_blocks = xla.take_blocks
 
 
-def available_backends() -> tuple[str, ...]:
-  """The backends that can run on this machine's default JAX device."""
+def available_backends(*, float32: bool = True) -> tuple[str, ...]:
+  """The backends that can run on this machine's default JAX device, best last.
+
+  Args:
+    float32: the model is float32 (``False`` drops :data:`FLOAT32_ONLY` backends).
+  """
   available = ["xla"]
-  if jax.default_backend() == "gpu":
+  platform = jax.default_backend()
+  if platform == "cpu":
+    reason = ffi_cpu.unavailable_reason()
+    if reason is None:
+      available.append("ffi-cpu")
+    else:
+      _warn_ffi_cpu_unavailable(reason)
+  if platform == "gpu":
     available.append("pallas-gpu")
-  return tuple(available)
+  return tuple(name for name in available if float32 or name not in FLOAT32_ONLY)
 
 
-def select_backend(requested: str | None = None) -> str:
+def select_backend(requested: str | None = None, *, float32: bool = True) -> str:
   """The backend to use: ``requested``, else ``$CCJAX_BACKEND``, else the best available.
+
+  ``float32=False`` (a model in another dtype) leaves out :data:`FLOAT32_ONLY` backends.
 
   Raises:
     ValueError: an unknown or unavailable backend was asked for (one line naming where
@@ -43,13 +69,14 @@ def select_backend(requested: str | None = None) -> str:
   source = "backend"
   if requested is None and os.environ.get(BACKEND_ENV):
     requested, source = os.environ[BACKEND_ENV], BACKEND_ENV
-  available = available_backends()
+  available = available_backends(float32=float32)
   if requested is None:
     return available[-1]
   if requested not in BACKENDS:
     raise ValueError(f"{source} must be one of {'|'.join(BACKENDS)}, got {requested!r}")
   if requested not in available:
-    raise ValueError(f"{source}={requested} is not available here (available: "
+    why = " for this model's dtype" if requested in FLOAT32_ONLY and not float32 else " here"
+    raise ValueError(f"{source}={requested} is not available{why} (available: "
                      f"{'|'.join(available)})")
   return requested
 

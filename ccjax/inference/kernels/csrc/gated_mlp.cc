@@ -1,0 +1,567 @@
+// Block-gated MLP forward pass as one XLA FFI handler (float32, CPU).
+//
+// Same semantics as the XLA minibatch path of ccjax sparse inference (which, at batch 1,
+// is also the batch-1 path): for every gated layer the policy runs on the layer's
+// actual compact input, each example keeps its `k` most probable blocks with p > 0.5
+// (ties: lower block id), each block serves at most `C` examples (highest p first,
+// ties: lower example), and for a layer with a gated input each weight tile (i, j)
+// serves at most `C2` (example, input block, output block) triples in block j's
+// example order; an (example, j) with an unserved triple is dropped whole. Only kept
+// (example, block) pairs are computed, reading the block-major weight tiles in place.
+//
+// Buffers (all float32, row-major), with L hidden layers:
+//   args: x [batch, in]; per layer l: kernel, bias [nb, bs], policy_kernel,
+//         policy_bias [nb]; output_kernel [in_blocks, bs, classes], output_bias [classes].
+//         Layer 0 (dense input): kernel [nb, in, bs], policy_kernel [in, nb].
+//         Gated input: kernel [nb * in_blocks, bs, bs] (tile j * in_blocks + i),
+//         policy_kernel [in_blocks, bs, nb].
+//   rets: logits [batch, classes]; per layer: block_index s32 [batch, k],
+//         kept pred [batch, k], counts s32 [2] = (candidates, kept), probs f32 [batch, nb].
+//   attrs: example_capacity, block_capacity, pair_capacity (i64 [L]), policy_eps and
+//          policy_scale (f32; p = eps + scale * sigmoid(logit)), num_threads (i64: most
+//          threads, taken from XLA's intra-op pool, for loops large enough to pay).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace ccjax {
+namespace {
+
+// ---------------------------------------------------------------------- threads
+
+// Parallel loops on XLA's intra-op thread pool (no thread start-up per call).
+class Workers {
+ public:
+  Workers(ffi::ThreadPool pool, int64_t max_threads)
+      : pool_(pool), max_threads_(std::max<int64_t>(1, max_threads)) {}
+
+  // Calls fn(item) for every item in [0, n), handed out dynamically to the calling thread
+  // and up to max_threads - 1 pool tasks. `work` (about the multiply-adds of the whole
+  // loop) decides whether extra threads pay off. Pool tasks that start after the loop
+  // is done return without touching it; the caller waits only for tasks that started.
+  template <typename Fn>
+  void ParallelFor(int64_t n, int64_t work, const Fn& fn) {
+    const int64_t helpers = std::min({max_threads_, n, work / kMinWorkPerThread}) - 1;
+    std::atomic<int64_t> next{0};
+    std::atomic<bool> failed{false};
+    auto run = [&]() {
+      for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) {
+        try {
+          fn(item);
+        } catch (...) {
+          failed = true;
+        }
+      }
+    };
+    if (helpers <= 0) {
+      run();
+    } else {
+      struct State {
+        std::mutex mutex;
+        std::condition_variable idle;
+        bool closed = false;
+        int64_t running = 0;
+      };
+      auto state = std::make_shared<State>();
+      for (int64_t t = 0; t < helpers; ++t) {
+        try {
+          pool_.Schedule([state, &run]() {
+            {
+              std::lock_guard<std::mutex> lock(state->mutex);
+              if (state->closed) return;
+              ++state->running;
+            }
+            run();
+            std::lock_guard<std::mutex> lock(state->mutex);
+            if (--state->running == 0) state->idle.notify_all();
+          });
+        } catch (...) {
+          break;  // Fewer helpers; the calling thread still does all remaining items.
+        }
+      }
+      run();
+      std::unique_lock<std::mutex> lock(state->mutex);
+      state->closed = true;
+      state->idle.wait(lock, [&]() { return state->running == 0; });
+    }
+    if (failed) throw std::runtime_error("a parallel task failed");
+  }
+
+ private:
+  // Below this many multiply-adds per thread (~10 us), a second thread costs more than
+  // it saves.
+  static constexpr int64_t kMinWorkPerThread = 1 << 17;
+
+  ffi::ThreadPool pool_;
+  int64_t max_threads_;
+};
+
+// ---------------------------------------------------------------------- products
+
+constexpr int64_t kRowBlock = 4;   // rows sharing one pass over a tile
+constexpr int64_t kPanel = 64;     // tile columns per pass (accumulators in registers)
+
+// out[r][c] += sum_d in[r][d] * tile[d * stride + c] for r < kRows, c < kCols
+// (compile-time sizes, so the accumulators live in registers).
+template <int64_t kRows, int64_t kCols>
+void PanelFixed(const float* const* in, float* const* out, const float* tile,
+                int64_t depth, int64_t stride) {
+  float acc[kRows][kCols] = {};
+  for (int64_t d = 0; d < depth; ++d) {
+    const float* w = tile + d * stride;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const float a = in[r][d];
+      for (int64_t c = 0; c < kCols; ++c) acc[r][c] += a * w[c];
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t c = 0; c < kCols; ++c) out[r][c] += acc[r][c];
+  }
+}
+
+// The same with run-time sizes (rows <= kRowBlock, cols <= kPanel).
+void PanelAny(const float* const* in, float* const* out, const float* tile, int64_t depth,
+              int64_t stride, int64_t rows, int64_t cols) {
+  float acc[kRowBlock][kPanel] = {};
+  for (int64_t d = 0; d < depth; ++d) {
+    const float* w = tile + d * stride;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float a = in[r][d];
+      for (int64_t c = 0; c < cols; ++c) acc[r][c] += a * w[c];
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) out[r][c] += acc[r][c];
+  }
+}
+
+template <int64_t kCols>
+void PanelRows(const float* const* in, float* const* out, const float* tile, int64_t depth,
+               int64_t stride, int64_t rows) {
+  switch (rows) {
+    case 4: return PanelFixed<4, kCols>(in, out, tile, depth, stride);
+    case 3: return PanelFixed<3, kCols>(in, out, tile, depth, stride);
+    case 2: return PanelFixed<2, kCols>(in, out, tile, depth, stride);
+    default: return PanelFixed<1, kCols>(in, out, tile, depth, stride);
+  }
+}
+
+// out[r][:width] += in[r][:depth] @ tile for r < num_rows; tile is [depth, width]
+// row-major. Reads the tile in place, kRowBlock rows per pass.
+void AddRowsTimesTile(const float* const* in, float* const* out, int64_t num_rows,
+                      const float* tile, int64_t depth, int64_t width) {
+  float* shifted[kRowBlock];
+  for (int64_t r0 = 0; r0 < num_rows; r0 += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, num_rows - r0);
+    for (int64_t c0 = 0; c0 < width; c0 += kPanel) {
+      const int64_t cols = std::min(kPanel, width - c0);
+      for (int64_t r = 0; r < rows; ++r) shifted[r] = out[r0 + r] + c0;
+      const float* panel = tile + c0;
+      if (cols == 64) {
+        PanelRows<64>(in + r0, shifted, panel, depth, width, rows);
+      } else if (cols == 32) {
+        PanelRows<32>(in + r0, shifted, panel, depth, width, rows);
+      } else if (cols == 16) {
+        PanelRows<16>(in + r0, shifted, panel, depth, width, rows);
+      } else {
+        PanelAny(in + r0, shifted, panel, depth, width, rows, cols);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------- network
+
+struct Layer {
+  const float* kernel;
+  const float* bias;
+  const float* policy_kernel;
+  const float* policy_bias;
+  int64_t num_blocks;
+  int64_t in_blocks;       // 0 when the input is dense (the first layer)
+  int64_t example_capacity;
+  int64_t block_capacity;
+  int64_t pair_capacity;
+};
+
+// A layer's output in compact form: `slots` per example.
+struct Compact {
+  int64_t slots = 0;
+  std::vector<int32_t> block;  // [batch, slots] block id (top-k order)
+  std::vector<uint8_t> kept;   // [batch, slots]
+  std::vector<float> hidden;   // [batch, slots, bs], zero where not kept
+  int64_t num_kept = 0;
+};
+
+struct Shape {
+  int64_t batch;
+  int64_t input_dim;
+  int64_t block_size;
+};
+
+// out[e, :width] += sum over kept slots s of h[e, s] @ blocks[block(e, s)], where
+// blocks is [num_blocks, bs, width] (a gated-input policy or the output layer).
+void AddCompactTimesBlocks(const Compact& input, const float* blocks, int64_t width,
+                           const Shape& shape, Workers& workers, float* out) {
+  const int64_t bs = shape.block_size;
+  workers.ParallelFor(shape.batch, input.num_kept * bs * width, [&](int64_t e) {
+    float* row = out + e * width;
+    for (int64_t s = 0; s < input.slots; ++s) {
+      const int64_t slot = e * input.slots + s;
+      if (!input.kept[slot]) continue;
+      const float* h = input.hidden.data() + slot * bs;
+      AddRowsTimesTile(&h, &row, 1, blocks + input.block[slot] * bs * width, bs, width);
+    }
+  });
+}
+
+// Policy logits [batch, nb] of `layer` on its input (x or the previous compact output).
+std::vector<float> PolicyLogits(const Layer& layer, const float* x, const Compact* input,
+                                const Shape& shape, Workers& workers) {
+  const int64_t nb = layer.num_blocks;
+  std::vector<float> logits(shape.batch * nb, 0.0f);
+  if (input == nullptr) {
+    const int64_t chunks = (shape.batch + kRowBlock - 1) / kRowBlock;
+    const int64_t work = shape.batch * shape.input_dim * nb;
+    workers.ParallelFor(chunks, work, [&](int64_t chunk) {
+      const float* rows[kRowBlock];
+      float* outs[kRowBlock];
+      const int64_t first = chunk * kRowBlock;
+      const int64_t count = std::min(kRowBlock, shape.batch - first);
+      for (int64_t r = 0; r < count; ++r) {
+        rows[r] = x + (first + r) * shape.input_dim;
+        outs[r] = logits.data() + (first + r) * nb;
+      }
+      AddRowsTimesTile(rows, outs, count, layer.policy_kernel, shape.input_dim, nb);
+    });
+  } else {
+    AddCompactTimesBlocks(*input, layer.policy_kernel, nb, shape, workers, logits.data());
+  }
+  return logits;
+}
+
+// A (example, slot) that wants block j, with its probability.
+struct Entry {
+  float prob;
+  int32_t example;
+  int32_t slot;
+};
+
+// Sort key that orders NaN before every number (a strict weak order in all cases).
+inline float SortKey(float prob) { return std::isnan(prob) ? INFINITY : prob; }
+
+// A layer's trace outputs (XLA result buffers).
+struct Trace {
+  int32_t* block_index;  // [batch, k]
+  bool* kept;            // [batch, k]
+  int32_t* counts;       // [2]: candidates, kept
+  float* probs;          // [batch, nb]
+};
+
+// Runs one layer: selection, capacities, products. Writes the trace and returns the
+// compact output.
+Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
+                 const Shape& shape, Workers& workers, float eps, float scale,
+                 const Trace& trace) {
+  const int64_t batch = shape.batch, bs = shape.block_size, nb = layer.num_blocks;
+  const int64_t k = layer.example_capacity;
+  const std::vector<float> logits = PolicyLogits(layer, x, input, shape, workers);
+
+  // 1-2. Probabilities, per-example top-k (ties: lower block id), threshold.
+  Compact output;
+  output.slots = k;
+  output.block.assign(batch * k, 0);
+  output.kept.assign(batch * k, 0);
+  std::vector<float> slot_prob(batch * k);
+  std::vector<int32_t> order(nb);
+  int64_t candidates = 0;
+  for (int64_t e = 0; e < batch; ++e) {
+    float* probs = trace.probs + e * nb;
+    for (int64_t j = 0; j < nb; ++j) {
+      const float z = logits[e * nb + j] + layer.policy_bias[j];
+      probs[j] = eps + scale * (1.0f / (1.0f + std::exp(-z)));
+      candidates += probs[j] > 0.5f;
+      order[j] = static_cast<int32_t>(j);
+    }
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int32_t a, int32_t b) {
+                        const float pa = SortKey(probs[a]), pb = SortKey(probs[b]);
+                        return pa > pb || (pa == pb && a < b);
+                      });
+    for (int64_t s = 0; s < k; ++s) {
+      output.block[e * k + s] = order[s];
+      slot_prob[e * k + s] = probs[order[s]];
+    }
+  }
+
+  // 3. Per-block capacity: the C most probable wanting examples (ties: lower example).
+  std::vector<int64_t> start(nb + 1, 0);
+  for (int64_t slot = 0; slot < batch * k; ++slot) {
+    if (slot_prob[slot] > 0.5f) ++start[output.block[slot] + 1];
+  }
+  for (int64_t j = 0; j < nb; ++j) start[j + 1] += start[j];
+  std::vector<Entry> entries(start[nb]);
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t slot = 0; slot < batch * k; ++slot) {
+    if (slot_prob[slot] > 0.5f) {
+      entries[fill[output.block[slot]]++] = {slot_prob[slot], static_cast<int32_t>(slot / k),
+                                             static_cast<int32_t>(slot % k)};
+    }
+  }
+  std::vector<int64_t> served(nb);  // entries of block j that run: [start[j], +served[j])
+  for (int64_t j = 0; j < nb; ++j) {
+    std::stable_sort(entries.begin() + start[j], entries.begin() + start[j + 1],
+                     [](const Entry& a, const Entry& b) { return a.prob > b.prob; });
+    served[j] = std::min(start[j + 1] - start[j], layer.block_capacity);
+  }
+
+  // 4. Per-weight-tile capacity (gated input): triples served in block j's order; an
+  // (example, j) with an unserved triple is dropped whole (its uses still count).
+  std::vector<uint8_t> run(entries.size(), 0);
+  for (int64_t j = 0; j < nb; ++j) {
+    std::vector<int64_t> uses(layer.in_blocks, 0);
+    for (int64_t m = start[j]; m < start[j] + served[j]; ++m) {
+      bool ok = true;
+      if (input != nullptr) {
+        const int64_t e = entries[m].example;
+        for (int64_t s = 0; s < input->slots; ++s) {
+          if (!input->kept[e * input->slots + s]) continue;
+          if (uses[input->block[e * input->slots + s]]++ >= layer.pair_capacity) ok = false;
+        }
+      }
+      run[m] = ok;
+    }
+  }
+  for (int64_t m = 0; m < static_cast<int64_t>(entries.size()); ++m) {
+    if (!run[m]) continue;
+    const int64_t slot = entries[m].example * k + entries[m].slot;
+    output.kept[slot] = 1;
+    ++output.num_kept;
+  }
+
+  // 5. Products of the kept (example, block) pairs, block by block, reading tiles in place.
+  output.hidden.assign(batch * k * bs, 0.0f);
+  // Multiply-adds: kept pairs times the input's mean kept blocks (or its dense width).
+  const int64_t depth = input == nullptr ? shape.input_dim : input->num_kept * bs / batch;
+  workers.ParallelFor(nb, output.num_kept * depth * bs, [&](int64_t j) {
+    std::vector<int64_t> members;  // examples of block j that run, in j's order
+    std::vector<float*> outs;      // their compact output rows
+    for (int64_t m = start[j]; m < start[j] + served[j]; ++m) {
+      if (!run[m]) continue;
+      members.push_back(entries[m].example);
+      outs.push_back(output.hidden.data() + (entries[m].example * k + entries[m].slot) * bs);
+    }
+    if (members.empty()) return;
+    std::vector<const float*> rows;
+    if (input == nullptr) {
+      for (int64_t e : members) rows.push_back(x + e * shape.input_dim);
+      AddRowsTimesTile(rows.data(), outs.data(), static_cast<int64_t>(rows.size()),
+                       layer.kernel + j * shape.input_dim * bs, shape.input_dim, bs);
+    } else {
+      // Tile-major: each active tile (i, j) is read once for all the rows that need it.
+      struct Pair {
+        int64_t in_block;
+        const float* in;
+        float* out;
+      };
+      std::vector<Pair> pairs;
+      for (size_t r = 0; r < members.size(); ++r) {
+        for (int64_t s = 0; s < input->slots; ++s) {
+          const int64_t slot = members[r] * input->slots + s;
+          if (input->kept[slot]) {
+            pairs.push_back({input->block[slot], input->hidden.data() + slot * bs, outs[r]});
+          }
+        }
+      }
+      std::stable_sort(pairs.begin(), pairs.end(), [](const Pair& a, const Pair& b) {
+        return a.in_block < b.in_block;
+      });
+      std::vector<float*> pair_outs;
+      for (size_t p = 0; p < pairs.size();) {
+        const int64_t i = pairs[p].in_block;
+        rows.clear();
+        pair_outs.clear();
+        for (; p < pairs.size() && pairs[p].in_block == i; ++p) {
+          rows.push_back(pairs[p].in);
+          pair_outs.push_back(pairs[p].out);
+        }
+        AddRowsTimesTile(rows.data(), pair_outs.data(), static_cast<int64_t>(rows.size()),
+                         layer.kernel + (j * layer.in_blocks + i) * bs * bs, bs, bs);
+      }
+    }
+    const float* bias = layer.bias + j * bs;
+    for (float* out : outs) {
+      for (int64_t c = 0; c < bs; ++c) out[c] = std::max(out[c] + bias[c], 0.0f);
+    }
+  });
+
+  std::copy(output.block.begin(), output.block.end(), trace.block_index);
+  for (int64_t slot = 0; slot < batch * k; ++slot) trace.kept[slot] = output.kept[slot] != 0;
+  trace.counts[0] = static_cast<int32_t>(candidates);
+  trace.counts[1] = static_cast<int32_t>(output.num_kept);
+  return output;
+}
+
+// ---------------------------------------------------------------------- FFI glue
+
+constexpr int64_t kTraceOutputs = 4;  // block_index, kept, counts, probs per layer
+
+std::string DimsString(ffi::AnyBuffer::Dimensions dims) {
+  std::string text = "[";
+  for (size_t d = 0; d < dims.size(); ++d) text += (d ? ", " : "") + std::to_string(dims[d]);
+  return text + "]";
+}
+
+// Checks dtype and exact dimensions of a buffer.
+ffi::Error Expect(const ffi::AnyBuffer& buffer, ffi::DataType dtype,
+                  std::vector<int64_t> dims, const std::string& name) {
+  const ffi::AnyBuffer::Dimensions actual = buffer.dimensions();
+  bool same = buffer.element_type() == dtype && actual.size() == dims.size();
+  for (size_t d = 0; same && d < dims.size(); ++d) same = actual[d] == dims[d];
+  if (!same) {
+    std::string expected = "[";
+    for (size_t d = 0; d < dims.size(); ++d) {
+      expected += (d ? ", " : "") + std::to_string(dims[d]);
+    }
+    return ffi::Error::InvalidArgument(name + ": expected shape " + expected + "] of dtype " +
+                                       std::to_string(static_cast<int>(dtype)) + ", got " +
+                                       DimsString(actual) + " of dtype " +
+                                       std::to_string(static_cast<int>(buffer.element_type())));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                               ffi::Span<const int64_t> example_capacity,
+                               ffi::Span<const int64_t> block_capacity,
+                               ffi::Span<const int64_t> pair_capacity, float policy_eps,
+                               float policy_scale, int64_t num_threads) {
+  const int64_t num_layers = static_cast<int64_t>(example_capacity.size());
+  if (num_layers < 1 || static_cast<int64_t>(block_capacity.size()) != num_layers ||
+      static_cast<int64_t>(pair_capacity.size()) != num_layers ||
+      static_cast<int64_t>(args.size()) != 4 * num_layers + 3 ||
+      static_cast<int64_t>(rets.size()) != kTraceOutputs * num_layers + 1) {
+    return ffi::Error::InvalidArgument("gated_mlp_forward: inconsistent layer count");
+  }
+  std::vector<ffi::AnyBuffer> in;
+  for (size_t a = 0; a < args.size(); ++a) {
+    ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(a);
+    if (buffer.has_error()) return buffer.error();
+    in.push_back(*buffer);
+  }
+  std::vector<ffi::AnyBuffer> out;
+  for (size_t r = 0; r < rets.size(); ++r) {
+    ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> buffer = rets.get<ffi::AnyBuffer>(r);
+    if (buffer.has_error()) return buffer.error();
+    out.push_back(**buffer);
+  }
+  if (in[0].dimensions().size() != 2 || in[1].dimensions().size() != 3 ||
+      in[2].dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("gated_mlp_forward: x must be [batch, in], the first "
+                                       "kernel [nb, in, bs] and its bias [nb, bs]");
+  }
+  Shape shape{in[0].dimensions()[0], in[0].dimensions()[1], in[1].dimensions()[2]};
+  const int64_t batch = shape.batch, bs = shape.block_size;
+  if (bs < 1) return ffi::Error::InvalidArgument("gated_mlp_forward: block size < 1");
+  if (ffi::Error error = Expect(in[0], ffi::F32, {batch, shape.input_dim}, "x");
+      error.failure()) {
+    return error;
+  }
+
+  std::vector<Layer> layers;
+  int64_t in_blocks = 0;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    const ffi::AnyBuffer* buffers = &in[1 + 4 * l];
+    const ffi::AnyBuffer* trace = &out[1 + kTraceOutputs * l];
+    const int64_t nb = buffers[1].dimensions().size() == 0 ? -1 : buffers[1].dimensions()[0];
+    const int64_t k = example_capacity[l];
+    if (nb < 1 || k < 1 || k > nb || block_capacity[l] < 1 || pair_capacity[l] < 1) {
+      return ffi::Error::InvalidArgument("gated_mlp_forward: layer " + std::to_string(l) +
+                                         ": bad block count or capacities");
+    }
+    const std::string name = "layer " + std::to_string(l);
+    const std::vector<int64_t> kernel_dims =
+        l == 0 ? std::vector<int64_t>{nb, shape.input_dim, bs}
+               : std::vector<int64_t>{nb * in_blocks, bs, bs};
+    const std::vector<int64_t> policy_dims =
+        l == 0 ? std::vector<int64_t>{shape.input_dim, nb}
+               : std::vector<int64_t>{in_blocks, bs, nb};
+    for (ffi::Error error : {Expect(buffers[0], ffi::F32, kernel_dims, name + " kernel"),
+                             Expect(buffers[1], ffi::F32, {nb, bs}, name + " bias"),
+                             Expect(buffers[2], ffi::F32, policy_dims, name + " policy kernel"),
+                             Expect(buffers[3], ffi::F32, {nb}, name + " policy bias"),
+                             Expect(trace[0], ffi::S32, {batch, k}, name + " block_index"),
+                             Expect(trace[1], ffi::PRED, {batch, k}, name + " kept"),
+                             Expect(trace[2], ffi::S32, {2}, name + " counts"),
+                             Expect(trace[3], ffi::F32, {batch, nb}, name + " probs")}) {
+      if (error.failure()) return error;
+    }
+    layers.push_back({static_cast<const float*>(buffers[0].untyped_data()),
+                      static_cast<const float*>(buffers[1].untyped_data()),
+                      static_cast<const float*>(buffers[2].untyped_data()),
+                      static_cast<const float*>(buffers[3].untyped_data()), nb, in_blocks, k,
+                      block_capacity[l], pair_capacity[l]});
+    in_blocks = nb;
+  }
+  const ffi::AnyBuffer& output_kernel = in[4 * num_layers + 1];
+  const ffi::AnyBuffer& output_bias = in[4 * num_layers + 2];
+  const int64_t classes = output_bias.dimensions().size() == 0 ? -1 : output_bias.dimensions()[0];
+  for (ffi::Error error :
+       {Expect(output_kernel, ffi::F32, {in_blocks, bs, classes}, "output kernel"),
+        Expect(output_bias, ffi::F32, {classes}, "output bias"),
+        Expect(out[0], ffi::F32, {batch, classes}, "logits")}) {
+    if (error.failure()) return error;
+  }
+
+  try {
+    const float* x = static_cast<const float*>(in[0].untyped_data());
+    Workers workers(pool, num_threads);
+    Compact hidden;
+    for (int64_t l = 0; l < num_layers; ++l) {
+      const ffi::AnyBuffer* buffers = &out[1 + kTraceOutputs * l];
+      const Trace trace{static_cast<int32_t*>(buffers[0].untyped_data()),
+                        static_cast<bool*>(buffers[1].untyped_data()),
+                        static_cast<int32_t*>(buffers[2].untyped_data()),
+                        static_cast<float*>(buffers[3].untyped_data())};
+      hidden = RunLayer(layers[l], x, l == 0 ? nullptr : &hidden, shape, workers, policy_eps,
+                        policy_scale, trace);
+    }
+    float* logits = static_cast<float*>(out[0].untyped_data());
+    const float* bias = static_cast<const float*>(output_bias.untyped_data());
+    for (int64_t e = 0; e < batch; ++e) std::copy(bias, bias + classes, logits + e * classes);
+    AddCompactTimesBlocks(hidden, static_cast<const float*>(output_kernel.untyped_data()),
+                          classes, shape, workers, logits);
+  } catch (const std::exception& error) {
+    return ffi::Error::Internal(std::string("gated_mlp_forward: ") + error.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace ccjax
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CcjaxGatedMlpForward, ccjax::GatedMlpForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<ffi::Span<const int64_t>>("example_capacity")
+                                  .Attr<ffi::Span<const int64_t>>("block_capacity")
+                                  .Attr<ffi::Span<const int64_t>>("pair_capacity")
+                                  .Attr<float>("policy_eps")
+                                  .Attr<float>("policy_scale")
+                                  .Attr<int64_t>("num_threads"));
+

@@ -1,0 +1,243 @@
+"""Tests of the ffi-cpu backend: the FFI handler runs the same blocks as the XLA path and
+its logits equal masked-dense inference with the masks it used."""
+
+import dataclasses
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ccjax
+from ccjax.inference import capacity
+from ccjax.inference import kernels
+from ccjax.inference import layout
+from ccjax.inference import mlp
+from ccjax.inference.kernels import ffi_cpu
+
+INPUT_DIM, CLASSES = 37, 7
+FFI = jax.jit(ffi_cpu.gated_mlp_forward, static_argnums=2)
+XLA = jax.jit(mlp.sparse_forward, static_argnums=2)
+TRACE_MASKS = jax.jit(capacity.trace_masks, static_argnums=1)
+
+needs_extension = pytest.mark.skipif(
+    not ffi_cpu.available(), reason=f"ffi-cpu unavailable: {ffi_cpu.unavailable_reason()}")
+
+
+def test_extension_is_built_in_ci():
+  """CI builds the extension: without it every other test here would only skip."""
+  if os.environ.get("CI", "").lower() != "true":
+    pytest.skip("only enforced when CI=true")
+  assert ffi_cpu.available(), ffi_cpu.unavailable_reason()
+
+
+def _module(block_size, widths):
+  return ccjax.GatedMLP(hidden=tuple(widths), num_classes=CLASSES, block_size=block_size)
+
+
+def _params(block_size, widths, bias_shift=0.0, seed=0):
+  """Random GatedMLP params; policy logits spread so that masks are ragged, and
+  ``bias_shift`` moving every policy towards on (> 0) or off (< 0)."""
+  rng = np.random.default_rng(seed)
+  params, fan_in = {}, INPUT_DIM
+  for index, width in enumerate(widths):
+    blocks = width // block_size
+    params[f"hidden_{index}"] = {
+        "dense": {"kernel": rng.normal(size=(fan_in, width)) * np.sqrt(2.0 / fan_in),
+                  "bias": rng.normal(size=(width,)) * 0.1},
+        "policy": {"logits": {"kernel": rng.normal(size=(fan_in, blocks)) * 2 / np.sqrt(fan_in),
+                              "bias": rng.normal(size=(blocks,)) + bias_shift}}}
+    fan_in = width
+  params["output"] = {"kernel": rng.normal(size=(fan_in, CLASSES)) / np.sqrt(fan_in),
+                      "bias": rng.normal(size=(CLASSES,))}
+  return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+
+
+def _fixed_policy_params(block_size, widths, on_blocks):
+  """Params whose policies ignore the input: layer ``l`` runs exactly ``on_blocks[l]``."""
+  params = _params(block_size, widths)
+  for index, on in enumerate(on_blocks):
+    logits = params[f"hidden_{index}"]["policy"]["logits"]
+    nb = logits["bias"].shape[0]
+    logits["kernel"] = jnp.zeros_like(logits["kernel"])
+    logits["bias"] = jnp.where(jnp.isin(jnp.arange(nb), jnp.asarray(on, jnp.int32)), 50.0, -50.0)
+  return params
+
+
+def _inputs(batch, seed=0):
+  return jax.random.normal(jax.random.PRNGKey(100 + seed), (batch, INPUT_DIM), jnp.float32)
+
+
+def _check(module, params, x, config):
+  """FFI vs XLA (same blocks, same traces) and vs masked-dense (1e-5); returns FFI masks."""
+  model = layout.to_block_major(module, params)
+  config = dataclasses.replace(config, backend="ffi-cpu").validate(model)
+  logits, traces = FFI(model, x, config)
+  xla_logits, xla_traces = XLA(model, x, dataclasses.replace(config, backend="xla"))
+  for trace, xla_trace in zip(traces, xla_traces):
+    np.testing.assert_array_equal(trace.block_index, xla_trace.block_index)
+    np.testing.assert_array_equal(trace.kept, xla_trace.kept)
+    assert int(trace.num_candidates) == int(xla_trace.num_candidates)
+    assert int(trace.num_kept) == int(xla_trace.num_kept)
+    np.testing.assert_allclose(trace.probs, xla_trace.probs, atol=1e-6)
+  masks = TRACE_MASKS(traces, model.num_blocks)
+  masked_dense = module.apply({"params": params}, x, mode="all", block_masks=masks)[0]
+  np.testing.assert_allclose(logits, masked_dense, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits, xla_logits, atol=1e-5, rtol=1e-5)
+  return [np.asarray(mask) for mask in masks], traces
+
+
+@needs_extension
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+@pytest.mark.parametrize("batch", [1, 3, 17])
+def test_random_ragged_masks_exact_capacities(block_size, batch):
+  widths = (4 * block_size, 3 * block_size, 5 * block_size)
+  module, params = _module(block_size, widths), _params(block_size, widths, seed=batch)
+  model = layout.to_block_major(module, params)
+  masks, traces = _check(module, params, _inputs(batch, batch),
+                         capacity.make_sparse_config(model, batch))
+  assert ccjax.overflow_rate(capacity.traces_info(traces, model.num_blocks)) == 0.0
+  if batch > 1:
+    assert len({int(row.sum()) for mask in masks for row in mask}) > 1   # ragged
+
+
+@needs_extension
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("batch", [1, 9, 40])
+def test_overflowing_capacities(block_size, batch):
+  widths = (6 * block_size, 6 * block_size, 4 * block_size)
+  module, params = _module(block_size, widths), _params(block_size, widths, 0.5, seed=batch)
+  model = layout.to_block_major(module, params)
+  config = capacity.make_sparse_config(model, batch, 0.25, example_slack=1.0)
+  _, traces = _check(module, params, _inputs(batch, batch), config)
+  assert ccjax.overflow_rate(capacity.traces_info(traces, model.num_blocks)) > 0.0
+
+
+@needs_extension
+def test_tightest_capacities_drop_by_every_rule():
+  block_size, batch = 16, 11
+  widths = (8 * block_size, 8 * block_size)
+  module, params = _module(block_size, widths), _params(block_size, widths, 1.0, seed=3)
+  x = _inputs(batch, 3)
+
+  def kept(block_cap, pair_cap):
+    config = capacity.SparseConfig(example_capacity=(3, 3), block_capacity=block_cap,
+                                   pair_capacity=pair_cap)
+    return [int(trace.num_kept) for trace in _check(module, params, x, config)[1]]
+
+  loose = kept((batch, batch), (batch, batch))
+  assert kept((2, 2), (batch, batch))[0] < loose[0]    # the per-block capacity binds
+  assert kept((batch, batch), (1, 1))[1] < loose[1]    # the per-weight-tile capacity binds
+  kept((2, 2), (1, 1))                                 # both at once
+
+
+@needs_extension
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("on_blocks,expected", [
+    (((), (), ()), "off"),                      # empty active sets everywhere
+    (((0, 3), (0, 2), (0, 4)), "first_last"),   # first and last block of every layer
+    (((0, 1, 2, 3), (0, 1, 2), (0, 1, 2, 3, 4)), "on"),
+    (((1,), (), (2,)), "middle_off"),           # a layer whose input is empty
+])
+def test_fixed_active_sets(on_blocks, expected, batch):
+  block_size = 16
+  widths = (4 * block_size, 3 * block_size, 5 * block_size)
+  module, params = _module(block_size, widths), _fixed_policy_params(block_size, widths, on_blocks)
+  model = layout.to_block_major(module, params)
+  masks, _ = _check(module, params, _inputs(batch), capacity.make_sparse_config(model, batch))
+  for mask, on in zip(masks, on_blocks):
+    want = np.zeros(mask.shape[1], bool)
+    want[list(on)] = True
+    np.testing.assert_array_equal(mask, np.broadcast_to(want, mask.shape), err_msg=expected)
+
+
+@needs_extension
+def test_batch1_matches_bucketed_xla_path():
+  block_size = 32
+  widths = (8 * block_size, 8 * block_size)
+  module, params = _module(block_size, widths), _params(block_size, widths, -0.5, seed=5)
+  model = layout.to_block_major(module, params)
+  config = capacity.make_sparse_config(model, 1, num_buckets=4)
+  for seed in range(4):
+    _check(module, params, _inputs(1, seed), config)
+
+
+@needs_extension
+def test_two_threads_equal_one(monkeypatch):
+  block_size, batch = 32, 24
+  widths = (6 * block_size, 6 * block_size)
+  module, params = _module(block_size, widths), _params(block_size, widths, seed=7)
+  model = layout.to_block_major(module, params)
+  config = capacity.make_sparse_config(model, batch, 0.4, backend="ffi-cpu")
+  x = _inputs(batch, 7)
+  outputs = []
+  for threads in ("1", "2"):
+    monkeypatch.setenv(ffi_cpu.THREADS_ENV, threads)
+    outputs.append(jax.jit(ffi_cpu.gated_mlp_forward, static_argnums=2)(model, x, config))
+  np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+
+
+@needs_extension
+def test_bad_inputs_are_rejected_before_the_call():
+  block_size = 16
+  widths = (2 * block_size, 2 * block_size)
+  model = layout.to_block_major(_module(block_size, widths), _params(block_size, widths))
+  config = capacity.make_sparse_config(model, 2, backend="ffi-cpu")
+  with pytest.raises(ValueError, match="x must be"):
+    ffi_cpu.gated_mlp_forward(model, jnp.zeros((2, INPUT_DIM + 1)), config)
+  half = model.replace(output_bias=model.output_bias.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="float32 models only"):
+    ffi_cpu.gated_mlp_forward(half, jnp.zeros((2, INPUT_DIM)), config)
+  bad = model.replace(output_kernel=model.output_kernel[:, :-1])
+  with pytest.raises(ValueError, match="output_kernel"):
+    ffi_cpu.gated_mlp_forward(bad, jnp.zeros((2, INPUT_DIM)), config)
+  assert ffi_cpu.supports(model)
+  assert not ffi_cpu.supports(jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), model))
+
+
+def test_threads_env_is_validated(monkeypatch):
+  monkeypatch.setenv(ffi_cpu.THREADS_ENV, "zero")
+  with pytest.raises(ValueError, match=ffi_cpu.THREADS_ENV):
+    ffi_cpu.num_threads()
+  monkeypatch.setenv(ffi_cpu.THREADS_ENV, "3")
+  assert ffi_cpu.num_threads() == 3
+
+
+def test_backend_selection_and_fallback(monkeypatch):
+  """ffi-cpu is chosen on CPU when built; without it: one warning, XLA, a clear error
+  when forced."""
+  monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+  on_cpu = jax.default_backend() == "cpu"
+  assert ("ffi-cpu" in kernels.available_backends()) == (on_cpu and ffi_cpu.available())
+  assert "ffi-cpu" not in kernels.available_backends(float32=False)
+  monkeypatch.setattr(ffi_cpu, "unavailable_reason", lambda: "not built (test)")
+  kernels._warn_ffi_cpu_unavailable.cache_clear()  # pylint: disable=protected-access
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert kernels.select_backend() == ("pallas-gpu" if not on_cpu else "xla")
+    kernels.select_backend()
+  messages = [str(w.message) for w in caught if "ffi-cpu" in str(w.message)]
+  assert len(messages) == int(on_cpu) and (not messages or "XLA path" in messages[0])
+  monkeypatch.setenv(kernels.BACKEND_ENV, "ffi-cpu")
+  with pytest.raises(ValueError, match="CCJAX_BACKEND=ffi-cpu is not available .*xla"):
+    kernels.select_backend()
+
+
+@needs_extension
+def test_make_inference_reports_and_runs_ffi_cpu(monkeypatch):
+  monkeypatch.setenv(kernels.BACKEND_ENV, "ffi-cpu")
+  block_size, widths = 16, (4 * 16, 4 * 16)
+  module, params = _module(block_size, widths), _params(block_size, widths, seed=9)
+  infer = ccjax.make_inference(module, params)
+  assert infer.backend == "ffi-cpu"
+  x = _inputs(6, 9)
+  logits, info = infer(x)
+  masked_dense = module.apply({"params": params}, x, mode="all", block_masks=info.masks)[0]
+  np.testing.assert_allclose(logits, masked_dense, atol=1e-5, rtol=1e-5)
+  half = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+  with pytest.raises(ValueError, match="ffi-cpu is not available for this model's dtype"):
+    ccjax.make_inference(module, half)
+  monkeypatch.delenv(kernels.BACKEND_ENV)
+  assert ccjax.make_inference(module, half).backend == "xla"
