@@ -344,15 +344,16 @@ def make_eval_step(model: nn.Module, mode: str = "threshold", capacity=None
   Args:
     model: as for :func:`make_train_step`.
     mode: ``threshold`` | ``top_k`` | ``all`` | ``sample`` (``sample`` needs
-      ``batch['rng']``, a key).
-    capacity: for ``top_k``.
+      ``batch['rng']``, a key), or ``activation_top_k`` (training-free, from the
+      activations; models built from :class:`ccjax.GatedDense`).
+    capacity: for ``top_k`` / ``activation_top_k``.
 
   Returns:
     a pure function returning ``loss [batch]``, ``correct [batch]``, ``prediction
     [batch]`` and, for gated models, ``active_fraction [layers, batch]`` and
     ``probs``/``mask``: tuples of ``[batch, blocks]`` per gated layer.
   """
-  layers.validate_layer_mode(mode)
+  layers.validate_layer_mode(mode, layers.LAYER_MODES)
 
   def eval_step(params, batch):
     rngs = {"gate": batch["rng"]} if mode == "sample" else {}
