@@ -70,7 +70,7 @@ from ccjax.parallel import is_primary_process as is_primary_process
 from ccjax.parallel import make_mesh as make_mesh
 from ccjax.parallel import make_parallel_train_step as make_parallel_train_step
 from ccjax.parallel import process_batch_slice as process_batch_slice
-from ccjax.parallel import replicate as replicate
+from ccjax.parallel import place_state as place_state
 from ccjax.parallel import replicated_sharding as replicated_sharding
 from ccjax.parallel import shard_batch as shard_batch
 from ccjax.parallel import state_sharding as state_sharding
@@ -173,13 +173,13 @@ __all__ = (
     "measure_latency",
     "overflow_rate",
     "param_labels",
+    "place_state",
     "policy_entropy",
     "policy_objective",
     "policy_probs",
     "process_batch_slice",
     "REINFORCE_COSTS",
     "reinforce_terms",
-    "replicate",
     "replicated_sharding",
     "Run",
     "sample_mask",

@@ -20,7 +20,7 @@ from ccjax import validation
 
 ARCHS = ("mlp", "cnn")
 MODELS = ("condnet", "dense")
-EVAL_POLICIES = ("threshold", "sample")
+EVAL_POLICIES = ("threshold", "sample")   # members of ccjax.policy.POLICY_MODES
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
 DEFAULT_STEPS = 4000
 CNN_RESIDUAL_BLOCKS = 1

@@ -220,7 +220,7 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
   rng = jax.random.PRNGKey(config.seed)
   sample_x = jnp.asarray(dataset.x_train[:1])
   state = step_lib.init_train_state(module, train_config, rng, sample_x)
-  state = parallel.replicate(state, mesh)
+  state = parallel.place_state(state, mesh)
   start_step = 0
   if checkpointer.latest_step() is not None:
     start_step = int(checkpointer.latest_step())
@@ -271,10 +271,14 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
       record.update({key: _to_python(value)
                      for key, value in parallel.to_host(metrics).items()})
       metrics_log.write(record)
-      eta = (total_steps - step) / max(steps_per_s, 1e-9)
-      logging.info("step %d/%d  loss %.4f  error %.4f  active %s  %.1f steps/s  ETA %.0fs",
-                   step, total_steps, record["loss"], record["error"],
-                   np.round(record.get("active_fraction", []), 3).tolist(), steps_per_s, eta)
+      if step == 1:  # its time is mostly compilation: no rate or ETA yet
+        speed = f"first step (compilation included) {elapsed:.1f}s"
+      else:
+        eta = (total_steps - step) / max(steps_per_s, 1e-9)
+        speed = f"{steps_per_s:.1f} steps/s  ETA {eta:.0f}s"
+      logging.info("step %d/%d  loss %.4f  error %.4f  active %s  %s", step, total_steps,
+                   record["loss"], record["error"],
+                   np.round(record.get("active_fraction", []), 3).tolist(), speed)
       window_start, window_steps = time.time(), 0
     if eval_now:
       valid = evaluate(eval_fn, state.params, dataset.x_valid, dataset.y_valid,

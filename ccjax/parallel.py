@@ -20,7 +20,7 @@ input and output shardings so that the state keeps its placement step after step
 
 Multi-host: every process runs the same program. Call :func:`initialize_distributed`
 first (before anything touches a device), build the mesh with :func:`make_mesh` (it
-spans all processes), place the state with :func:`replicate` and each batch with
+spans all processes), place the state with :func:`place_state` and each batch with
 :func:`shard_batch`; only :func:`is_primary_process` writes metrics, results and plots.
 orbax checkpoints of such a state are written cooperatively by all processes; restore
 them onto any mesh with a target from :func:`abstract_state_for`.
@@ -200,8 +200,8 @@ def _place(value: Any, sharding: NamedSharding) -> jax.Array:
                                       lambda index: host_value[index])
 
 
-def replicate(tree: Any, mesh: Mesh, *, shard_hidden: bool = False,
-              min_shard_units: int = 1) -> Any:
+def place_state(tree: Any, mesh: Mesh, *, shard_hidden: bool = False,
+                min_shard_units: int = 1) -> Any:
   """Places a state pytree on ``mesh``: replicated, or hidden-sharded for wide layers.
 
   In multi-process runs every process must pass the same values (build the state from
@@ -328,7 +328,7 @@ def make_parallel_train_step(train_step: Callable[[Any, Any], tuple[Any, Any]], 
   """Jits a pure train step for ``mesh``: global-batch semantics on any device count.
 
   ``jax.jit(train_step, donate_argnums=0)`` applied to inputs placed by
-  :func:`replicate` and :func:`shard_batch` already computes the same update as on one
+  :func:`place_state` and :func:`shard_batch` already computes the same update as on one
   device; this wrapper also pins the shardings so the returned state keeps the input
   state's placement (needed with ``shard_hidden``, and it avoids recompiles).
 
@@ -362,8 +362,8 @@ def abstract_state_for(state_or_shape: Any, mesh: Mesh, *, shard_hidden: bool = 
     state_or_shape: a state pytree of arrays, or its ``jax.eval_shape`` (a tree of
       ``jax.ShapeDtypeStruct``), e.g. ``jax.eval_shape(init_fn, rng)``.
     mesh: the mesh to restore onto.
-    shard_hidden: as for :func:`replicate`.
-    min_shard_units: as for :func:`replicate`.
+    shard_hidden: as for :func:`place_state`.
+    min_shard_units: as for :func:`place_state`.
 
   Returns:
     the same pytree of ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``.

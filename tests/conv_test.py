@@ -12,30 +12,15 @@ import pytest
 import ccjax
 from ccjax import conv
 from ccjax import layers
+from tests import param_utils
 
 TINY = dict(stem_features=4, stage_features=(8,), residual_blocks=1, block_size=4)
 
 
 def _init(model, x, seed=0, init_prob=0.5):
-  """Parameters of ``model`` drawn with numpy (no XLA compile of the initialisers).
-
-  Shapes come from ``jax.eval_shape``; kernels are fan-in scaled normals, biases 0, and
-  policy biases ``logit(init_prob)``.
-  """
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0), "gate": jax.random.PRNGKey(1)}, x))["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, shape):
-    names = [getattr(entry, "key", None) for entry in path]
-    if names[-1] == "kernel":
-      fan_in = int(np.prod(shape.shape[:-1]))
-      return jnp.asarray(rng.normal(size=shape.shape) / np.sqrt(fan_in), jnp.float32)
-    if "policy" in names:
-      return jnp.full(shape.shape, np.log(init_prob / (1 - init_prob)), jnp.float32)
-    return jnp.zeros(shape.shape, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  """Fan-in scaled kernels, zero biases, policy biases ``logit(init_prob)``."""
+  return param_utils.numpy_params(model, x, seed,
+                                  policy_bias=float(np.log(init_prob / (1 - init_prob))))
 
 
 def _digits_images(num=None):

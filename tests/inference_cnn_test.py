@@ -11,6 +11,7 @@ import ccjax
 from ccjax import conv
 from ccjax import layers
 from ccjax.inference import cnn
+from tests import param_utils
 
 SMALL = dict(stem_features=4, stage_features=(8, 12), strides=(2, 1), residual_blocks=1,
              block_size=4)
@@ -18,19 +19,8 @@ BATCH = 8
 
 
 def _init(model, x, seed=0):
-  """numpy-drawn parameters (fan-in scaled kernels; policy kernels larger so probs vary)."""
-  shapes = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0), "gate": jax.random.PRNGKey(1)}, x))["params"]
-  rng = np.random.default_rng(seed)
-
-  def draw(path, shape):
-    names = [getattr(entry, "key", None) for entry in path]
-    if names[-1] == "kernel":
-      scale = (3.0 if "policy" in names else 1.0) / np.sqrt(np.prod(shape.shape[:-1]))
-      return jnp.asarray(rng.normal(size=shape.shape) * scale, jnp.float32)
-    return jnp.asarray(rng.normal(size=shape.shape) * 0.1, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+  """Fan-in scaled kernels; policy kernels larger so probabilities vary."""
+  return param_utils.numpy_params(model, x, seed, policy_kernel_scale=3.0, bias_scale=0.1)
 
 
 def _shift_policy_biases(params, shift):

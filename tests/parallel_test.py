@@ -217,7 +217,7 @@ def test_shard_batch_and_replicate_on_one_device():
   assert placed["x"].sharding == parallel.batch_sharding(mesh)
   assert parallel.process_batch_slice(4, mesh) == slice(0, 4)
   tree = {"kernel": jnp.ones((3, 8)), "bias": jnp.zeros(8), "key": jax.random.key(0)}
-  placed_tree = parallel.replicate(tree, mesh, shard_hidden=True)
+  placed_tree = parallel.place_state(tree, mesh, shard_hidden=True)
   assert placed_tree["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "data")
   assert placed_tree["bias"].sharding.spec == jax.sharding.PartitionSpec()
   abstract = parallel.abstract_state_for(tree, mesh)

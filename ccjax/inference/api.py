@@ -22,6 +22,7 @@ import numpy as np
 from ccjax import conv
 from ccjax import flops
 from ccjax import layers
+from ccjax import policy as policy_lib
 from ccjax import timing
 from ccjax import validation
 from ccjax.inference import capacity as capacity_lib
@@ -29,9 +30,9 @@ from ccjax.inference import cnn
 from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import mlp
-from ccjax.inference.info import InferenceInfo
 
-INFERENCE_MODES = ("threshold", "top_k")
+# The test-time policies the sparse paths implement ("all" is the dense network).
+INFERENCE_MODES = tuple(mode for mode in policy_lib.DETERMINISTIC_MODES if mode != "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +107,7 @@ class _MLPFamily:
       logits, traces = mlp.sparse_forward(block_major_params, x, config)
       if not with_info:
         return logits
-      masks = capacity_lib.trace_masks(traces, block_major_params.num_blocks)
-      info = InferenceInfo(
-          masks=masks, probs=tuple(trace.probs for trace in traces),
-          requested=jnp.stack([trace.num_candidates for trace in traces]),
-          dropped=jnp.stack([trace.num_candidates - trace.num_kept for trace in traces]))
-      return logits, info
+      return logits, capacity_lib.traces_info(traces, block_major_params.num_blocks)
 
     def infer(x):
       batch_size = x.shape[0]

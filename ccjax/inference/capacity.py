@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ccjax.inference import kernels
+from ccjax.inference.info import InferenceInfo
 from ccjax.inference.layout import BlockMajorMLP
 from ccjax.inference.layout import LayerTrace
 
@@ -123,9 +124,9 @@ def trace_masks(traces: Sequence[LayerTrace], num_blocks: Sequence[int]) -> tupl
   return tuple(masks)
 
 
-def overflow_rate(traces: Sequence[LayerTrace]) -> jax.Array:
-  """Dropped / candidate (example, block) pairs over all layers (0 when no candidate)."""
-  candidates = sum(trace.num_candidates for trace in traces)
-  kept = sum(trace.num_kept for trace in traces)
-  return jnp.where(candidates > 0, (candidates - kept) / jnp.maximum(candidates, 1), 0.0)
-
+def traces_info(traces: Sequence[LayerTrace], num_blocks: Sequence[int]) -> InferenceInfo:
+  """The :class:`~ccjax.inference.info.InferenceInfo` of the MLP path's traces."""
+  return InferenceInfo(
+      masks=trace_masks(traces, num_blocks), probs=tuple(trace.probs for trace in traces),
+      requested=jnp.stack([trace.num_candidates for trace in traces]),
+      dropped=jnp.stack([trace.num_candidates - trace.num_kept for trace in traces]))

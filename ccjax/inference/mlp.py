@@ -5,18 +5,8 @@ Axis letters: ``batch`` examples; ``in`` input features; ``bs`` units per block;
 activation); ``C`` per-block capacity (examples per block); ``P = out_blocks *
 in_blocks`` weight blocks of a hidden->hidden layer; ``C2`` per-weight-block capacity.
 
-Layout (:func:`~ccjax.inference.layout.to_block_major`, a pytree :class:`BlockMajorMLP`):
-
-* first hidden layer (dense input): ``kernel [nb, bs, in]`` (one contiguous block per
-  output block, stored transposed so that the batch-1 product contracts the minor axis,
-  which XLA:CPU runs several times faster) and ``grouped_kernel [nb, in, bs]`` (the
-  same weights untransposed, for the minibatch grouped matmul), ``policy_kernel
-  [in, nb]``;
-* hidden layer whose input is gated: ``kernel [P, bs, bs]`` with weight block
-  ``p = j * in_blocks + i`` = ``W[i-th input block, j-th output block]``, and
-  ``policy_kernel [in_blocks, bs, nb]`` split by input block, so that both the layer
-  and its policy read only the active input blocks (two-sided sparsity);
-* output layer ``[in_blocks, bs, classes]``; biases ``[nb, bs]``.
+Layout: :func:`~ccjax.inference.layout.to_block_major` (contiguous weight blocks; a
+hidden layer with a gated input and its policy read only the active input blocks).
 
 Activations travel compactly: ``h [batch, k, bs]`` with block ids ``[batch, k]`` and a
 ``kept [batch, k]`` flag (inactive slots hold zeros).
@@ -36,7 +26,8 @@ Which blocks run (deterministic, static shapes). For every gated layer:
 
 A candidate dropped by 2-4 is *treated as inactive*: its units are exactly zero, as if
 its mask were 0, so the output equals :class:`ccjax.GatedMLP` applied with ``block_masks=`` the
-effective masks (:func:`~ccjax.inference.capacity.trace_masks`). ``overflow_rate`` = dropped candidates /
+effective masks (:func:`~ccjax.inference.capacity.trace_masks`). The overflow rate
+(:func:`ccjax.overflow_rate`) = dropped candidates /
 candidates (over examples, blocks and layers). With the exact capacities
 (``k = nb``, ``C = C2 = batch``, the :func:`make_sparse_config` default) nothing can
 overflow and the result is the ``threshold``-mode network.

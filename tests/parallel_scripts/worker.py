@@ -119,7 +119,7 @@ def train(args):
   for tag in args.meshes.split(","):
     shard_hidden = tag.endswith("h")
     mesh = parallel.make_mesh(int(tag.rstrip("h")))
-    state = parallel.replicate(initial_state(model, config), mesh, shard_hidden=shard_hidden)
+    state = parallel.place_state(initial_state(model, config), mesh, shard_hidden=shard_hidden)
     shardings = parallel.state_sharding(state, mesh, shard_hidden=shard_hidden)
     jitted = parallel.make_parallel_train_step(step_fn, mesh, shardings)
     metrics_by_step = []
