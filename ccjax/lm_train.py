@@ -68,10 +68,10 @@ class LMConfig:
   block_size: int = 32
   context: int = 64
   batch_size: int = 32
-  steps: int = 1500
-  eval_every: int = 500
+  steps: int = 400
+  eval_every: int = 200
   log_every: int = 100
-  checkpoint_every: int = 500
+  checkpoint_every: int = 200
   seed: int = 0
   policy_init_prob: float = 0.5
   plots: bool = True
