@@ -53,8 +53,9 @@ _POLICY_INIT_PROB = flags.DEFINE_float("policy_init_prob", _DEFAULT.policy_init_
                                        "Initial block probability.")
 _DECODE_BENCHMARK = flags.DEFINE_bool("decode_benchmark", _DEFAULT.decode_benchmark,
                                       "Time batch-1 decoding (dense vs sparse) at the end.")
-_SAMPLE = flags.DEFINE_integer("sample", None, "Generate this many bytes from the trained "
-                               "run in --workdir (sparse decoding for gated runs) and exit.")
+_SAMPLE = flags.DEFINE_integer("sample", None, "Print --prompt and this many bytes generated "
+                               "by the trained run in --workdir (sparse decoding for gated "
+                               "runs), write nothing and exit.")
 _PROMPT = flags.DEFINE_string("prompt", "The ", "Prompt of --sample.")
 
 def config_from_flags() -> lm_train.LMConfig:
@@ -94,8 +95,8 @@ def main(argv):
   try:
     config = config_from_flags()
     if _SAMPLE.present:
-      sys.stdout.write(sample(config, shared.WORKDIR.value, _SAMPLE.value)
-                       .decode("utf-8", errors="replace") + "\n")
+      generated = sample(config, shared.WORKDIR.value, _SAMPLE.value)
+      sys.stdout.write(_PROMPT.value + generated.decode("utf-8", errors="replace") + "\n")
       return
     lm_train.train_and_evaluate_lm(config, shared.WORKDIR.value,
                                    flag_values=shared.experiment_flag_values())
