@@ -3,9 +3,9 @@ r"""Batch-1 decode time per token, dense vs sparse, of a trained or a calibrated
   python -m experiments.bench_lm_decode --workdir=runs/lm            # a trained gated run
   python -m experiments.bench_lm_decode --workdir=- --random --d_model=512 --mlp_width=2048
 
-With ``--random`` (``--workdir`` is then unused) the model is random and each MLP policy's bias is calibrated
-(:func:`ccjax.calibrate_policies`) so that ``threshold`` runs about ``--tau`` of the
-blocks on random unit-variance inputs (what a LayerNorm feeds the MLP). Prints one JSON
+With ``--random`` (``--workdir`` is then unused) the model is random and each MLP
+policy's bias is calibrated (:func:`ccjax.calibrate_policies`) so that ``threshold`` runs
+about ``--tau`` of the blocks on random unit-variance inputs (what a LayerNorm feeds the MLP). Prints one JSON
 line (with the machine) and writes nothing.
 """
 

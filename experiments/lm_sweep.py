@@ -22,7 +22,6 @@ import json
 import os
 
 from absl import app
-from absl import flags
 import numpy as np
 
 from ccjax import atomic
