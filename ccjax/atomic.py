@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from typing import IO, Any, Iterator
@@ -47,7 +48,30 @@ def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
     raise
 
 
+def strict_json_value(value: Any) -> Any:
+  """``value`` with every non-finite float (NaN, +-inf) replaced by ``None``.
+
+  Recurses into dicts, lists and tuples (tuples become lists); numpy scalars and arrays
+  are converted to Python numbers and lists first, so the result always serialises as
+  strict JSON (RFC 8259 has no NaN or Infinity tokens).
+  """
+  if isinstance(value, dict):
+    return {key: strict_json_value(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json_value(item) for item in value]
+  if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+    return strict_json_value(value.tolist())   # numpy scalars and arrays
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def dumps(payload: Any, **kwargs) -> str:
+  """Strict JSON text of ``payload``: non-finite numbers become ``null``."""
+  return json.dumps(strict_json_value(payload), allow_nan=False, **kwargs)
+
+
 def write_json(path: str, payload: Any) -> None:
-  """Writes ``payload`` as indented JSON to ``path`` atomically."""
+  """Writes ``payload`` as indented strict JSON (see :func:`dumps`) to ``path`` atomically."""
   with atomic_open(path) as stream:
-    json.dump(payload, stream, indent=2, sort_keys=True)
+    stream.write(dumps(payload, indent=2, sort_keys=True))

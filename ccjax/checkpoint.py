@@ -8,19 +8,96 @@ so a process killed during a save leaves either the previous checkpoints or a
 temporary directory that is ignored (and removed at the next start), never a checkpoint
 that restores wrongly. Saves are synchronous: when :meth:`Checkpointer.save` returns,
 the checkpoint is on disk.
+
+Integrity: orbax checksums only its shard indices, not the array data, so after each
+save the primary process writes ``<step>/ccjax_checksums.json``, the SHA-256 of every
+file of the step. Every read (:meth:`Checkpointer.read_meta`, :meth:`~Checkpointer.restore`,
+:meth:`~Checkpointer.restore_raw`) verifies them first; a step whose files differ, are
+missing or lack the checksum file (a save killed before it was written) is damaged and
+never restored. :meth:`Checkpointer.latest_intact_step` finds the newest intact step
+and :meth:`Checkpointer.set_aside` moves damaged ones to ``checkpoints.damaged/``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 
+from ccjax import atomic
+
+CHECKSUM_FILE = "ccjax_checksums.json"
+DAMAGED_SUFFIX = ".damaged"
+_READ_CHUNK = 1 << 20
+
 
 class CheckpointError(ValueError):
   """A checkpoint in the workdir cannot be used (corrupt, or another architecture)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint's files do not match the checksums written when it was saved."""
+
+
+class IntactStep(NamedTuple):
+  """The newest intact checkpoint step (``None``: there is none) and the damaged newer ones.
+
+  Attributes:
+    step: the step to resume from.
+    damaged: ``(step, reason)`` of each newer step that failed verification.
+  """
+  step: int | None
+  damaged: list[tuple[int, str]]
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as stream:
+    for chunk in iter(lambda: stream.read(_READ_CHUNK), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def file_checksums(step_dir: str) -> dict[str, str]:
+  """``{relative path: sha256}`` of every file below ``step_dir`` but the checksum file."""
+  checksums = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, step_dir)
+      if relative != CHECKSUM_FILE:
+        checksums[relative] = _sha256(path)
+  return dict(sorted(checksums.items()))
+
+
+def checksum_mismatch(step_dir: str) -> str | None:
+  """Why ``step_dir`` fails verification against its checksum file, or ``None`` if intact."""
+  try:
+    with open(os.path.join(step_dir, CHECKSUM_FILE)) as stream:
+      expected = json.load(stream)
+  except FileNotFoundError:
+    return f"no {CHECKSUM_FILE}: its save did not finish, or an older ccjax wrote it"
+  except (OSError, ValueError) as error:
+    return f"unreadable {CHECKSUM_FILE} ({type(error).__name__})"
+  try:
+    actual = file_checksums(step_dir)
+  except OSError as error:
+    return f"unreadable file ({error.strerror})"
+  for path, digest in expected.items():
+    if path not in actual:
+      return f"file {path} is missing"
+    if actual[path] != digest:
+      return f"file {path} does not match its checksum"
+  extra = sorted(set(actual) - set(expected))
+  if extra:
+    return f"unexpected file {extra[0]}"
+  return None
 
 
 class Checkpointer:
@@ -48,15 +125,55 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Writes ``state`` and ``meta`` for ``step`` atomically and waits for it."""
+    """Writes ``state`` and ``meta`` for ``step`` atomically, waits for it, then (primary
+    process) its checksum file."""
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
     self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      step_dir = self.step_dir(step)
+      atomic.write_json(os.path.join(step_dir, CHECKSUM_FILE), file_checksums(step_dir))
+
+  def verify(self, step: int) -> None:
+    """Raises :class:`DamagedCheckpointError` unless ``step``'s files match their checksums."""
+    reason = checksum_mismatch(self.step_dir(step))
+    if reason is not None:
+      raise DamagedCheckpointError(f"checkpoint step {step} in {self.directory} is damaged "
+                                   f"({reason})")
+
+  def latest_intact_step(self) -> IntactStep:
+    """The newest step that passes :meth:`verify`, and the newer damaged ones."""
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      reason = checksum_mismatch(self.step_dir(step))
+      if reason is None:
+        return IntactStep(step, damaged)
+      damaged.append((step, reason))
+    return IntactStep(None, damaged)
+
+  def set_aside(self, steps) -> list[str]:
+    """Moves the directories of ``steps`` to ``<directory>.damaged/``; returns the new paths.
+
+    Damaged steps are kept for inspection, out of orbax's way, so that training can save
+    those steps again.
+    """
+    moved = []
+    for step in steps:
+      target = os.path.join(self.directory + DAMAGED_SUFFIX, f"{step}-{int(time.time())}")
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(self.step_dir(step), target)
+      moved.append(target)
+    self._manager.reload()
+    return moved
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
-    """The JSON metadata of ``step`` (default: latest)."""
+    """The JSON metadata of ``step`` (default: latest), verified against its checksums."""
     step = self.latest_step() if step is None else step
+    self.verify(step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       return dict(restored["meta"])
@@ -73,8 +190,13 @@ class Checkpointer:
 
     Returns:
       the restored state, placed like ``target``.
+
+    Raises:
+      DamagedCheckpointError: the step fails its checksums.
+      CheckpointError: orbax cannot restore it into ``target``.
     """
     step = self.latest_step() if step is None else step
+    self.verify(step)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
     try:
       restored = self._manager.restore(
@@ -89,6 +211,7 @@ class Checkpointer:
     Works for checkpoints written with any device count (e.g. 8 devices, read on 1).
     """
     step = self.latest_step() if step is None else step
+    self.verify(step)
     try:
       saved = self._manager.item_metadata(step)["state"]
       # Onto this process's first device, whatever device count wrote it.
@@ -104,7 +227,8 @@ class Checkpointer:
   def _unreadable(self, step, error) -> str:
     reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
     return (f"checkpoint step {step} in {self.directory} cannot be restored ({reason}); "
-            "delete that step directory to fall back to an older one, or use a fresh --workdir")
+            "move that step directory away to fall back to an older one, or use a fresh "
+            "--workdir")
 
   def close(self) -> None:
     self._manager.close()

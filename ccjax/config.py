@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 
 from ccjax import conv
+from ccjax import data as data_lib
 from ccjax import layers
 from ccjax import step as step_lib
 from ccjax import validation
@@ -33,7 +34,7 @@ MAX_INIT_PROB = 0.99
 # Fields that do not change the trained numbers, so a resumed run may change them.
 RESUME_FREE_FIELDS = frozenset({
     "steps", "epochs", "eval_every", "log_every", "checkpoint_every", "measure_latency",
-    "plots", "num_devices", "data_dir"})
+    "plots", "num_devices", "data_dir", "allow_data_change"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,11 @@ class ExperimentConfig:
 
   Field names are the flag names of ``experiments/condnet.py``. Build one with
   :meth:`create`, which routes the train-step fields into ``train``.
+
+  ``seed`` is in ``[0, 2**63)``; every seed gives its own keys (see
+  :func:`ccjax.loop.seed_key`). ``num_classes`` (default: from the data) is in
+  ``[2, 100000]``. ``allow_data_change`` lets a resumed run continue on data that differ
+  from the checkpoint's.
   """
   dataset: str = "digits"
   data_dir: str | None = None
@@ -60,6 +66,8 @@ class ExperimentConfig:
   seed: int = 0
   eval_policy: str = "threshold"
   valid_fraction: float = 0.1
+  num_classes: int | None = None
+  allow_data_change: bool = False
   num_devices: int | None = None
   measure_latency: bool = True
   plots: bool = True
@@ -123,6 +131,11 @@ class ExperimentConfig:
                            high_open=True)
     if self.num_devices is not None:
       validation.check_int("num_devices", self.num_devices)
+    if self.num_classes is not None:
+      validation.check_int("num_classes", self.num_classes, minimum=2)
+      if self.num_classes > data_lib.MAX_NUM_CLASSES:
+        raise validation.ConfigError(
+            "num_classes", f"must be in [2, {data_lib.MAX_NUM_CLASSES}], got {self.num_classes}")
     validation.check_int("seed", self.seed, minimum=0)
     if self.seed >= MAX_SEED:
       raise validation.ConfigError("seed", f"must be in [0, 2**63), got {self.seed}")
@@ -200,14 +213,17 @@ def architecture_meta(config: ExperimentConfig, input_shape: Sequence[int],
 
 
 def check_resume_compatible(saved: dict[str, Any], config: ExperimentConfig,
-                            input_shape: Sequence[int], num_classes: int) -> None:
+                            input_shape: Sequence[int], num_classes: int, *,
+                            data_fingerprint: dict[str, Any] | None = None) -> None:
   """Raises ``ValueError`` when a workdir's checkpoint belongs to another run.
 
   Args:
-    saved: the checkpoint's metadata (``architecture`` and ``config`` entries).
+    saved: the checkpoint's metadata (``architecture``, ``config`` and ``data`` entries).
     config: the current run's configuration.
     input_shape: the current data's per-example shape.
     num_classes: the current data's class count.
+    data_fingerprint: the current data's :func:`ccjax.data.fingerprint`; it must equal the
+      checkpoint's unless ``config.allow_data_change``.
   """
   saved_arch = saved.get("architecture", {})
   current = architecture_meta(config, input_shape, num_classes)
@@ -230,3 +246,13 @@ def check_resume_compatible(saved: dict[str, Any], config: ExperimentConfig,
       raise ValueError(
           f"--workdir holds a run with --{key}={saved_config[key]!r} (now {value!r}); resuming "
           "would not reproduce it: use the same flags or a fresh --workdir")
+  saved_data = saved.get("data")
+  if (data_fingerprint is not None and saved_data is not None and not config.allow_data_change
+      and saved_data.get("sha256") != data_fingerprint["sha256"]):
+    shapes = ("" if saved_data.get("shapes") == data_fingerprint["shapes"] else
+              f"; shapes then {saved_data.get('shapes')}, now {data_fingerprint['shapes']}")
+    raise ValueError(
+        f"--dataset {config.dataset} holds different data than the checkpoint in --workdir was "
+        f"trained on (sha256 {saved_data.get('sha256', '?')[:12]}, now "
+        f"{data_fingerprint['sha256'][:12]}{shapes}); pass --allow_data_change to resume on "
+        "it anyway, or use a fresh --workdir")

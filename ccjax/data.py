@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import zipfile
@@ -39,6 +40,10 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 _SPLITS = ("train", "valid", "test")
 _TFDS_CHUNK = 4096
+# Class ids inferred as max label + 1 must look like class ids: at most this many times the
+# number of distinct labels, and at most MAX_NUM_CLASSES (which also caps --num_classes).
+CLASS_ID_FACTOR = 4
+MAX_NUM_CLASSES = 100_000
 
 
 class DataError(ValueError):
@@ -96,7 +101,7 @@ class Dataset:
 
 
 def load_dataset(spec: str, *, data_dir: str | None = None, valid_fraction: float = 0.1,
-                 seed: int = 0) -> Dataset:
+                 seed: int = 0, num_classes: int | None = None) -> Dataset:
   """Loads a dataset by name into memory.
 
   Args:
@@ -106,6 +111,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, valid_fraction: floa
     valid_fraction: fraction of the training split held out for validation when the
       source has no validation split, in ``[0, 1)``.
     seed: seed of the validation hold-out (the ``digits`` test split does not depend on it).
+    num_classes: the number of output classes (``None``: the source's; for npz, max
+      label + 1 when the labels look like class ids, see :data:`CLASS_ID_FACTOR`).
 
   Returns:
     a :class:`Dataset`.
@@ -118,12 +125,36 @@ def load_dataset(spec: str, *, data_dir: str | None = None, valid_fraction: floa
     raise DataError(f"dataset must be one of {', '.join(DATASETS)}; got {spec!r}")
   valid_fraction = _check_valid_fraction(valid_fraction)
   if spec == "digits":
-    return _load_digits(valid_fraction, seed)
-  if spec in TFDS_DATASETS:
-    return _load_tfds(spec, data_dir, valid_fraction, seed)
-  if spec.startswith("npz:"):
-    return _load_npz(spec, valid_fraction, seed)
-  raise DataError(f"unknown dataset {spec!r}; allowed: {', '.join(DATASETS)}")
+    dataset = _load_digits(valid_fraction, seed)
+  elif spec in TFDS_DATASETS:
+    dataset = _load_tfds(spec, data_dir, valid_fraction, seed)
+  elif spec.startswith("npz:"):
+    return _load_npz(spec, valid_fraction, seed, num_classes)
+  else:
+    raise DataError(f"unknown dataset {spec!r}; allowed: {', '.join(DATASETS)}")
+  if num_classes is None:
+    return dataset
+  labels = {split: dataset.split(split)[1] for split in _SPLITS}
+  return dataclasses.replace(dataset, num_classes=_declared_num_classes(spec, labels,
+                                                                        num_classes))
+
+
+def fingerprint(dataset: Dataset) -> dict:
+  """What identifies the data a run was trained on: shapes, dtypes and a SHA-256.
+
+  Returns:
+    ``{"sha256": hex digest over every split's arrays (shape, dtype and bytes),
+    "shapes": {array name: shape}, "dtypes": {array name: dtype}}``.
+  """
+  digest = hashlib.sha256()
+  shapes, dtypes = {}, {}
+  for split in _SPLITS:
+    for name, array in zip((f"x_{split}", f"y_{split}"), dataset.split(split)):
+      array = np.ascontiguousarray(array)
+      shapes[name], dtypes[name] = list(array.shape), str(array.dtype)
+      digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+      digest.update(array.data)
+  return {"sha256": digest.hexdigest(), "shapes": shapes, "dtypes": dtypes}
 
 
 def _check_valid_fraction(valid_fraction) -> float:
@@ -264,7 +295,8 @@ def _tfds_split_arrays(tfds, builder, split: str) -> tuple[np.ndarray, np.ndarra
 # ----------------------------------------------------------------------------- npz
 
 
-def _load_npz(spec: str, valid_fraction: float, seed: int) -> Dataset:
+def _load_npz(spec: str, valid_fraction: float, seed: int, num_classes: int | None
+              ) -> Dataset:
   seed = _check_seed(seed)
   path = spec[len("npz:"):]
   if not path:
@@ -285,11 +317,11 @@ def _load_npz(spec: str, valid_fraction: float, seed: int) -> Dataset:
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     raise DataError(f"dataset {spec}: cannot read the arrays of {path} ({detail})") from None
-  return _npz_dataset(spec, arrays, valid_fraction, seed)
+  return _npz_dataset(spec, arrays, valid_fraction, seed, num_classes)
 
 
 def _npz_dataset(name: str, arrays: dict[str, np.ndarray], valid_fraction: float,
-                 seed: int) -> Dataset:
+                 seed: int, num_classes: int | None = None) -> Dataset:
   """Validates the arrays of an npz archive and builds the :class:`Dataset`."""
   required = ("x_train", "y_train", "x_test", "y_test")
   missing = [key for key in required if key not in arrays]
@@ -320,18 +352,12 @@ def _npz_dataset(name: str, arrays: dict[str, np.ndarray], valid_fraction: float
                       f"{features[split].shape[1:]} but x_train examples have {shape}; "
                       f"all splits must match")
 
-  max_label = max(int(labels[split].max()) for split in splits)
-  if "num_classes" in arrays:
+  if num_classes is None and "num_classes" in arrays:
     num_classes = _check_num_classes(name, arrays["num_classes"])
-    for split in splits:
-      if labels[split].max() >= num_classes:
-        raise DataError(f"dataset {name}: y_{split} has label {int(labels[split].max())} but "
-                        f"num_classes={num_classes}; labels must be in [0, {num_classes})")
+  if num_classes is None:
+    num_classes = _inferred_num_classes(name, labels)
   else:
-    num_classes = max_label + 1
-  if num_classes < 2:
-    raise DataError(f"dataset {name}: labels take only the value 0; classification needs "
-                    f"at least 2 classes (labels in [0, num_classes))")
+    num_classes = _declared_num_classes(name, labels, num_classes)
   x_valid, y_valid = (features["valid"], labels["valid"]) if has_valid[0] else (None, None)
   return _finish(name, features["train"], labels["train"], x_valid, y_valid, features["test"],
                  labels["test"], num_classes, valid_fraction, seed)
@@ -347,6 +373,9 @@ def _check_features(name: str, key: str, x: np.ndarray) -> np.ndarray:
   if x.ndim < 2:
     raise DataError(f"dataset {name}: {key} has shape {x.shape}; features must be "
                     f"[n, features] or [n, H, W, C]")
+  if 0 in x.shape[1:]:
+    raise DataError(f"dataset {name}: {key} has shape {x.shape}: examples with no features; "
+                    f"every example needs at least one feature")
   with np.errstate(over="ignore"):
     x = x.astype(np.float32)
   if not np.all(np.isfinite(x)):
@@ -383,10 +412,41 @@ def _check_labels(name: str, key: str, y: np.ndarray) -> np.ndarray:
 def _check_num_classes(name: str, value: np.ndarray) -> int:
   value = np.asarray(value)
   if (value.shape != () or not np.issubdtype(value.dtype, np.integer)
-      or value.dtype == np.bool_ or value < 2):
-    raise DataError(f"dataset {name}: num_classes must be a scalar integer >= 2; "
-                    f"got {value.tolist()!r}")
+      or value.dtype == np.bool_ or not 2 <= value <= MAX_NUM_CLASSES):
+    raise DataError(f"dataset {name}: num_classes must be a scalar integer in "
+                    f"[2, {MAX_NUM_CLASSES}]; got {value.tolist()!r}")
   return int(value)
+
+
+def _largest_label(labels: dict[str, np.ndarray]) -> tuple[str, int]:
+  """``(split, label)`` of the largest label over the splits."""
+  return max(((split, int(y.max())) for split, y in labels.items() if y.size),
+             key=lambda item: item[1])
+
+
+def _declared_num_classes(name: str, labels: dict[str, np.ndarray], num_classes: int) -> int:
+  """``num_classes`` given by the user, if every label is below it."""
+  split, label = _largest_label(labels)
+  if label >= num_classes:
+    raise DataError(f"dataset {name}: y_{split} has label {label} but num_classes="
+                    f"{num_classes}; labels must be in [0, {num_classes})")
+  return num_classes
+
+
+def _inferred_num_classes(name: str, labels: dict[str, np.ndarray]) -> int:
+  """max label + 1, when the labels look like class ids (see :data:`CLASS_ID_FACTOR`)."""
+  split, label = _largest_label(labels)
+  if label == 0:
+    raise DataError(f"dataset {name}: labels take only the value 0; classification needs "
+                    f"at least 2 classes (labels in [0, num_classes))")
+  distinct = np.unique(np.concatenate([y for y in labels.values()])).size
+  limit = min(CLASS_ID_FACTOR * distinct, MAX_NUM_CLASSES)
+  if label + 1 > limit:
+    raise DataError(f"dataset {name}: y_{split} has label {label} but only {distinct} distinct "
+                    f"labels; max label + 1 must be <= {limit} ({CLASS_ID_FACTOR} x distinct "
+                    f"labels, at most {MAX_NUM_CLASSES}) to be taken as the number of classes; "
+                    f"renumber the labels 0..K-1 or pass --num_classes")
+  return label + 1
 
 
 # ----------------------------------------------------------------------------- batching

@@ -10,11 +10,12 @@ functions of seed and step, and the checkpoint holds the whole train state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as py_logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 from ccjax import atomic
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import costs
+from ccjax import lock as lock_lib
 from ccjax import data as data_lib
 from ccjax import config as config_lib
 from ccjax import parallel
@@ -32,6 +34,8 @@ from ccjax import step as step_lib
 
 EVAL_BATCH_SIZE = 512
 METRICS_FILE = "metrics.jsonl"
+# With --skip_nonfinite, a run that skips more than this fraction of its steps fails.
+MAX_SKIPPED_FRACTION = 0.1
 
 
 _OWN_PACKAGE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
@@ -85,7 +89,7 @@ class MetricsLog:
           continue
         # "final" records are rewritten by every run that reaches the end.
         if record.get("step", 0) <= step and record.get("kind") != "final":
-          kept.append(json.dumps(record, sort_keys=True))
+          kept.append(atomic.dumps(record, sort_keys=True))
     with atomic.atomic_open(self.path) as stream:
       stream.write("".join(line + "\n" for line in kept))
 
@@ -93,7 +97,7 @@ class MetricsLog:
     if not self.enabled:
       return
     with open(self.path, "a") as stream:
-      stream.write(json.dumps(record, sort_keys=True) + "\n")
+      stream.write(atomic.dumps(record, sort_keys=True) + "\n")
       stream.flush()
 
   def read(self) -> list[dict[str, Any]]:
@@ -165,9 +169,84 @@ def _pop_flags(pending: list) -> tuple[list[int], list[bool]]:
   return steps, flags
 
 
+def seed_key(seed: int) -> jax.Array:
+  """The run's base PRNG key for any seed in ``[0, 2**63)``, without aliasing.
+
+  Seeds below ``2**32`` give ``PRNGKey(seed)`` exactly (their results do not change);
+  larger seeds fold their high 32 bits into the key of their low bits, so ``2**32 + s``
+  and ``s`` get different keys.
+  """
+  key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+  if seed >> 32:
+    key = jax.random.fold_in(key, seed >> 32)
+  return key
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every floating-point leaf of ``tree`` is free of NaN and Inf."""
+  leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(leaf.dtype, jnp.floating)]
+  return jnp.all(jnp.asarray(leaves)) if leaves else jnp.asarray(True)
+
+
+def state_is_finite(state: step_lib.TrainState) -> bool:
+  """Whether parameters, optimizer states and baseline are all finite (one host sync)."""
+  return bool(_all_finite((state.params, state.opt_state, state.baseline)))
+
+
+def check_checkpoint_dir(checkpoint_dir: str) -> None:
+  """Raises ``ValueError`` if ``checkpoints`` exists in the workdir but is not a directory."""
+  if os.path.lexists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+    raise ValueError(f"--workdir {os.path.dirname(checkpoint_dir)}: {checkpoint_dir} exists "
+                     "and is not a directory; move it away or use a fresh --workdir")
+
+
+class _Resume(NamedTuple):
+  """Where a run starts: the checkpoint step (``None``: from scratch), its metadata, and the
+  damaged newer steps to set aside."""
+  step: int | None
+  meta: dict[str, Any]
+  damaged: list[tuple[int, str]]
+
+
+def _find_resume_point(checkpointer: checkpoint_lib.Checkpointer, config, dataset,
+                       data_fingerprint: dict[str, Any]) -> _Resume:
+  """The newest intact checkpoint, checked to belong to this run.
+
+  Raises:
+    checkpoint_lib.CheckpointError: every checkpoint is damaged (names them).
+    ValueError: the checkpoint belongs to another configuration or other data.
+  """
+  intact = checkpointer.latest_intact_step()
+  if intact.step is None and intact.damaged:
+    described = "; ".join(f"step {step}: {reason}" for step, reason in intact.damaged)
+    raise checkpoint_lib.DamagedCheckpointError(
+        f"no intact checkpoint in {checkpointer.directory} ({described}); move "
+        f"{checkpointer.directory} away to start over, or use a fresh --workdir")
+  if intact.step is None:
+    return _Resume(None, {}, [])
+  meta = checkpointer.read_meta(intact.step)
+  config_lib.check_resume_compatible(meta, config, dataset.input_shape, dataset.num_classes,
+                                     data_fingerprint=data_fingerprint)
+  return _Resume(intact.step, meta, intact.damaged)
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during training; the message names the last checkpoint, which is intact."""
+
+
+def _last_good(last_saved: int | None, checkpoint_dir: str) -> str:
+  if last_saved is None:
+    return "none (no checkpoint was written yet)"
+  return f"step {last_saved} in {checkpoint_dir}, left intact"
+
+
 def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
                        flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains (or resumes) one run and writes its outputs into ``workdir``.
+
+  The workdir is locked (:class:`ccjax.lock.WorkdirLock`) for the whole run.
 
   Args:
     config: validated experiment configuration.
@@ -178,128 +257,175 @@ def train_and_evaluate(config: config_lib.ExperimentConfig, workdir: str,
     the ``results.json`` payload.
 
   Raises:
-    ValueError: bad data, flags or an incompatible workdir (nothing written).
-    NonFiniteError: NaN/Inf loss or gradient without ``skip_nonfinite``.
+    ValueError: bad data, flags, an incompatible or damaged workdir, or a workdir in use
+      by another run (nothing written).
+    NonFiniteError: NaN/Inf loss or gradient without ``skip_nonfinite``, more than
+      :data:`MAX_SKIPPED_FRACTION` of the steps skipped with it, or a non-finite state.
+    Interrupted: Ctrl-C (the last checkpoint is intact).
   """
-  start_time = time.time()
   quiet_library_logs()
   check_workdir(workdir)
   dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
-                                  valid_fraction=config.valid_fraction, seed=config.seed)
+                                  valid_fraction=config.valid_fraction, seed=config.seed,
+                                  num_classes=config.num_classes)
   num_train = dataset.x_train.shape[0]
   if config.batch_size > num_train:
     raise ValueError(f"--batch_size must be in [1, {num_train}] (the training set size), "
                      f"got {config.batch_size}")
-  total_steps = config.total_steps(num_train)
   module = config_lib.build_model(config, dataset.input_shape, dataset.num_classes)
-  train_config = config.train
   mesh = parallel.make_mesh(config.num_devices)
   if config.batch_size % mesh.size:
     raise ValueError(f"--batch_size={config.batch_size} must be a multiple of the number of "
                      f"devices ({mesh.size}); see --num_devices")
-
   workdir = os.path.abspath(workdir)
-  checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
-  primary = parallel.is_primary_process()
-  meta = {"architecture": config_lib.architecture_meta(config, dataset.input_shape,
-                                                       dataset.num_classes),
-          "config": config.as_dict()}
-  checkpointer = None
-  if os.path.isdir(checkpoint_dir):
-    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
-    if checkpointer.latest_step() is not None:
-      config_lib.check_resume_compatible(checkpointer.read_meta(), config,
-                                         dataset.input_shape, dataset.num_classes)
-
-  # Everything is validated: from here on the run writes to the workdir.
+  check_checkpoint_dir(os.path.join(workdir, runs.CHECKPOINT_DIR))
+  # Everything the flags and data decide is valid: from here on the run owns the workdir.
   os.makedirs(workdir, exist_ok=True)
-  if checkpointer is None:
-    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
-  metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), enabled=primary)
+  primary = parallel.is_primary_process()
+  with (lock_lib.WorkdirLock(workdir) if primary else contextlib.nullcontext()):
+    return _train_locked(config, workdir, dataset, module, mesh, flag_values, primary)
 
-  rng = jax.random.PRNGKey(config.seed)
-  sample_x = jnp.asarray(dataset.x_train[:1])
-  state = step_lib.init_train_state(module, train_config, rng, sample_x)
-  state = parallel.place_state(state, mesh)
-  start_step = 0
-  if checkpointer.latest_step() is not None:
-    start_step = int(checkpointer.latest_step())
-    state = checkpointer.restore(state)
-    logging.info("Resumed from checkpoint step %d in %s", start_step, checkpoint_dir)
-  metrics_log.truncate_after(start_step)
 
-  train_step = parallel.make_parallel_train_step(
-      step_lib.make_train_step(module, train_config), mesh, parallel.state_sharding(state, mesh))
-  eval_fn = jax.jit(step_lib.make_eval_step(module, config.eval_policy))
-  eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
-
-  last_saved = checkpointer.latest_step()
-  if start_step >= total_steps:
-    logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
-  skipped = 0
-  pending_finite = []  # (step, device bool) not yet checked on the host.
-  window_start, window_steps = time.time(), 0
-  for step in range(start_step + 1, total_steps + 1):
-    indices = data_lib.train_batch_indices(num_train, config.batch_size, config.seed, step - 1)
-    batch = parallel.shard_batch(
-        {"x": dataset.x_train[indices], "y": dataset.y_train[indices]}, mesh)
-    state, metrics = train_step(state, batch)
-    window_steps += 1
-    pending_finite.append((step, metrics["finite"]))
-    # Step 1 is logged too: a progress line within seconds, whatever the model.
-    log_now = step % config.log_every == 0 or step == total_steps or step == 1
-    eval_now = step % config.eval_every == 0 and step != total_steps
-    save_now = step % config.checkpoint_every == 0 or step == total_steps
-    if log_now or eval_now or save_now:
-      # One host sync per boundary, not per step; always before anything is saved.
-      for checked_step, finite in zip(*_pop_flags(pending_finite)):
-        if finite:
-          continue
-        if not config.train.skip_nonfinite:
-          where = (f"step {last_saved} in {checkpoint_dir}" if last_saved is not None
-                   else "none (no checkpoint was written yet)")
-          raise NonFiniteError(
-              f"non-finite loss or gradient at step {checked_step}; training stopped. Last good "
-              f"checkpoint: {where}, left intact. Pass --skip_nonfinite to skip such batches")
-        skipped += 1
-        logging.warning("step %d: non-finite loss or gradient, batch skipped", checked_step)
-    if log_now:
-      elapsed = max(time.time() - window_start, 1e-9)
-      steps_per_s = window_steps / elapsed
-      record = {"step": step, "kind": "train", "steps_per_s": steps_per_s,
-                "skipped_nonfinite": skipped}
-      record.update({key: _to_python(value)
-                     for key, value in parallel.to_host(metrics).items()})
-      metrics_log.write(record)
-      if step == 1:  # its time is mostly compilation: no rate or ETA yet
-        speed = f"first step (compilation included) {elapsed:.1f}s"
-      else:
-        eta = (total_steps - step) / max(steps_per_s, 1e-9)
-        speed = f"{steps_per_s:.1f} steps/s  ETA {eta:.0f}s"
-      logging.info("step %d/%d  loss %.4f  error %.4f  active %s  %s", step, total_steps,
-                   record["loss"], record["error"],
-                   np.round(record.get("active_fraction", []), 3).tolist(), speed)
-      window_start, window_steps = time.time(), 0
-    if eval_now:
-      valid = evaluate(eval_fn, state.params, dataset.x_valid, dataset.y_valid,
-                       mode=config.eval_policy, key=eval_key)
-      metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
-                         "valid_loss": valid["loss"],
-                         "valid_active_fraction": valid["active_fraction"]})
-      logging.info("step %d  valid error %s  active %s", step, valid["error"],
-                   np.round(valid["active_fraction"], 3).tolist())
-    if save_now:
-      checkpointer.save(step, state, meta)
-      last_saved = step
-  checkpointer.close()
-
-  results = finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval_key,
-                     total_steps=max(total_steps, start_step), flag_values=flag_values,
-                     primary=primary)
+def _train_locked(config, workdir, dataset, module, mesh, flag_values, primary):
+  """:func:`train_and_evaluate` once the workdir is locked."""
+  start_time = time.time()
+  checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
+  try:
+    data_fingerprint = data_lib.fingerprint(dataset)
+    resume = _find_resume_point(checkpointer, config, dataset, data_fingerprint)
+    meta = {"architecture": config_lib.architecture_meta(config, dataset.input_shape,
+                                                         dataset.num_classes),
+            "config": config.as_dict(), "data": data_fingerprint}
+    state = step_lib.init_train_state(module, config.train, seed_key(config.seed),
+                                      jnp.asarray(dataset.x_train[:1]))
+    state = parallel.place_state(state, mesh)
+    if resume.damaged and primary:
+      for step, reason in resume.damaged:
+        logging.warning("checkpoint step %d in %s is damaged (%s); set aside in %s, resuming "
+                        "from step %d", step, checkpoint_dir, reason,
+                        checkpoint_dir + checkpoint_lib.DAMAGED_SUFFIX, resume.step)
+      checkpointer.set_aside(step for step, _ in resume.damaged)
+    start_step = 0
+    if resume.step is not None:
+      start_step = resume.step
+      state = checkpointer.restore(state, start_step)
+      logging.info("Resumed from checkpoint step %d in %s", start_step, checkpoint_dir)
+    metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), enabled=primary)
+    metrics_log.truncate_after(start_step)
+    total_steps = config.total_steps(dataset.x_train.shape[0])
+    eval_fn = jax.jit(step_lib.make_eval_step(module, config.eval_policy))
+    state = _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log, meta,
+                         eval_fn, start_step=start_step, total_steps=total_steps,
+                         skipped=int(resume.meta.get("skipped_nonfinite", 0)))
+  finally:
+    checkpointer.close()
+  if not state_is_finite(state):  # e.g. a checkpoint written before states were checked
+    raise NonFiniteError("non-finite parameters or optimizer state at the end of training; "
+                         "no results written")
+  results = finalize(config, module, state, dataset, workdir, metrics_log, eval_fn,
+                     _eval_key(config), total_steps=max(total_steps, start_step),
+                     flag_values=flag_values, primary=primary)
   results["wall_time_s"] = time.time() - start_time
   if primary:
     atomic.write_json(os.path.join(workdir, runs.RESULTS_FILE), results)
   return results
+
+
+def _eval_key(config) -> jax.Array:
+  return jax.random.fold_in(seed_key(config.seed), 2**31 - 1)
+
+
+def _check_skipped(skipped: int, step: int, total_steps: int, last_saved, checkpoint_dir):
+  """Raises :class:`NonFiniteError` once more than the allowed fraction of steps is skipped."""
+  if skipped > MAX_SKIPPED_FRACTION * total_steps:
+    raise NonFiniteError(
+        f"--skip_nonfinite skipped {skipped} non-finite batches by step {step}, more than "
+        f"{MAX_SKIPPED_FRACTION:.0%} of the {total_steps} steps; training stopped without "
+        f"results. Last good checkpoint: {_last_good(last_saved, checkpoint_dir)}")
+
+
+def _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log, meta,
+                 eval_fn, *, start_step: int, total_steps: int, skipped: int):
+  """Steps ``start_step + 1 .. total_steps`` with logging, evaluation and checkpoints.
+
+  Returns:
+    the final train state.
+  """
+  checkpoint_dir = checkpointer.directory
+  num_train = dataset.x_train.shape[0]
+  train_step = parallel.make_parallel_train_step(
+      step_lib.make_train_step(module, config.train), mesh, parallel.state_sharding(state, mesh))
+  eval_key = _eval_key(config)
+  last_saved = start_step if start_step else None
+  if start_step >= total_steps:
+    logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
+  pending_finite = []  # (step, device bool) not yet checked on the host.
+  window_start, window_steps = time.time(), 0
+  step = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      indices = data_lib.train_batch_indices(num_train, config.batch_size, config.seed,
+                                             step - 1)
+      batch = parallel.shard_batch(
+          {"x": dataset.x_train[indices], "y": dataset.y_train[indices]}, mesh)
+      state, metrics = train_step(state, batch)
+      window_steps += 1
+      pending_finite.append((step, metrics["finite"]))
+      # Step 1 is logged too: a progress line within seconds, whatever the model.
+      log_now = step % config.log_every == 0 or step == total_steps or step == 1
+      eval_now = step % config.eval_every == 0 and step != total_steps
+      save_now = step % config.checkpoint_every == 0 or step == total_steps
+      if log_now or eval_now or save_now:
+        # One host sync per boundary, not per step; always before anything is saved.
+        for checked_step, finite in zip(*_pop_flags(pending_finite)):
+          if finite:
+            continue
+          if not config.train.skip_nonfinite:
+            raise NonFiniteError(
+                f"non-finite loss or gradient at step {checked_step}; training stopped. Last "
+                f"good checkpoint: {_last_good(last_saved, checkpoint_dir)}. Pass "
+                "--skip_nonfinite to skip such batches")
+          skipped += 1
+          logging.warning("step %d: non-finite loss or gradient, batch skipped", checked_step)
+          _check_skipped(skipped, checked_step, total_steps, last_saved, checkpoint_dir)
+      if log_now:
+        elapsed = max(time.time() - window_start, 1e-9)
+        steps_per_s = window_steps / elapsed
+        record = {"step": step, "kind": "train", "steps_per_s": steps_per_s,
+                  "skipped_nonfinite": skipped}
+        record.update({key: _to_python(value)
+                       for key, value in parallel.to_host(metrics).items()})
+        metrics_log.write(record)
+        if step == 1:  # its time is mostly compilation: no rate or ETA yet
+          speed = f"first step (compilation included) {elapsed:.1f}s"
+        else:
+          eta = (total_steps - step) / max(steps_per_s, 1e-9)
+          speed = f"{steps_per_s:.1f} steps/s  ETA {eta:.0f}s"
+        logging.info("step %d/%d  loss %.4f  error %.4f  active %s  %s", step, total_steps,
+                     record["loss"], record["error"],
+                     np.round(record.get("active_fraction", []), 3).tolist(), speed)
+        window_start, window_steps = time.time(), 0
+      if eval_now:
+        valid = evaluate(eval_fn, state.params, dataset.x_valid, dataset.y_valid,
+                         mode=config.eval_policy, key=eval_key)
+        metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
+                           "valid_loss": valid["loss"],
+                           "valid_active_fraction": valid["active_fraction"]})
+        logging.info("step %d  valid error %s  active %s", step, valid["error"],
+                     np.round(valid["active_fraction"], 3).tolist())
+      if save_now:
+        if not state_is_finite(state):
+          raise NonFiniteError(
+              f"non-finite parameters or optimizer state at step {step}; not saved, training "
+              f"stopped. Last good checkpoint: {_last_good(last_saved, checkpoint_dir)}")
+        checkpointer.save(step, state, dict(meta, skipped_nonfinite=skipped))
+        last_saved = step
+  except KeyboardInterrupt:
+    raise Interrupted(f"interrupted at step {step}; last checkpoint: "
+                      f"{_last_good(last_saved, checkpoint_dir)}; rerun the same command to "
+                      "resume") from None
+  return state
 
 
 def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval_key, *,

@@ -16,7 +16,8 @@ dense_macs / sparse_macs`` (MACs per example, policies included).
 
 from __future__ import annotations
 
-import json
+import math
+import os
 from typing import Any
 
 from absl import app
@@ -26,12 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import ccjax
+from ccjax import atomic
 from ccjax import timing
 from experiments import cli
 
 MODELS = ("mlp", "cnn")
 CNN_IMAGE_SHAPE = (32, 32, 3)
 CALIBRATION_SIZE = 512
+# Live activation buffers per example and widest layer (dense and sparse paths, gathered
+# copies, policies), used by the memory estimate; deliberately generous.
+ACTIVATION_COPIES = 8
 
 _INPUT_DIM = flags.DEFINE_integer("input_dim", 784, "MLP input features.", lower_bound=1)
 _HIDDEN = flags.DEFINE_list("hidden", ["4096", "4096", "4096"], "MLP hidden widths.")
@@ -90,13 +95,79 @@ def read_config() -> dict[str, Any]:
     if model not in MODELS:
       raise ValueError(f"--models must list entries of {'|'.join(MODELS)}, got {model!r}")
   ccjax.select_backend(_BACKEND.value)
-  return {"models": list(_MODELS.value), "input_dim": _INPUT_DIM.value, "hidden": list(hidden),
+  config = {"models": list(_MODELS.value), "input_dim": _INPUT_DIM.value, "hidden": list(hidden),
           "block_size": _BLOCK_SIZE.value, "num_classes": _NUM_CLASSES.value,
           "tau": _TAU.value, "cnn_stages": list(cnn_stages),
           "cnn_block_size": _CNN_BLOCK_SIZE.value, "cnn_tau": _CNN_TAU.value,
           "batch_sizes": list(batch_sizes), "repeats": _REPEATS.value, "dtype": _DTYPE.value,
           "seed": _SEED.value, "example_slack": _EXAMPLE_SLACK.value,
           "num_buckets": _NUM_BUCKETS.value, "backend": _BACKEND.value}
+  check_memory(config)
+  return config
+
+
+def _module(config: dict[str, Any], family: str):
+  """``(module, example_shape, active_fraction, widest activation per example)``."""
+  dtype = jnp.dtype(config["dtype"])
+  if family == "mlp":
+    module = ccjax.GatedMLP(hidden=tuple(config["hidden"]), num_classes=config["num_classes"],
+                            block_size=config["block_size"], dtype=dtype)
+    return module, (config["input_dim"],), config["tau"], max(config["hidden"])
+  module = ccjax.GatedCNN(config["num_classes"], stem_features=config["cnn_stages"][0],
+                          stage_features=tuple(config["cnn_stages"]), residual_blocks=2,
+                          block_size=config["cnn_block_size"], dtype=dtype)
+  widest = CNN_IMAGE_SHAPE[0] * CNN_IMAGE_SHAPE[1] * max(config["cnn_stages"])
+  return module, CNN_IMAGE_SHAPE, config["cnn_tau"], widest
+
+
+def estimate_bytes(config: dict[str, Any], family: str) -> int:
+  """Bytes one family's benchmark needs at its largest batch size (an upper estimate).
+
+  Weights twice (dense and block-major copies, from ``jax.eval_shape``, nothing
+  allocated), the timed inputs, :data:`ACTIVATION_COPIES` activations of the widest layer
+  per example, and the calibration batch.
+  """
+  module, example_shape, _, widest = _module(config, family)
+  shapes = jax.eval_shape(lambda: module.init(
+      {"params": jax.random.PRNGKey(0), "gate": jax.random.PRNGKey(0)},
+      jnp.zeros((1, *example_shape), jnp.float32), mode="threshold"))
+  weight_bytes = sum(math.prod(leaf.shape) * jnp.dtype(config["dtype"]).itemsize
+                     for leaf in jax.tree_util.tree_leaves(shapes))
+  batch = max(config["batch_sizes"])
+  num_batches = 16 if batch == 1 else 2
+  example = math.prod(example_shape)
+  per_example = 4 * (example + ACTIVATION_COPIES * widest)  # float32 at worst
+  return 2 * weight_bytes + (num_batches * batch + CALIBRATION_SIZE) * per_example
+
+
+def available_bytes() -> tuple[int, str]:
+  """Free memory of the device the benchmark runs on, and its name."""
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.platform} device"
+  try:
+    with open("/proc/meminfo") as stream:
+      for line in stream:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024, "host"
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host"
+
+
+def check_memory(config: dict[str, Any]) -> None:
+  """Raises ``ValueError`` (one line) if a family would need more memory than is free."""
+  available, where = available_bytes()
+  for family in config["models"]:
+    needed = estimate_bytes(config, family)
+    if needed > available:
+      widths = "hidden" if family == "mlp" else "cnn_stages"
+      raise ValueError(
+          f"the {family} benchmark (--{widths}={','.join(map(str, config[widths]))}, "
+          f"--batch_sizes={','.join(map(str, config['batch_sizes']))}) needs about "
+          f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB free on the "
+          f"{where}; use smaller --batch_sizes or --{widths}")
 
 
 def build_model(config: dict[str, Any], family: str):
@@ -104,15 +175,7 @@ def build_model(config: dict[str, Any], family: str):
   policies calibrated to run the configured fraction of blocks."""
   dtype = jnp.dtype(config["dtype"])
   key = jax.random.PRNGKey(config["seed"])
-  if family == "mlp":
-    module = ccjax.GatedMLP(hidden=tuple(config["hidden"]), num_classes=config["num_classes"],
-                            block_size=config["block_size"], dtype=dtype)
-    example_shape, fraction = (config["input_dim"],), config["tau"]
-  else:
-    module = ccjax.GatedCNN(config["num_classes"], stem_features=config["cnn_stages"][0],
-                            stage_features=tuple(config["cnn_stages"]), residual_blocks=2,
-                            block_size=config["cnn_block_size"], dtype=dtype)
-    example_shape, fraction = CNN_IMAGE_SHAPE, config["cnn_tau"]
+  module, example_shape, fraction, _ = _module(config, family)
   init_key, calibration_key = jax.random.split(key)
   params = module.init({"params": init_key, "gate": init_key},
                        jnp.zeros((1, *example_shape), jnp.float32), mode="threshold")["params"]
@@ -163,9 +226,9 @@ def main(argv):
   report = {"config": config, "machine": timing.machine_info(),
             "backend": results[0]["backend"] if results else None, "results": results}
   if _JSON.value:
-    print(json.dumps(report))
+    print(atomic.dumps(report))
   else:
-    print(json.dumps(report["machine"]))
+    print(atomic.dumps(report["machine"]))
     for entry in results:
       print(f"{entry['model']} batch {entry['batch_size']} ({entry['backend']}): dense "
             f"{entry['dense_ms']:.3f} ms, sparse {entry['sparse_ms']:.3f} ms, ratio "

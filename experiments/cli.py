@@ -13,6 +13,14 @@ def fail(message, status: int = 2) -> None:
   sys.exit(status)
 
 
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C.
+
+
+def fail_interrupted(error: KeyboardInterrupt) -> None:
+  """Ctrl-C: one line (the loop's message names the last checkpoint), exit 130."""
+  fail(str(error) or "interrupted; rerun the same command to resume", INTERRUPTED_STATUS)
+
+
 def parse_flags(argv):
   """absl flag parsing whose errors are one line and exit 2 (pass as ``flags_parser``)."""
   try:

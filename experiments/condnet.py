@@ -51,6 +51,8 @@ def main(argv):
     cli.fail(error, status=1)
   except (ValueError, OSError) as error:
     cli.fail(error)
+  except KeyboardInterrupt as error:
+    cli.fail_interrupted(error)
 
 
 if __name__ == "__main__":

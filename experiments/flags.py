@@ -97,6 +97,12 @@ EVAL_POLICY = flags.DEFINE_enum("eval_policy", _DEFAULT.eval_policy, config_lib.
 VALID_FRACTION = flags.DEFINE_float(
     "valid_fraction", _DEFAULT.valid_fraction, "Fraction of train held out for validation "
     "when the dataset has no validation split, in [0, 1).")
+NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", None, "Output classes (default: from the data; for npz, max label + 1 when "
+    "that is at most 4x the number of distinct labels), in [2, 100000].")
+ALLOW_DATA_CHANGE = flags.DEFINE_bool(
+    "allow_data_change", _DEFAULT.allow_data_change, "Resume even if the data differ from "
+    "the data the checkpoint was trained on (same shapes, different values).")
 NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to use (default: all).")
 MEASURE_LATENCY = flags.DEFINE_bool("measure_latency", _DEFAULT.measure_latency,
                                     "Time batch-1 dense and sparse inference at the end.")
@@ -106,8 +112,8 @@ flags.mark_flag_as_required("workdir")
 
 SHARED_FLAGS = (DATASET, DATA_DIR, ARCH, HIDDEN, BLOCK_SIZE, LAMBDA_S, LAMBDA_V, L2, LR, POLICY_LR,
                 BASELINE, ESTIMATOR, SKIP_NONFINITE, BATCH_SIZE, STEPS, EPOCHS, EVAL_EVERY,
-                LOG_EVERY, CHECKPOINT_EVERY, EVAL_POLICY, VALID_FRACTION, NUM_DEVICES,
-                MEASURE_LATENCY, PLOTS)
+                LOG_EVERY, CHECKPOINT_EVERY, EVAL_POLICY, VALID_FRACTION, NUM_CLASSES,
+                ALLOW_DATA_CHANGE, NUM_DEVICES, MEASURE_LATENCY, PLOTS)
 
 
 def config_from_flags(**fields) -> config_lib.ExperimentConfig:

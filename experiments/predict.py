@@ -14,7 +14,6 @@ With the run's own test-time policy and no overflow, ``test_error`` equals the r
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app
@@ -92,7 +91,7 @@ def main(argv):
     config = run.config
     dataset = data_lib.load_dataset(
         _DATASET.value or config.dataset, data_dir=_DATA_DIR.value or config.data_dir,
-        valid_fraction=config.valid_fraction, seed=config.seed)
+        valid_fraction=config.valid_fraction, seed=config.seed, num_classes=run.num_classes)
     if tuple(dataset.input_shape) != run.input_shape:
       raise ValueError(f"--dataset {dataset.name} has examples of shape "
                        f"{list(dataset.input_shape)}, the run was trained on "
@@ -100,9 +99,12 @@ def main(argv):
     report = evaluate(run, dataset, _BATCH_SIZE.value, _EVAL_POLICY.value, _REPEATS.value)
   except (ValueError, OSError) as error:
     cli.fail(error)
+  except KeyboardInterrupt:
+    cli.fail_interrupted(KeyboardInterrupt(
+        f"interrupted; nothing written (the run in --workdir {_WORKDIR.value} is unchanged)"))
   atomic.write_json(os.path.join(_WORKDIR.value, PREDICT_FILE), report)
   if _JSON.value:
-    print(json.dumps(report))
+    print(atomic.dumps(report))
   else:
     print(f"test error {report['test_error']:.4f}  active {np.round(report['active_fraction'], 3).tolist()}  "
           f"MACs/example {report['macs_per_example']:.0f} (dense {report['dense_macs_per_example']:.0f})  "

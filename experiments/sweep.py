@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from ccjax import data
+from ccjax import lock
 from ccjax import loop
 from ccjax import plots
 from ccjax import sweep
@@ -40,17 +41,21 @@ def main(argv):
   try:
     base = shared.config_from_flags()
     configs = sweep.validate_grid(base, seeds=_SEEDS.value, taus=_TAUS.value)
-    dataset = data.load_dataset(base.dataset, data_dir=base.data_dir, seed=0)
+    dataset = data.load_dataset(base.dataset, data_dir=base.data_dir, seed=0,
+                                num_classes=base.num_classes)
     loop.check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
-    rows = sweep.run_sweep(base, workdir, configs, loop.train_and_evaluate,
-                           input_dim=dataset.input_dim, num_classes=dataset.num_classes)
+    with lock.WorkdirLock(workdir):
+      rows = sweep.run_sweep(base, workdir, configs, loop.train_and_evaluate,
+                             input_dim=dataset.input_dim, num_classes=dataset.num_classes)
   except validation.ConfigError as error:
     cli.fail(shared.config_error_message(error, _FLAG_FOR_FIELD))
   except loop.NonFiniteError as error:
     cli.fail(error, status=1)
   except (ValueError, OSError) as error:
     cli.fail(error)
+  except KeyboardInterrupt as error:
+    cli.fail_interrupted(error)
   csv_path, md_path = sweep.write_tables(rows, workdir)
   pareto = plots.plot_pareto(rows, os.path.join(workdir, "pareto.png"))
   logging.info("wrote %s, %s, %s", csv_path, md_path, pareto)

@@ -1,13 +1,19 @@
-r"""Kills experiments.condnet with SIGKILL at random moments, resumes it, checks bit-identity.
+r"""Kills experiments.condnet with SIGKILL between checkpoints, resumes it, checks bit-identity.
 
   python scripts/kill_resume.py --trials=10
 
-Each trial starts a tiny digits run in a subprocess, kills it after a random delay
-(checkpoints are written every few steps, so many kills land during a save), reruns the
-same command to completion, and compares the final checkpoint's parameters, optimizer
-states, baseline and key, bit for bit, with an uninterrupted run's; it also checks that
-``metrics.jsonl`` holds every logged step exactly once. Prints one summary line, e.g.
-``kill/resume: 10/10 identical``, and exits non-zero if any trial differs.
+Each trial starts a tiny digits run in a subprocess and watches its checkpoints: after
+the k-th save (k drawn at random, never one of the last three) it waits a random part
+of the shortest interval between saves seen (so some kills land inside a save) and
+sends SIGKILL. The trial is valid only if the latest intact checkpoint at the kill is after step 0 and before the
+final step, i.e. the rerun really resumes. The same command then runs to completion and
+its final checkpoint (parameters, optimizer states, baseline, key) is compared bit for
+bit with an uninterrupted run's; ``metrics.jsonl`` must hold every logged step once.
+
+A negative control runs too: one more killed run whose checkpoint gets its optimizer
+state zeroed before the resume. The comparison must call it DIFFERENT, or the script
+fails (a check that cannot see a lost optimizer state proves nothing). Prints one
+summary line, e.g. ``kill/resume: 10/10 identical``; exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -26,11 +32,16 @@ import time
 import jax
 import numpy as np
 
-from ccjax import checkpoint as checkpoint_lib
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # this checkout's ccjax, whatever is installed
+from ccjax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+CHECKPOINT_EVERY = 5
+LOG_EVERY = 5
 RUN_FLAGS = ("--dataset=digits", "--hidden=64,64", "--block_size=16", "--batch_size=32",
-             "--log_every=5", "--eval_every=20", "--checkpoint_every=5",
-             "--measure_latency=false", "--plots=false")
+             f"--log_every={LOG_EVERY}", "--eval_every=20",
+             f"--checkpoint_every={CHECKPOINT_EVERY}", "--measure_latency=false",
+             "--plots=false")
 
 
 def command(workdir: str, steps: int, seed: int) -> list[str]:
@@ -38,12 +49,33 @@ def command(workdir: str, steps: int, seed: int) -> list[str]:
           f"--steps={steps}", f"--seed={seed}", *RUN_FLAGS]
 
 
+def _checkpointer(workdir: str) -> checkpoint_lib.Checkpointer:
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+
+
 def final_state(workdir: str) -> dict:
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  checkpointer = _checkpointer(workdir)
   try:
     return checkpointer.restore_raw()
   finally:
     checkpointer.close()
+
+
+def latest_intact_step(workdir: str) -> int | None:
+  checkpointer = _checkpointer(workdir)
+  try:
+    return checkpointer.latest_intact_step().step
+  finally:
+    checkpointer.close()
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """Steps whose save finished (checksum file written), read from the directory listing."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit() and
+                os.path.exists(os.path.join(directory, name, checkpoint_lib.CHECKSUM_FILE)))
 
 
 def states_identical(first: dict, second: dict) -> bool:
@@ -53,58 +85,103 @@ def states_identical(first: dict, second: dict) -> bool:
       np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves_a, leaves_b))
 
 
-def metrics_steps_once(workdir: str, steps: int, log_every: int = 5) -> bool:
+def metrics_steps_once(workdir: str, steps: int) -> bool:
   with open(os.path.join(workdir, "metrics.jsonl")) as stream:
     records = [json.loads(line) for line in stream]
   train_steps = [r["step"] for r in records if r["kind"] == "train"]
-  return train_steps == [1, *range(log_every, steps + 1, log_every)]  # step 1 is logged too
+  return train_steps == [1, *range(LOG_EVERY, steps + 1, LOG_EVERY)]  # step 1 is logged too
 
 
-def wait_for_training(workdir: str, process: subprocess.Popen, timeout: float = 600) -> float:
-  """Blocks until the run has written its first metrics line; returns that time."""
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+def kill_after_save(workdir: str, process: subprocess.Popen, saves: int, rng: random.Random,
+                    timeout: float = 600) -> str:
+  """Waits for the ``saves``-th checkpoint, then a random part of one interval; SIGKILLs.
+
+  Returns:
+    what happened, for the notes.
+  """
   deadline = time.time() + timeout
-  while not os.path.exists(metrics_path) and process.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  return time.time()
+  seen, seen_at = 0, time.time()
+  interval = None  # the shortest time between two saves seen so far
+  while process.poll() is None and time.time() < deadline:
+    steps = saved_steps(workdir)  # only the newest two are kept: count by step number
+    count = steps[-1] // CHECKPOINT_EVERY if steps else 0
+    if count > seen:
+      now = time.time()
+      if seen:
+        latest = (now - seen_at) / (count - seen)
+        interval = latest if interval is None else min(interval, latest)
+      seen, seen_at = count, now
+    if seen >= saves:
+      break
+    time.sleep(0.005)
+  delay = rng.uniform(0.0, 0.9) * (interval or 0.0)
+  time.sleep(delay)
+  if process.poll() is not None:
+    return f"process ended before the kill (after save {seen})"
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  return f"SIGKILL {delay:.2f}s after save {seen}"
 
 
-def run_trials(trials: int, steps: int, seed: int, root: str, env: dict) -> tuple[int, list[str]]:
-  """Returns (identical trials, notes)."""
-  reference_dir = os.path.join(root, "reference")
-  process = subprocess.Popen(command(reference_dir, steps, seed), env=env,
+def zero_optimizer_state(workdir: str, step: int) -> None:
+  """The negative control's damage: the checkpoint at ``step`` with zeroed optimizer state,
+  re-saved as a valid checkpoint (new checksums)."""
+  checkpointer = _checkpointer(workdir)
+  try:
+    state = checkpointer.restore_raw(step)
+    meta = checkpointer.read_meta(step)
+    state["opt_state"] = jax.tree_util.tree_map(np.zeros_like, state["opt_state"])
+    shutil.rmtree(checkpointer.step_dir(step))
+    checkpointer.close()
+    checkpointer = _checkpointer(workdir)
+    checkpointer.save(step, state, meta)
+  finally:
+    checkpointer.close()
+
+
+def run_trial(workdir: str, steps: int, seed: int, reference: dict, saves: int,
+              rng: random.Random, env: dict, zero_optimizer: bool = False) -> tuple[bool, str]:
+  """One kill and resume; returns (valid and identical, note)."""
+  process = subprocess.Popen(command(workdir, steps, seed), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  training_started = wait_for_training(reference_dir, process)
-  if process.wait(timeout=600) != 0:
-    raise RuntimeError("the uninterrupted reference run failed")
-  training_time = time.time() - training_started
+  what = kill_after_save(workdir, process, saves, rng)
+  at_kill = latest_intact_step(workdir)
+  valid = at_kill is not None and 0 < at_kill < steps
+  if valid and zero_optimizer:
+    zero_optimizer_state(workdir, at_kill)
+  subprocess.run(command(workdir, steps, seed), check=True, env=env,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+  same = states_identical(reference, final_state(workdir))
+  once = metrics_steps_once(workdir, steps)
+  note = (f"{what} (latest checkpoint then: {at_kill}{'' if valid else ', NOT A RESUME'}), "
+          f"final state {'identical' if same else 'DIFFERENT'}, metrics "
+          f"{'each step once' if once else 'BROKEN'}")
+  return valid and same and once, note
+
+
+def run_trials(trials: int, steps: int, seed: int, root: str, env: dict
+               ) -> tuple[int, list[str], bool]:
+  """Returns (identical trials, notes, whether the negative control was caught)."""
+  reference_dir = os.path.join(root, "reference")
+  subprocess.run(command(reference_dir, steps, seed), check=True, env=env,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
   reference = final_state(reference_dir)
+  num_saves = steps // CHECKPOINT_EVERY
   rng = random.Random(seed)
   identical, notes = 0, []
   for trial in range(trials):
-    workdir = os.path.join(root, f"trial{trial}")
-    process = subprocess.Popen(command(workdir, steps, seed), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_training(workdir, process)
-    delay = rng.uniform(0.0, 0.9) * training_time
-    time.sleep(delay)
-    killed = process.poll() is None
-    if killed:
-      process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    saved = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-    at_kill = saved.latest_step()
-    saved.close()
-    subprocess.run(command(workdir, steps, seed), check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-    same = states_identical(reference, final_state(workdir))
-    once = metrics_steps_once(workdir, steps)
-    identical += int(same and once)
-    notes.append(f"trial {trial}: SIGKILL {delay:.2f}s into training "
-                 f"({'killed' if killed else 'had already finished'}; latest checkpoint then: "
-                 f"{at_kill}), final state {'identical' if same else 'DIFFERENT'}, metrics "
-                 f"{'each step once' if once else 'BROKEN'}")
-  return identical, notes
+    # Never among the last three saves: the kill lands before the final step.
+    saves = rng.randint(1, max(1, num_saves - 3))
+    ok, note = run_trial(os.path.join(root, f"trial{trial}"), steps, seed, reference, saves,
+                         rng, env)
+    identical += int(ok)
+    notes.append(f"trial {trial}: {note}")
+  _, note = run_trial(os.path.join(root, "control"), steps, seed, reference, 1, rng, env,
+                      zero_optimizer=True)
+  caught = "final state DIFFERENT" in note and "NOT A RESUME" not in note
+  notes.append(f"negative control (optimizer state zeroed at the resume): {note}"
+               f"{'' if caught else ' -- NOT DETECTED'}")
+  return identical, notes, caught
 
 
 def main() -> int:
@@ -114,20 +191,22 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--verbose", action="store_true")
   args = parser.parse_args()
-  if args.trials < 1 or args.steps < 5:
-    parser.error("--trials must be >= 1 and --steps >= 5")
+  if args.trials < 1 or args.steps < 4 * CHECKPOINT_EVERY:
+    parser.error(f"--trials must be >= 1 and --steps >= {4 * CHECKPOINT_EVERY}")
   env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(
-      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")])
+  env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
   root = tempfile.mkdtemp(prefix="ccjax-kill-resume-")
   try:
-    identical, notes = run_trials(args.trials, args.steps, args.seed, root, env)
+    identical, notes, caught = run_trials(args.trials, args.steps, args.seed, root, env)
   finally:
     shutil.rmtree(root, ignore_errors=True)
   if args.verbose:
     print("\n".join(notes))
+  if not caught:
+    print("kill/resume: self-check FAILED: a resume with a zeroed optimizer state was not "
+          "detected")
   print(f"kill/resume: {identical}/{args.trials} identical")
-  return 0 if identical == args.trials else 1
+  return 0 if identical == args.trials and caught else 1
 
 
 if __name__ == "__main__":

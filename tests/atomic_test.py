@@ -33,3 +33,20 @@ def test_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
   with open(path) as stream:
     assert stream.read() == "old"
   assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_strict_json_writes_null_for_non_finite_numbers(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  payload = {"loss": float("nan"), "up": float("inf"), "rates": [1.0, float("-inf")],
+             "array": np.array([0.5, np.nan], np.float32), "scalar": np.float32(np.inf),
+             "pair": (2, "x"), "ok": True}
+  path = str(tmp_path / "out.json")
+  atomic.write_json(path, payload)
+  with open(path) as stream:
+    text = stream.read()
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"loss": None, "up": None, "rates": [1.0, None],
+                              "array": [0.5, None], "scalar": None, "pair": [2, "x"],
+                              "ok": True}
+  assert atomic.dumps({"x": float("nan")}) == '{"x": null}'

@@ -50,6 +50,16 @@ FLAG_CASES = [
     ("steps_and_epochs", ["--epochs=2"], "--steps and --epochs: give one, not both"),
     ("valid_fraction", ["--valid_fraction=1.0"], "--valid_fraction must be in [0, 1)"),
     ("unknown_flag", ["--learning_rate=3"], "learning_rate"),
+    ("lr_inf", ["--lr=inf"], "--lr must be a finite number, got inf"),
+    ("policy_lr_inf", ["--policy_lr=inf"], "--policy_lr must be a finite number, got inf"),
+    ("l2_inf", ["--l2=inf"], "--l2 must be a finite number, got inf"),
+    ("lambda_v_inf", ["--lambda_v=-inf"], "--lambda_v must be a finite number, got -inf"),
+    ("lambda_s_nan", ["--lambda_s=nan"], "--lambda_s must be a finite number, got nan"),
+    ("seed_too_large", [f"--seed={2**63}"], "--seed must be in [0, 2**63)"),
+    ("seed_beyond_64_bits", [f"--seed={2**64 + 3}"], "--seed must be in [0, 2**63)"),
+    ("num_classes_one", ["--num_classes=1"], "--num_classes must be an integer >= 2, got 1"),
+    ("num_classes_huge", ["--num_classes=1000000"], "--num_classes must be in [2, 100000]"),
+    ("num_classes_below_labels", ["--num_classes=5"], "y_train has label 9 but num_classes=5"),
 ]
 
 
@@ -92,6 +102,11 @@ NPZ_CASES = [
     ("labels_non_integer", dict(y_test=np.full(30, 0.5)), "y_test"),
     ("nan_features", dict(x_test=np.full((30, 6), np.nan, np.float32)), "x_test"),
     ("inf_features", dict(x_train=np.full((96, 6), np.inf, np.float32)), "x_train"),
+    ("zero_features", dict(x_train=np.zeros((96, 0), np.float32),
+                           x_test=np.zeros((30, 0), np.float32)),
+     "x_train has shape (96, 0): examples with no features"),
+    ("huge_label", dict(y_train=np.r_[np.arange(95) % 3, 10**6]),
+     "y_train has label 1000000 but only 4 distinct labels"),
 ]
 
 
@@ -137,18 +152,87 @@ def test_checkpoint_of_other_architecture(trained_workdir, tmp_path):
                        "different architecture (hidden")
 
 
-def test_corrupt_checkpoint(trained_workdir, tmp_path):
+def _damage_steps(workdir: str, steps=None) -> list[int]:
+  """Overwrites the state files of ``steps`` (default: every step); returns the steps."""
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  all_steps = sorted(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit())
+  for step in all_steps if steps is None else steps:
+    state_files = [f for f in glob.glob(os.path.join(checkpoint_dir, str(step), "state", "**"),
+                                        recursive=True) if os.path.isfile(f)]
+    assert state_files
+    for name in state_files:
+      with open(name, "wb") as stream:
+        stream.write(b"not a checkpoint")
+  return all_steps
+
+
+def test_every_checkpoint_damaged(trained_workdir, tmp_path):
   workdir = _copy(trained_workdir[0], tmp_path)
-  latest = max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints"))
-               if name.isdigit())
-  state_files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", str(latest), "state",
-                                                   "**"), recursive=True) if os.path.isfile(f)]
-  assert state_files
-  for name in state_files:
-    with open(name, "wb") as stream:
-      stream.write(b"not a checkpoint")
-  assert_clean_failure(workdir, [*TINY, f"--dataset=npz:{trained_workdir[1]}"],
-                       f"checkpoint step {latest}")
+  steps = _damage_steps(workdir)
+  line = assert_clean_failure(workdir, [*TINY, f"--dataset=npz:{trained_workdir[1]}"],
+                              "no intact checkpoint in")
+  assert all(f"step {step}: file state/" in line for step in steps), line
+
+
+def test_checkpoints_is_a_regular_file(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("x")
+  assert_clean_failure(str(workdir), TINY, "checkpoints exists and is not a directory")
+
+
+def test_changed_data_on_resume_is_refused_unless_allowed(tmp_path):
+  path = str(tmp_path / "user.npz")
+  write_npz(path)
+  workdir = str(tmp_path / "run")
+  args = [*TINY, "--steps=4", "--plots=false", f"--dataset=npz:{path}"]
+  first = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}", *args)
+  assert first.returncode == 0, first.stderr[-2000:]
+  write_npz(path, seed=1)  # rewritten in place: same shapes and dtypes, other values
+  line = assert_clean_failure(workdir, args, "holds different data than the checkpoint")
+  assert "--allow_data_change" in line
+  allowed = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}", *args,
+                                        "--allow_data_change")
+  assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+SWEEP_CASES = [
+    ("duplicate_seeds", ["--seeds=0,0"], "--seeds lists a value twice"),
+    ("bad_late_seed", ["--seeds=0,1,-4"], "--seeds must be an integer >= 0, got -4"),
+    ("duplicate_taus", ["--taus=0.25,0.25"], "--taus lists a value twice"),
+    ("colliding_taus", ["--taus=0.25,0.2500001"], "give the same run directory names"),
+    ("bad_late_tau", ["--taus=0.25,0.5,1.5"], "--taus must be in (0, 1], got 1.5"),
+    ("huge_label", ["--num_classes=2"], "but num_classes=2"),
+]
+
+
+@pytest.mark.parametrize("name,args,expected", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
+def test_sweep_validates_everything_before_the_first_run(tmp_path, name, args, expected):
+  del name
+  workdir = str(tmp_path / "sweep")
+  process = experiment_utils.run_module("experiments.sweep", f"--workdir={workdir}", *TINY,
+                                        *args)
+  lines = [line for line in process.stderr.splitlines() if line.strip()]
+  assert process.returncode == 2, process.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+  assert not os.path.exists(workdir)
+
+
+BENCH_CASES = [
+    ("example_slack_inf", ["--example_slack=inf"], "--example_slack must be a finite number"),
+    ("batch_beyond_memory", ["--batch_sizes=1,1000000000"],
+     "needs about 249982.2 GiB, more than the"),
+    ("widths_beyond_memory", ["--hidden=131072,131072", "--block_size=64"], "GiB, more than"),
+]
+
+
+@pytest.mark.parametrize("name,args,expected", BENCH_CASES, ids=[c[0] for c in BENCH_CASES])
+def test_bench_inference_refuses_before_allocating(name, args, expected):
+  del name
+  process = experiment_utils.run_module("experiments.bench_inference", "--models=mlp", *args)
+  lines = [line for line in process.stderr.splitlines() if line.strip()]
+  assert process.returncode == 2, process.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
 
 def test_workdir_is_a_file(tmp_path):

@@ -14,10 +14,23 @@ from ccjax import checkpoint as checkpoint_lib
 from tests import experiment_utils
 
 
-def small_state():
+def small_state(seed: int = 0):
   model = ccjax.GatedMLP(hidden=(16,), num_classes=3, block_size=8)
   config = ccjax.TrainConfig(tau=0.5)
-  return ccjax.init_train_state(model, config, jax.random.PRNGKey(0), jnp.zeros((2, 5)))
+  return ccjax.init_train_state(model, config, jax.random.PRNGKey(seed), jnp.zeros((2, 5)))
+
+
+def other_target():
+  """A target of the same structure whose every float leaf differs from ``small_state()``:
+  a restore that silently returned its target would fail the comparisons."""
+  return jax.tree_util.tree_map(
+      lambda leaf: leaf + 1 if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf,
+      small_state(seed=1))
+
+
+def _assert_differs(first, second) -> None:
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(second)))
 
 
 def test_round_trip_keeps_every_field_and_meta(tmp_path):
@@ -25,7 +38,9 @@ def test_round_trip_keeps_every_field_and_meta(tmp_path):
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"))
   checkpointer.save(7, state, {"architecture": {"hidden": [16]}})
   assert checkpointer.latest_step() == 7
-  restored = checkpointer.restore(small_state())
+  target = other_target()
+  _assert_differs(target, state)
+  restored = checkpointer.restore(target)
   experiment_utils.assert_trees_equal(state, restored)
   assert isinstance(restored, ccjax.TrainState)
   assert checkpointer.read_meta() == {"architecture": {"hidden": [16]}}
@@ -56,7 +71,7 @@ def test_unfinished_save_is_ignored(tmp_path):
     stream.write(b"\0" * 10)
   reopened = checkpoint_lib.Checkpointer(directory)
   assert reopened.latest_step() == 1
-  experiment_utils.assert_trees_equal(reopened.restore(small_state()), small_state())
+  experiment_utils.assert_trees_equal(reopened.restore(other_target()), small_state())
   reopened.close()
 
 
@@ -71,4 +86,63 @@ def test_damaged_checkpoint_raises_one_line_error(tmp_path):
   with pytest.raises(checkpoint_lib.CheckpointError, match="checkpoint step 3 in") as error:
     checkpointer.restore(small_state())
   assert "\n" not in str(error.value)
+  checkpointer.close()
+
+
+def _flip_bit(path: str) -> None:
+  with open(path, "r+b") as stream:
+    data = bytearray(stream.read())
+    data[len(data) // 2] ^= 1
+    stream.seek(0)
+    stream.write(data)
+
+
+def _largest_file(directory: str) -> str:
+  files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+  return max(files, key=os.path.getsize)
+
+
+def test_checksums_survive_later_saves_and_reopening(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  checkpointer = checkpoint_lib.Checkpointer(directory, max_to_keep=3)
+  for step in (1, 2, 3):
+    checkpointer.save(step, small_state(), {"step": step})
+  checkpointer.close()
+  reopened = checkpoint_lib.Checkpointer(directory, max_to_keep=3)
+  for step in (1, 2, 3):
+    reopened.verify(step)
+  assert reopened.latest_intact_step() == (3, [])
+  reopened.close()
+
+
+@pytest.mark.parametrize("method", ["restore", "restore_raw", "read_meta"])
+def test_flipped_bit_is_never_restored(tmp_path, method):
+  directory = str(tmp_path / "ckpt")
+  checkpointer = checkpoint_lib.Checkpointer(directory)
+  checkpointer.save(1, small_state(), {})
+  checkpointer.save(2, small_state(seed=2), {})
+  _flip_bit(_largest_file(os.path.join(directory, "2", "state")))
+  args = (other_target(), 2) if method == "restore" else (2,)
+  with pytest.raises(checkpoint_lib.DamagedCheckpointError, match="step 2 .* is damaged"):
+    getattr(checkpointer, method)(*args)
+  intact = checkpointer.latest_intact_step()
+  assert intact.step == 1 and [step for step, _ in intact.damaged] == [2]
+  assert "does not match its checksum" in intact.damaged[0][1]
+  moved = checkpointer.set_aside([2])
+  assert checkpointer.all_steps() == [1] and os.path.isdir(moved[0])
+  experiment_utils.assert_trees_equal(checkpointer.restore(other_target()), small_state())
+  checkpointer.save(2, small_state(seed=2), {})  # the step can be written again
+  checkpointer.verify(2)
+  checkpointer.close()
+
+
+def test_save_without_checksum_file_counts_as_damaged(tmp_path):
+  directory = str(tmp_path / "ckpt")
+  checkpointer = checkpoint_lib.Checkpointer(directory)
+  checkpointer.save(1, small_state(), {})
+  checkpointer.save(2, small_state(), {})
+  # A kill between orbax's rename and the checksum file.
+  os.remove(os.path.join(directory, "2", checkpoint_lib.CHECKSUM_FILE))
+  intact = checkpointer.latest_intact_step()
+  assert intact.step == 1 and "did not finish" in intact.damaged[0][1]
   checkpointer.close()

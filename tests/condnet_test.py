@@ -131,12 +131,12 @@ def test_mocked_tfds_dataset(tmp_path):
   assert np.isfinite(results["test_error"])
 
 
-def _poisoned_npz(tmp_path) -> tuple[str, int]:
+def _poisoned_npz(tmp_path, n_train=96, poisoned_examples=4) -> tuple[str, int]:
   """An npz whose first examples overflow float32 in the first layer; returns (spec, first bad step)."""
   path = str(tmp_path / "poison.npz")
-  arrays = write_npz(path, n_train=96)
+  arrays = write_npz(path, n_train=n_train)
   x_train = arrays["x_train"].copy()
-  x_train[:4] = 3e38
+  x_train[:poisoned_examples] = 3e38
   np.savez(path, **{**arrays, "x_train": x_train})
   dataset = data_lib.load_dataset(f"npz:{path}", valid_fraction=0.1, seed=0)
   poisoned = set(np.where(dataset.x_train[:, 0] > 1e37)[0].tolist())
@@ -163,17 +163,29 @@ def test_nonfinite_loss_stops_with_step_and_intact_checkpoint(tmp_path):
 
 
 def test_skip_nonfinite_skips_bad_batches(tmp_path):
-  spec, bad_step = _poisoned_npz(tmp_path)
+  # One poisoned example in ~860: about one batch in 54 is skipped, under the 10% limit.
+  spec, bad_step = _poisoned_npz(tmp_path, n_train=960, poisoned_examples=1)
   workdir = str(tmp_path / "run")
-  config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 2, skip_nonfinite=True,
-                       log_every=1, eval_every=1000)
+  steps = max(bad_step + 2, 60)
+  config = tiny_config(dataset=spec, batch_size=16, steps=steps, skip_nonfinite=True,
+                       log_every=1, eval_every=1000, checkpoint_every=steps)
   results = loop.train_and_evaluate(config, workdir)
   assert np.isfinite(results["test_error"])
   last = [r for r in read_metrics(workdir) if r["kind"] == "train"][-1]
-  assert last["skipped_nonfinite"] >= 1
+  assert 1 <= last["skipped_nonfinite"] <= loop.MAX_SKIPPED_FRACTION * steps
   import jax  # pylint: disable=g-import-not-at-top
   assert all(np.all(np.isfinite(leaf)) for leaf in
              jax.tree_util.tree_leaves(final_state(workdir)["params"]))
+
+
+def test_skip_nonfinite_beyond_the_limit_fails_without_results(tmp_path):
+  spec, bad_step = _poisoned_npz(tmp_path)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(dataset=spec, batch_size=16, steps=bad_step + 2, skip_nonfinite=True,
+                       checkpoint_every=1, eval_every=1000)
+  with pytest.raises(loop.NonFiniteError, match="more than 10% of the"):
+    loop.train_and_evaluate(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
 
 
 def test_epochs_flag_sets_steps():

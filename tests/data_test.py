@@ -202,7 +202,7 @@ def _bad(**changes):
     (_bad(y_test=np.full(10, -1)), r"y_test has negative label -1"),
     (_bad(y_train=np.eye(3)[np.arange(30) % 3]), r"y_train has shape \(30, 3\).*one-hot"),
     (_bad(num_classes=np.int64(2)), r"y_train has label 2 but num_classes=2"),
-    (_bad(num_classes=np.float32(3.5)), r"num_classes must be a scalar integer >= 2"),
+    (_bad(num_classes=np.float32(3.5)), r"num_classes must be a scalar integer in \[2, 100000\]"),
     (_bad(x_train=np.where(np.arange(150).reshape(30, 5) == 7, np.nan, 1.0)),
      r"x_train has 1 NaN/Inf values"),
     (_bad(x_test=np.full((10, 5), np.inf)), r"x_test has 50 NaN/Inf values"),

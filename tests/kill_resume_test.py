@@ -16,4 +16,7 @@ def test_kill_resume_script_reports_identical_trials():
        "--trials=2", "--steps=30", "--verbose"],
       cwd=experiment_utils.REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert process.returncode == 0, process.stdout + process.stderr[-2000:]
-  assert process.stdout.strip().splitlines()[-1] == "kill/resume: 2/2 identical"
+  lines = process.stdout.strip().splitlines()
+  assert lines[-1] == "kill/resume: 2/2 identical", process.stdout
+  assert "NOT A RESUME" not in process.stdout
+  assert "negative control" in process.stdout and "NOT DETECTED" not in process.stdout
