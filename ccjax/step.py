@@ -34,6 +34,9 @@ from ccjax import regularizers
 from ccjax import validation
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
+# What a token model's REINFORCE cost is: the sequence's loss (unbiased) or each
+# position's own loss (biased; see policy_objective).
+REINFORCE_COSTS = ("sequence", "position")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,9 @@ class TrainConfig:
       ``metrics['finite']`` is 0); otherwise the update is applied and the caller
       is expected to stop (see :mod:`ccjax.loop`).
     max_grad_norm: optional global-norm clipping of each parameter set's gradient.
+    reinforce_cost: token models (loss ``[batch, seq]``) only: ``sequence`` (the cost of
+      all of a sequence's masks is its mean loss: unbiased) or ``position`` (each
+      position's masks are charged that position's loss only: biased, lower variance).
   """
   tau: float | Sequence[float] = 0.25
   lambda_s: float = 2.0
@@ -69,6 +75,7 @@ class TrainConfig:
   estimator: str = "reinforce"
   skip_nonfinite: bool = False
   max_grad_norm: float | None = None
+  reinforce_cost: str = "sequence"
 
   def __post_init__(self):
     taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
@@ -87,6 +94,7 @@ class TrainConfig:
     validation.check_choice("estimator", self.estimator, estimators.ESTIMATORS)
     if self.max_grad_norm is not None:
       validation.check_float("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+    validation.check_choice("reinforce_cost", self.reinforce_cost, REINFORCE_COSTS)
 
   def taus(self, num_layers: int) -> tuple[float, ...]:
     """``tau`` (one value, a 1-tuple, or one per layer) with one value per gated layer."""
@@ -180,23 +188,61 @@ def check_model_matches(model: nn.Module, config: TrainConfig) -> None:
     config.taus(len(model.hidden))  # one tau or one per gated layer, checked before tracing
 
 
+def reinforce_terms(gate_aux: Sequence[layers.GateAux], loss: jax.Array, reinforce_cost: str
+                    ) -> tuple[jax.Array, jax.Array]:
+  """The REINFORCE ``(cost, log_prob)`` pair, both ``[batch]`` or both ``[batch, seq]``.
+
+  Classification (``loss [batch]``): the example's loss and the log-probability of all
+  its masks. Token models (``loss [batch, seq]``, masks ``[batch, seq, blocks]``):
+
+  * ``sequence``: cost = mean loss of the sequence, log-probability summed over layers
+    and positions, ``[batch]``. The joint policy factorises as ``prod_{l,t} pi(u_lt |
+    h_lt)`` (a later position's policy reads states that earlier masks changed, which the
+    chain rule covers), so this is the score-function estimate of ``grad E[mean_t c_t]``:
+    unbiased.
+  * ``position``: cost = the position's own loss, log-probability of the masks at that
+    position (summed over layers), ``[batch, seq]``. Biased: a mask at position ``t``
+    also changes later positions' losses through attention, and those terms are
+    dropped (``sum_t E[c_t grad log pi(u_t)]`` instead of ``sum_{t, t'} E[c_t' grad log
+    pi(u_t)]``); in exchange the variance is much lower.
+
+  Args:
+    gate_aux: one :class:`GateAux` per gated layer.
+    loss: ``[batch]`` or ``[batch, seq]`` task loss.
+    reinforce_cost: ``sequence`` | ``position`` (ignored for ``[batch]`` losses).
+
+  Returns:
+    ``(cost, log_prob)``; ``cost`` under ``stop_gradient``.
+  """
+  cost = jax.lax.stop_gradient(loss)
+  log_prob = sum(aux.log_prob for aux in gate_aux)
+  if log_prob.shape != cost.shape:
+    raise ValueError(f"mask log-probabilities {log_prob.shape} do not match the loss "
+                     f"{cost.shape}")
+  if cost.ndim == 2 and reinforce_cost == "sequence":
+    return jnp.mean(cost, axis=1), jnp.sum(log_prob, axis=1)
+  return cost, log_prob
+
+
 def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.Array,
                      config: TrainConfig, baseline_state: estimators.BaselineState
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """REINFORCE + ``lambda_s (L_b + L_e) + lambda_v L_v`` over the gated layers.
 
   Args:
-    gate_aux: one :class:`GateAux` per gated layer.
-    per_example_loss: ``[batch]`` task loss; used as the REINFORCE cost (no gradient).
-    config: hyperparameters (taus, lambdas, baseline, estimator).
+    gate_aux: one :class:`GateAux` per gated layer (``probs``/``mask`` ``[batch, blocks]``,
+      or ``[batch, seq, blocks]`` for token models).
+    per_example_loss: ``[batch]`` (or ``[batch, seq]``) task loss; the REINFORCE cost
+      (no gradient), see :func:`reinforce_terms`.
+    config: hyperparameters (taus, lambdas, baseline, estimator, reinforce_cost).
     baseline_state: state of the ``ema`` baseline.
 
   Returns:
-    ``(objective, terms)``: a scalar and a dict of scalar terms for logging.
+    ``(objective, terms)``: a scalar and a dict of scalar terms for logging; the
+    regularizers take every (example, position) as one x.
   """
   taus = config.taus(len(gate_aux))
-  cost = jax.lax.stop_gradient(per_example_loss)
-  log_prob = sum(aux.log_prob for aux in gate_aux)
+  cost, log_prob = reinforce_terms(gate_aux, per_example_loss, config.reinforce_cost)
   baseline = estimators.compute_baseline(config.baseline, cost, baseline_state,
                                          config.baseline_decay)
   if config.estimator == "reinforce":
@@ -226,13 +272,15 @@ def make_train_step(model: nn.Module, config: TrainConfig
   Args:
     model: a module called as ``model.apply(vars, x, mode='sample', rngs={'gate': k})``
       and returning ``(logits [batch, classes], aux)`` with one ``GateAux`` or ``None``
-      per hidden layer.
+      per hidden layer, or, for token models, ``(logits [batch, seq, vocab], aux)``
+      with per-position masks.
     config: hyperparameters.
 
   Returns:
     the un-jitted step; wrap it in ``jax.jit(step, donate_argnums=0)``. The batch is a
-    dict with ``x [batch, ...]`` and integer ``y [batch]``. Metrics are scalars except
-    ``active_fraction`` and ``mean_prob``, ``[layers]``.
+    dict with ``x [batch, ...]`` and integer ``y [batch]`` (``[batch, seq]`` next tokens
+    for token models; ``loss`` is then the mean over tokens, in nats). Metrics are scalars
+    except ``active_fraction`` and ``mean_prob``, ``[layers]``.
   """
   check_model_matches(model, config)
   optimizer = make_optimizer(config)
@@ -296,15 +344,16 @@ def make_eval_step(model: nn.Module, mode: str = "threshold", capacity=None
   Args:
     model: as for :func:`make_train_step`.
     mode: ``threshold`` | ``top_k`` | ``all`` | ``sample`` (``sample`` needs
-      ``batch['rng']``, a key).
-    capacity: for ``top_k``.
+      ``batch['rng']``, a key), or ``activation_top_k`` (training-free, from the
+      activations; models built from :class:`ccjax.GatedDense`).
+    capacity: for ``top_k`` / ``activation_top_k``.
 
   Returns:
     a pure function returning ``loss [batch]``, ``correct [batch]``, ``prediction
     [batch]`` and, for gated models, ``active_fraction [layers, batch]`` and
     ``probs``/``mask``: tuples of ``[batch, blocks]`` per gated layer.
   """
-  layers.validate_layer_mode(mode)
+  layers.validate_layer_mode(mode, layers.LAYER_MODES)
 
   def eval_step(params, batch):
     rngs = {"gate": batch["rng"]} if mode == "sample" else {}
