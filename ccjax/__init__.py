@@ -55,6 +55,8 @@ from ccjax.inference.kernels import available_backends as available_backends
 from ccjax.inference.kernels import select_backend as select_backend
 from ccjax.inference.layout import BlockMajorMLP as BlockMajorMLP
 from ccjax.inference.layout import to_block_major as to_block_major
+from ccjax.layers import ACTIVATION_TOP_K as ACTIVATION_TOP_K
+from ccjax.layers import activation_top_k_mask as activation_top_k_mask
 from ccjax.layers import BlockPolicy as BlockPolicy
 from ccjax.layers import GateAux as GateAux
 from ccjax.layers import GatedDense as GatedDense
@@ -104,12 +106,18 @@ from ccjax.step import make_eval_step as make_eval_step
 from ccjax.step import make_optimizer as make_optimizer
 from ccjax.step import make_train_step as make_train_step
 from ccjax.step import policy_objective as policy_objective
+from ccjax.step import REINFORCE_COSTS as REINFORCE_COSTS
+from ccjax.step import reinforce_terms as reinforce_terms
+from ccjax.transformer import GatedTransformer as GatedTransformer
+from ccjax.transformer import init_cache as init_cache
 from ccjax.validation import ConfigError as ConfigError
 
 __version__ = "0.1.0"
 
 __all__ = (
     "abstract_state_for",
+    "ACTIVATION_TOP_K",
+    "activation_top_k_mask",
     "active_fraction",
     "apply_block_mask",
     "available_backends",
@@ -152,9 +160,11 @@ __all__ = (
     "GatedDense",
     "GatedMLP",
     "GatedResidualBlock",
+    "GatedTransformer",
     "gumbel_sigmoid_mask",
     "InferenceInfo",
     "init_baseline_state",
+    "init_cache",
     "init_train_state",
     "initialize_distributed",
     "is_policy_path",
@@ -185,6 +195,8 @@ __all__ = (
     "ramp",
     "recipe_fields",
     "RECIPES",
+    "REINFORCE_COSTS",
+    "reinforce_terms",
     "replicated_sharding",
     "Run",
     "sample_mask",

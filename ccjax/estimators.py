@@ -63,12 +63,13 @@ def compute_baseline(kind: str, cost: jax.Array, state: BaselineState | None = N
 
   Args:
     kind: one of ``none``, ``batch_mean`` (leave-one-out), ``ema``.
-    cost: ``[batch]`` per-example costs.
+    cost: ``[batch]`` per-example costs, or ``[batch, seq]`` per position (``batch_mean``
+      then leaves the example out at each position: the other examples' cost there).
     state: moving-average state, required for ``ema``.
     decay: moving-average decay, for ``ema``.
 
   Returns:
-    ``[batch]`` baseline values under ``stop_gradient``.
+    baseline values shaped like ``cost``, under ``stop_gradient``.
   """
   cost = jax.lax.stop_gradient(cost)
   if kind == "none":
@@ -77,7 +78,7 @@ def compute_baseline(kind: str, cost: jax.Array, state: BaselineState | None = N
     batch = cost.shape[0]
     if batch < 2:
       return jnp.zeros_like(cost)
-    return (jnp.sum(cost) - cost) / (batch - 1)
+    return (jnp.sum(cost, axis=0) - cost) / (batch - 1)
   if kind == "ema":
     if state is None:
       raise ValueError("baseline 'ema' needs a BaselineState")
@@ -90,20 +91,22 @@ def score_function_loss(log_prob: jax.Array, cost: jax.Array,
   """REINFORCE surrogate whose gradient is the score-function estimate.
 
   ``grad score_function_loss = mean_x (c_x - b_x) grad log pi(u_x)``, computed for
-  the whole batch in one backward pass (no per-example Jacobians).
+  the whole batch in one backward pass (no per-example Jacobians). An ``x`` is one
+  example (``[batch]``) or one (example, position) (``[batch, seq]``, the per-position
+  cost of token models; see :func:`ccjax.policy_objective` for its bias).
 
   Args:
-    log_prob: ``[batch]`` log-probability of each example's sampled masks (summed
-      over blocks and layers), differentiable w.r.t. the policy parameters.
-    cost: ``[batch]`` per-example cost; no gradient flows through it.
-    baseline: ``[batch]`` or scalar baseline; no gradient flows through it.
+    log_prob: ``[batch]`` or ``[batch, seq]`` log-probability of each x's sampled
+      masks (summed over blocks and layers), differentiable w.r.t. the policy parameters.
+    cost: same shape as ``log_prob``, the cost of each x; no gradient flows through it.
+    baseline: same shape or scalar baseline; no gradient flows through it.
 
   Returns:
     scalar surrogate loss.
   """
-  if log_prob.ndim != 1 or cost.shape != log_prob.shape:
-    raise ValueError(
-        f"log_prob and cost must both be [batch], got {log_prob.shape} and {cost.shape}")
+  if log_prob.ndim not in (1, 2) or cost.shape != log_prob.shape:
+    raise ValueError("log_prob and cost must both be [batch] or both [batch, seq], got "
+                     f"{log_prob.shape} and {cost.shape}")
   advantage = jax.lax.stop_gradient(cost - baseline)
   return jnp.mean(advantage * log_prob)
 

@@ -1,7 +1,9 @@
 """Flax Linen modules over the pure policy and gating functions.
 
 Axis letters: ``batch`` examples, ``in`` input features, ``units`` output units of a
-gated layer, ``blocks = units / block_size``.
+gated layer, ``blocks = units / block_size``. :class:`GatedDense` and :func:`gate` also
+take ``[..., in]`` (e.g. ``[batch, seq, in]``): the policy then gives every position
+its own mask, ``probs``/``mask`` are ``[..., blocks]`` and ``log_prob`` is ``[...]``.
 
 Every gated layer returns ``(y, aux)`` where ``aux`` is a :class:`GateAux` holding the
 layer's block probabilities, the mask that was applied and its log-probability; an
@@ -49,10 +51,38 @@ class GateAux(NamedTuple):
   log_prob: jax.Array
 
 
-def validate_layer_mode(mode: str) -> str:
-  if mode not in policy_lib.POLICY_MODES:
-    raise ValueError(f"mode must be one of {'|'.join(policy_lib.POLICY_MODES)}, got {mode!r}")
+# Training-free masks chosen from the layer's own activations (TEAL-style): per
+# example/position, the ``capacity`` blocks with the largest activation norm run. Works
+# on gated and dense layers alike (the policy, if any, is not consulted).
+ACTIVATION_TOP_K = "activation_top_k"
+LAYER_MODES = policy_lib.POLICY_MODES + (ACTIVATION_TOP_K,)
+
+
+def validate_layer_mode(mode: str, allowed: Sequence[str] = policy_lib.POLICY_MODES) -> str:
+  if mode not in allowed:
+    raise ValueError(f"mode must be one of {'|'.join(allowed)}, got {mode!r}")
   return mode
+
+
+def activation_top_k_mask(activations: jax.Array, num_blocks: int,
+                          capacity: int | None) -> jax.Array:
+  """The ``capacity`` blocks of largest L2 norm, per leading index (TEAL-style).
+
+  Args:
+    activations: ``[..., units]`` layer outputs (after the nonlinearity).
+    num_blocks: blocks the units split into.
+    capacity: blocks kept per example/position, in ``[1, num_blocks]``.
+
+  Returns:
+    ``[..., blocks]`` 0/1 mask with exactly ``capacity`` ones per row.
+  """
+  if capacity is None or not 1 <= capacity <= num_blocks:
+    raise ValueError(f"mode {ACTIVATION_TOP_K!r} needs a capacity in [1, {num_blocks}], "
+                     f"got {capacity!r}")
+  blocked = activations.reshape(*activations.shape[:-1], num_blocks, -1).astype(jnp.float32)
+  norms = jnp.sum(jnp.square(jax.lax.stop_gradient(blocked)), axis=-1)
+  _, top_idx = jax.lax.top_k(norms, capacity)
+  return jnp.sum(jax.nn.one_hot(top_idx, num_blocks, dtype=jnp.float32), axis=-2)
 
 
 def validate_gate_settings(estimator: str, policy_eps: float, policy_init_prob) -> None:
@@ -255,16 +285,22 @@ class GatedDense(nn.Module):
     """Applies the layer.
 
     Args:
-      inputs: ``[batch, in]``.
-      mode: ``sample`` | ``threshold`` | ``top_k`` | ``all`` (see :func:`make_block_mask`).
-      capacity: blocks per example for ``top_k``.
-      block_mask: optional ``[batch, blocks]`` mask used instead of the policy's own.
+      inputs: ``[batch, in]`` or ``[..., in]`` (one mask per leading index).
+      mode: ``sample`` | ``threshold`` | ``top_k`` | ``all`` (see :func:`make_block_mask`),
+        or :data:`ACTIVATION_TOP_K` (training-free, from the activations' block norms).
+      capacity: blocks per example (per position) for ``top_k`` / ``activation_top_k``.
+      block_mask: optional ``[..., blocks]`` mask used instead of the policy's own.
 
     Returns:
-      ``(y [batch, units], aux)``; ``aux`` is ``None`` for an ungated layer.
+      ``(y [..., units], aux)``; ``aux`` is ``None`` for an ungated layer.
     """
-    validate_layer_mode(mode)
+    validate_layer_mode(mode, LAYER_MODES)
     outputs = self.activation(nn.Dense(self.features, name=_DENSE_NAME, dtype=self.dtype)(inputs))
+    if mode == ACTIVATION_TOP_K and block_mask is None:
+      block_mask = activation_top_k_mask(outputs, self.num_blocks, capacity)
+      if not self.gated:
+        return gating.apply_block_mask(outputs, block_mask), None
+      mode = "all"  # the policy still runs, for its log-probability of block_mask.
     if not self.gated:
       return outputs, None
     aux = gate(self, inputs, self.num_blocks, mode, capacity, block_mask)
@@ -286,6 +322,10 @@ class GatedMLP(nn.Module):
     policy_init_prob: one initial block probability, or one per hidden layer.
     policy_eps: probability bound of the policies.
     dtype: computation dtype of the dense products.
+    flatten: inputs ``[batch, ...]`` are flattened to ``[batch, in]`` (one mask per
+      example); ``False`` keeps ``[..., in]`` and gives one mask per leading index (per
+      token: ``[batch, seq, in]`` -> masks ``[batch, seq, blocks]``, logits ``[batch,
+      seq, num_classes]``).
   """
   hidden: Sequence[int]
   num_classes: int
@@ -295,6 +335,7 @@ class GatedMLP(nn.Module):
   policy_init_prob: float | Sequence[float] = 0.5
   policy_eps: float = policy_lib.DEFAULT_EPS
   dtype: Any = None
+  flatten: bool = True
 
   def __post_init__(self):
     if len(self.hidden) == 0:
@@ -331,7 +372,7 @@ class GatedMLP(nn.Module):
     """Applies the network.
 
     Args:
-      inputs: ``[batch, ...]``, flattened to ``[batch, in]``.
+      inputs: ``[batch, ...]``, flattened to ``[batch, in]`` (``flatten=False``: ``[..., in]``).
       mode: gate mode for every hidden layer (see :class:`GatedDense`).
       capacity: blocks per example for ``top_k``: one value or one per layer.
       block_masks: optional ``[batch, blocks]`` masks, one per hidden layer, used instead
@@ -341,7 +382,7 @@ class GatedMLP(nn.Module):
       ``(logits [batch, num_classes], aux)`` with one :class:`GateAux` (or ``None``
       when ungated) per hidden layer.
     """
-    hidden = inputs.reshape(inputs.shape[0], -1)
+    hidden = inputs.reshape(inputs.shape[0], -1) if self.flatten else inputs
     num_layers = len(self.hidden)
     init_probs = validation.per_layer_values(self.policy_init_prob, num_layers, "policy_init_prob")
     capacities = (None,) * num_layers if capacity is None else validation.per_layer_values(

@@ -1,6 +1,8 @@
 """Bernoulli block policy as pure functions.
 
 Axis letters used in shapes: ``batch`` examples, ``blocks`` gated blocks of one layer.
+Every function works on ``[..., blocks]`` as well (e.g. one mask per token,
+``[batch, seq, blocks]``); the shapes below name the common case.
 
 A policy gives every block of a layer an independent probability of running,
 ``probs = eps + (1 - 2 eps) * sigmoid(logits)``; a block mask ``u ~ Bernoulli(probs)``

@@ -8,8 +8,9 @@ the target fraction of active blocks.
 * ``L_v = -sum_j var_x sigma_j``: policies differ across examples.
 * ``L2 = sum of squared weights`` (kernels only).
 
-Batch statistics are taken over the leading axis; under ``jax.jit`` with a batch
-sharded over devices they are global-batch statistics.
+Batch statistics are taken over every leading axis: ``probs`` may be ``[batch, blocks]``
+or per position ``[batch, seq, blocks]``, where every (example, position) counts as one
+x. Under ``jax.jit`` with a batch sharded over devices they are global-batch statistics.
 """
 
 from __future__ import annotations
@@ -18,19 +19,24 @@ import jax
 import jax.numpy as jnp
 
 
+def _rows(probs: jax.Array) -> jax.Array:
+  """``[..., blocks]`` -> ``[x, blocks]``: every leading index is one x."""
+  return probs.reshape(-1, probs.shape[-1])
+
+
 def block_balance_loss(probs: jax.Array, tau: float | jax.Array) -> jax.Array:
-  """``L_b``: scalar, ``sum_j (mean_x probs[x, j] - tau)^2`` for ``probs [batch, blocks]``."""
-  return jnp.sum(jnp.square(jnp.mean(probs, axis=0) - tau))
+  """``L_b``: scalar, ``sum_j (mean_x probs[x, j] - tau)^2`` for ``probs [..., blocks]``."""
+  return jnp.sum(jnp.square(jnp.mean(_rows(probs), axis=0) - tau))
 
 
 def example_balance_loss(probs: jax.Array, tau: float | jax.Array) -> jax.Array:
-  """``L_e``: scalar, ``mean_x (mean_j probs[x, j] - tau)^2`` for ``probs [batch, blocks]``."""
+  """``L_e``: scalar, ``mean_x (mean_j probs[x, j] - tau)^2`` for ``probs [..., blocks]``."""
   return jnp.mean(jnp.square(jnp.mean(probs, axis=-1) - tau))
 
 
 def variance_loss(probs: jax.Array) -> jax.Array:
-  """``L_v``: scalar, ``-sum_j var_x probs[x, j]`` (population variance) for ``[batch, blocks]``."""
-  return -jnp.sum(jnp.var(probs, axis=0))
+  """``L_v``: scalar, ``-sum_j var_x probs[x, j]`` (population variance) for ``[..., blocks]``."""
+  return -jnp.sum(jnp.var(_rows(probs), axis=0))
 
 
 def l2_loss(params) -> jax.Array:

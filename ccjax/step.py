@@ -38,6 +38,9 @@ from ccjax import schedules
 from ccjax import validation
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
+# What a token model's REINFORCE cost is: the sequence's loss (unbiased) or each
+# position's own loss (biased; see policy_objective).
+REINFORCE_COSTS = ("sequence", "position")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,9 @@ class TrainConfig:
       multiplier per layer on ``mean prob - tau``, updated by dual ascent).
     dual_lr: step size of the dual ascent, >= 0.
     advantage: REINFORCE advantage, ``raw`` (``c - b``) | ``standardized`` (per batch).
+    reinforce_cost: token models (loss ``[batch, seq]``) only: ``sequence`` (the cost of
+      all of a sequence's masks is its mean loss: unbiased) or ``position`` (each
+      position's masks are charged that position's loss only: biased, lower variance).
   """
   tau: float | Sequence[float] = 0.25
   lambda_s: float = 2.0
@@ -100,6 +106,7 @@ class TrainConfig:
   budget: str = "penalty"
   dual_lr: float = 0.01
   advantage: str = "raw"
+  reinforce_cost: str = "sequence"
 
   def __post_init__(self):
     taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
@@ -127,6 +134,7 @@ class TrainConfig:
                            low_open=True)
     validation.check_choice("budget", self.budget, budget_lib.BUDGETS)
     validation.check_choice("advantage", self.advantage, estimators.ADVANTAGES)
+    validation.check_choice("reinforce_cost", self.reinforce_cost, REINFORCE_COSTS)
 
   def taus(self, num_layers: int) -> tuple[float, ...]:
     """``tau`` (one value, a 1-tuple, or one per layer) with one value per gated layer."""
@@ -247,6 +255,42 @@ def check_model_matches(model: nn.Module, config: TrainConfig) -> None:
     config.taus(len(model.hidden))  # one tau or one per gated layer, checked before tracing
 
 
+def reinforce_terms(gate_aux: Sequence[layers.GateAux], loss: jax.Array, reinforce_cost: str
+                    ) -> tuple[jax.Array, jax.Array]:
+  """The REINFORCE ``(cost, log_prob)`` pair, both ``[batch]`` or both ``[batch, seq]``.
+
+  Classification (``loss [batch]``): the example's loss and the log-probability of all
+  its masks. Token models (``loss [batch, seq]``, masks ``[batch, seq, blocks]``):
+
+  * ``sequence``: cost = mean loss of the sequence, log-probability summed over layers
+    and positions, ``[batch]``. The joint policy factorises as ``prod_{l,t} pi(u_lt |
+    h_lt)`` (a later position's policy reads states that earlier masks changed, which the
+    chain rule covers), so this is the score-function estimate of ``grad E[mean_t c_t]``:
+    unbiased.
+  * ``position``: cost = the position's own loss, log-probability of the masks at that
+    position (summed over layers), ``[batch, seq]``. Biased: a mask at position ``t``
+    also changes later positions' losses through attention, and those terms are
+    dropped (``sum_t E[c_t grad log pi(u_t)]`` instead of ``sum_{t, t'} E[c_t' grad log
+    pi(u_t)]``); in exchange the variance is much lower.
+
+  Args:
+    gate_aux: one :class:`GateAux` per gated layer.
+    loss: ``[batch]`` or ``[batch, seq]`` task loss.
+    reinforce_cost: ``sequence`` | ``position`` (ignored for ``[batch]`` losses).
+
+  Returns:
+    ``(cost, log_prob)``; ``cost`` under ``stop_gradient``.
+  """
+  cost = jax.lax.stop_gradient(loss)
+  log_prob = sum(aux.log_prob for aux in gate_aux)
+  if log_prob.shape != cost.shape:
+    raise ValueError(f"mask log-probabilities {log_prob.shape} do not match the loss "
+                     f"{cost.shape}")
+  if cost.ndim == 2 and reinforce_cost == "sequence":
+    return jnp.mean(cost, axis=1), jnp.sum(log_prob, axis=1)
+  return cost, log_prob
+
+
 def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.Array,
                      config: TrainConfig, baseline_state: estimators.BaselineState, *,
                      taus: Sequence[float] | jax.Array | None = None,
@@ -256,10 +300,12 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
   """REINFORCE + ``lambda_s (L_b + L_e) + lambda_v L_v`` (+ recipe terms) over the gated layers.
 
   Args:
-    gate_aux: one :class:`GateAux` per gated layer.
-    per_example_loss: ``[batch]`` the examples' own task loss (cross-entropy, no
-      distillation term); the REINFORCE cost (no gradient).
-    config: hyperparameters (taus, lambdas, baseline, estimator, recipes).
+    gate_aux: one :class:`GateAux` per gated layer (``probs``/``mask`` ``[batch, blocks]``,
+      or ``[batch, seq, blocks]`` for token models).
+    per_example_loss: ``[batch]`` (or ``[batch, seq]``) the examples' own task loss
+      (cross-entropy, never the distillation term); the REINFORCE cost (no gradient), see
+      :func:`reinforce_terms`.
+    config: hyperparameters (taus, lambdas, baseline, estimator, reinforce_cost, recipes).
     baseline_state: state of the ``ema`` baseline.
     taus: the targets in force (default ``config.taus``); one per layer.
     duals: ``[layers]`` Lagrange multipliers (``budget='lagrange'``), else ``None``.
@@ -267,14 +313,14 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
     reinforce_on: ``False`` during the dense warm start (the masks were not sampled).
 
   Returns:
-    ``(objective, terms)``: a scalar and a dict of scalar terms for logging.
+    ``(objective, terms)``: a scalar and a dict of scalar terms for logging; the
+    regularizers take every (example, position) as one x.
   """
   if taus is None:
     taus = config.taus(len(gate_aux))
   if not isinstance(taus, tuple):
     taus = tuple(taus[index] for index in range(len(gate_aux)))
-  cost = jax.lax.stop_gradient(per_example_loss)
-  log_prob = sum(aux.log_prob for aux in gate_aux)
+  cost, log_prob = reinforce_terms(gate_aux, per_example_loss, config.reinforce_cost)
   baseline = estimators.compute_baseline(config.baseline, cost, baseline_state,
                                          config.baseline_decay)
   if config.estimator == "reinforce" and reinforce_on:
@@ -328,7 +374,8 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
   Args:
     model: a module called as ``model.apply(vars, x, mode='sample', rngs={'gate': k})``
       and returning ``(logits [batch, classes], aux)`` with one ``GateAux`` or ``None``
-      per hidden layer.
+      per hidden layer, or, for token models, ``(logits [batch, seq, vocab], aux)``
+      with per-position masks.
     config: hyperparameters.
     teacher: ``x [batch, ...] -> logits [batch, classes]`` of a distillation teacher (a
       dense run); ``None`` with ``distill_weight > 0`` distils from the same network
@@ -336,8 +383,9 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
 
   Returns:
     the un-jitted step; wrap it in ``jax.jit(step, donate_argnums=0)``. The batch is a
-    dict with ``x [batch, ...]`` and integer ``y [batch]``. Metrics are scalars except
-    ``active_fraction`` and ``mean_prob``, ``[layers]``.
+    dict with ``x [batch, ...]`` and integer ``y [batch]`` (``[batch, seq]`` next tokens
+    for token models; ``loss`` is then the mean over tokens, in nats). Metrics are scalars
+    except ``active_fraction`` and ``mean_prob``, ``[layers]``.
   """
   check_model_matches(model, config)
   optimizer = make_optimizer(config)
@@ -436,15 +484,16 @@ def make_eval_step(model: nn.Module, mode: str = "threshold", capacity=None
   Args:
     model: as for :func:`make_train_step`.
     mode: ``threshold`` | ``top_k`` | ``all`` | ``sample`` (``sample`` needs
-      ``batch['rng']``, a key).
-    capacity: for ``top_k``.
+      ``batch['rng']``, a key), or ``activation_top_k`` (training-free, from the
+      activations; models built from :class:`ccjax.GatedDense`).
+    capacity: for ``top_k`` / ``activation_top_k``.
 
   Returns:
     a pure function returning ``loss [batch]``, ``correct [batch]``, ``prediction
     [batch]`` and, for gated models, ``active_fraction [layers, batch]`` and
     ``probs``/``mask``: tuples of ``[batch, blocks]`` per gated layer.
   """
-  layers.validate_layer_mode(mode)
+  layers.validate_layer_mode(mode, layers.LAYER_MODES)
 
   def eval_step(params, batch):
     rngs = {"gate": batch["rng"]} if mode == "sample" else {}

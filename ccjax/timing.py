@@ -64,6 +64,8 @@ def cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-  """What every timing depends on: CPU model, core count, JAX device and versions."""
-  return {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
+  """What every timing depends on: CPU model, cores this process may use, JAX device and
+  version."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {"cpu": cpu_model(), "cpu_count": cores,
           "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}

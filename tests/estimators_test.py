@@ -208,8 +208,10 @@ class ScoreFunctionLossTest(chex.TestCase):
     np.testing.assert_allclose(value, -2.0)
 
   def test_shape_errors(self):
+    # [batch, seq] (per-position costs of token models) is accepted; rank 3 is not.
+    ccjax.score_function_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
     with self.assertRaisesRegex(ValueError, r"\[batch\]"):
-      ccjax.score_function_loss(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+      ccjax.score_function_loss(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3, 4)))
     with self.assertRaisesRegex(ValueError, r"\[batch\]"):
       ccjax.score_function_loss(jnp.zeros((2,)), jnp.zeros((3,)))
 

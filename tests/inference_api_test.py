@@ -9,6 +9,9 @@ import pytest
 
 import ccjax
 
+# References at full float32 precision (XLA:GPU would use TF32 by default).
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
+
 MLP = ccjax.GatedMLP(hidden=(32, 48), num_classes=5, block_size=8)
 CNN = ccjax.GatedCNN(5, stem_features=4, stage_features=(8, 12), strides=(2, 1),
                      residual_blocks=1, block_size=4)

@@ -13,6 +13,9 @@ from ccjax import layers
 from ccjax.inference import cnn
 from tests import param_utils
 
+# References at full float32 precision (XLA:GPU would use TF32 by default).
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
+
 SMALL = dict(stem_features=4, stage_features=(8, 12), strides=(2, 1), residual_blocks=1,
              block_size=4)
 BATCH = 8

@@ -19,6 +19,9 @@ from ccjax.inference import layout
 from ccjax.inference import minibatch
 from ccjax.inference import mlp
 
+# References at full float32 precision (XLA:GPU would use TF32 by default).
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
+
 INPUT_DIM, HIDDEN, BLOCK, CLASSES = 12, (32, 48, 32), 8, 5
 NUM_BLOCKS = tuple(width // BLOCK for width in HIDDEN)
 FORWARD = jax.jit(mlp.sparse_forward, static_argnums=2)

@@ -1,0 +1,218 @@
+"""Byte-level text data: a generated default corpus, text files, splits and batches.
+
+Axis letters: ``batch`` windows, ``seq`` positions (bytes) of a window.
+
+The default corpus (``grammar``) is produced by a small seeded probabilistic grammar in
+this file: sentences with words, numbers, years, dates, times, prices, percentages,
+quotes and punctuation, so every user has the same bytes offline (its sha256 is recorded
+in ``results.json`` and pinned by a test). It uses only ``random.Random(seed).random()``,
+whose sequence Python guarantees across versions. ``text:PATH`` reads any file as bytes.
+Splits are by position: the first ``train`` fraction, then validation, then test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import random
+
+import jax
+import numpy as np
+
+DEFAULT_CORPUS = "grammar"
+DEFAULT_CORPUS_BYTES = 400_000
+VALID_FRACTION = 0.05
+TEST_FRACTION = 0.05
+# Character classes of a byte, for per-token block-use plots.
+CHAR_CLASSES = ("letter", "digit", "space", "punctuation")
+
+_NAMES = ("Ada", "Bo", "Cleo", "Dmitri", "Eva", "Farid", "Greta", "Hugo", "Ines", "Jon")
+_ADJECTIVES = ("small", "red", "quiet", "old", "bright", "heavy", "strange", "green", "cold",
+               "lazy", "quick", "empty")
+_NOUNS = ("fox", "river", "engine", "garden", "letter", "window", "market", "train", "cloud",
+          "bridge", "lamp", "station")
+_VERBS = ("found", "carried", "painted", "counted", "moved", "sold", "watched", "built",
+          "opened", "lost")
+_PLACES = ("the harbour", "the north gate", "the old mill", "the station", "the square",
+           "the library")
+_ADVERBS = ("slowly", "again", "twice", "quietly", "at once", "by noon")
+
+
+class _Grammar:
+  """The seeded sampler behind :func:`grammar_corpus`."""
+
+  def __init__(self, seed: int):
+    self._rng = random.Random(seed)
+
+  def _uniform(self) -> float:
+    return self._rng.random()
+
+  def _int(self, low: int, high: int) -> int:
+    """Uniform integer in ``[low, high]``."""
+    return low + min(int(self._uniform() * (high - low + 1)), high - low)
+
+  def _pick(self, options):
+    return options[self._int(0, len(options) - 1)]
+
+  def _plural(self, noun: str) -> str:
+    return noun + ("es" if noun.endswith(("x", "s", "h")) else "s")
+
+  def _number_phrase(self) -> str:
+    kind = self._int(0, 5)
+    if kind == 0:
+      count = self._int(2, 999)
+      return f"{count} {self._pick(_ADJECTIVES)} {self._plural(self._pick(_NOUNS))}"
+    if kind == 1:
+      return f"in {self._int(1890, 2099)}"
+    if kind == 2:
+      return f"on {self._int(1950, 2099)}-{self._int(1, 12):02d}-{self._int(1, 28):02d}"
+    if kind == 3:
+      return f"at {self._int(0, 23):02d}:{self._int(0, 59):02d}"
+    if kind == 4:
+      return f"for ${self._int(1, 999)}.{self._int(0, 99):02d}"
+    return f"by {self._int(1, 99)}%"
+
+  def _noun_phrase(self) -> str:
+    if self._uniform() < 0.3:
+      return self._pick(_NAMES)
+    return f"the {self._pick(_ADJECTIVES)} {self._pick(_NOUNS)}"
+
+  def _clause(self) -> str:
+    parts = [self._noun_phrase(), self._pick(_VERBS)]
+    parts.append(self._number_phrase() if self._uniform() < 0.6 else self._noun_phrase())
+    if self._uniform() < 0.5:
+      parts.append(f"near {self._pick(_PLACES)}")
+    if self._uniform() < 0.4:
+      parts.append(self._number_phrase())
+    if self._uniform() < 0.3:
+      parts.append(self._pick(_ADVERBS))
+    return " ".join(parts)
+
+  def sentence(self) -> str:
+    kind = self._uniform()
+    clause = self._clause()
+    if kind < 0.15:
+      text = f"did {clause}?"
+    elif kind < 0.3:
+      text = f"\"{clause[0].upper()}{clause[1:]}!\" said {self._pick(_NAMES)}."
+      return text
+    elif kind < 0.45:
+      text = f"{clause}, and {self._clause()}."
+    elif kind < 0.55:
+      text = f"{clause}; then {self._clause()}."
+    else:
+      text = f"{clause}."
+    return text[0].upper() + text[1:]
+
+  def paragraph(self) -> str:
+    return " ".join(self.sentence() for _ in range(self._int(2, 6)))
+
+
+def grammar_corpus(num_bytes: int = DEFAULT_CORPUS_BYTES, seed: int = 0) -> bytes:
+  """The default corpus: ``num_bytes`` bytes of seeded grammar text, paragraphs per line."""
+  grammar = _Grammar(seed)
+  chunks, total = [], 0
+  while total < num_bytes:
+    chunk = grammar.paragraph() + "\n"
+    chunks.append(chunk)
+    total += len(chunk)
+  return "".join(chunks).encode("ascii")[:num_bytes]
+
+
+def fingerprint(data: bytes | np.ndarray) -> str:
+  """sha256 hex digest of the corpus bytes."""
+  return hashlib.sha256(bytes(np.asarray(data, np.uint8)) if isinstance(data, np.ndarray)
+                        else data).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSplits:
+  """A byte corpus split by position.
+
+  Attributes:
+    train, valid, test: ``uint8`` arrays of bytes.
+    name: the dataset spec (``grammar`` or ``text:PATH``).
+    sha256: fingerprint of the whole corpus.
+  """
+  train: np.ndarray
+  valid: np.ndarray
+  test: np.ndarray
+  name: str
+  sha256: str
+
+
+def load_text(spec: str, context: int) -> TextSplits:
+  """Loads ``grammar`` or ``text:PATH`` and splits it by position.
+
+  Args:
+    spec: the dataset.
+    context: window length; every split must hold at least one window plus a target.
+
+  Raises:
+    ValueError: unknown spec, unreadable/too small file (message names the problem).
+  """
+  if spec == DEFAULT_CORPUS:
+    data = grammar_corpus()
+  elif spec.startswith("text:"):
+    path = spec[len("text:"):]
+    if not path:
+      raise ValueError("--dataset=text:PATH needs a path")
+    if not os.path.isfile(path):
+      raise ValueError(f"--dataset={spec}: {path} is not a readable file")
+    try:
+      with open(path, "rb") as stream:
+        data = stream.read()
+    except OSError as error:
+      raise ValueError(f"--dataset={spec}: cannot read {path} ({error.strerror})") from None
+  else:
+    raise ValueError(f"--dataset must be {DEFAULT_CORPUS} or text:PATH, got {spec!r}")
+  array = np.frombuffer(data, np.uint8)
+  num_valid = int(len(array) * VALID_FRACTION)
+  num_test = int(len(array) * TEST_FRACTION)
+  num_train = len(array) - num_valid - num_test
+  splits = TextSplits(array[:num_train], array[num_train:num_train + num_valid],
+                      array[num_train + num_valid:], spec, fingerprint(data))
+  for name in ("train", "valid", "test"):
+    if len(getattr(splits, name)) < context + 1:
+      raise ValueError(
+          f"--dataset={spec}: {len(array)} bytes leave the {name} split "
+          f"{len(getattr(splits, name))} bytes, fewer than --context+1 = {context + 1}; "
+          f"need at least {int((context + 1) / min(VALID_FRACTION, TEST_FRACTION)) + 1} bytes")
+  return splits
+
+
+def train_batch(data: np.ndarray, batch_size: int, context: int, seed: int, step: int
+                ) -> dict[str, np.ndarray]:
+  """Random windows for ``step``, a pure function of ``(seed, step)`` (exact resume).
+
+  Returns:
+    ``x [batch, seq]`` int32 bytes and ``y [batch, seq]`` the next bytes.
+  """
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+  starts = np.asarray(jax.random.randint(key, (batch_size,), 0, len(data) - context))
+  index = starts[:, None] + np.arange(context + 1)[None, :]
+  windows = data[index].astype(np.int32)
+  return {"x": windows[:, :-1], "y": windows[:, 1:]}
+
+
+def eval_windows(data: np.ndarray, context: int) -> dict[str, np.ndarray]:
+  """Non-overlapping windows covering the split (the tail shorter than a window dropped).
+
+  Returns:
+    ``x [windows, seq]``, ``y [windows, seq]`` int32.
+  """
+  count = (len(data) - 1) // context
+  x = data[:count * context].reshape(count, context).astype(np.int32)
+  y = data[1:count * context + 1].reshape(count, context).astype(np.int32)
+  return {"x": x, "y": y}
+
+
+def char_classes(tokens: np.ndarray) -> np.ndarray:
+  """Index into :data:`CHAR_CLASSES` of every byte (letter, digit, whitespace, other)."""
+  tokens = np.asarray(tokens)
+  lower = tokens | 0x20
+  letter = (lower >= ord("a")) & (lower <= ord("z"))
+  digit = (tokens >= ord("0")) & (tokens <= ord("9"))
+  space = np.isin(tokens, [ord(" "), ord("\n"), ord("\t"), ord("\r")])
+  return np.where(letter, 0, np.where(digit, 1, np.where(space, 2, 3))).astype(np.int32)

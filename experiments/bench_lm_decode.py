@@ -1,0 +1,76 @@
+r"""Batch-1 decode time per token, dense vs sparse, of a trained or a calibrated random LM.
+
+  python -m experiments.bench_lm_decode --workdir=runs/lm            # a trained gated run
+  python -m experiments.bench_lm_decode --workdir=- --random --d_model=512 --mlp_width=2048
+
+With ``--random`` (``--workdir`` is then unused) the model is random and each MLP
+policy's bias is calibrated (:func:`ccjax.calibrate_policies`) so that ``threshold`` runs
+about ``--tau`` of the blocks on random unit-variance inputs (what a LayerNorm feeds the MLP). Prints one JSON
+line (with the machine) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from ccjax import lm_decode
+from ccjax import lm_train
+from ccjax import loop
+from ccjax import timing
+from ccjax import validation
+from ccjax.inference import api
+from experiments import cli
+from experiments import flags as shared
+from experiments import lm
+
+_REPEATS = flags.DEFINE_integer("repeats", 200, "Timed calls per variant.")
+_RANDOM = flags.DEFINE_bool("random", False, "Time a random model with calibrated policies "
+                            "instead of the run in --workdir.")
+
+
+def _calibrated_random(config: lm_train.LMConfig):
+  model = config.build_model()
+  tokens = np.zeros((1, config.context), np.int32)
+  params = model.init({"params": jax.random.PRNGKey(config.seed),
+                       "gate": jax.random.PRNGKey(1)}, tokens)["params"]
+  tau = config.train.taus(config.num_layers)[0]
+  inputs = jax.random.normal(jax.random.PRNGKey(2), (512, config.d_model))
+  params = dict(params)
+  for index, name in enumerate(model.gate_names()):
+    mlp_params = api.calibrate_policies(model.mlp_module(index), model.mlp_params(params)[index],
+                                        inputs, tau)
+    params[name] = {**params[name], "mlp": mlp_params}
+  return model, params
+
+
+def main(argv):
+  cli.reject_extra_args(argv)
+  loop.quiet_library_logs()
+  try:
+    config = lm.config_from_flags()
+    if _RANDOM.value:
+      model, params = _calibrated_random(config)
+    else:
+      model, params = config.build_model(), lm_train.load_params(config, shared.WORKDIR.value)
+    tokens = np.frombuffer(b"The 3 red foxes sold 12 lamps for $4.50 at 10:45 near the mill. "
+                           * 4, np.uint8)[None, :config.context].astype(np.int32)
+    _, aux = model.apply({"params": params}, tokens, mode="threshold")
+    active = [float(a.mask.mean()) for a in aux]
+    result = lm_decode.benchmark(model, params, tokens, active, repeats=_REPEATS.value)
+    result.update({"active_fraction": active, "d_model": config.d_model,
+                   "mlp_width": config.mlp_width, "block_size": config.block_size,
+                   "trained": not _RANDOM.value, "machine": timing.machine_info()})
+    print(json.dumps(result, sort_keys=True))
+  except validation.ConfigError as error:
+    cli.fail(shared.config_error_message(error))
+  except (ValueError, OSError) as error:
+    cli.fail(error)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
