@@ -22,7 +22,6 @@ from ccjax import lm_decode
 from ccjax import lm_train
 from ccjax import loop
 from ccjax import timing
-from ccjax import validation
 from ccjax.inference import api
 from experiments import cli
 from experiments import flags as shared
@@ -51,7 +50,7 @@ def _calibrated_random(config: lm_train.LMConfig):
 def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
-  try:
+  with cli.one_line_errors():
     config = lm.config_from_flags()
     if _RANDOM.value:
       model, params = _calibrated_random(config)
@@ -66,10 +65,6 @@ def main(argv):
                    "mlp_width": config.mlp_width, "block_size": config.block_size,
                    "trained": not _RANDOM.value, "machine": timing.machine_info()})
     print(json.dumps(result, sort_keys=True))
-  except validation.ConfigError as error:
-    cli.fail(shared.config_error_message(error))
-  except (ValueError, OSError) as error:
-    cli.fail(error)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from typing import Iterator, Mapping
 
 from absl import flags
+
+from ccjax import loop
+from ccjax import validation
 
 
 def fail(message, status: int = 2) -> None:
@@ -32,3 +37,23 @@ def parse_flags(argv):
 def reject_extra_args(argv) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+
+
+@contextlib.contextmanager
+def one_line_errors(flag_for_field: Mapping[str, str] | None = None) -> Iterator[None]:
+  """Turns every error a user can cause into one ``error:`` line and an exit status.
+
+  A :class:`ccjax.ConfigError` names the flag (``flag_for_field`` maps config fields to
+  other flag names, e.g. the sweep's ``--taus`` for ``tau``); bad data, flags or workdirs
+  exit 2, a non-finite training run exits 1, Ctrl-C exits 130.
+  """
+  try:
+    yield
+  except validation.ConfigError as error:
+    fail(error.for_flag((flag_for_field or {}).get(error.field)))
+  except loop.NonFiniteError as error:
+    fail(error, status=1)
+  except (ValueError, OSError) as error:
+    fail(error)
+  except KeyboardInterrupt as error:
+    fail_interrupted(error)

@@ -17,7 +17,6 @@ from absl import flags
 from ccjax import config as config_lib
 from ccjax import loop
 from ccjax import parallel
-from ccjax import validation
 from experiments import cli
 from experiments import flags as shared
 
@@ -40,19 +39,11 @@ def config_from_flags() -> config_lib.ExperimentConfig:
 def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
-  try:
+  with cli.one_line_errors():
     config = config_from_flags()
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     loop.train_and_evaluate(config, shared.WORKDIR.value,
                             flag_values=shared.experiment_flag_values())
-  except validation.ConfigError as error:
-    cli.fail(shared.config_error_message(error))
-  except loop.NonFiniteError as error:
-    cli.fail(error, status=1)
-  except (ValueError, OSError) as error:
-    cli.fail(error)
-  except KeyboardInterrupt as error:
-    cli.fail_interrupted(error)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each flag is named like the :class:`ccjax.ExperimentConfig` / :class:`ccjax.TrainConfig`
 field it sets, is typed (absl parses numbers and choices, with one-line errors) and
 carries no validation of its own: the config types own every rule, and
-:func:`config_error_message` turns a field in their messages into the flag's name.
+:func:`experiments.cli.one_line_errors` turns a field in their messages into the flag's name.
 """
 
 from __future__ import annotations
@@ -161,12 +161,6 @@ def config_from_flags(**fields) -> config_lib.ExperimentConfig:
   values = {holder.name: holder.value for holder in SHARED_FLAGS}
   values.update(fields)
   return config_lib.ExperimentConfig.create(**values)
-
-
-def config_error_message(error: validation.ConfigError,
-                         flag_for_field: dict[str, str] | None = None) -> str:
-  """``error`` naming the flag the user typed (e.g. the sweep's ``--taus`` for ``tau``)."""
-  return error.for_flag((flag_for_field or {}).get(error.field))
 
 
 def experiment_flag_values() -> dict:

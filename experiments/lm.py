@@ -21,7 +21,6 @@ from ccjax import lm_decode
 from ccjax import lm_train
 from ccjax import loop
 from ccjax import step as step_lib
-from ccjax import validation
 from experiments import cli
 from experiments import flags as shared
 
@@ -92,7 +91,7 @@ def sample(config: lm_train.LMConfig, workdir: str, num_bytes: int) -> bytes:
 def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
-  try:
+  with cli.one_line_errors():
     config = config_from_flags()
     if _SAMPLE.present:
       generated = sample(config, shared.WORKDIR.value, _SAMPLE.value)
@@ -100,12 +99,6 @@ def main(argv):
       return
     lm_train.train_and_evaluate_lm(config, shared.WORKDIR.value,
                                    flag_values=shared.experiment_flag_values())
-  except validation.ConfigError as error:
-    cli.fail(shared.config_error_message(error))
-  except loop.NonFiniteError as error:
-    cli.fail(error, status=1)
-  except (ValueError, OSError) as error:
-    cli.fail(error)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def markdown(rows: dict[str, dict]) -> str:
 def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
-  try:
+  with cli.one_line_errors():
     base = lm.config_from_flags()
     seeds = [validation.check_int("seeds", s, minimum=0) for s in _SEEDS.value]
     root = os.path.abspath(shared.WORKDIR.value)
@@ -120,12 +120,6 @@ def main(argv):
     with atomic.atomic_open(os.path.join(root, "summary.md")) as stream:
       stream.write(markdown(rows))
     print(markdown(rows))
-  except validation.ConfigError as error:
-    cli.fail(shared.config_error_message(error))
-  except loop.NonFiniteError as error:
-    cli.fail(error, status=1)
-  except (ValueError, OSError) as error:
-    cli.fail(error)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from ccjax import lock
 from ccjax import loop
 from ccjax import plots
 from ccjax import sweep
-from ccjax import validation
 from experiments import cli
 from experiments import flags as shared
 
@@ -43,7 +42,7 @@ def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
   workdir = shared.WORKDIR.value
-  try:
+  with cli.one_line_errors(_FLAG_FOR_FIELD):
     base = shared.config_from_flags()
     configs = sweep.validate_grid(base, seeds=_SEEDS.value, taus=_TAUS.value,
                                   recipes=_RECIPES.value)
@@ -54,14 +53,6 @@ def main(argv):
     with lock.WorkdirLock(workdir):
       rows = sweep.run_sweep(base, workdir, configs, loop.train_and_evaluate,
                              input_dim=dataset.input_dim, num_classes=dataset.num_classes)
-  except validation.ConfigError as error:
-    cli.fail(shared.config_error_message(error, _FLAG_FOR_FIELD))
-  except loop.NonFiniteError as error:
-    cli.fail(error, status=1)
-  except (ValueError, OSError) as error:
-    cli.fail(error)
-  except KeyboardInterrupt as error:
-    cli.fail_interrupted(error)
   csv_path, md_path = sweep.write_tables(rows, workdir)
   pareto = plots.plot_pareto(rows, os.path.join(workdir, "pareto.png"))
   logging.info("wrote %s, %s, %s", csv_path, md_path, pareto)
