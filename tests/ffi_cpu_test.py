@@ -104,6 +104,26 @@ def test_random_ragged_masks_exact_capacities(block_size, batch):
 
 
 @needs_extension
+@pytest.mark.parametrize("batch", [1, 6, 33])
+@pytest.mark.parametrize("tight", [False, True])
+def test_exact_top_k_policy(batch, tight):
+  """The ``top_k`` test policy (exact_k): k blocks per example whatever their probability,
+  with exact and with overflowing per-block / per-tile capacities."""
+  block_size, widths = 16, (64, 48, 80)
+  module, params = _module(block_size, widths), _params(block_size, widths, bias_shift=-3.0)
+  model = layout.to_block_major(module, params)
+  exact = capacity.make_sparse_config(model, batch)
+  config = dataclasses.replace(
+      exact, example_capacity=(2, 3, 2), buckets=None, exact_k=True,
+      block_capacity=(2, 3, 2) if tight else exact.block_capacity,
+      pair_capacity=(1, 1, 1) if tight else exact.pair_capacity)
+  masks, traces = _check(module, params, _inputs(batch, batch), config)
+  assert [int(t.num_candidates) for t in traces] == [batch * k for k in (2, 3, 2)]
+  if not tight:
+    assert [set(mask.sum(axis=1).tolist()) for mask in masks] == [{2.0}, {3.0}, {2.0}]
+
+
+@needs_extension
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("batch", [1, 9, 40])
 def test_overflowing_capacities(block_size, batch):

@@ -176,7 +176,7 @@ def gated_mlp_forward(model: layout.BlockMajorMLP, x: jax.Array, config
       block_capacity=np.asarray([min(c, batch) for c in config.block_capacity], np.int64),
       pair_capacity=np.asarray(config.pair_capacity, np.int64),
       policy_eps=np.float32(eps), policy_scale=np.float32(1.0 - 2.0 * eps),
-      num_threads=np.int64(num_threads()))
+      exact_k=np.int64(config.exact_k), num_threads=np.int64(num_threads()))
   traces = tuple(
       layout.LayerTrace(block_index, kept, counts[0], counts[1], probs)
       for block_index, kept, counts, probs in zip(*(outputs[1 + i::4] for i in range(4))))

@@ -2,7 +2,8 @@
 //
 // Same semantics as the XLA minibatch path of ccjax sparse inference (which, at batch 1,
 // is also the batch-1 path): for every gated layer the policy runs on the layer's
-// actual compact input, each example keeps its `k` most probable blocks with p > 0.5
+// actual compact input, each example keeps its `k` most probable blocks with p > 0.5 (all
+// `k` of them with the `exact_k` attribute: the `top_k` policy)
 // (ties: lower block id), each block serves at most `C` examples (highest p first,
 // ties: lower example), and for a layer with a gated input each weight tile (i, j)
 // serves at most `C2` (example, input block, output block) triples in block j's
@@ -275,12 +276,14 @@ struct Trace {
 // compact output.
 Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
                  const Shape& shape, Workers& workers, float eps, float scale,
-                 const Trace& trace) {
+                 bool exact_k, const Trace& trace) {
   const int64_t batch = shape.batch, bs = shape.block_size, nb = layer.num_blocks;
   const int64_t k = layer.example_capacity;
   const std::vector<float> logits = PolicyLogits(layer, x, input, shape, workers);
 
-  // 1-2. Probabilities, per-example top-k (ties: lower block id), threshold.
+  // 1-2. Probabilities, per-example top-k (ties: lower block id), threshold (with
+  // exact_k, the `top_k` policy: all k most probable blocks ask to run).
+  const auto wants = [exact_k](float prob) { return exact_k || prob > 0.5f; };
   Compact output;
   output.slots = k;
   output.block.assign(batch * k, 0);
@@ -293,7 +296,7 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
     for (int64_t j = 0; j < nb; ++j) {
       const float z = logits[e * nb + j] + layer.policy_bias[j];
       probs[j] = eps + scale * (1.0f / (1.0f + std::exp(-z)));
-      candidates += probs[j] > 0.5f;
+      if (!exact_k) candidates += probs[j] > 0.5f;
       order[j] = static_cast<int32_t>(j);
     }
     std::partial_sort(order.begin(), order.begin() + k, order.end(),
@@ -306,17 +309,18 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
       slot_prob[e * k + s] = probs[order[s]];
     }
   }
+  if (exact_k) candidates = batch * k;
 
   // 3. Per-block capacity: the C most probable wanting examples (ties: lower example).
   std::vector<int64_t> start(nb + 1, 0);
   for (int64_t slot = 0; slot < batch * k; ++slot) {
-    if (slot_prob[slot] > 0.5f) ++start[output.block[slot] + 1];
+    if (wants(slot_prob[slot])) ++start[output.block[slot] + 1];
   }
   for (int64_t j = 0; j < nb; ++j) start[j + 1] += start[j];
   std::vector<Entry> entries(start[nb]);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t slot = 0; slot < batch * k; ++slot) {
-    if (slot_prob[slot] > 0.5f) {
+    if (wants(slot_prob[slot])) {
       entries[fill[output.block[slot]]++] = {slot_prob[slot], static_cast<int32_t>(slot / k),
                                              static_cast<int32_t>(slot % k)};
     }
@@ -448,7 +452,7 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
                                ffi::Span<const int64_t> example_capacity,
                                ffi::Span<const int64_t> block_capacity,
                                ffi::Span<const int64_t> pair_capacity, float policy_eps,
-                               float policy_scale, int64_t num_threads) {
+                               float policy_scale, int64_t exact_k, int64_t num_threads) {
   const int64_t num_layers = static_cast<int64_t>(example_capacity.size());
   if (num_layers < 1 || static_cast<int64_t>(block_capacity.size()) != num_layers ||
       static_cast<int64_t>(pair_capacity.size()) != num_layers ||
@@ -537,7 +541,7 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
                         static_cast<int32_t*>(buffers[2].untyped_data()),
                         static_cast<float*>(buffers[3].untyped_data())};
       hidden = RunLayer(layers[l], x, l == 0 ? nullptr : &hidden, shape, workers, policy_eps,
-                        policy_scale, trace);
+                        policy_scale, exact_k != 0, trace);
     }
     float* logits = static_cast<float*>(out[0].untyped_data());
     const float* bias = static_cast<const float*>(output_bias.untyped_data());
@@ -563,5 +567,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcjaxGatedMlpForward, ccjax::GatedMlpForwardImpl,
                                   .Attr<ffi::Span<const int64_t>>("pair_capacity")
                                   .Attr<float>("policy_eps")
                                   .Attr<float>("policy_scale")
+                                  .Attr<int64_t>("exact_k")
                                   .Attr<int64_t>("num_threads"));
 
