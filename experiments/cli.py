@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Iterator, Mapping
 
@@ -12,9 +13,13 @@ from ccjax import loop
 from ccjax import validation
 
 
+def _print_error(message) -> None:
+  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def fail(message, status: int = 2) -> None:
   """Prints ``error: <message>`` on one line to stderr and exits with ``status``."""
-  print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+  _print_error(message)
   sys.exit(status)
 
 
@@ -22,8 +27,16 @@ INTERRUPTED_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C.
 
 
 def fail_interrupted(error: KeyboardInterrupt) -> None:
-  """Ctrl-C: one line (the loop's message names the last checkpoint), exit 130."""
-  fail(str(error) or "interrupted; rerun the same command to resume", INTERRUPTED_STATUS)
+  """Ctrl-C: one line (the loop's message names the last checkpoint), exit 130.
+
+  Exits with ``os._exit`` after flushing: a normal interpreter shutdown would let library
+  threads that Ctrl-C interrupted mid-callback (orbax's event loop) print tracebacks
+  after the one line. Checkpoints are written synchronously, so nothing is lost.
+  """
+  _print_error(str(error) or "interrupted; rerun the same command to resume")
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(INTERRUPTED_STATUS)  # pylint: disable=protected-access
 
 
 def parse_flags(argv):
