@@ -66,7 +66,6 @@ from ccjax.layers import is_policy_path as is_policy_path
 from ccjax.layers import make_block_mask as make_block_mask
 from ccjax.layers import param_labels as param_labels
 from ccjax.layers import strip_policy_params as strip_policy_params
-from ccjax.loop import train_and_evaluate as train_and_evaluate
 from ccjax.parallel import abstract_state_for as abstract_state_for
 from ccjax.parallel import batch_sharding as batch_sharding
 from ccjax.parallel import initialize_distributed as initialize_distributed
@@ -95,8 +94,6 @@ from ccjax.regularizers import block_balance_loss as block_balance_loss
 from ccjax.regularizers import example_balance_loss as example_balance_loss
 from ccjax.regularizers import l2_loss as l2_loss
 from ccjax.regularizers import variance_loss as variance_loss
-from ccjax.runs import Run as Run
-from ccjax.runs import load_run as load_run
 from ccjax.schedules import ramp as ramp
 from ccjax.schedules import tau_at as tau_at
 from ccjax.step import TrainConfig as TrainConfig
@@ -113,6 +110,16 @@ from ccjax.transformer import init_cache as init_cache
 from ccjax.validation import ConfigError as ConfigError
 
 __version__ = "0.1.0"
+
+# Names whose modules import orbax: loaded on first use, so `import ccjax` stays light.
+_LAZY = {"Run": "ccjax.runs", "load_run": "ccjax.runs", "train_and_evaluate": "ccjax.loop"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib  # pylint: disable=g-import-not-at-top
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'ccjax' has no attribute {name!r}")
 
 __all__ = (
     "abstract_state_for",
