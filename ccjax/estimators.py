@@ -13,6 +13,9 @@ Axis letters: ``batch`` examples, ``blocks`` blocks of a layer.
   past batches' mean cost, fixed before the current masks are drawn, hence unbiased.
 * Straight-through and Gumbel-sigmoid (relaxed Bernoulli) masks, biased alternatives
   for comparison, whose gradients flow through the task loss into the policy.
+* ``router``: no sampling at all: every example runs exactly its ``k`` most probable
+  blocks (an MoE-style top-k router over blocks, fixed compute in training and at test
+  time) and the task loss reaches the policy by a straight-through gradient.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ccjax import policy as policy_lib
+
 BASELINES = ("none", "batch_mean", "ema")
-ESTIMATORS = ("reinforce", "straight_through", "gumbel")
+ESTIMATORS = ("reinforce", "straight_through", "gumbel", "router")
+# Estimators whose training mask is a deterministic top-k (they need a capacity).
+TOP_K_ESTIMATORS = ("router",)
 # ``raw``: advantage ``c - b``; ``standardized``: ``c - b`` standardised over the batch.
 ADVANTAGES = ("raw", "standardized")
 
@@ -145,6 +152,26 @@ def straight_through_mask(key: jax.Array, probs: jax.Array) -> jax.Array:
   """
   hard = jax.random.bernoulli(key, probs).astype(probs.dtype)
   # Parenthesised so the forward value is exactly the 0/1 sample (``(hard + p) - p`` is not).
+  return hard + (probs - jax.lax.stop_gradient(probs))
+
+
+def straight_through_top_k_mask(probs: jax.Array, capacity: int) -> jax.Array:
+  """The ``capacity`` most probable blocks in the forward pass, identity gradient to ``probs``.
+
+  The top-k router of mixture-of-experts layers, over blocks, trained like a
+  straight-through estimator: ``d loss / d probs_j = d loss / d mask_j`` (how much the
+  loss would change if block ``j``'s output were scaled), so blocks whose output helps
+  are pushed up and the others down; no REINFORCE term, no sampling.
+
+  Args:
+    probs: ``[..., blocks]`` probabilities.
+    capacity: blocks per example, ``1 <= capacity <= blocks``.
+
+  Returns:
+    ``[..., blocks]`` mask equal to :func:`ccjax.policy.top_k_mask` (exactly ``capacity``
+    ones per row), with ``d mask / d probs = 1``.
+  """
+  hard = policy_lib.top_k_mask(jax.lax.stop_gradient(probs), capacity)
   return hard + (probs - jax.lax.stop_gradient(probs))
 
 

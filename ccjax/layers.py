@@ -111,9 +111,11 @@ def make_block_mask(probs: jax.Array, mode: str, estimator: str, *,
     mode: ``sample`` (training: drawn with ``estimator``), or a deterministic mode
       ``threshold`` | ``top_k`` | ``all``.
     estimator: ``reinforce`` (hard sample, no gradient through the mask),
-      ``straight_through`` or ``gumbel`` (gradient flows to ``probs``).
-    rng: PRNG key, needed for ``sample``.
-    capacity: blocks per example allowed in ``top_k``.
+      ``straight_through`` or ``gumbel`` (gradient flows to ``probs``), ``router``
+      (no sample: the ``capacity`` most probable blocks, straight-through gradient).
+    rng: PRNG key, needed for ``sample`` (except with ``router``).
+    capacity: blocks per example allowed in ``top_k`` and ``capped``; with ``router``
+      also in ``sample`` (training).
     gumbel_temperature: temperature of the ``gumbel`` relaxation.
 
   Returns:
@@ -121,6 +123,11 @@ def make_block_mask(probs: jax.Array, mode: str, estimator: str, *,
   """
   if mode != "sample":
     return policy_lib.deterministic_mask(jax.lax.stop_gradient(probs), mode, capacity)
+  if estimator == "router":
+    if capacity is None:
+      raise ValueError("estimator 'router' trains with a top-k mask and needs a capacity "
+                       "(blocks per example) in mode='sample'")
+    return estimators.straight_through_top_k_mask(probs, capacity)
   if rng is None:
     raise ValueError("mode='sample' needs an rng (pass rngs={'gate': key})")
   if estimator == "reinforce":
@@ -156,7 +163,8 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
   probs = BlockPolicy(num_blocks, eps=module.policy_eps, init_prob=module.policy_init_prob,
                       name=POLICY_MODULE_NAME)(jax.lax.stop_gradient(policy_input))
   if block_mask is None:
-    rng = module.make_rng("gate") if mode == "sample" else None
+    rng = (module.make_rng("gate") if mode == "sample" and module.estimator != "router"
+           else None)
     block_mask = make_block_mask(probs, mode, module.estimator, rng=rng, capacity=capacity,
                                  gumbel_temperature=module.gumbel_temperature)
   else:
@@ -252,7 +260,7 @@ class GatedDense(nn.Module):
     activation: elementwise nonlinearity applied before masking.
     gated: ``False`` gives a plain dense layer (the dense baseline) and ``aux=None``.
     estimator: how ``mode='sample'`` draws masks (``reinforce``, ``straight_through``,
-      ``gumbel``).
+      ``gumbel``) or, for ``router``, picks the ``capacity`` most probable blocks.
     policy_eps: probability bound of the policy.
     policy_init_prob: initial probability of every block.
     gumbel_temperature: temperature of the ``gumbel`` estimator.

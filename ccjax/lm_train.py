@@ -13,7 +13,9 @@ also reports TEAL-style training-free thresholding at the fraction ``tau``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -27,15 +29,22 @@ import numpy as np
 from ccjax import atomic
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import layers
+from ccjax import lock as lock_lib
 from ccjax import lm_decode
 from ccjax import loop
+from ccjax import parallel
+from ccjax import policy as policy_lib
 from ccjax import runs
 from ccjax import step as step_lib
 from ccjax import text
 from ccjax import transformer
 from ccjax import validation
 
-LM_MODELS = ("gated", "dense")
+# gated: per-token policies trained by REINFORCE (or --estimator); dense: no gates;
+# router: MoE-style top-k router over the same blocks (estimator 'router').
+LM_MODELS = ("gated", "dense", "router")
+# Test-time policies of gated LMs (default: threshold for gated, top_k for router).
+LM_EVAL_POLICIES = ("threshold", "top_k", "capped")
 EVAL_BATCH = 64
 _ARCH_FIELDS = ("model", "num_layers", "d_model", "num_heads", "mlp_width", "block_size",
                 "context")
@@ -47,7 +56,9 @@ class LMConfig:
 
   Attributes:
     dataset: ``grammar`` (generated, fixed) or ``text:PATH``.
-    model: ``gated`` (per-token gated MLPs) or ``dense`` (``gated=False``).
+    model: ``gated`` (per-token gated MLPs, policies trained with ``train.estimator``),
+      ``dense`` (``gated=False``) or ``router`` (the same gated MLPs with an MoE-style
+      top-k router: ``train.estimator`` is set to ``router``).
     num_layers, d_model, num_heads, mlp_width, block_size, context: the transformer.
     batch_size: windows per step.
     steps: training steps.
@@ -56,6 +67,10 @@ class LMConfig:
     policy_init_prob: initial block probability.
     plots: write ``plots/*.png``.
     decode_benchmark: time batch-1 decoding at the end.
+    eval_policy: test-time masks ``threshold`` | ``top_k`` (exactly ``round(tau *
+      blocks)`` per token) | ``capped``; ``None``: ``top_k`` for ``router``, else
+      ``threshold``.
+    num_devices: devices the batch is split over (``None``: all).
     train: the train step's hyperparameters (``tau`` is also the TEAL fraction of a
       dense run).
   """
@@ -76,11 +91,21 @@ class LMConfig:
   policy_init_prob: float = 0.5
   plots: bool = True
   decode_benchmark: bool = True
+  eval_policy: str | None = None
+  num_devices: int | None = None
   train: step_lib.TrainConfig = dataclasses.field(
       default_factory=lambda: step_lib.TrainConfig(reinforce_cost="position"))
 
   def __post_init__(self):
     validation.check_choice("model", self.model, LM_MODELS)
+    if self.model == "router" and self.train.estimator != "router":
+      object.__setattr__(self, "train", dataclasses.replace(self.train, estimator="router"))
+    if self.model == "gated" and self.train.estimator == "router":
+      raise validation.ConfigError("estimator", "=router is --model=router; --model=gated "
+                                   "takes reinforce|straight_through|gumbel")
+    if self.eval_policy is None:
+      object.__setattr__(self, "eval_policy", "top_k" if self.model == "router" else "threshold")
+    validation.check_choice("eval_policy", self.eval_policy, LM_EVAL_POLICIES)
     for name in ("num_layers", "d_model", "num_heads", "mlp_width", "block_size", "context",
                  "batch_size", "steps", "eval_every", "log_every", "checkpoint_every"):
       validation.check_int(name, getattr(self, name))
@@ -99,11 +124,25 @@ class LMConfig:
     return transformer.GatedTransformer(
         vocab_size=256, max_len=self.context, num_layers=self.num_layers,
         d_model=self.d_model, num_heads=self.num_heads, mlp_width=self.mlp_width,
-        block_size=self.block_size, gated=self.model == "gated",
+        block_size=self.block_size, gated=self.model != "dense",
         estimator=self.train.estimator, policy_init_prob=self.policy_init_prob)
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+  def top_k_capacity(self) -> int:
+    """Blocks per token of the ``top_k`` / ``capped`` policies, of the router in training
+    and of TEAL-style thresholding: ``round(tau * blocks)``, >= 1 (first layer's tau)."""
+    return policy_lib.top_k_capacity(self.train.taus(self.num_layers)[0],
+                                     self.mlp_width // self.block_size)
+
+  def eval_capacity(self) -> tuple[int, ...] | None:
+    """Per-layer capacity of the test-time policy (``None`` for ``threshold``)."""
+    if self.eval_policy == "threshold":
+      return None
+    blocks = self.mlp_width // self.block_size
+    return tuple(policy_lib.top_k_capacity(tau, blocks)
+                 for tau in self.train.taus(self.num_layers))
 
   def architecture(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed."""
@@ -137,99 +176,106 @@ def evaluate_lm(eval_fn, params, data: np.ndarray, context: int, *, keep_gates: 
   return result
 
 
-def _check_resume(checkpointer: checkpoint_lib.Checkpointer, meta: dict[str, Any]) -> None:
-  saved = checkpointer.read_meta()
+def _check_resume(meta: dict[str, Any], saved: dict[str, Any]) -> None:
+  """Raises ``ValueError`` unless the checkpoint metadata ``saved`` belongs to this run."""
   for key in ("architecture", "sha256"):
     if saved.get(key) != meta[key]:
-      raise ValueError(f"the checkpoint in {checkpointer.directory} was written for "
-                       f"{key}={saved.get(key)!r}, this run has {meta[key]!r}; use a fresh "
-                       "--workdir or the original flags")
+      raise ValueError(f"the checkpoint was written for {key}={saved.get(key)!r}, this run "
+                       f"has {meta[key]!r}; use a fresh --workdir or the original flags")
 
 
 def train_and_evaluate_lm(config: LMConfig, workdir: str,
                           flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains (or resumes) one LM run and writes its outputs into ``workdir``.
 
+  The loop is :func:`ccjax.loop.run_train_steps`, shared with the classifiers: workdir
+  lock, checksummed checkpoints with fallback to the newest intact one, finite checks
+  before every save, ``--skip_nonfinite``, Ctrl-C, and data parallelism over
+  ``config.num_devices`` devices.
+
   Raises:
-    ValueError: bad data or an incompatible workdir (nothing written).
+    ValueError: bad data, an incompatible, damaged or busy workdir (nothing written).
     loop.NonFiniteError: NaN/Inf loss or gradient without ``skip_nonfinite``.
+    loop.Interrupted: Ctrl-C (the last checkpoint is intact).
   """
   start_time = time.time()
   loop.quiet_library_logs()
   loop.check_workdir(workdir)
   splits = text.load_text(config.dataset, config.context)
   model = config.build_model()
+  mesh = parallel.make_mesh(config.num_devices)
+  if config.batch_size % mesh.size:
+    raise validation.ConfigError("batch_size", f"={config.batch_size} must be a multiple of "
+                                 f"the number of devices ({mesh.size}); see --num_devices")
   workdir = os.path.abspath(workdir)
   checkpoint_dir = os.path.join(workdir, runs.CHECKPOINT_DIR)
-  meta = {"architecture": config.architecture(), "sha256": splits.sha256,
-          "config": config.as_dict(), "kind": "lm"}
-  checkpointer = None
-  if os.path.isdir(checkpoint_dir):
-    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
-    if checkpointer.latest_step() is not None:
-      _check_resume(checkpointer, meta)
-
-  # Everything is validated: from here on the run writes to the workdir.
+  loop.check_checkpoint_dir(checkpoint_dir)
+  # Everything the flags and data decide is valid: from here on the run owns the workdir.
   os.makedirs(workdir, exist_ok=True)
-  if checkpointer is None:
-    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
-  metrics_log = loop.MetricsLog(os.path.join(workdir, loop.METRICS_FILE))
-  sample = text.train_batch(splits.train, 1, config.context, config.seed, 0)
-  state = step_lib.init_train_state(model, config.train, jax.random.PRNGKey(config.seed),
-                                    jnp.asarray(sample["x"]))
-  start_step = 0
-  if checkpointer.latest_step() is not None:
-    start_step = int(checkpointer.latest_step())
-    state = checkpointer.restore(state)
-    logging.info("Resumed from checkpoint step %d in %s", start_step, checkpoint_dir)
-  metrics_log.truncate_after(start_step)
-
-  train_step = jax.jit(step_lib.make_train_step(model, config.train), donate_argnums=0)
-  eval_fn = jax.jit(step_lib.make_eval_step(model, "threshold"))
-  window_start, window_steps = time.time(), 0
-  for step in range(start_step + 1, config.steps + 1):
-    batch = text.train_batch(splits.train, config.batch_size, config.context, config.seed,
-                             step - 1)
-    state, metrics = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
-    window_steps += 1
-    log_now = step % config.log_every == 0 or step in (1, config.steps)
-    eval_now = step % config.eval_every == 0 and step != config.steps
-    save_now = step % config.checkpoint_every == 0 or step == config.steps
-    if (log_now or save_now) and not config.train.skip_nonfinite:
-      if not bool(metrics["finite"]):
-        raise loop.NonFiniteError(f"non-finite loss or gradient at step {step}; training "
-                                  "stopped (the last checkpoint is left intact)")
-    if log_now:
-      steps_per_s = window_steps / max(time.time() - window_start, 1e-9)
-      record = {"step": step, "kind": "train", "steps_per_s": steps_per_s}
-      record.update({key: loop._to_python(value)  # pylint: disable=protected-access
-                     for key, value in jax.device_get(metrics).items()})
-      record["bits_per_byte"] = record["loss"] / math.log(2)
-      metrics_log.write(record)
-      logging.info("step %d/%d  bits/byte %.4f  active %s  %.1f steps/s", step, config.steps,
-                   record["bits_per_byte"], np.round(record.get("active_fraction", []), 3).tolist(),
-                   steps_per_s)
-      window_start, window_steps = time.time(), 0
-    if eval_now:
-      valid = evaluate_lm(eval_fn, state.params, splits.valid, config.context)
-      metrics_log.write({"step": step, "kind": "eval",
-                         "valid_bits_per_byte": valid["bits_per_byte"],
-                         "valid_active_fraction": valid["active_fraction"]})
-    if save_now:
-      checkpointer.save(step, state, meta)
-  checkpointer.close()
-
-  results = finalize_lm(config, model, state.params, splits, workdir, eval_fn, metrics_log,
-                        flag_values)
-  results["wall_time_s"] = time.time() - start_time
-  atomic.write_json(os.path.join(workdir, runs.RESULTS_FILE), results)
+  primary = parallel.is_primary_process()
+  with (lock_lib.WorkdirLock(workdir) if primary else contextlib.nullcontext()):
+    state = _train_lm_locked(config, model, splits, mesh, workdir, primary)
+    metrics_log = loop.MetricsLog(os.path.join(workdir, loop.METRICS_FILE), enabled=primary)
+    eval_fn = _eval_fn(config, model)
+    results = finalize_lm(config, model, parallel.to_host(state.params), splits, workdir,
+                          eval_fn, metrics_log, flag_values)
+    results["wall_time_s"] = time.time() - start_time
+    if primary:
+      atomic.write_json(os.path.join(workdir, runs.RESULTS_FILE), results)
   return results
 
 
-def teal_capacity(config: LMConfig) -> int:
-  """Blocks per token kept by TEAL-style thresholding: ``round(tau * blocks)``, >= 1."""
-  blocks = config.mlp_width // config.block_size
-  return max(1, round(config.train.taus(config.num_layers)[0] * blocks))
+def _eval_fn(config: LMConfig, model: transformer.GatedTransformer):
+  return jax.jit(step_lib.make_eval_step(model, config.eval_policy, config.eval_capacity()))
+
+
+def _train_lm_locked(config: LMConfig, model: transformer.GatedTransformer, splits, mesh,
+                     workdir: str, primary: bool) -> step_lib.TrainState:
+  """Resumes or starts the run in the locked ``workdir``; returns the final train state."""
+  meta = {"architecture": config.architecture(), "sha256": splits.sha256,
+          "config": config.as_dict(), "kind": "lm"}
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, runs.CHECKPOINT_DIR))
+  try:
+    resume = loop.find_resume_point(checkpointer, functools.partial(_check_resume, meta))
+    sample = text.train_batch(splits.train, 1, config.context, config.seed, 0)
+    state = step_lib.init_train_state(model, config.train, loop.seed_key(config.seed),
+                                      jnp.asarray(sample["x"]))
+    state = parallel.place_state(state, mesh)
+    state, start_step = loop.restore_resume_point(checkpointer, resume, state, primary)
+    metrics_log = loop.MetricsLog(os.path.join(workdir, loop.METRICS_FILE), enabled=primary)
+    metrics_log.truncate_after(start_step)
+    train_step = parallel.make_parallel_train_step(
+        step_lib.make_train_step(model, config.train), mesh,
+        parallel.state_sharding(state, mesh))
+    eval_fn = _eval_fn(config, model)
+
+    def batch(step):
+      return text.train_batch(splits.train, config.batch_size, config.context, config.seed,
+                              step - 1)
+
+    def validate(params, step):
+      valid = evaluate_lm(eval_fn, parallel.to_host(params), splits.valid, config.context)
+      metrics_log.write({"step": step, "kind": "eval",
+                         "valid_bits_per_byte": valid["bits_per_byte"],
+                         "valid_active_fraction": valid["active_fraction"]})
+      logging.info("step %d  valid bits/byte %.4f", step, valid["bits_per_byte"])
+
+    def describe(record):
+      record["bits_per_byte"] = record["loss"] / math.log(2)
+      return f"bits/byte {record['bits_per_byte']:.4f}"
+
+    intervals = loop.Intervals(config.log_every, config.eval_every, config.checkpoint_every,
+                               config.train.skip_nonfinite)
+    state = loop.run_train_steps(
+        train_step, state, loop.StepHooks(batch, validate, describe), intervals, mesh=mesh,
+        checkpointer=checkpointer, metrics_log=metrics_log, meta=meta, start_step=start_step,
+        total_steps=config.steps, skipped=int(resume.meta.get("skipped_nonfinite", 0)))
+  finally:
+    checkpointer.close()
+  if not loop.state_is_finite(state):
+    raise loop.NonFiniteError("non-finite parameters or optimizer state at the end of "
+                              "training; no results written")
+  return state
 
 
 def finalize_lm(config: LMConfig, model: transformer.GatedTransformer, params, splits,
@@ -242,7 +288,9 @@ def finalize_lm(config: LMConfig, model: transformer.GatedTransformer, params, s
   active = test["active_fraction"] or None
   results = {
       "model": config.model, "dataset": config.dataset, "corpus_sha256": splits.sha256,
-      "seed": config.seed, "steps": config.steps, "bits_per_byte": test["bits_per_byte"],
+      "seed": config.seed, "steps": config.steps, "eval_policy": config.eval_policy,
+      "estimator": config.train.estimator if model.gated else None,
+      "bits_per_byte": test["bits_per_byte"],
       "valid_bits_per_byte": valid["bits_per_byte"],
       "active_fraction": test["active_fraction"],
       "macs_per_token": transformer.macs_per_token(model, active),
@@ -250,7 +298,7 @@ def finalize_lm(config: LMConfig, model: transformer.GatedTransformer, params, s
       "flags": dict(flag_values) if flag_values is not None else config.as_dict(),
   }
   if not model.gated:
-    capacity = teal_capacity(config)
+    capacity = config.top_k_capacity()
     teal_fn = jax.jit(step_lib.make_eval_step(model, layers.ACTIVATION_TOP_K, capacity))
     results["teal_capacity"] = capacity
     results["teal_active_fraction"] = capacity / model.num_blocks

@@ -211,9 +211,13 @@ class _Resume(NamedTuple):
   damaged: list[tuple[int, str]]
 
 
-def _find_resume_point(checkpointer: checkpoint_lib.Checkpointer, config, dataset,
-                       data_fingerprint: dict[str, Any]) -> _Resume:
+def find_resume_point(checkpointer: checkpoint_lib.Checkpointer,
+                      check_meta: Callable[[dict[str, Any]], None]) -> _Resume:
   """The newest intact checkpoint, checked to belong to this run.
+
+  Args:
+    checkpointer: the run's checkpoints.
+    check_meta: raises ``ValueError`` if a checkpoint's metadata belongs to another run.
 
   Raises:
     checkpoint_lib.CheckpointError: every checkpoint is damaged (names them).
@@ -228,9 +232,29 @@ def _find_resume_point(checkpointer: checkpoint_lib.Checkpointer, config, datase
   if intact.step is None:
     return _Resume(None, {}, [])
   meta = checkpointer.read_meta(intact.step)
-  config_lib.check_resume_compatible(meta, config, dataset.input_shape, dataset.num_classes,
-                                     data_fingerprint=data_fingerprint)
+  check_meta(meta)
   return _Resume(intact.step, meta, intact.damaged)
+
+
+def restore_resume_point(checkpointer: checkpoint_lib.Checkpointer, resume: _Resume,
+                         state: step_lib.TrainState, primary: bool
+                         ) -> tuple[step_lib.TrainState, int]:
+  """Sets damaged newer checkpoints aside and restores ``resume.step`` into ``state``.
+
+  Returns:
+    ``(state, start_step)``; ``state`` unchanged and ``0`` without a checkpoint.
+  """
+  if resume.damaged and primary:
+    for step, reason in resume.damaged:
+      logging.warning("checkpoint step %d in %s is damaged (%s); set aside in %s, resuming "
+                      "from step %d", step, checkpointer.directory, reason,
+                      checkpointer.directory + checkpoint_lib.DAMAGED_SUFFIX, resume.step)
+    checkpointer.set_aside(step for step, _ in resume.damaged)
+  if resume.step is None:
+    return state, 0
+  state = checkpointer.restore(state, resume.step)
+  logging.info("Resumed from checkpoint step %d in %s", resume.step, checkpointer.directory)
+  return state, resume.step
 
 
 class Interrupted(KeyboardInterrupt):
@@ -296,7 +320,9 @@ def _train_locked(config, workdir, dataset, module, mesh, flag_values, primary, 
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
   try:
     data_fingerprint = data_lib.fingerprint(dataset)
-    resume = _find_resume_point(checkpointer, config, dataset, data_fingerprint)
+    resume = find_resume_point(checkpointer, lambda meta: config_lib.check_resume_compatible(
+        meta, config, dataset.input_shape, dataset.num_classes,
+        data_fingerprint=data_fingerprint))
     meta = {"architecture": config_lib.architecture_meta(config, dataset.input_shape,
                                                          dataset.num_classes),
             "config": config.as_dict(), "data": data_fingerprint}
@@ -305,17 +331,7 @@ def _train_locked(config, workdir, dataset, module, mesh, flag_values, primary, 
     if sources.init_run is not None:  # a resumed run restores over it below
       state = init_from_run(state, sources.init_run, config.train)
     state = parallel.place_state(state, mesh)
-    if resume.damaged and primary:
-      for step, reason in resume.damaged:
-        logging.warning("checkpoint step %d in %s is damaged (%s); set aside in %s, resuming "
-                        "from step %d", step, checkpoint_dir, reason,
-                        checkpoint_dir + checkpoint_lib.DAMAGED_SUFFIX, resume.step)
-      checkpointer.set_aside(step for step, _ in resume.damaged)
-    start_step = 0
-    if resume.step is not None:
-      start_step = resume.step
-      state = checkpointer.restore(state, start_step)
-      logging.info("Resumed from checkpoint step %d in %s", start_step, checkpoint_dir)
+    state, start_step = restore_resume_point(checkpointer, resume, state, primary)
     metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE), enabled=primary)
     metrics_log.truncate_after(start_step)
     total_steps = config.total_steps(dataset.x_train.shape[0])
@@ -358,20 +374,59 @@ def _check_skipped(skipped: int, step: int, total_steps: int, last_saved, checkp
         f"results. Last good checkpoint: {_last_good(last_saved, checkpoint_dir)}")
 
 
-def _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log, meta,
-                 eval_fn, *, start_step: int, total_steps: int, skipped: int,
-                 teacher: step_lib.Teacher | None = None):
-  """Steps ``start_step + 1 .. total_steps`` with logging, evaluation and checkpoints.
+class StepHooks(NamedTuple):
+  """What :func:`run_train_steps` needs from its task (classification, language models).
+
+  Attributes:
+    batch: ``step -> {name: [global_batch, ...] numpy}``, the batch of the 1-based
+      ``step``; a pure function of seed and step (exact resume).
+    validate: ``(params, step) -> None``: evaluates on the validation split and writes
+      the ``eval`` record.
+    describe: ``train record -> str``: the metrics part of the progress line; may add
+      derived fields to the record before it is written.
+  """
+  batch: Callable[[int], dict[str, np.ndarray]]
+  validate: Callable[[Any, int], None]
+  describe: Callable[[dict[str, Any]], str]
+
+
+class Intervals(NamedTuple):
+  """Steps between log lines, validations and checkpoints, and the non-finite policy."""
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  skip_nonfinite: bool
+
+
+def run_train_steps(train_step: Callable, state: step_lib.TrainState, hooks: StepHooks,
+                    intervals: Intervals, *, mesh, checkpointer: checkpoint_lib.Checkpointer,
+                    metrics_log: MetricsLog, meta: dict[str, Any], start_step: int,
+                    total_steps: int, skipped: int) -> step_lib.TrainState:
+  """Steps ``start_step + 1 .. total_steps`` with logging, validation and checkpoints.
+
+  The loop every task shares: non-finite steps stop the run (or are skipped, up to
+  :data:`MAX_SKIPPED_FRACTION`, with ``skip_nonfinite``), a state is checked finite
+  before it is saved, and Ctrl-C raises :class:`Interrupted` naming the last intact
+  checkpoint.
+
+  Args:
+    train_step: the jitted ``(state, batch) -> (state, metrics)`` for ``mesh``
+      (:func:`ccjax.parallel.make_parallel_train_step`).
+    state: the state after ``start_step`` updates, placed on ``mesh``.
+    hooks: the task's batches, validation and progress line.
+    intervals: log / eval / checkpoint intervals and ``skip_nonfinite``.
+    mesh: the device mesh the batches are sharded over.
+    checkpointer: where checkpoints go (``meta`` is saved beside each).
+    metrics_log: the run's ``metrics.jsonl``.
+    meta: checkpoint metadata (``skipped_nonfinite`` is added).
+    start_step: updates already done.
+    total_steps: updates in the whole run.
+    skipped: non-finite steps skipped before ``start_step``.
 
   Returns:
     the final train state.
   """
   checkpoint_dir = checkpointer.directory
-  num_train = dataset.x_train.shape[0]
-  train_step = parallel.make_parallel_train_step(
-      step_lib.make_train_step(module, config.train, teacher=teacher), mesh,
-      parallel.state_sharding(state, mesh))
-  eval_key = _eval_key(config)
   last_saved = start_step if start_step else None
   if start_step >= total_steps:
     logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
@@ -380,23 +435,20 @@ def _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
-      indices = data_lib.train_batch_indices(num_train, config.batch_size, config.seed,
-                                             step - 1)
-      batch = parallel.shard_batch(
-          {"x": dataset.x_train[indices], "y": dataset.y_train[indices]}, mesh)
+      batch = parallel.shard_batch(hooks.batch(step), mesh)
       state, metrics = train_step(state, batch)
       window_steps += 1
       pending_finite.append((step, metrics["finite"]))
       # Step 1 is logged too: a progress line within seconds, whatever the model.
-      log_now = step % config.log_every == 0 or step == total_steps or step == 1
-      eval_now = step % config.eval_every == 0 and step != total_steps
-      save_now = step % config.checkpoint_every == 0 or step == total_steps
+      log_now = step % intervals.log_every == 0 or step == total_steps or step == 1
+      eval_now = step % intervals.eval_every == 0 and step != total_steps
+      save_now = step % intervals.checkpoint_every == 0 or step == total_steps
       if log_now or eval_now or save_now:
         # One host sync per boundary, not per step; always before anything is saved.
         for checked_step, finite in zip(*_pop_flags(pending_finite)):
           if finite:
             continue
-          if not config.train.skip_nonfinite:
+          if not intervals.skip_nonfinite:
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {checked_step}; training stopped. Last "
                 f"good checkpoint: {_last_good(last_saved, checkpoint_dir)}. Pass "
@@ -411,24 +463,18 @@ def _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log
                   "skipped_nonfinite": skipped}
         record.update({key: _to_python(value)
                        for key, value in parallel.to_host(metrics).items()})
+        described = hooks.describe(record)
         metrics_log.write(record)
         if step == 1:  # its time is mostly compilation: no rate or ETA yet
           speed = f"first step (compilation included) {elapsed:.1f}s"
         else:
           eta = (total_steps - step) / max(steps_per_s, 1e-9)
           speed = f"{steps_per_s:.1f} steps/s  ETA {eta:.0f}s"
-        logging.info("step %d/%d  loss %.4f  error %.4f  active %s  %s", step, total_steps,
-                     record["loss"], record["error"],
+        logging.info("step %d/%d  %s  active %s  %s", step, total_steps, described,
                      np.round(record.get("active_fraction", []), 3).tolist(), speed)
         window_start, window_steps = time.time(), 0
       if eval_now:
-        valid = evaluate(eval_fn, state.params, dataset.x_valid, dataset.y_valid,
-                         mode=config.eval_policy, key=eval_key)
-        metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
-                           "valid_loss": valid["loss"],
-                           "valid_active_fraction": valid["active_fraction"]})
-        logging.info("step %d  valid error %s  active %s", step, valid["error"],
-                     np.round(valid["active_fraction"], 3).tolist())
+        hooks.validate(state.params, step)
       if save_now:
         if not state_is_finite(state):
           raise NonFiniteError(
@@ -441,6 +487,40 @@ def _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log
                       f"{_last_good(last_saved, checkpoint_dir)}; rerun the same command to "
                       "resume") from None
   return state
+
+
+def _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log, meta,
+                 eval_fn, *, start_step: int, total_steps: int, skipped: int,
+                 teacher: step_lib.Teacher | None = None):
+  """:func:`run_train_steps` for a classification run."""
+  num_train = dataset.x_train.shape[0]
+  train_step = parallel.make_parallel_train_step(
+      step_lib.make_train_step(module, config.train, teacher=teacher), mesh,
+      parallel.state_sharding(state, mesh))
+  eval_key = _eval_key(config)
+
+  def batch(step):
+    indices = data_lib.train_batch_indices(num_train, config.batch_size, config.seed, step - 1)
+    return {"x": dataset.x_train[indices], "y": dataset.y_train[indices]}
+
+  def validate(params, step):
+    valid = evaluate(eval_fn, params, dataset.x_valid, dataset.y_valid,
+                     mode=config.eval_policy, key=eval_key)
+    metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
+                       "valid_loss": valid["loss"],
+                       "valid_active_fraction": valid["active_fraction"]})
+    logging.info("step %d  valid error %s  active %s", step, valid["error"],
+                 np.round(valid["active_fraction"], 3).tolist())
+
+  def describe(record):
+    return f"loss {record['loss']:.4f}  error {record['error']:.4f}"
+
+  intervals = Intervals(config.log_every, config.eval_every, config.checkpoint_every,
+                        config.train.skip_nonfinite)
+  return run_train_steps(train_step, state, StepHooks(batch, validate, describe), intervals,
+                         mesh=mesh, checkpointer=checkpointer, metrics_log=metrics_log,
+                         meta=meta, start_step=start_step, total_steps=total_steps,
+                         skipped=skipped)
 
 
 def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval_key, *,

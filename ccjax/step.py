@@ -57,7 +57,10 @@ class TrainConfig:
     optimizer: ``adam`` | ``sgd`` | ``momentum`` (momentum 0.9), for both parameter sets.
     baseline: ``none`` | ``batch_mean`` (leave-one-out) | ``ema``.
     baseline_decay: decay of the ``ema`` baseline, in [0, 1).
-    estimator: ``reinforce`` | ``straight_through`` | ``gumbel``; must match the model's.
+    estimator: ``reinforce`` | ``straight_through`` | ``gumbel`` | ``router``; must match
+      the model's. ``router`` trains every example on exactly its ``top_k_capacity(tau,
+      blocks)`` most probable blocks (straight-through gradient, no REINFORCE; the
+      final ``tau`` even under a curriculum); evaluate it with the ``top_k`` policy.
     skip_nonfinite: if True, a step whose loss or gradients are NaN/Inf leaves the
       parameters and optimizer states unchanged (the step counter still advances and
       ``metrics['finite']`` is 0); otherwise the update is applied and the caller
@@ -225,7 +228,7 @@ def init_train_state(model: nn.Module, config: TrainConfig, rng: jax.Array,
 def _init_with_aux(model, init_key, gate_key, sample_input):
   """``model.init`` that also returns the ``aux`` of the init call (to count gates)."""
   def init_fn(rngs, x):
-    (_, aux), variables = model.init_with_output(rngs, x, mode="sample")
+    (_, aux), variables = model.init_with_output(rngs, x, mode="all")
     return variables, aux
   variables, aux = init_fn({"params": init_key, "gate": gate_key}, sample_input)
   return variables, aux
@@ -357,6 +360,27 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
   return objective, terms
 
 
+def top_k_capacities(model: nn.Module, params, x: jax.Array, config: TrainConfig
+                     ) -> tuple[int, ...]:
+  """Blocks per example of each gated layer at the final targets: ``round(tau * blocks)``.
+
+  Args:
+    model: a module whose every layer with an ``aux`` is gated.
+    params: its parameters (only shapes are read).
+    x: ``[batch, ...]`` an input (only its shape is read; tracers are fine).
+    config: gives ``taus`` (one per gated layer).
+
+  Returns:
+    one capacity per layer, for ``model.apply(..., capacity=...)``.
+  """
+  aux = jax.eval_shape(lambda p, inputs: model.apply({"params": p}, inputs, mode="all")[1],
+                       params, x)
+  if any(layer_aux is None for layer_aux in aux):
+    raise ValueError("top-k capacities need every layer of the model gated")
+  return tuple(policy_lib.top_k_capacity(tau, layer_aux.probs.shape[-1])
+               for layer_aux, tau in zip(aux, config.taus(len(aux))))
+
+
 def _uses_recipes(config: TrainConfig) -> bool:
   return (config.warm_steps > 0 or config.tau_schedule != "constant"
           or config.distill_weight > 0 or config.entropy_weight > 0
@@ -394,7 +418,10 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
 
   def objective(params, batch, step_key, baseline_state, step, duals, warm):
     mode = "all" if warm else "sample"
-    logits, aux = model.apply({"params": params}, batch["x"], mode=mode,
+    capacity = None
+    if gated_model and config.estimator in estimators.TOP_K_ESTIMATORS and not warm:
+      capacity = top_k_capacities(model, params, batch["x"], config)
+    logits, aux = model.apply({"params": params}, batch["x"], mode=mode, capacity=capacity,
                               rngs={"gate": step_key})
     labels = batch["y"]
     per_example_loss = optax.softmax_cross_entropy_with_integer_labels(

@@ -152,6 +152,24 @@ SHARED_FLAGS = (DATASET, DATA_DIR, ARCH, HIDDEN, BLOCK_SIZE, LAMBDA_S, LAMBDA_V,
                 ENTROPY_WEIGHT, ENTROPY_RAMP_STEPS, BUDGET, DUAL_LR, ADVANTAGE)
 
 
+# The flags that set :class:`ccjax.TrainConfig` fields (all but ``tau``).
+TRAIN_FLAGS = (LAMBDA_S, LAMBDA_V, L2, LR, POLICY_LR, BASELINE, ESTIMATOR, SKIP_NONFINITE,
+               WARM_STEPS, TAU_SCHEDULE, TAU_SCHEDULE_STEPS, DISTILL_WEIGHT,
+               DISTILL_TEMPERATURE, ENTROPY_WEIGHT, ENTROPY_RAMP_STEPS, BUDGET, DUAL_LR,
+               ADVANTAGE)
+
+
+def train_config_from_flags(**fields) -> step_lib.TrainConfig:
+  """The :class:`ccjax.TrainConfig` of :data:`TRAIN_FLAGS`, with ``fields`` on top.
+
+  Raises:
+    validation.ConfigError: a value breaks a rule of the config.
+  """
+  values = {holder.name: holder.value for holder in TRAIN_FLAGS}
+  values.update(fields)
+  return step_lib.TrainConfig(**values)
+
+
 def config_from_flags(**fields) -> config_lib.ExperimentConfig:
   """The :class:`ccjax.ExperimentConfig` of the shared flags, with ``fields`` on top.
 

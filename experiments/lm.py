@@ -31,10 +31,12 @@ for _name, _value in (("dataset", _DEFAULT.dataset), ("steps", _DEFAULT.steps),
                       ("batch_size", _DEFAULT.batch_size), ("block_size", _DEFAULT.block_size),
                       ("eval_every", _DEFAULT.eval_every), ("log_every", _DEFAULT.log_every),
                       ("checkpoint_every", _DEFAULT.checkpoint_every),
-                      ("plots", _DEFAULT.plots)):
+                      ("plots", _DEFAULT.plots), ("estimator", _DEFAULT.train.estimator)):
   flags.FLAGS.set_default(_name, _value)
 _MODEL = flags.DEFINE_enum("model", _DEFAULT.model, lm_train.LM_MODELS,
-                           "gated (per-token gated MLPs) | dense (baseline).")
+                           "gated (per-token gated MLPs, policies trained by --estimator) | "
+                           "dense (baseline) | router (MoE-style top-k router over the same "
+                           "blocks, straight-through; sets --estimator=router).")
 _TAU = shared.define_number_list(
     "tau", (0.25,), "Target active fraction in (0, 1]: one value or one per layer (dense "
     "runs: the fraction of TEAL-style thresholding).")
@@ -59,11 +61,7 @@ _PROMPT = flags.DEFINE_string("prompt", "The ", "Prompt of --sample.")
 
 def config_from_flags() -> lm_train.LMConfig:
   """The validated run configuration (``ConfigError`` if a value breaks a rule)."""
-  train = step_lib.TrainConfig(
-      tau=_TAU.value, lambda_s=shared.LAMBDA_S.value, lambda_v=shared.LAMBDA_V.value,
-      l2=shared.L2.value, lr=shared.LR.value, policy_lr=shared.POLICY_LR.value,
-      baseline=shared.BASELINE.value, estimator=shared.ESTIMATOR.value,
-      skip_nonfinite=shared.SKIP_NONFINITE.value, reinforce_cost=_REINFORCE_COST.value)
+  train = shared.train_config_from_flags(tau=_TAU.value, reinforce_cost=_REINFORCE_COST.value)
   return lm_train.LMConfig(
       dataset=shared.DATASET.value, model=_MODEL.value, num_layers=_NUM_LAYERS.value,
       d_model=_D_MODEL.value, num_heads=_NUM_HEADS.value, mlp_width=_MLP_WIDTH.value,
@@ -72,7 +70,11 @@ def config_from_flags() -> lm_train.LMConfig:
       eval_every=shared.EVAL_EVERY.value, log_every=shared.LOG_EVERY.value,
       checkpoint_every=shared.CHECKPOINT_EVERY.value, seed=_SEED.value,
       policy_init_prob=_POLICY_INIT_PROB.value, plots=shared.PLOTS.value,
-      decode_benchmark=_DECODE_BENCHMARK.value, train=train)
+      decode_benchmark=_DECODE_BENCHMARK.value,
+      # Not given: the LM's own default (threshold, or top_k for --model=router).
+      eval_policy=shared.EVAL_POLICY.value if shared.EVAL_POLICY.present else None,
+      num_devices=shared.NUM_DEVICES.value,
+      train=train)
 
 
 def sample(config: lm_train.LMConfig, workdir: str, num_bytes: int) -> bytes:

@@ -12,8 +12,11 @@ import tempfile
 from absl.testing import absltest
 import numpy as np
 
+from ccjax import checkpoint as checkpoint_lib
 from ccjax import lm_train
+from ccjax import lock
 from ccjax import step as step_lib
+from ccjax import validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +66,45 @@ class LmTrainTest(absltest.TestCase):
 
     with self.assertRaisesRegex(ValueError, "architecture"):
       lm_train.train_and_evaluate_lm(_config(d_model=32), resumed)
+
+  def test_damaged_latest_checkpoint_falls_back_to_the_intact_one(self):
+    straight = lm_train.train_and_evaluate_lm(_config(), self._tempdir())
+    workdir = self._tempdir()
+    lm_train.train_and_evaluate_lm(_config(), workdir)  # checkpoints at steps 3 and 6
+    step_dir = os.path.join(workdir, "checkpoints", "6")
+    largest = max((os.path.join(root, name) for root, _, names in os.walk(step_dir)
+                   for name in names if name != checkpoint_lib.CHECKSUM_FILE),
+                  key=os.path.getsize)
+    with open(largest, "r+b") as stream:  # one flipped bit in the newest checkpoint
+      first = stream.read(1)
+      stream.seek(0)
+      stream.write(bytes([first[0] ^ 1]))
+    os.remove(os.path.join(workdir, "results.json"))
+    again = lm_train.train_and_evaluate_lm(_config(), workdir)  # resumes from step 3
+    self.assertEqual(again["bits_per_byte"], straight["bits_per_byte"])
+    self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints" +
+                                               checkpoint_lib.DAMAGED_SUFFIX)))
+
+  def test_busy_workdir_is_refused(self):
+    workdir = self._tempdir()
+    with lock.WorkdirLock(workdir):
+      with self.assertRaisesRegex(lock.WorkdirBusyError, "in use by another run"):
+        lm_train.train_and_evaluate_lm(_config(), workdir)
+    self.assertFalse(os.path.exists(os.path.join(workdir, "checkpoints")))
+
+  def test_router_runs_exactly_k_blocks_per_token(self):
+    result = lm_train.train_and_evaluate_lm(_config(model="router", mlp_width=64),
+                                            self._tempdir())
+    self.assertEqual(result["estimator"], "router")
+    self.assertEqual(result["eval_policy"], "top_k")
+    self.assertEqual(result["active_fraction"], [0.25])  # 2 of 8 blocks, every token
+    self.assertTrue(np.isfinite(result["bits_per_byte"]))
+
+  def test_router_estimator_belongs_to_the_router_model(self):
+    with self.assertRaisesRegex(validation.ConfigError, "estimator"):
+      _config(train=step_lib.TrainConfig(estimator="router"))
+    self.assertEqual(_config(model="router").train.estimator, "router")
+    self.assertEqual(_config().eval_policy, "threshold")
 
   def test_dense_run_reports_teal(self):
     result = lm_train.train_and_evaluate_lm(_config(model="dense", steps=2),
