@@ -121,7 +121,7 @@ def test_bad_arguments():
     ccjax.make_inference(MLP, params, mode="top_k")
   with pytest.raises(ValueError, match="gated=True"):
     ccjax.make_inference(MLP.clone(gated=False), params)
-  with pytest.raises(ValueError, match="supports GatedMLP and GatedCNN"):
+  with pytest.raises(ValueError, match="supports GatedMLP, GatedCNN and GatedTransformer"):
     ccjax.make_inference(ccjax.GatedDense(8, block_size=4), params)
   with pytest.raises(ValueError, match="active_fraction"):
     ccjax.Capacities(active_fraction=1.5)

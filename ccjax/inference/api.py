@@ -1,8 +1,9 @@
 """One inference contract for every gated model family.
 
 ``make_inference(module, params, mode=..., capacities=...)`` returns ``fn(x) -> (logits,
-InferenceInfo)`` for a :class:`ccjax.GatedMLP` and a :class:`ccjax.GatedCNN` alike: the
-function really skips inactive blocks (block-major kernels for the MLP, skipped layers
+InferenceInfo)`` for a :class:`ccjax.GatedMLP`, a :class:`ccjax.GatedCNN` and a
+:class:`ccjax.GatedTransformer` alike: the function really skips inactive blocks
+(block-major kernels for the MLP and for each transformer layer's MLP, skipped layers
 and channel blocks for the CNN), and its logits equal the module applied with
 ``block_masks=info.masks`` (masked dense) to float tolerance. Everything model-specific
 (layout, kernels, MAC accounting) sits behind one adapter per family, chosen here by the
@@ -12,6 +13,7 @@ module's type; callers never branch on architecture names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -24,12 +26,14 @@ from ccjax import flops
 from ccjax import layers
 from ccjax import policy as policy_lib
 from ccjax import timing
+from ccjax import transformer as transformer_lib
 from ccjax import validation
 from ccjax.inference import capacity as capacity_lib
 from ccjax.inference import cnn
 from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import mlp
+from ccjax.inference import transformer as inference_transformer
 
 # The test-time policies the sparse paths implement ("all" is the dense network):
 # ``threshold`` (p > 0.5), ``top_k`` (exactly ``Capacities.top_k`` most probable blocks per
@@ -71,12 +75,87 @@ class Capacities:
     return tuple(float(f) for f in validation.per_layer_values(self.active_fraction, num_layers,
                                                            "active_fraction"))
 
+  def top_ks(self, num_layers: int) -> tuple[int, ...] | None:
+    """``top_k`` with one value per gated layer (``None`` when unset)."""
+    if self.top_k is None:
+      return None
+    return tuple(int(k) for k in validation.per_layer_values(self.top_k, num_layers, "top_k"))
 
-def _check_mode(mode: str, capacities: Capacities) -> None:
+  def check(self, num_layers: int) -> None:
+    """Raises a ValueError unless the per-layer values fit ``num_layers`` gated layers."""
+    self.fractions(num_layers)
+    self.top_ks(num_layers)
+
+  def layer(self, index: int, num_layers: int) -> "Capacities":
+    """The capacities of gated layer ``index`` alone (of ``num_layers``): single values.
+
+    For a model whose gated layers run as separate one-layer MLPs (the MLPs of a
+    :class:`ccjax.GatedTransformer`).
+    """
+    fractions, top_ks = self.fractions(num_layers), self.top_ks(num_layers)
+    return dataclasses.replace(self, active_fraction=None if fractions is None else fractions[index],
+                               top_k=None if top_ks is None else top_ks[index])
+
+
+def check_mode(mode: str, capacities: Capacities) -> None:
+  """Raises a ValueError unless ``mode`` is an inference mode that ``capacities`` serves."""
   if mode not in INFERENCE_MODES:
     raise ValueError(f"mode must be one of {'|'.join(INFERENCE_MODES)}, got {mode!r}")
   if mode in ("top_k", "capped") and capacities.top_k is None:
     raise ValueError(f"mode {mode!r} needs Capacities(top_k=...)")
+
+
+def sparse_config(block_major: layout.BlockMajorMLP, batch_size: int, *, mode: str,
+                  capacities: Capacities, backend: str) -> capacity_lib.SparseConfig:
+  """The static capacities of one sparse MLP call of ``batch_size`` rows in ``mode``.
+
+  The one place where :class:`Capacities` and a test-time ``mode`` become a
+  :class:`~ccjax.inference.capacity.SparseConfig`: every family (and the decode step of
+  :mod:`ccjax.lm_decode`) calls it.
+
+  Args:
+    block_major: the block-major MLP (its layers are the gated layers ``capacities``
+      describes, one value or one per layer).
+    batch_size: rows per call (examples; ``batch * seq`` positions of a transformer).
+    mode: ``threshold``, ``top_k`` (exactly ``capacities.top_k`` most probable blocks per
+      row) or ``capped`` (at most ``capacities.top_k`` of the threshold's blocks per row).
+    capacities: the work limits; slot buckets apply at ``batch_size == 1`` only.
+    backend: the kernel backend (already selected).
+
+  Returns:
+    a validated :class:`~ccjax.inference.capacity.SparseConfig`.
+  """
+  num_layers = len(block_major.layers)
+  config = capacity_lib.make_sparse_config(
+      block_major, batch_size, capacities.fractions(num_layers),
+      example_slack=capacities.example_slack,
+      num_buckets=capacities.num_buckets if batch_size == 1 else 1, backend=backend)
+  if mode == "threshold":
+    return config
+  top_ks = capacities.top_ks(num_layers)
+  # top_k runs exactly k blocks per row; capped at most k of the threshold's.
+  example = (top_ks if mode == "top_k" else
+             tuple(min(k, cap) for k, cap in zip(top_ks, config.example_capacity)))
+  buckets = None if config.buckets is None else tuple(
+      tuple(sorted({min(size, k) for size in sizes}))
+      for sizes, k in zip(config.buckets, example))
+  return dataclasses.replace(config, example_capacity=example, buckets=buckets,
+                             exact_k=mode == "top_k").validate(block_major)
+
+
+def layer_sparse_configs(block_majors: Sequence[layout.BlockMajorMLP], rows: int, *, mode: str,
+                         capacities: Capacities, backend: str
+                         ) -> tuple[capacity_lib.SparseConfig, ...]:
+  """:func:`sparse_config` of each one-layer MLP of a transformer (``capacities`` holds one
+  value or one per transformer layer)."""
+  return tuple(sparse_config(block_major, rows, mode=mode,
+                             capacities=capacities.layer(index, len(block_majors)),
+                             backend=backend)
+               for index, block_major in enumerate(block_majors))
+
+
+def _all_float32(params) -> bool:
+  return all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
 
 
 class _MLPFamily:
@@ -85,29 +164,11 @@ class _MLPFamily:
   @staticmethod
   def build(module: layers.GatedMLP, params, mode: str, capacities: Capacities,
             backend: str | None, with_info: bool) -> Callable:
-    float32 = all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
-    backend = kernels.select_backend(backend, float32=float32)
+    backend = kernels.select_backend(backend, float32=_all_float32(params))
     block_major = layout.to_block_major(module, params, pallas_tiles=backend == "pallas-gpu")
     num_layers = len(module.hidden)
-    top_k = (None if mode == "threshold" else
-             validation.per_layer_values(capacities.top_k, num_layers, "top_k"))
+    capacities.check(num_layers)
     compiled = {}
-
-    def sparse_config(batch_size: int) -> capacity_lib.SparseConfig:
-      config = capacity_lib.make_sparse_config(
-          block_major, batch_size, capacities.fractions(num_layers),
-          example_slack=capacities.example_slack,
-          num_buckets=capacities.num_buckets if batch_size == 1 else 1, backend=backend)
-      if top_k is not None:
-        # top_k runs exactly k blocks per example; capped at most k of the threshold's.
-        example = (tuple(int(k) for k in top_k) if mode == "top_k" else
-                   tuple(min(k, cap) for k, cap in zip(top_k, config.example_capacity)))
-        buckets = None if config.buckets is None else tuple(
-            tuple(sorted({min(size, k) for size in sizes})) for sizes, k in
-            zip(config.buckets, example))
-        config = dataclasses.replace(config, example_capacity=example, buckets=buckets,
-                                     exact_k=mode == "top_k").validate(block_major)
-      return config
 
     def run(block_major_params, x, config):
       logits, traces = mlp.sparse_forward(block_major_params, x, config)
@@ -118,7 +179,8 @@ class _MLPFamily:
     def infer(x):
       batch_size = x.shape[0]
       if batch_size not in compiled:
-        config = sparse_config(batch_size)
+        config = sparse_config(block_major, batch_size, mode=mode, capacities=capacities,
+                               backend=backend)
         compiled[batch_size] = jax.jit(lambda p, inputs: run(p, inputs, config))
       return compiled[batch_size](block_major, x)
 
@@ -178,20 +240,87 @@ class _CNNFamily:
                                 module.num_classes)
 
 
+class _TransformerFamily:
+  """Adapter of :class:`ccjax.GatedTransformer`: each layer's gated MLP on the MLP path.
+
+  Inputs are ``tokens [batch, seq]``, logits ``[batch, seq, vocab]``; every position is a
+  row of the MLPs' sparse path and ``info`` holds ``[batch, seq, blocks]`` per layer.
+  ``Capacities`` values are one or one per transformer layer. MACs are per sequence of
+  ``input_shape = (seq,)`` tokens: ``seq`` times :func:`ccjax.transformer.macs_per_token`
+  at the mean causal context ``(seq + 1) / 2`` (exact for a causal forward pass, since
+  it is linear in the MLP fractions; LayerNorms and embeddings not counted).
+  """
+
+  @staticmethod
+  def build(module: transformer_lib.GatedTransformer, params, mode: str,
+            capacities: Capacities, backend: str | None, with_info: bool) -> Callable:
+    backend = kernels.select_backend(backend, float32=_all_float32(params))
+    capacities.check(module.num_layers)
+    block_majors = inference_transformer.layer_block_majors(
+        module, params, pallas_tiles=backend == "pallas-gpu")
+    compiled = {}
+
+    def run(weights, tokens, configs):
+      logits, traces = inference_transformer.sparse_apply(module, weights[0], weights[1],
+                                                          configs, tokens)
+      if not with_info:
+        return logits
+      info = capacity_lib.traces_info(traces, (module.num_blocks,) * module.num_layers)
+      per_position = tokens.shape + (module.num_blocks,)
+      return logits, info._replace(masks=tuple(m.reshape(per_position) for m in info.masks),
+                                   probs=tuple(p.reshape(per_position) for p in info.probs))
+
+    def infer(tokens):
+      if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tokens.shape}")
+      if tokens.shape not in compiled:
+        configs = layer_sparse_configs(block_majors, math.prod(tokens.shape), mode=mode,
+                                       capacities=capacities, backend=backend)
+        compiled[tokens.shape] = jax.jit(functools.partial(run, configs=configs))
+      return compiled[tokens.shape]((params, block_majors), tokens)
+
+    infer.backend = backend
+    return infer
+
+  @staticmethod
+  def dense_macs(module: transformer_lib.GatedTransformer, input_shape: Sequence[int]) -> int:
+    (seq,) = _sequence_shape(input_shape)
+    macs = transformer_lib.macs_per_token(module.clone(gated=False, parent=None),
+                                          context=(seq + 1) / 2)
+    return int(round(seq * macs["total"]))
+
+  @staticmethod
+  def gated_macs(module: transformer_lib.GatedTransformer, input_shape: Sequence[int],
+                 masks: Sequence[np.ndarray]) -> np.ndarray:
+    (seq,) = _sequence_shape(input_shape)
+    fractions = np.stack([np.mean(np.asarray(mask, np.float64), axis=(1, 2)) for mask in masks],
+                         axis=1)
+    return np.asarray([seq * transformer_lib.macs_per_token(
+        module, active_fraction=row, context=(seq + 1) / 2)["total"] for row in fractions])
+
+
+def _sequence_shape(input_shape: Sequence[int]) -> tuple[int]:
+  if len(input_shape) != 1:
+    raise ValueError(f"input_shape of a transformer must be (seq,), got {tuple(input_shape)!r}")
+  return (int(input_shape[0]),)
+
+
 def _image_shape(module: conv.GatedCNN, input_shape: Sequence[int]) -> tuple[int, ...]:
   if len(input_shape) == 1 and module.image_shape is not None:
     return tuple(module.image_shape)
   return tuple(input_shape)
 
 
-_FAMILIES = ((layers.GatedMLP, _MLPFamily), (conv.GatedCNN, _CNNFamily))
+_FAMILIES = ((layers.GatedMLP, _MLPFamily), (conv.GatedCNN, _CNNFamily),
+             (transformer_lib.GatedTransformer, _TransformerFamily))
 
 
 def _family(module) -> Any:
   for module_type, family in _FAMILIES:
     if isinstance(module, module_type):
       return family
-  raise ValueError(f"sparse inference supports {' and '.join(t.__name__ for t, _ in _FAMILIES)}, "
+  names = [module_type.__name__ for module_type, _ in _FAMILIES]
+  raise ValueError(f"sparse inference supports {', '.join(names[:-1])} and {names[-1]}, "
                    f"got {type(module).__name__}")
 
 
@@ -201,11 +330,13 @@ def make_inference(module, params, *, mode: str = "threshold",
   """Jitted sparse inference of a trained gated model that really skips.
 
   Args:
-    module: a :class:`ccjax.GatedMLP` or :class:`ccjax.GatedCNN` with ``gated=True``.
+    module: a :class:`ccjax.GatedMLP`, :class:`ccjax.GatedCNN` or
+      :class:`ccjax.GatedTransformer` with ``gated=True``.
     params: its trained parameters.
     mode: test-time policy, ``threshold`` (blocks with ``p > 0.5``), ``top_k`` (exactly
       ``capacities.top_k`` most probable blocks per example: fixed compute) or ``capped``
-      (at most ``capacities.top_k`` of the threshold's blocks per example).
+      (at most ``capacities.top_k`` of the threshold's blocks per example); for a
+      transformer, per position.
     capacities: static work limits (default: exact, nothing overflows); what exceeds
       them is dropped, lowest probability first, and counted in ``info.dropped``.
     backend: kernel backend (default: :func:`ccjax.inference.kernels.select_backend`).
@@ -213,10 +344,13 @@ def make_inference(module, params, *, mode: str = "threshold",
 
   Returns:
     ``fn(x [batch, ...]) -> (logits [batch, classes], InferenceInfo)``; one compilation
-    per batch size. ``fn.backend`` names the backend that runs.
+    per batch size. For a transformer ``fn(tokens [batch, seq]) -> (logits [batch, seq,
+    vocab], info)`` with ``info.masks`` / ``info.probs`` ``[batch, seq, blocks]`` per
+    layer (one compilation per ``(batch, seq)``). ``fn.backend`` names the backend that
+    runs.
   """
   capacities = Capacities() if capacities is None else capacities
-  _check_mode(mode, capacities)
+  check_mode(mode, capacities)
   if not module.gated:
     raise ValueError("make_inference needs a gated module (gated=True)")
   return _family(module).build(module, params, mode, capacities, backend, with_info)
@@ -231,7 +365,10 @@ def make_dense_inference(module, params) -> Callable[[jax.Array], jax.Array]:
 
 
 def dense_macs_per_example(module, input_shape: Sequence[int]) -> int:
-  """Multiply-accumulates of one example through the dense network (no policies)."""
+  """Multiply-accumulates of one example through the dense network (no policies).
+
+  For a transformer an example is a sequence, ``input_shape = (seq,)``: ``seq`` times
+  :func:`ccjax.transformer.macs_per_token` at the mean causal context ``(seq + 1) / 2``."""
   return _family(module).dense_macs(module, input_shape)
 
 
@@ -283,6 +420,9 @@ def calibrate_policies(module, params, inputs: jax.Array, active_fraction: float
   """
   if not 0.0 < active_fraction < 1.0:
     raise ValueError(f"active_fraction must be in (0, 1), got {active_fraction!r}")
+  if isinstance(module, transformer_lib.GatedTransformer):
+    raise ValueError("calibrate_policies takes a GatedMLP or GatedCNN; calibrate a "
+                     "transformer's MLPs one by one (model.mlp_module(i), model.mlp_params)")
   _family(module)
   eps = module.policy_eps
   module = module.clone(dtype=jnp.float32)
