@@ -1,17 +1,21 @@
 """Token-by-token decoding of a :class:`ccjax.GatedTransformer`, dense or sparse.
 
-Axis letters: ``d`` model width, ``blocks`` MLP blocks.
+Axis letters: ``d`` model width, ``blocks`` MLP blocks, ``layers`` transformer layers,
+``n`` tokens of an MLP-only timing scan.
 
-The sparse decode step runs every gated MLP through the batch-1 sparse path of
-:mod:`ccjax.inference` (block-major layout, only the active weight blocks are read; the
-threshold rule ``p > 0.5`` capped at ``k`` blocks); attention, LayerNorms and the head
-run densely, with the KV cache. The dense step is the same model with ``gated=False``
+The sparse decode step runs every gated MLP through the same per-layer sparse function
+as :func:`ccjax.make_inference` on a transformer
+(:func:`ccjax.inference.transformer.sparse_mlp`: block-major layout, only the active
+weight blocks are read) on the backend :func:`ccjax.select_backend` picks (``ffi-cpu``
+where it is built, ``$CCJAX_BACKEND`` honoured), with the test-time ``mode``
+``threshold``, ``top_k`` (exactly ``top_k`` blocks per token: a top-k router decodes
+with its fixed compute) or ``capped``; attention, LayerNorms and the head run densely
+with XLA and the KV cache. The dense step is the same model with ``gated=False``
 (policies stripped): the dense network of the same width.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -21,9 +25,12 @@ import numpy as np
 from ccjax import layers
 from ccjax import timing
 from ccjax import transformer
-from ccjax.inference import capacity as capacity_lib
-from ccjax.inference import layout as layout_lib
-from ccjax.inference import mlp as mlp_lib
+from ccjax.inference import api
+from ccjax.inference import kernels
+from ccjax.inference import transformer as inference_transformer
+
+# A layer's MLP for decoding: ``(weights, layer, hidden [1, d]) -> out [1, d]``.
+LayerMLP = Callable[[Any, int, jax.Array], jax.Array]
 
 
 class DecodeFns(NamedTuple):
@@ -32,25 +39,64 @@ class DecodeFns(NamedTuple):
   Attributes:
     step: ``(weights, cache, token [1, 1]) -> (logits [1, vocab], cache)``.
     weights: its first argument (parameters, plus block-major MLPs when sparse).
-    mlp: ``(weights, hidden) -> out``, every layer's MLP on ``hidden [layers, 1, d]``
-      (MLP-only timing), jitted.
+    mlp: ``(weights, hidden [layers, 1, d]) -> out [layers, 1, d]``, every layer's MLP on
+      its own input, one jitted call (MLP time per call, dispatch included).
+    mlp_scan: ``(weights, hidden [n, layers, 1, d]) -> out [n, layers, 1, d]``: the ``n``
+      tokens one after another inside one jitted call (``lax.scan``, a ``[1, d]`` row
+      per layer and token, nothing batched across tokens): MLP compute per token.
     model: the module the step applies.
+    backend: the kernel backend of the MLPs (``xla`` for the dense step).
   """
   step: Callable
   weights: Any
   mlp: Callable
+  mlp_scan: Callable
   model: transformer.GatedTransformer
+  backend: str
 
 
-def _sparse_mlp(block_major, config, hidden: jax.Array) -> jax.Array:
-  """``hidden [batch, seq, d]`` (batch * seq == 1 at decode) through the sparse path."""
-  out, _ = mlp_lib.sparse_forward(block_major, hidden.reshape(-1, hidden.shape[-1]), config)
-  return out.reshape(hidden.shape[:-1] + out.shape[-1:])
+def _layers_mlp(layer_mlp: LayerMLP, weights, hidden: jax.Array) -> jax.Array:
+  """``hidden [layers, 1, d]`` -> ``[layers, 1, d]``, layer ``l``'s MLP on ``hidden[l]``."""
+  return jnp.stack([layer_mlp(weights, index, row) for index, row in enumerate(hidden)])
+
+
+def _scanned_mlp(layer_mlp: LayerMLP, weights, hidden: jax.Array) -> jax.Array:
+  """``hidden [n, layers, 1, d]`` -> ``[n, layers, 1, d]``, token after token (lax.scan)."""
+  def one_token(carry, token_hidden):
+    return carry, _layers_mlp(layer_mlp, weights, token_hidden)
+
+  return jax.lax.scan(one_token, None, hidden)[1]
+
+
+def _decode_fns(model: transformer.GatedTransformer, weights, step: Callable,
+                layer_mlp: LayerMLP, backend: str) -> DecodeFns:
+  return DecodeFns(
+      step=jax.jit(step), weights=weights,
+      mlp=jax.jit(lambda w, hidden: _layers_mlp(layer_mlp, w, hidden)),
+      mlp_scan=jax.jit(lambda w, hidden: _scanned_mlp(layer_mlp, w, hidden)),
+      model=model, backend=backend)
+
+
+def _make_dense_decode(model: transformer.GatedTransformer, params) -> DecodeFns:
+  dense = model.clone(gated=False, parent=None)
+  mlps = [dense.mlp_module(i) for i in range(model.num_layers)]
+
+  def dense_mlp(weights, index, hidden):
+    return mlps[index].apply({"params": dense.mlp_params(weights)[index]}, hidden,
+                             mode="all")[0]
+
+  def dense_step(weights, cache, token):
+    (logits, _), mutated = dense.apply({"params": weights, "cache": cache}, token,
+                                       mode="all", decode=True, mutable=["cache"])
+    return logits[:, -1], mutated["cache"]
+
+  return _decode_fns(dense, layers.strip_policy_params(params), dense_step, dense_mlp, "xla")
 
 
 def make_decode(model: transformer.GatedTransformer, params, *, sparse: bool,
-                active_fraction: Sequence[float] | None = None, num_buckets: int = 4
-                ) -> DecodeFns:
+                active_fraction: Sequence[float] | None = None, num_buckets: int = 4,
+                mode: str = "threshold", top_k: int | Sequence[int] | None = None,
+                backend: str | None = None) -> DecodeFns:
   """Builds the batch-1 decode step.
 
   Args:
@@ -61,48 +107,40 @@ def make_decode(model: transformer.GatedTransformer, params, *, sparse: bool,
     active_fraction: expected active fraction per layer (sets the static capacity
       ``k = ceil(2 * fraction * blocks)`` and its buckets); ``None``: every block may run.
     num_buckets: batch-1 slot-count buckets (the gathered work follows the real count).
+    mode: ``threshold`` (``p > 0.5``), ``top_k`` (exactly ``top_k`` most probable blocks
+      per token) or ``capped`` (at most ``top_k`` of the threshold's blocks per token).
+    top_k: blocks per token for ``top_k`` / ``capped``, one value or one per layer.
+    backend: kernel backend of the sparse MLPs (default:
+      :func:`ccjax.inference.kernels.select_backend`).
 
   Returns:
     :class:`DecodeFns`.
   """
   if not sparse:
-    dense = model.clone(gated=False, parent=None)
-    dense_params = layers.strip_policy_params(params)
-    mlps = [dense.mlp_module(i) for i in range(model.num_layers)]
-
-    def dense_mlp(weights, hidden):
-      return jnp.stack([m.apply({"params": p}, h, mode="all")[0]
-                        for m, p, h in zip(mlps, dense.mlp_params(weights), hidden)])
-
-    def dense_step(weights, cache, token):
-      (logits, _), mutated = dense.apply({"params": weights, "cache": cache}, token,
-                                         mode="all", decode=True, mutable=["cache"])
-      return logits[:, -1], mutated["cache"]
-
-    return DecodeFns(jax.jit(dense_step), dense_params, jax.jit(dense_mlp), dense)
+    return _make_dense_decode(model, params)
   if not model.gated:
     raise ValueError("a sparse decode step needs a gated model")
-  block_majors = tuple(layout_lib.to_block_major(model.mlp_module(i), p)
-                       for i, p in enumerate(model.mlp_params(params)))
-  configs = tuple(capacity_lib.make_sparse_config(
-      bm, 1, None if active_fraction is None else [active_fraction[i]],
-      num_buckets=num_buckets) for i, bm in enumerate(block_majors))
+  capacities = api.Capacities(
+      active_fraction=None if active_fraction is None else tuple(active_fraction),
+      num_buckets=num_buckets, top_k=top_k)
+  api.check_mode(mode, capacities)
+  block_majors = inference_transformer.layer_block_majors(model, params)
+  backend = kernels.select_backend(
+      backend, float32=all(kernels.ffi_cpu.supports(bm) for bm in block_majors))
+  configs = api.layer_sparse_configs(block_majors, 1, mode=mode, capacities=capacities,
+                                     backend=backend)
 
-  def mlp_fns(majors):
-    return tuple(functools.partial(_sparse_mlp, bm, config)
-                 for bm, config in zip(majors, configs))
+  def sparse_mlp(weights, index, hidden):
+    return inference_transformer.sparse_mlp(weights[1][index], configs[index], hidden)[0]
 
   def sparse_step(weights, cache, token):
     net_params, majors = weights
-    (logits, _), mutated = model.apply({"params": net_params, "cache": cache}, token,
-                                       mode="threshold", decode=True, mlp_fns=mlp_fns(majors),
-                                       mutable=["cache"])
+    (logits, _), mutated = model.apply(
+        {"params": net_params, "cache": cache}, token, mode="threshold", decode=True,
+        mlp_fns=inference_transformer.sparse_mlp_fns(majors, configs), mutable=["cache"])
     return logits[:, -1], mutated["cache"]
 
-  def sparse_mlp(weights, hidden):
-    return jnp.stack([fn(h) for fn, h in zip(mlp_fns(weights[1]), hidden)])
-
-  return DecodeFns(jax.jit(sparse_step), (params, block_majors), jax.jit(sparse_mlp), model)
+  return _decode_fns(model, (params, block_majors), sparse_step, sparse_mlp, backend)
 
 
 def _advance(fns: DecodeFns, cache, tokens: Sequence[int]):
@@ -139,57 +177,112 @@ def generate(fns: DecodeFns, prompt: bytes, num_bytes: int, key: jax.Array,
   return bytes(out)
 
 
-def mlp_inputs(model: transformer.GatedTransformer, params, tokens: np.ndarray) -> jax.Array:
-  """The MLP inputs of every layer on ``tokens [1, seq]``: ``[layers, seq, 1, d]``."""
+def mlp_inputs(model: transformer.GatedTransformer, params, tokens: np.ndarray, *,
+               mode: str = "threshold", top_k: int | Sequence[int] | None = None
+               ) -> jax.Array:
+  """The MLP inputs of every layer on ``tokens [1, seq]``: ``[layers, seq, 1, d]``.
+
+  The gated MLPs run in ``mode`` (``top_k``: blocks per token for ``top_k`` / ``capped``),
+  so that later layers see what the sparse decode step feeds them.
+  """
+  capacities = api.Capacities(top_k=top_k).top_ks(model.num_layers) or (None,) * model.num_layers
   recorded = []
 
   def recording(index, hidden):
     recorded.append(hidden)
     mlp = model.mlp_module(index)
-    return mlp.apply({"params": model.mlp_params(params)[index]}, hidden, mode="threshold")[0]
+    return mlp.apply({"params": model.mlp_params(params)[index]}, hidden, mode=mode,
+                     capacity=capacities[index])[0]
 
-  model.apply({"params": params}, jnp.asarray(tokens), mode="threshold",
-              mlp_fns=[functools.partial(recording, i) for i in range(model.num_layers)])
+  model.apply({"params": params}, jnp.asarray(tokens), mode=mode,
+              mlp_fns=[lambda hidden, i=i: recording(i, hidden) for i in range(model.num_layers)])
   return jnp.stack([h[0] for h in recorded])[:, :, None, :]
+
+
+def scan_inputs(hidden: jax.Array, length: int) -> jax.Array:
+  """``hidden [layers, seq, 1, d]`` as ``length`` tokens ``[length, layers, 1, d]`` for
+  :attr:`DecodeFns.mlp_scan` (positions in order, cycled when ``seq < length``)."""
+  if length < 1:
+    raise ValueError(f"scan length must be a positive integer, got {length!r}")
+  return jnp.swapaxes(hidden, 0, 1)[np.arange(length) % hidden.shape[1]]
+
+
+def mlp_ms_per_token_in_scan(variants: Sequence[DecodeFns], hidden: jax.Array, *,
+                             repeats: int) -> list[float]:
+  """MLP compute time per token of each variant, interleaved in one process.
+
+  Each timed call is one jitted :attr:`DecodeFns.mlp_scan` over the ``n`` tokens of
+  ``hidden``, so the dispatch of the call is spread over ``n`` tokens of MLP work.
+
+  Args:
+    variants: the decode functions to compare (e.g. dense and sparse).
+    hidden: ``[n, layers, 1, d]`` MLP inputs (:func:`scan_inputs`).
+    repeats: timed calls per variant.
+
+  Returns:
+    median call time / ``n`` in milliseconds, one per variant.
+  """
+  calls = [(fns.mlp_scan, [(fns.weights, hidden)]) for fns in variants]
+  return [ms / hidden.shape[0] for ms in timing.interleaved_median_ms(calls, repeats=repeats)]
 
 
 def benchmark(model: transformer.GatedTransformer, params, tokens: np.ndarray,
               active_fraction: Sequence[float] | None, *, repeats: int = 200,
-              num_inputs: int = 16) -> dict[str, Any]:
+              num_inputs: int = 16, scan_length: int = 64, scan_repeats: int | None = None,
+              mode: str = "threshold", top_k: int | Sequence[int] | None = None,
+              backend: str | None = None) -> dict[str, Any]:
   """Batch-1 time per token: whole decode step and MLPs only, dense vs sparse.
 
   Args:
     model: a trained transformer (``gated``: dense and sparse are timed; else dense only).
     params: its parameters.
     tokens: ``[1, seq]`` a real context (e.g. a test window); the step is timed at its
-      middle (half the cache filled), the MLPs on the hidden states of ``num_inputs``
-      of its positions (the work of the sparse path follows each one's real count).
+      middle (half the cache filled), the MLPs on the hidden states of its positions
+      (the work of the sparse path follows each one's real count).
     active_fraction: measured active fraction per layer (sets the sparse capacities).
-    repeats: timed calls per variant, interleaved (:func:`ccjax.timing.interleaved_median_ms`).
-    num_inputs: positions whose MLP inputs are cycled over.
+    repeats: timed calls per variant for the per-call times, interleaved
+      (:func:`ccjax.timing.interleaved_median_ms`).
+    num_inputs: positions whose MLP inputs the per-call MLP time cycles over.
+    scan_length: tokens per in-scan MLP call (the first ``scan_length`` positions,
+      cycled when ``seq`` is shorter).
+    scan_repeats: timed in-scan calls per variant (default ``max(4, repeats // 4)``).
+    mode, top_k, backend: the sparse decode's (see :func:`make_decode`).
 
   Returns:
-    ``decode_ms_per_token`` and ``mlp_ms_per_token`` dicts ``{dense, sparse}``
-    (``sparse`` ``None`` for a dense model), medians in milliseconds.
+    Medians in milliseconds per token, dicts ``{dense, sparse}`` (``sparse`` ``None`` for
+    a dense model):
+
+    * ``decode_ms_per_token``: one jitted decode step per token (dispatch included);
+    * ``mlp_ms_per_token``: MLP compute per token, every layer's MLP on a ``[1, d]``
+      row, ``scan_length`` tokens one after another inside one jitted call
+      (:func:`mlp_ms_per_token_in_scan`), so that dispatch is amortised;
+    * ``mlp_call_ms_per_token``: every layer's MLP as one jitted call per token
+      (dispatch included);
+
+    and ``backend`` (the sparse MLPs' kernel backend; ``xla`` for a dense model, whose
+    dense path always runs XLA), ``mode`` and ``mlp_scan_length``.
   """
   variants = {"dense": make_decode(model, params, sparse=False)}
   if model.gated:
-    variants["sparse"] = make_decode(model, params, sparse=True,
-                                     active_fraction=active_fraction)
+    variants["sparse"] = make_decode(model, params, sparse=True, active_fraction=active_fraction,
+                                     mode=mode, top_k=top_k, backend=backend)
   half = max(1, tokens.shape[1] // 2)
-  hidden = mlp_inputs(model, params, tokens[:, :num_inputs])           # [layers, n, 1, d]
+  hidden = mlp_inputs(model, params, tokens, mode=mode, top_k=top_k)   # [layers, seq, 1, d]
   step_calls, mlp_calls = [], []
   for fns in variants.values():
     _, cache = _advance(fns, transformer.init_cache(model, 1), tokens[0, :half].tolist())
     token = jnp.asarray(tokens[:, half:half + 1], jnp.int32)
     step_calls.append((fns.step, [(fns.weights, cache, token)]))
-    mlp_calls.append((fns.mlp, [(fns.weights, hidden[:, i]) for i in range(hidden.shape[1])]))
+    mlp_calls.append((fns.mlp, [(fns.weights, hidden[:, i])
+                                for i in range(min(num_inputs, hidden.shape[1]))]))
   step_ms = timing.interleaved_median_ms(step_calls, repeats=repeats)
-  mlp_ms = timing.interleaved_median_ms(mlp_calls, repeats=repeats)
-  names = list(variants)
-  result = {"decode_ms_per_token": {"dense": step_ms[0], "sparse": None},
-            "mlp_ms_per_token": {"dense": mlp_ms[0], "sparse": None}}
-  for name, step_time, mlp_time in zip(names, step_ms, mlp_ms):
-    result["decode_ms_per_token"][name] = step_time
-    result["mlp_ms_per_token"][name] = mlp_time
+  mlp_call_ms = timing.interleaved_median_ms(mlp_calls, repeats=repeats)
+  mlp_ms = mlp_ms_per_token_in_scan(
+      list(variants.values()), scan_inputs(hidden, scan_length),
+      repeats=max(4, repeats // 4) if scan_repeats is None else scan_repeats)
+  result = {"backend": variants.get("sparse", variants["dense"]).backend, "mode": mode,
+            "mlp_scan_length": scan_length}
+  for key, times in (("decode_ms_per_token", step_ms), ("mlp_ms_per_token", mlp_ms),
+                     ("mlp_call_ms_per_token", mlp_call_ms)):
+    result[key] = {"dense": None, "sparse": None, **dict(zip(variants, times))}
   return result
