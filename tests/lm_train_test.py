@@ -106,6 +106,26 @@ class LmTrainTest(absltest.TestCase):
     self.assertEqual(_config(model="router").train.estimator, "router")
     self.assertEqual(_config().eval_policy, "threshold")
 
+  def test_two_devices_match_one_device(self):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    results = {}
+    for num_devices in (1, 2):
+      workdir = os.path.join(self._tempdir(), "run")
+      proc = subprocess.run(
+          [sys.executable, "-m", "experiments.lm", f"--workdir={workdir}", "--num_layers=1",
+           "--d_model=16", "--num_heads=2", "--mlp_width=32", "--block_size=8", "--context=16",
+           "--batch_size=4", "--steps=4", "--eval_every=2", "--checkpoint_every=2",
+           "--plots=false", "--decode_benchmark=false", f"--num_devices={num_devices}"],
+          cwd=REPO, env=env, capture_output=True, text=True, check=False)
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      with open(os.path.join(workdir, "results.json")) as stream:
+        results[num_devices] = json.load(stream)
+    np.testing.assert_allclose(results[2]["bits_per_byte"], results[1]["bits_per_byte"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(results[2]["active_fraction"], results[1]["active_fraction"],
+                               atol=1e-6)
+
   def test_dense_run_reports_teal(self):
     result = lm_train.train_and_evaluate_lm(_config(model="dense", steps=2),
                                             self._tempdir())
