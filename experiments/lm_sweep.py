@@ -9,7 +9,12 @@ skipped when its ``results.json`` exists):
 * ``dense``: the dense model of the same width; its run also evaluates TEAL-style
   training-free thresholding at the fraction ``--tau`` (``teal`` row);
 * ``dense_same_macs``: a dense model whose MLP width is ``tau * --mlp_width`` (the gated
-  model's active MLP MACs).
+  model's active MLP MACs);
+* ``router``: the same gated MLPs with an MoE-style top-k router (``round(tau * blocks)``
+  blocks per token, straight-through; :data:`ccjax.lm_train.LM_MODELS`).
+
+``--variants`` picks a subset. Every variant gets the same flags (recipe flags act on the
+gated and router models only).
 
 Writes ``summary.json`` and ``summary.md`` into ``--workdir``. Bad flags exit with status 2
 and a one-line message; nothing is written.
@@ -22,6 +27,7 @@ import json
 import os
 
 from absl import app
+from absl import flags
 import numpy as np
 
 from ccjax import atomic
@@ -34,18 +40,33 @@ from experiments import flags as shared
 from experiments import lm
 
 _SEEDS = shared.define_number_list("seeds", (0, 1, 2), "Seeds of every variant.", int)
-VARIANTS = ("gated", "dense", "dense_same_macs")
+VARIANTS = ("gated", "dense", "dense_same_macs", "router")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
+                              f"Variants to run, a subset of {','.join(VARIANTS)}.")
 
 
 def variant_config(base: lm_train.LMConfig, variant: str, seed: int) -> lm_train.LMConfig:
   """The run configuration of one (variant, seed)."""
   if variant == "gated":
     return dataclasses.replace(base, model="gated", seed=seed)
-  if variant == "dense":
-    return dataclasses.replace(base, model="dense", seed=seed)
+  if variant in ("dense", "router"):
+    return dataclasses.replace(base, model=variant, seed=seed)
   tau = base.train.taus(base.num_layers)[0]
   width = max(base.block_size, round(tau * base.mlp_width / base.block_size) * base.block_size)
   return dataclasses.replace(base, model="dense", mlp_width=width, seed=seed)
+
+
+def _finished_run(results_path: str, config: lm_train.LMConfig) -> dict:
+  """The ``results.json`` of a finished run, if it was run with ``config``'s settings."""
+  with open(results_path) as stream:
+    done = json.load(stream)
+  expected = {"model": config.model, "seed": config.seed, "steps": config.steps,
+              "dataset": config.dataset}
+  found = {key: done.get(key) for key in expected}
+  if found != expected:
+    raise ValueError(f"{results_path} is a finished run with {found}, this sweep asks for "
+                     f"{expected}; use a fresh --workdir")
+  return done
 
 
 def _mean_std(values) -> dict[str, float] | None:
@@ -61,6 +82,8 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
   for variant, runs_of_variant in results.items():
     rows[variant] = {
         "bits_per_byte": _mean_std([r["bits_per_byte"] for r in runs_of_variant]),
+        "valid_bits_per_byte": _mean_std([r.get("valid_bits_per_byte")
+                                          for r in runs_of_variant]),
         "active_fraction": _mean_std([float(np.mean(r["active_fraction"]))
                                       if r["active_fraction"] else None
                                       for r in runs_of_variant]),
@@ -85,13 +108,16 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
 def markdown(rows: dict[str, dict]) -> str:
   def cell(stat, digits):
     return "-" if not stat else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-  lines = ["| variant | seeds | test bits/byte | active fraction | MACs/token | "
-           "MLP ms/token dense | MLP ms/token sparse |", "|---|---|---|---|---|---|---|"]
+  lines = ["| variant | seeds | test bits/byte | valid bits/byte | active fraction | "
+           "MACs/token | MLP ms/token dense | MLP ms/token sparse | step ms/token dense | "
+           "step ms/token sparse |", "|---|---|---|---|---|---|---|---|---|---|"]
   for name, row in rows.items():
     seeds = row["bits_per_byte"]["n"] if row.get("bits_per_byte") else 0
     lines.append(f"| {name} | {seeds} | {cell(row.get('bits_per_byte'), 4)} | "
+                 f"{cell(row.get('valid_bits_per_byte'), 4)} | "
                  f"{cell(row.get('active_fraction'), 3)} | {cell(row.get('macs_per_token'), 0)} | "
-                 f"{cell(row.get('mlp_ms_dense'), 4)} | {cell(row.get('mlp_ms_sparse'), 4)} |")
+                 f"{cell(row.get('mlp_ms_dense'), 4)} | {cell(row.get('mlp_ms_sparse'), 4)} | "
+                 f"{cell(row.get('decode_ms_dense'), 4)} | {cell(row.get('decode_ms_sparse'), 4)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -101,18 +127,21 @@ def main(argv):
   with cli.one_line_errors():
     base = lm.config_from_flags()
     seeds = [validation.check_int("seeds", s, minimum=0) for s in _SEEDS.value]
+    variants = [validation.check_choice("variants", v, VARIANTS) for v in _VARIANTS.value]
+    if not variants:
+      raise validation.ConfigError("variants", f"must name at least one of {','.join(VARIANTS)}")
     root = os.path.abspath(shared.WORKDIR.value)
     loop.check_workdir(root)
-    results = {variant: [] for variant in VARIANTS}
+    results = {variant: [] for variant in variants}
     for seed in seeds:
-      for variant in VARIANTS:
+      for variant in variants:
         workdir = os.path.join(root, f"{variant}_seed{seed}")
         results_path = os.path.join(workdir, runs.RESULTS_FILE)
+        config = variant_config(base, variant, seed)
         if os.path.exists(results_path):
-          with open(results_path) as stream:
-            done = json.load(stream)
+          done = _finished_run(results_path, config)
         else:
-          done = lm_train.train_and_evaluate_lm(variant_config(base, variant, seed), workdir,
+          done = lm_train.train_and_evaluate_lm(config, workdir,
                                                 flag_values=shared.experiment_flag_values())
         results[variant].append(done)
     rows = summarize(results)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+
 from absl.testing import absltest
 
 from ccjax import lm_train
@@ -28,6 +32,9 @@ class LmSweepTest(absltest.TestCase):
     self.assertEqual((dense.model, dense.mlp_width), ("dense", 512))
     small = lm_sweep.variant_config(base, "dense_same_macs", 0)
     self.assertEqual((small.model, small.mlp_width), ("dense", 128))  # tau 1/4 of 512
+    router = lm_sweep.variant_config(base, "router", 0)
+    self.assertEqual((router.model, router.train.estimator, router.eval_policy),
+                     ("router", "router", "top_k"))
 
   def test_summary_mean_std_and_teal_row(self):
     rows = lm_sweep.summarize({
@@ -38,8 +45,20 @@ class LmSweepTest(absltest.TestCase):
     self.assertIsNone(rows["dense"]["active_fraction"])
     self.assertAlmostEqual(rows["teal"]["bits_per_byte"]["mean"], 2.1)
     table = lm_sweep.markdown(rows)
-    self.assertIn("| gated | 2 | 1.1000 ± 0.1000 |", table)
+    self.assertIn("| gated | 2 | 1.1000 ± 0.1000 | - |", table)
     self.assertIn("| teal | 2 | 2.1000 ± 0.1000 |", table)
+
+  def test_finished_run_with_other_settings_is_refused(self):
+    directory = tempfile.TemporaryDirectory()
+    self.addCleanup(directory.cleanup)
+    path = os.path.join(directory.name, "results.json")
+    config = lm_train.LMConfig(steps=10)
+    with open(path, "w") as stream:
+      json.dump({"model": "gated", "seed": 0, "steps": 5, "dataset": config.dataset}, stream)
+    with self.assertRaisesRegex(ValueError, "fresh --workdir"):
+      lm_sweep._finished_run(path, config)  # pylint: disable=protected-access
+    self.assertEqual(lm_sweep._finished_run(  # pylint: disable=protected-access
+        path, lm_train.LMConfig(steps=5))["steps"], 5)
 
 
 if __name__ == "__main__":
