@@ -103,9 +103,8 @@ class LMConfig:
     if self.model == "gated" and self.train.estimator == "router":
       raise validation.ConfigError("estimator", "=router is --model=router; --model=gated "
                                    "takes reinforce|straight_through|gumbel")
-    if self.eval_policy is None:
-      object.__setattr__(self, "eval_policy", "top_k" if self.model == "router" else "threshold")
-    validation.check_choice("eval_policy", self.eval_policy, LM_EVAL_POLICIES)
+    if self.eval_policy is not None:
+      validation.check_choice("eval_policy", self.eval_policy, LM_EVAL_POLICIES)
     for name in ("num_layers", "d_model", "num_heads", "mlp_width", "block_size", "context",
                  "batch_size", "steps", "eval_every", "log_every", "checkpoint_every"):
       validation.check_int(name, getattr(self, name))
@@ -136,9 +135,16 @@ class LMConfig:
     return policy_lib.top_k_capacity(self.train.taus(self.num_layers)[0],
                                      self.mlp_width // self.block_size)
 
+  def eval_mode(self) -> str:
+    """The test-time policy: ``eval_policy``, or by default ``top_k`` for ``router`` and
+    ``threshold`` otherwise."""
+    if self.eval_policy is not None:
+      return self.eval_policy
+    return "top_k" if self.model == "router" else "threshold"
+
   def eval_capacity(self) -> tuple[int, ...] | None:
     """Per-layer capacity of the test-time policy (``None`` for ``threshold``)."""
-    if self.eval_policy == "threshold":
+    if self.eval_mode() == "threshold":
       return None
     blocks = self.mlp_width // self.block_size
     return tuple(policy_lib.top_k_capacity(tau, blocks)
@@ -226,7 +232,7 @@ def train_and_evaluate_lm(config: LMConfig, workdir: str,
 
 
 def _eval_fn(config: LMConfig, model: transformer.GatedTransformer):
-  return jax.jit(step_lib.make_eval_step(model, config.eval_policy, config.eval_capacity()))
+  return jax.jit(step_lib.make_eval_step(model, config.eval_mode(), config.eval_capacity()))
 
 
 def _train_lm_locked(config: LMConfig, model: transformer.GatedTransformer, splits, mesh,
@@ -288,7 +294,7 @@ def finalize_lm(config: LMConfig, model: transformer.GatedTransformer, params, s
   active = test["active_fraction"] or None
   results = {
       "model": config.model, "dataset": config.dataset, "corpus_sha256": splits.sha256,
-      "seed": config.seed, "steps": config.steps, "eval_policy": config.eval_policy,
+      "seed": config.seed, "steps": config.steps, "eval_policy": config.eval_mode(),
       "estimator": config.train.estimator if model.gated else None,
       "bits_per_byte": test["bits_per_byte"],
       "valid_bits_per_byte": valid["bits_per_byte"],

@@ -33,7 +33,7 @@ class LmSweepTest(absltest.TestCase):
     small = lm_sweep.variant_config(base, "dense_same_macs", 0)
     self.assertEqual((small.model, small.mlp_width), ("dense", 128))  # tau 1/4 of 512
     router = lm_sweep.variant_config(base, "router", 0)
-    self.assertEqual((router.model, router.train.estimator, router.eval_policy),
+    self.assertEqual((router.model, router.train.estimator, router.eval_mode()),
                      ("router", "router", "top_k"))
 
   def test_summary_mean_std_and_teal_row(self):

@@ -104,7 +104,8 @@ class LmTrainTest(absltest.TestCase):
     with self.assertRaisesRegex(validation.ConfigError, "estimator"):
       _config(train=step_lib.TrainConfig(estimator="router"))
     self.assertEqual(_config(model="router").train.estimator, "router")
-    self.assertEqual(_config().eval_policy, "threshold")
+    self.assertEqual(_config().eval_mode(), "threshold")
+    self.assertEqual(_config(model="router").eval_mode(), "top_k")
 
   def test_two_devices_match_one_device(self):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
