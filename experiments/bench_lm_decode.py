@@ -47,7 +47,7 @@ def _calibrated_random(config: lm_train.LMConfig):
   model = config.build_model()
   tokens = np.zeros((1, config.context), np.int32)
   params = model.init({"params": jax.random.PRNGKey(config.seed),
-                       "gate": jax.random.PRNGKey(1)}, tokens)["params"]
+                       "gate": jax.random.PRNGKey(1)}, tokens, mode="all")["params"]
   tau = config.train.taus(config.num_layers)[0]
   inputs = jax.random.normal(jax.random.PRNGKey(2), (512, config.d_model))
   params = dict(params)
@@ -69,7 +69,7 @@ def main(argv):
       model, params = config.build_model(), lm_train.load_params(config, shared.WORKDIR.value)
     tokens = np.frombuffer(b"The 3 red foxes sold 12 lamps for $4.50 at 10:45 near the mill. "
                            * 4, np.uint8)[None, :config.context].astype(np.int32)
-    mode, top_k = config.eval_policy, config.eval_capacity()
+    mode, top_k = config.eval_mode(), config.eval_capacity()
     _, aux = model.apply({"params": params}, tokens, mode=mode if model.gated else "all",
                          capacity=top_k)
     active = [float(a.mask.mean()) for a in aux] if model.gated else None
