@@ -317,10 +317,17 @@ def finalize_lm(config: LMConfig, model: transformer.GatedTransformer, params, s
                np.round(test["active_fraction"], 3).tolist())
   if config.decode_benchmark:
     window = text.eval_windows(splits.test, config.context)["x"][:1]
-    results.update(lm_decode.benchmark(model, params, window, active))
+    results.update(lm_decode.benchmark(model, params, window, active,
+                                       **decode_policy(config)))
   if config.plots:
     write_lm_plots(os.path.join(workdir, "plots"), test, metrics_log.read())
   return results
+
+
+def decode_policy(config: LMConfig) -> dict[str, Any]:
+  """The test-time policy as :func:`ccjax.lm_decode.make_decode` takes it (``mode``,
+  ``top_k``): sparse decoding runs the blocks the evaluation ran."""
+  return {"mode": config.eval_mode(), "top_k": config.eval_capacity()}
 
 
 def write_lm_plots(plot_dir: str, test: dict[str, Any], records) -> list[str]:
