@@ -83,10 +83,10 @@ class LMConfig:
   block_size: int = 32
   context: int = 64
   batch_size: int = 32
-  steps: int = 400
-  eval_every: int = 200
+  steps: int = 1000
+  eval_every: int = 250
   log_every: int = 100
-  checkpoint_every: int = 200
+  checkpoint_every: int = 250
   seed: int = 0
   policy_init_prob: float = 0.5
   plots: bool = True
