@@ -30,6 +30,7 @@ from ccjax.estimators import init_baseline_state as init_baseline_state
 from ccjax.estimators import score_function_loss as score_function_loss
 from ccjax.estimators import standardized_advantage as standardized_advantage
 from ccjax.estimators import straight_through_mask as straight_through_mask
+from ccjax.estimators import straight_through_top_k_mask as straight_through_top_k_mask
 from ccjax.estimators import update_baseline_state as update_baseline_state
 from ccjax.flops import ConvLayerSpec as ConvLayerSpec
 from ccjax.flops import conv2d_macs as conv2d_macs
@@ -102,6 +103,7 @@ from ccjax.step import init_train_state as init_train_state
 from ccjax.step import make_eval_step as make_eval_step
 from ccjax.step import make_optimizer as make_optimizer
 from ccjax.step import make_train_step as make_train_step
+from ccjax.step import top_k_capacities as top_k_capacities
 from ccjax.step import policy_objective as policy_objective
 from ccjax.step import REINFORCE_COSTS as REINFORCE_COSTS
 from ccjax.step import reinforce_terms as reinforce_terms
@@ -214,6 +216,7 @@ __all__ = (
     "state_sharding",
     "steps_per_epoch",
     "straight_through_mask",
+    "straight_through_top_k_mask",
     "strip_policy_params",
     "tau_at",
     "THRESHOLD",
@@ -221,6 +224,7 @@ __all__ = (
     "to_block_major",
     "to_host",
     "top_k_capacity",
+    "top_k_capacities",
     "top_k_mask",
     "train_and_evaluate",
     "train_batch",

@@ -262,6 +262,15 @@ class RelaxedEstimatorsTest(chex.TestCase):
         ccjax.straight_through_mask(jax.random.key(0), p) * weights))(probs)
     np.testing.assert_allclose(grad, jnp.broadcast_to(weights, probs.shape), rtol=1e-6)
 
+  def test_straight_through_top_k_is_the_top_k_mask_with_identity_gradient(self):
+    probs = jnp.asarray(np.random.RandomState(0).uniform(0.05, 0.95, (5, 2, 6)), jnp.float32)
+    weights = jnp.arange(6.0) - 2.0
+    block_mask = ccjax.straight_through_top_k_mask(probs, 2)
+    np.testing.assert_array_equal(block_mask, ccjax.top_k_mask(probs, 2))
+    np.testing.assert_array_equal(jnp.sum(block_mask, -1), 2.0)  # every position: exactly k
+    grad = jax.grad(lambda p: jnp.sum(ccjax.straight_through_top_k_mask(p, 2) * weights))(probs)
+    np.testing.assert_allclose(grad, jnp.broadcast_to(weights, probs.shape), rtol=1e-6)
+
   def test_gumbel_hard_sample_frequency_and_gradient(self):
     num_samples = 20000
     block_probs = jnp.array([0.1, 0.5, 0.8])

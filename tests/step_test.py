@@ -125,6 +125,26 @@ class GradientSeparationTest(parameterized.TestCase):
     grads = jax.grad(lambda p: task_loss(model, p, batch, jax.random.key(1))[0])(state.params)
     self.assertGreater(max_abs(split(grads)[1]), 0.0)
 
+  def test_router_trains_on_exactly_k_blocks_without_reinforce(self):
+    model, batch = tiny_model("router"), tiny_batch()
+    config = sgd_config(estimator="router", tau=0.5)
+    state = init_state(model, config, 0, batch["x"])
+    capacities = ccjax.top_k_capacities(model, state.params, batch["x"], config)
+    self.assertEqual(capacities, (1, 2))  # round(0.5 * 2 blocks), round(0.5 * 3 blocks)
+
+    def routed_loss(params):
+      logits, _ = model.apply({"params": params}, batch["x"], mode="sample",
+                              capacity=capacities)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]))
+
+    self.assertGreater(max_abs(split(jax.grad(routed_loss)(state.params))[1]), 0.0)
+    _, metrics = ccjax.make_train_step(model, config)(state, batch)
+    np.testing.assert_allclose(metrics["active_fraction"], [1 / 2, 2 / 3])
+    self.assertEqual(float(metrics["reinforce"]), 0.0)
+    self.assertGreater(float(metrics["grad_norm_policy"]), 0.0)
+    with self.assertRaisesRegex(ValueError, "needs a capacity"):
+      model.apply({"params": state.params}, batch["x"], mode="sample")
+
   def test_network_gradients_do_not_depend_on_lambdas_or_reinforce(self):
     model, batch = tiny_model(), tiny_batch()
     configs = [sgd_config(lambda_s=0.0, lambda_v=0.0, baseline="none"), *REGULARIZED_CONFIGS]
