@@ -418,11 +418,12 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
 
   def objective(params, batch, step_key, baseline_state, step, duals, warm):
     mode = "all" if warm else "sample"
-    capacity = None
+    # Only a router is told its capacity: other models need no ``capacity`` argument.
+    routing = {}
     if gated_model and config.estimator in estimators.TOP_K_ESTIMATORS and not warm:
-      capacity = top_k_capacities(model, params, batch["x"], config)
-    logits, aux = model.apply({"params": params}, batch["x"], mode=mode, capacity=capacity,
-                              rngs={"gate": step_key})
+      routing["capacity"] = top_k_capacities(model, params, batch["x"], config)
+    logits, aux = model.apply({"params": params}, batch["x"], mode=mode,
+                              rngs={"gate": step_key}, **routing)
     labels = batch["y"]
     per_example_loss = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), labels)
