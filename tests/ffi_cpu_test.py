@@ -261,3 +261,23 @@ def test_make_inference_reports_and_runs_ffi_cpu(monkeypatch):
     ccjax.make_inference(module, half)
   monkeypatch.delenv(kernels.BACKEND_ENV)
   assert ccjax.make_inference(module, half).backend == "xla"
+
+
+@needs_extension
+def test_kernel_names_a_mismatched_buffer():
+  """The kernel's own shape check (behind the Python one) names the layer and the buffer."""
+  model = layout.to_block_major(_module(16, (32, 32)), _params(16, (32, 32)))
+  x = jnp.ones((2, model.input_dim), jnp.float32)
+  wrong = [jax.ShapeDtypeStruct((2, 10), jnp.float32)]  # logits
+  for nb in model.num_blocks:
+    wrong += [jax.ShapeDtypeStruct((2, 1), jnp.int32), jax.ShapeDtypeStruct((2, 1), jnp.bool_),
+              jax.ShapeDtypeStruct((2,), jnp.int32),
+              jax.ShapeDtypeStruct((2, nb + 1), jnp.float32)]  # probs: one column too many
+  call = jax.ffi.ffi_call(ffi_cpu.TARGET_NAME, wrong)
+  operands = ffi_cpu._layer_operands(model)  # pylint: disable=protected-access
+  with pytest.raises(Exception, match=r"layer 0 probs: expected shape \[2, 2\]"):
+    jax.block_until_ready(call(
+        x, *operands, example_capacity=np.asarray([1, 1], np.int64),
+        block_capacity=np.asarray([2, 2], np.int64), pair_capacity=np.asarray([4, 4], np.int64),
+        policy_eps=np.float32(0.01), policy_scale=np.float32(0.98), exact_k=np.int64(0),
+        num_threads=np.int64(1)))

@@ -429,23 +429,33 @@ std::string DimsString(ffi::AnyBuffer::Dimensions dims) {
   return text + "]";
 }
 
-// Checks dtype and exact dimensions of a buffer.
-ffi::Error Expect(const ffi::AnyBuffer& buffer, ffi::DataType dtype,
-                  std::vector<int64_t> dims, const std::string& name) {
-  const ffi::AnyBuffer::Dimensions actual = buffer.dimensions();
-  bool same = buffer.element_type() == dtype && actual.size() == dims.size();
-  for (size_t d = 0; same && d < dims.size(); ++d) same = actual[d] == dims[d];
-  if (!same) {
-    std::string expected = "[";
-    for (size_t d = 0; d < dims.size(); ++d) {
-      expected += (d ? ", " : "") + std::to_string(dims[d]);
-    }
-    return ffi::Error::InvalidArgument(name + ": expected shape " + expected + "] of dtype " +
-                                       std::to_string(static_cast<int>(dtype)) + ", got " +
-                                       DimsString(actual) + " of dtype " +
-                                       std::to_string(static_cast<int>(buffer.element_type())));
+// An expected shape of up to three dimensions (no heap allocation: checked every call).
+struct Dims {
+  size_t size;
+  int64_t value[3];
+  Dims(std::initializer_list<int64_t> dims) : size(std::min<size_t>(dims.size(), 3)), value{} {
+    std::copy(dims.begin(), dims.begin() + size, value);
   }
-  return ffi::Error::Success();
+};
+
+// Checks dtype and exact dimensions of a buffer; the message (naming `what`, of layer
+// `layer` when >= 0) is built only on failure.
+ffi::Error Expect(const ffi::AnyBuffer& buffer, ffi::DataType dtype, const Dims& dims,
+                  const char* what, int64_t layer = -1) {
+  const ffi::AnyBuffer::Dimensions actual = buffer.dimensions();
+  bool same = buffer.element_type() == dtype && actual.size() == dims.size;
+  for (size_t d = 0; same && d < dims.size; ++d) same = actual[d] == dims.value[d];
+  if (same) return ffi::Error::Success();
+  std::string expected = "[";
+  for (size_t d = 0; d < dims.size; ++d) {
+    expected += (d ? ", " : "") + std::to_string(dims.value[d]);
+  }
+  const std::string name =
+      (layer >= 0 ? "layer " + std::to_string(layer) + " " : std::string()) + what;
+  return ffi::Error::InvalidArgument(name + ": expected shape " + expected + "] of dtype " +
+                                     std::to_string(static_cast<int>(dtype)) + ", got " +
+                                     DimsString(actual) + " of dtype " +
+                                     std::to_string(static_cast<int>(buffer.element_type())));
 }
 
 ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
@@ -461,12 +471,14 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
     return ffi::Error::InvalidArgument("gated_mlp_forward: inconsistent layer count");
   }
   std::vector<ffi::AnyBuffer> in;
+  in.reserve(args.size());
   for (size_t a = 0; a < args.size(); ++a) {
     ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(a);
     if (buffer.has_error()) return buffer.error();
     in.push_back(*buffer);
   }
   std::vector<ffi::AnyBuffer> out;
+  out.reserve(rets.size());
   for (size_t r = 0; r < rets.size(); ++r) {
     ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> buffer = rets.get<ffi::AnyBuffer>(r);
     if (buffer.has_error()) return buffer.error();
@@ -486,6 +498,7 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
   }
 
   std::vector<Layer> layers;
+  layers.reserve(num_layers);
   int64_t in_blocks = 0;
   for (int64_t l = 0; l < num_layers; ++l) {
     const ffi::AnyBuffer* buffers = &in[1 + 4 * l];
@@ -496,21 +509,16 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
       return ffi::Error::InvalidArgument("gated_mlp_forward: layer " + std::to_string(l) +
                                          ": bad block count or capacities");
     }
-    const std::string name = "layer " + std::to_string(l);
-    const std::vector<int64_t> kernel_dims =
-        l == 0 ? std::vector<int64_t>{nb, shape.input_dim, bs}
-               : std::vector<int64_t>{nb * in_blocks, bs, bs};
-    const std::vector<int64_t> policy_dims =
-        l == 0 ? std::vector<int64_t>{shape.input_dim, nb}
-               : std::vector<int64_t>{in_blocks, bs, nb};
-    for (ffi::Error error : {Expect(buffers[0], ffi::F32, kernel_dims, name + " kernel"),
-                             Expect(buffers[1], ffi::F32, {nb, bs}, name + " bias"),
-                             Expect(buffers[2], ffi::F32, policy_dims, name + " policy kernel"),
-                             Expect(buffers[3], ffi::F32, {nb}, name + " policy bias"),
-                             Expect(trace[0], ffi::S32, {batch, k}, name + " block_index"),
-                             Expect(trace[1], ffi::PRED, {batch, k}, name + " kept"),
-                             Expect(trace[2], ffi::S32, {2}, name + " counts"),
-                             Expect(trace[3], ffi::F32, {batch, nb}, name + " probs")}) {
+    const Dims kernel_dims = l == 0 ? Dims{nb, shape.input_dim, bs} : Dims{nb * in_blocks, bs, bs};
+    const Dims policy_dims = l == 0 ? Dims{shape.input_dim, nb} : Dims{in_blocks, bs, nb};
+    for (ffi::Error error : {Expect(buffers[0], ffi::F32, kernel_dims, "kernel", l),
+                             Expect(buffers[1], ffi::F32, {nb, bs}, "bias", l),
+                             Expect(buffers[2], ffi::F32, policy_dims, "policy kernel", l),
+                             Expect(buffers[3], ffi::F32, {nb}, "policy bias", l),
+                             Expect(trace[0], ffi::S32, {batch, k}, "block_index", l),
+                             Expect(trace[1], ffi::PRED, {batch, k}, "kept", l),
+                             Expect(trace[2], ffi::S32, {2}, "counts", l),
+                             Expect(trace[3], ffi::F32, {batch, nb}, "probs", l)}) {
       if (error.failure()) return error;
     }
     layers.push_back({static_cast<const float*>(buffers[0].untyped_data()),
