@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from unittest import mock
 
 from absl.testing import absltest
@@ -116,6 +119,19 @@ class LmDecodeTest(absltest.TestCase):
     top_k = lm_decode.benchmark(self.model, self.params, np.asarray(self.tokens), None,
                                 repeats=2, num_inputs=2, scan_length=4, mode="top_k", top_k=1)
     self.assertGreater(top_k["mlp_ms_per_token"]["sparse"], 0.0)
+
+  def test_batch1_probe_script_prints_its_json(self):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "scripts", "probe_ffi_batch1.py"), "--d_model=16",
+         "--mlp_width=32", "--block_size=16"], cwd=repo, capture_output=True, text=True,
+        check=False)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    self.assertEqual(set(result["us_per_token"]) & {"dense", "xla/k=1", "xla/k=2"},
+                     {"dense", "xla/k=1", "xla/k=2"})
+    self.assertTrue(all(value > 0 for value in result["us_per_token"].values()))
+    self.assertIn("cpu", result["machine"])
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "gated model"):
