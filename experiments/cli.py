@@ -17,10 +17,19 @@ def _print_error(message) -> None:
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _exit_now(status: int) -> None:
+  """Flushes and leaves without interpreter shutdown: library threads (orbax's event
+  loop) can otherwise print tracebacks after the one error line. Every write of a run is
+  synchronous and atomic, so nothing is lost."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)  # pylint: disable=protected-access
+
+
 def fail(message, status: int = 2) -> None:
   """Prints ``error: <message>`` on one line to stderr and exits with ``status``."""
   _print_error(message)
-  sys.exit(status)
+  _exit_now(status)
 
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C.
@@ -29,14 +38,11 @@ INTERRUPTED_STATUS = 130  # 128 + SIGINT, what shells report for Ctrl-C.
 def fail_interrupted(error: KeyboardInterrupt) -> None:
   """Ctrl-C: one line (the loop's message names the last checkpoint), exit 130.
 
-  Exits with ``os._exit`` after flushing: a normal interpreter shutdown would let library
-  threads that Ctrl-C interrupted mid-callback (orbax's event loop) print tracebacks
-  after the one line. Checkpoints are written synchronously, so nothing is lost.
+  Like :func:`fail`, exits without interpreter shutdown (threads that Ctrl-C interrupted
+  mid-callback would print tracebacks after the one line).
   """
   _print_error(str(error) or "interrupted; rerun the same command to resume")
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(INTERRUPTED_STATUS)  # pylint: disable=protected-access
+  _exit_now(INTERRUPTED_STATUS)
 
 
 def parse_flags(argv):
