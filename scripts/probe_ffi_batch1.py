@@ -16,7 +16,6 @@ import json
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 from ccjax import layers
 from ccjax import timing
