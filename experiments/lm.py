@@ -31,7 +31,8 @@ for _name, _value in (("dataset", _DEFAULT.dataset), ("steps", _DEFAULT.steps),
                       ("batch_size", _DEFAULT.batch_size), ("block_size", _DEFAULT.block_size),
                       ("eval_every", _DEFAULT.eval_every), ("log_every", _DEFAULT.log_every),
                       ("checkpoint_every", _DEFAULT.checkpoint_every),
-                      ("plots", _DEFAULT.plots), ("estimator", _DEFAULT.train.estimator)):
+                      ("plots", _DEFAULT.plots), ("estimator", _DEFAULT.train.estimator),
+                      ("lambda_s", _DEFAULT.train.lambda_s)):
   flags.FLAGS.set_default(_name, _value)
 _MODEL = flags.DEFINE_enum("model", _DEFAULT.model, lm_train.LM_MODELS,
                            "gated (per-token gated MLPs, policies trained by --estimator) | "
