@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -184,12 +185,37 @@ def evaluate_lm(eval_fn, params, data: np.ndarray, context: int, *, keep_gates: 
   return result
 
 
+# Settings a resumed run may change: length, cadence, outputs, devices, test policy.
+_RESUMABLE_FIELDS = ("steps", "eval_every", "log_every", "checkpoint_every", "plots",
+                     "decode_benchmark", "num_devices", "eval_policy")
+
+
+def _training_settings(config_dict: dict[str, Any]) -> dict[str, Any]:
+  """The fields of ``LMConfig.as_dict()`` a resume must keep, flat and JSON-normalised."""
+  flat = {}
+  for key, value in json.loads(json.dumps(config_dict)).items():
+    if key == "train":
+      flat.update({f"train.{name}": item for name, item in value.items()})
+    elif key not in _RESUMABLE_FIELDS:
+      flat[key] = value
+  return flat
+
+
 def _check_resume(meta: dict[str, Any], saved: dict[str, Any]) -> None:
-  """Raises ``ValueError`` unless the checkpoint metadata ``saved`` belongs to this run."""
+  """Raises ``ValueError`` unless the checkpoint metadata ``saved`` belongs to this run
+  (same architecture, corpus and training settings; steps and cadence may change)."""
   for key in ("architecture", "sha256"):
     if saved.get(key) != meta[key]:
       raise ValueError(f"the checkpoint was written for {key}={saved.get(key)!r}, this run "
                        f"has {meta[key]!r}; use a fresh --workdir or the original flags")
+  before, now = _training_settings(saved.get("config", {})), _training_settings(meta["config"])
+  changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+  if changed:
+    described = ", ".join(f"{key.split('.')[-1]}={before.get(key)!r} -> {now.get(key)!r}"
+                          for key in changed)
+    raise ValueError(f"the checkpoint was trained with other settings ({described}); only "
+                     f"{', '.join(_RESUMABLE_FIELDS)} may change on resume: use a fresh "
+                     "--workdir or the original flags")
 
 
 def train_and_evaluate_lm(config: LMConfig, workdir: str,

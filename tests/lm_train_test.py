@@ -66,6 +66,13 @@ class LmTrainTest(absltest.TestCase):
 
     with self.assertRaisesRegex(ValueError, "architecture"):
       lm_train.train_and_evaluate_lm(_config(d_model=32), resumed)
+    with self.assertRaisesRegex(ValueError, r"other settings \(lr=0.001 -> 0.01"):
+      lm_train.train_and_evaluate_lm(
+          _config(train=step_lib.TrainConfig(tau=0.25, reinforce_cost="position", lr=0.01)),
+          resumed)
+    # Length and cadence may change: more steps continue the same run.
+    longer = lm_train.train_and_evaluate_lm(_config(steps=7, log_every=7), resumed)
+    self.assertEqual(longer["steps"], 7)
 
   def test_damaged_latest_checkpoint_falls_back_to_the_intact_one(self):
     straight = lm_train.train_and_evaluate_lm(_config(), self._tempdir())
