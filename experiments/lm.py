@@ -1,12 +1,17 @@
-r"""Trains a byte-level language model with per-token gated MLPs (or its dense baseline).
+r"""Trains a byte-level language model with per-token gated MLPs (or a baseline).
 
-  python -m experiments.lm --workdir=runs/lm                 # gated, tau = 1/4
+  python -m experiments.lm --workdir=runs/lm                 # gated (REINFORCE), tau = 1/4
   python -m experiments.lm --workdir=runs/lm_dense --model=dense
+  python -m experiments.lm --workdir=runs/lm_router --model=router   # top-k router
   python -m experiments.lm --workdir=runs/lm --sample=200     # bytes from the trained run
   python -m experiments.lm --workdir=runs/own --dataset=text:/path/to/file.txt
 
-All logic lives in :mod:`ccjax.lm_train`; bad flags or data exit with status 2 and a
-one-line message, and nothing is written. Running again on the same workdir resumes.
+The shared flags of ``experiments.condnet`` (recipes, ``--eval_policy``, ``--num_devices``,
+...) keep their meaning, with LM defaults (``--estimator=reinforce``, ``--lambda_s=4``,
+``--steps=1000``; the test policy is ``threshold``, or ``top_k`` for the router, unless
+``--eval_policy`` is given). All logic lives in :mod:`ccjax.lm_train`; bad flags or data
+exit with status 2 and a one-line message, and nothing is written. Running again on the
+same workdir resumes (changed training settings are refused).
 """
 
 from __future__ import annotations
