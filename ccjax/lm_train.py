@@ -132,11 +132,16 @@ class LMConfig:
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  def layer_capacities(self) -> tuple[int, ...]:
+    """Blocks per token and layer of the ``top_k`` / ``capped`` policies (and of the router
+    in training): ``round(tau * blocks)``, >= 1."""
+    blocks = self.mlp_width // self.block_size
+    return tuple(policy_lib.top_k_capacity(tau, blocks)
+                 for tau in self.train.taus(self.num_layers))
+
   def top_k_capacity(self) -> int:
-    """Blocks per token of the ``top_k`` / ``capped`` policies, of the router in training
-    and of TEAL-style thresholding: ``round(tau * blocks)``, >= 1 (first layer's tau)."""
-    return policy_lib.top_k_capacity(self.train.taus(self.num_layers)[0],
-                                     self.mlp_width // self.block_size)
+    """The first layer's :meth:`layer_capacities` (TEAL-style thresholding's budget)."""
+    return self.layer_capacities()[0]
 
   def eval_mode(self) -> str:
     """The test-time policy: ``eval_policy``, or by default ``top_k`` for ``router`` and
@@ -147,11 +152,7 @@ class LMConfig:
 
   def eval_capacity(self) -> tuple[int, ...] | None:
     """Per-layer capacity of the test-time policy (``None`` for ``threshold``)."""
-    if self.eval_mode() == "threshold":
-      return None
-    blocks = self.mlp_width // self.block_size
-    return tuple(policy_lib.top_k_capacity(tau, blocks)
-                 for tau in self.train.taus(self.num_layers))
+    return None if self.eval_mode() == "threshold" else self.layer_capacities()
 
   def architecture(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed."""
@@ -248,9 +249,11 @@ def train_and_evaluate_lm(config: LMConfig, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   primary = parallel.is_primary_process()
   with (lock_lib.WorkdirLock(workdir) if primary else contextlib.nullcontext()):
-    state = _train_lm_locked(config, model, splits, mesh, workdir, primary)
     metrics_log = loop.MetricsLog(os.path.join(workdir, loop.METRICS_FILE), enabled=primary)
-    eval_fn = _eval_fn(config, model)
+    # One compiled evaluation for validation during training and the final test.
+    eval_fn = jax.jit(step_lib.make_eval_step(model, config.eval_mode(), config.eval_capacity()))
+    state = _train_lm_locked(config, model, splits, mesh, workdir, primary, metrics_log,
+                             eval_fn)
     results = finalize_lm(config, model, parallel.to_host(state.params), splits, workdir,
                           eval_fn, metrics_log, flag_values)
     results["wall_time_s"] = time.time() - start_time
@@ -259,12 +262,9 @@ def train_and_evaluate_lm(config: LMConfig, workdir: str,
   return results
 
 
-def _eval_fn(config: LMConfig, model: transformer.GatedTransformer):
-  return jax.jit(step_lib.make_eval_step(model, config.eval_mode(), config.eval_capacity()))
-
-
 def _train_lm_locked(config: LMConfig, model: transformer.GatedTransformer, splits, mesh,
-                     workdir: str, primary: bool) -> step_lib.TrainState:
+                     workdir: str, primary: bool, metrics_log: loop.MetricsLog,
+                     eval_fn) -> step_lib.TrainState:
   """Resumes or starts the run in the locked ``workdir``; returns the final train state."""
   meta = {"architecture": config.architecture(), "sha256": splits.sha256,
           "config": config.as_dict(), "kind": "lm"}
@@ -276,12 +276,10 @@ def _train_lm_locked(config: LMConfig, model: transformer.GatedTransformer, spli
                                       jnp.asarray(sample["x"]))
     state = parallel.place_state(state, mesh)
     state, start_step = loop.restore_resume_point(checkpointer, resume, state, primary)
-    metrics_log = loop.MetricsLog(os.path.join(workdir, loop.METRICS_FILE), enabled=primary)
     metrics_log.truncate_after(start_step)
     train_step = parallel.make_parallel_train_step(
         step_lib.make_train_step(model, config.train), mesh,
         parallel.state_sharding(state, mesh))
-    eval_fn = _eval_fn(config, model)
 
     def batch(step):
       return text.train_batch(splits.train, config.batch_size, config.context, config.seed,

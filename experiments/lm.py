@@ -92,7 +92,7 @@ def sample(config: lm_train.LMConfig, workdir: str, num_bytes: int) -> bytes:
   params = lm_train.load_params(config, workdir)
   model = config.build_model()
   fns = lm_decode.make_decode(model, params, sparse=model.gated,
-                              **(lm_train.decode_policy(config) if model.gated else {}))
+                              **lm_train.decode_policy(config))
   return lm_decode.generate(fns, _PROMPT.value.encode("utf-8"), num_bytes,
                             jax.random.PRNGKey(config.seed))
 
