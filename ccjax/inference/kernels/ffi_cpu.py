@@ -55,8 +55,9 @@ def _register() -> str | None:
   """Loads and registers the handler once; returns why it is unavailable, or ``None``."""
   path = library_path()
   if path is None:
-    return (f"the {_LIBRARY_STEM} extension was not built (no C++ compiler at install "
-            "time?)")
+    return (f"the {_LIBRARY_STEM} extension is not next to {pathlib.Path(__file__).parent} "
+            "(no C++ compiler at install time, or ccjax imported from a source tree that "
+            "`pip install .` built elsewhere: use `pip install -e .` there)")
   try:
     library = ctypes.CDLL(str(path))
     handler = getattr(library, _SYMBOL)
