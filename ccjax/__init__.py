@@ -91,6 +91,8 @@ from ccjax.policy import top_k_capacity as top_k_capacity
 from ccjax.policy import top_k_mask as top_k_mask
 from ccjax.recipes import RECIPES as RECIPES
 from ccjax.recipes import recipe_fields as recipe_fields
+from ccjax.regularizers import batch_shaping_loss as batch_shaping_loss
+from ccjax.regularizers import batch_shaping_prior as batch_shaping_prior
 from ccjax.regularizers import block_balance_loss as block_balance_loss
 from ccjax.regularizers import example_balance_loss as example_balance_loss
 from ccjax.regularizers import l2_loss as l2_loss
@@ -134,6 +136,8 @@ __all__ = (
     "BASELINES",
     "BaselineState",
     "batch_sharding",
+    "batch_shaping_loss",
+    "batch_shaping_prior",
     "block_balance_loss",
     "BlockMajorMLP",
     "BlockPolicy",

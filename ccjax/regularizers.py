@@ -55,3 +55,56 @@ def l2_loss(params) -> jax.Array:
     if name == "kernel":
       total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
   return total
+
+
+# Concentration ``a + b`` of the batch-shaping prior. Bejnordi et al. (2020) use
+# Beta(0.6, 0.4): a + b = 1 (U-shaped, so a gate is mostly off or mostly on per example)
+# with mean 0.6; ccjax keeps a + b = 1 and puts the mean at the layer's tau.
+BATCH_SHAPING_CONCENTRATION = 1.0
+# A target of 0 or 1 has no Beta prior; it is clipped into [_TAU_CLIP, 1 - _TAU_CLIP].
+_TAU_CLIP = 1e-3
+
+
+def batch_shaping_prior(tau: float | jax.Array, concentration: float = BATCH_SHAPING_CONCENTRATION
+                        ) -> tuple[jax.Array, jax.Array]:
+  """``(a, b)`` of the Beta prior with mean ``tau`` and ``a + b = concentration``.
+
+  ``tau = 0.6``, ``concentration = 1`` is the paper's Beta(0.6, 0.4).
+  """
+  tau = jnp.clip(jnp.asarray(tau, jnp.float32), _TAU_CLIP, 1.0 - _TAU_CLIP)
+  return concentration * tau, concentration * (1.0 - tau)
+
+
+def batch_shaping_loss(probs: jax.Array, tau: float | jax.Array,
+                       concentration: float = BATCH_SHAPING_CONCENTRATION) -> jax.Array:
+  """``L_bs``: batch-shaping prior of Bejnordi et al. (ICLR 2020), a scalar.
+
+  For each block ``j`` the batch's probabilities are sorted, ``x_(1) <= ... <= x_(N)``,
+  and their empirical CDF ``i / (N + 1)`` is pulled towards the CDF ``F`` of the prior
+  ``Beta(a, b)`` (:func:`batch_shaping_prior`) at the sorted values:
+
+  ``L_bs = sum_j (1 / N) sum_i (i / (N + 1) - F(x_(i)j))^2``.
+
+  The gradient flows through the sorted values (``jnp.sort`` routes it back to each
+  example) and through ``F`` (``jax.scipy.special.betainc``, differentiable in ``x``):
+  ``d L / d x_(i)j = -2 f(x_(i)j) (i / (N + 1) - F(x_(i)j)) / N`` with ``f`` the Beta
+  density, the paper's gradient. Each ``x_(i)`` is pulled towards the prior's
+  ``i / (N + 1)`` quantile, so the batch's spread of probabilities takes the prior's
+  shape: per example a gate is on or off (the U shape), on ``tau`` of the time (the mean).
+
+  Args:
+    probs: ``[..., blocks]`` block probabilities; every leading index is one x (per-token
+      gates ``[batch, seq, blocks]`` give ``N = batch * seq``).
+    tau: the layer's target fraction (the prior's mean), a scalar.
+    concentration: ``a + b`` of the prior, > 0.
+
+  Returns:
+    scalar float32.
+  """
+  rows = _rows(probs).astype(jnp.float32)
+  count = rows.shape[0]
+  sorted_probs = jnp.sort(rows, axis=0)                                   # [x, blocks]
+  empirical_cdf = jnp.arange(1, count + 1, dtype=jnp.float32) / (count + 1)
+  a, b = batch_shaping_prior(tau, concentration)
+  prior_cdf = jax.scipy.special.betainc(a, b, sorted_probs)               # [x, blocks]
+  return jnp.sum(jnp.square(empirical_cdf[:, None] - prior_cdf)) / count

@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats as scipy_stats
 
 import ccjax
 
@@ -75,6 +76,82 @@ class RegularizersTest(chex.TestCase):
 
   def test_l2_of_no_kernels_is_zero(self):
     np.testing.assert_allclose(ccjax.l2_loss({"bias": jnp.ones(3)}), 0.0)
+
+
+class BatchShapingTest(chex.TestCase):
+
+  @staticmethod
+  def _numpy_loss(probs, a, b):
+    """The paper's loss in NumPy/SciPy, block by block."""
+    count = probs.shape[0]
+    empirical = np.arange(1, count + 1) / (count + 1)
+    return sum(np.mean((empirical - scipy_stats.beta.cdf(np.sort(probs[:, j]), a, b)) ** 2)
+               for j in range(probs.shape[1]))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_against_scipy(self):
+    probs = np.asarray(jax.random.uniform(jax.random.key(0), (7, 5), minval=0.01, maxval=0.99))
+    value = self.variant(ccjax.batch_shaping_loss)(jnp.asarray(probs), 0.3)
+    chex.assert_shape(value, ())
+    # tau = 0.3 with a + b = 1: Beta(0.3, 0.7).
+    np.testing.assert_allclose(value, self._numpy_loss(probs.astype(np.float64), 0.3, 0.7),
+                               rtol=1e-5)
+
+  def test_hand_computed_two_examples(self):
+    # Beta(1, 1) (tau 0.5, a + b = 2) is uniform: F(x) = x; empirical CDF 1/3, 2/3.
+    probs = jnp.array([[0.5], [0.2]])
+    expected = ((1 / 3 - 0.2) ** 2 + (2 / 3 - 0.5) ** 2) / 2
+    np.testing.assert_allclose(ccjax.batch_shaping_loss(probs, 0.5, concentration=2.0),
+                               expected, rtol=1e-5)
+
+  def test_paper_prior_at_tau_0_6(self):
+    a, b = ccjax.batch_shaping_prior(0.6)
+    np.testing.assert_allclose([a, b], [0.6, 0.4], rtol=1e-6)
+
+  def test_gradient_is_the_papers_through_the_sort(self):
+    probs = np.asarray(jax.random.uniform(jax.random.key(1), (9, 3), minval=0.05, maxval=0.95))
+    a, b = 0.25, 0.75
+    grad = jax.grad(ccjax.batch_shaping_loss)(jnp.asarray(probs), 0.25)
+    count = probs.shape[0]
+    expected = np.zeros_like(probs, np.float64)
+    for j in range(probs.shape[1]):
+      order = np.argsort(probs[:, j])
+      x = probs[order, j].astype(np.float64)
+      empirical = np.arange(1, count + 1) / (count + 1)
+      expected[order, j] = (-2 * scipy_stats.beta.pdf(x, a, b)
+                            * (empirical - scipy_stats.beta.cdf(x, a, b)) / count)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+  def test_per_token_gates_count_every_position(self):
+    probs = jax.random.uniform(jax.random.key(2), (2, 3, 4), minval=0.01, maxval=0.99)
+    np.testing.assert_allclose(ccjax.batch_shaping_loss(probs, 0.25),
+                               ccjax.batch_shaping_loss(probs.reshape(6, 4), 0.25), rtol=1e-6)
+
+  def test_gradient_descent_takes_a_uniform_batch_to_the_prior_quantiles(self):
+    # Beta(1, 3) (tau 0.25, a + b = 4) has a density <= 3, so plain gradient descent with
+    # step 1 is stable (2 * 3^2 / N < 2); the minimiser puts x_(i) at the prior's
+    # i / (N + 1) quantile.
+    count = 15
+    probs = jnp.linspace(0.05, 0.95, count)[::-1].reshape(count, 1)  # unsorted, uniform
+    loss = lambda p: ccjax.batch_shaping_loss(p, 0.25, concentration=4.0)
+    start = float(loss(probs))
+    update = jax.jit(lambda p: jnp.clip(p - jax.grad(loss)(p), 1e-3, 1 - 1e-3))
+    for _ in range(3000):
+      probs = update(probs)
+    self.assertLess(float(loss(probs)), 1e-6 * start)
+    quantiles = scipy_stats.beta.ppf(np.arange(1, count + 1) / (count + 1), 1.0, 3.0)
+    np.testing.assert_allclose(np.sort(np.asarray(probs[:, 0])), quantiles, atol=1e-4)
+    # The order of the examples is kept: the largest stays the largest.
+    self.assertEqual(int(jnp.argmax(probs[:, 0])), 0)
+
+  def test_one_step_moves_a_uniform_batch_towards_the_default_prior(self):
+    # The default U-shaped prior Beta(tau, 1 - tau): mean tau, mass near 0 and 1.
+    probs = jnp.linspace(0.02, 0.98, 64).reshape(64, 1)
+    step = 1e-3 * jax.grad(ccjax.batch_shaping_loss)(probs, 0.25)
+    moved = probs - step
+    self.assertLess(float(ccjax.batch_shaping_loss(moved, 0.25)),
+                    float(ccjax.batch_shaping_loss(probs, 0.25)))
+    self.assertLess(float(jnp.mean(moved)), float(jnp.mean(probs)))  # towards tau = 0.25
 
 
 if __name__ == "__main__":
