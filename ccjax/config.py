@@ -117,10 +117,17 @@ class ExperimentConfig:
     validation.check_choice("model", self.model, MODELS)
     validation.check_choice("eval_policy", self.eval_policy, EVAL_POLICIES)
     if not (self.dataset in ("digits", "mnist1d") or self.dataset in TFDS_DATASETS
+            or self.dataset.startswith(data_lib.MNIST1D_PREFIX)
             or (self.dataset.startswith("npz:") and len(self.dataset) > 4)):
       raise validation.ConfigError(
-          "dataset", f"must be one of digits|mnist1d|{'|'.join(TFDS_DATASETS)}|npz:PATH, "
-          f"got {self.dataset!r}")
+          "dataset", f"must be one of digits|mnist1d|mnist1d:N|{'|'.join(TFDS_DATASETS)}|"
+          f"npz:PATH, got {self.dataset!r}")
+    if self.dataset.startswith(data_lib.MNIST1D_PREFIX):
+      try:
+        data_lib.mnist1d_num_samples(self.dataset)
+      except data_lib.DataError:
+        raise validation.ConfigError(
+            "dataset", f"={self.dataset}: {data_lib.MNIST1D_SAMPLES_RULE}") from None
     if not self.hidden:
       raise validation.ConfigError("hidden", "must list at least one width, e.g. 512,512")
     for width in self.hidden:

@@ -10,11 +10,14 @@ image height, width and channels.
   rest with ``seed``.
 * ``mnist`` | ``cifar10`` | ``svhn_cropped``: tensorflow-datasets, already prepared in
   ``data_dir`` (never downloaded here; TFDS is imported only inside the loader).
-* ``mnist1d``: MNIST-1D (Greydanus 2020), 40-sample 1-D signals of 10 classes, generated
-  offline from the templates in the ``mnist1d`` package (``make_dataset``; its
-  ``get_dataset`` would download and is never called) with :data:`MNIST1D_ARGS`: 10,000
-  examples, 8,000 train / 2,000 test; validation is drawn from train with ``seed``.
-  ``mnist1d`` is an optional dependency (``pip install ccjax[mnist1d]``), imported only here.
+* ``mnist1d`` | ``mnist1d:N``: MNIST-1D (Greydanus 2020), 40-sample 1-D signals of 10
+  classes, generated offline from the templates in the ``mnist1d`` package
+  (``make_dataset``; its ``get_dataset`` would download and is never called) with
+  :data:`MNIST1D_ARGS` and ``N`` examples (``mnist1d``: 10,000), 80 % train / 20 % test as
+  the generator splits them (``mnist1d:50000``: 40,000 / 10,000); validation is drawn
+  from train with ``seed``. Each size has its own fingerprint (:data:`MNIST1D_SHA256`);
+  the arrays of a size are generated once per process. ``mnist1d`` is an optional
+  dependency (``pip install ccjax[mnist1d]``), imported only here.
 * ``npz:PATH``: a user's archive with ``x_train, y_train, x_test, y_test`` and optional
   ``x_valid, y_valid`` (and optional scalar ``num_classes``).
 
@@ -40,14 +43,28 @@ from typing import Iterator
 import numpy as np
 
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
-DATASETS = ("digits", "mnist1d", *TFDS_DATASETS, "npz:PATH")
-# mnist1d.data.make_dataset arguments (the package defaults, with 10,000 examples).
+DATASETS = ("digits", "mnist1d", "mnist1d:N", *TFDS_DATASETS, "npz:PATH")
+# mnist1d.data.make_dataset arguments (the package defaults, with 10,000 examples;
+# mnist1d:N replaces num_samples).
 MNIST1D_ARGS = {"num_samples": 10000, "train_split": 0.8, "template_len": 12,
                 "padding": [36, 60], "scale_coeff": 0.4, "max_translation": 48,
                 "corr_noise_scale": 0.25, "iid_noise_scale": 2e-2, "shear_scale": 0.75,
                 "shuffle_seq": False, "final_seq_length": 40, "seed": 42}
-# sha256 of the generated float32 x_train, int32 y_train, x_test, y_test (mnist1d 0.0.2.post1).
 MNIST1D_PACKAGE_VERSION = "0.0.2.post1"
+MNIST1D_PREFIX = "mnist1d:"
+# N of mnist1d:N: the generator makes N // 10 examples per class, so N is a multiple of 10.
+MNIST1D_MIN_SAMPLES = 100
+MNIST1D_MAX_SAMPLES = 1_000_000
+MNIST1D_SAMPLES_RULE = (f"N of mnist1d:N is the number of examples (80 % train, 20 % test), "
+                        f"a multiple of 10 in [{MNIST1D_MIN_SAMPLES}, {MNIST1D_MAX_SAMPLES}], "
+                        f"e.g. mnist1d:50000")
+# mnist1d_fingerprint(N): sha256 of the generated float32 x_train, int32 y_train, x_test,
+# y_test with mnist1d 0.0.2.post1 (numpy's legacy seeded generator), per number of examples.
+MNIST1D_SHA256 = {
+    2_000: "068c39be17cfb068273535977ff2710f59a79214c5f2b404bcf3fdaba4306f09",
+    10_000: "0b3f3b9432060ad6628e1a5f661004cfa12919dea8e5ca2965e6b0fe62b8ecee",
+    50_000: "4a6b1ced05fce5db625d4e99dc2536fac4e86bd34d58b6ab5c22aec27d9540c6",
+}
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 _SPLITS = ("train", "valid", "test")
@@ -117,7 +134,8 @@ def load_dataset(spec: str, *, data_dir: str | None = None, valid_fraction: floa
   """Loads a dataset by name into memory.
 
   Args:
-    spec: ``digits`` | ``mnist`` | ``cifar10`` | ``svhn_cropped`` | ``npz:PATH``.
+    spec: ``digits`` | ``mnist1d`` | ``mnist1d:N`` | ``mnist`` | ``cifar10`` |
+      ``svhn_cropped`` | ``npz:PATH``.
     data_dir: TFDS data directory (``None``: TFDS's default, ``~/tensorflow_datasets``).
       Ignored by ``digits`` and ``npz``.
     valid_fraction: fraction of the training split held out for validation when the
@@ -130,16 +148,16 @@ def load_dataset(spec: str, *, data_dir: str | None = None, valid_fraction: floa
     a :class:`Dataset`.
 
   Raises:
-    DataError: unknown name, missing TFDS or TFDS data, unreadable or invalid npz data,
-      bad ``valid_fraction``.
+    DataError: unknown name, bad ``N`` of ``mnist1d:N``, missing TFDS or TFDS data,
+      unreadable or invalid npz data, bad ``valid_fraction``.
   """
   if not isinstance(spec, str) or not spec:
     raise DataError(f"dataset must be one of {', '.join(DATASETS)}; got {spec!r}")
   valid_fraction = _check_valid_fraction(valid_fraction)
   if spec == "digits":
     dataset = _load_digits(valid_fraction, seed)
-  elif spec == "mnist1d":
-    dataset = _load_mnist1d(valid_fraction, seed)
+  elif spec == "mnist1d" or spec.startswith(MNIST1D_PREFIX):
+    dataset = _load_mnist1d(spec, valid_fraction, seed)
   elif spec in TFDS_DATASETS:
     dataset = _load_tfds(spec, data_dir, valid_fraction, seed)
   elif spec.startswith("npz:"):
@@ -247,13 +265,34 @@ def _load_digits(valid_fraction: float, seed: int) -> Dataset:
                  labels[test], 10, valid_fraction, seed)
 
 
-@functools.lru_cache(maxsize=1)
-def mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """``(x_train [8000, 40], y_train, x_test [2000, 40], y_test)`` of MNIST-1D, generated offline.
+def mnist1d_num_samples(spec: str) -> int:
+  """The number of examples ``N`` of ``mnist1d`` (10,000) or ``mnist1d:N``.
+
+  Raises:
+    DataError: ``spec`` is neither, or ``N`` breaks :data:`MNIST1D_SAMPLES_RULE`.
+  """
+  if spec == "mnist1d":
+    return MNIST1D_ARGS["num_samples"]
+  if not spec.startswith(MNIST1D_PREFIX):
+    raise DataError(f"dataset {spec!r} is not mnist1d or mnist1d:N")
+  digits = spec[len(MNIST1D_PREFIX):]
+  # isascii: str.isdigit also accepts other scripts' digits and superscripts.
+  if not (digits.isascii() and digits.isdigit()) or not (
+      MNIST1D_MIN_SAMPLES <= int(digits) <= MNIST1D_MAX_SAMPLES and int(digits) % 10 == 0):
+    raise DataError(f"dataset {spec}: {MNIST1D_SAMPLES_RULE}; got {digits!r}")
+  return int(digits)
+
+
+@functools.lru_cache(maxsize=4)
+def mnist1d_arrays(num_samples: int = MNIST1D_ARGS["num_samples"]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """``(x_train [0.8 N, 40], y_train, x_test [0.2 N, 40], y_test)`` of MNIST-1D, generated
+  offline with ``N = num_samples`` examples.
 
   Calls ``mnist1d.data.make_dataset`` (no network access: it transforms the templates
-  bundled in the package's code) with :data:`MNIST1D_ARGS`; the package seeds numpy's
-  global generator, whose state is restored afterwards.
+  bundled in the package's code) with :data:`MNIST1D_ARGS` and ``num_samples``; the
+  package seeds numpy's global generator, whose state is restored afterwards. Cached per
+  ``num_samples`` in the process (50,000 examples take tens of seconds to generate).
 
   Raises:
     DataError: the optional ``mnist1d`` package is not installed.
@@ -266,27 +305,28 @@ def mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
                     f"'mnist1d=={MNIST1D_PACKAGE_VERSION}' (or ccjax[mnist1d])") from None
   state = np.random.get_state()
   try:
-    generated = mnist1d_data.make_dataset(mnist1d_utils.ObjectView(dict(MNIST1D_ARGS)))
+    generated = mnist1d_data.make_dataset(
+        mnist1d_utils.ObjectView(dict(MNIST1D_ARGS, num_samples=int(num_samples))))
   finally:
     np.random.set_state(state)
   return (np.asarray(generated["x"], np.float32), np.asarray(generated["y"], np.int32),
           np.asarray(generated["x_test"], np.float32), np.asarray(generated["y_test"], np.int32))
 
 
-def mnist1d_fingerprint() -> str:
-  """sha256 (hex) of the generated MNIST-1D arrays, to check a reproduction."""
-  import hashlib  # pylint: disable=g-import-not-at-top
+def mnist1d_fingerprint(num_samples: int = MNIST1D_ARGS["num_samples"]) -> str:
+  """sha256 (hex) of the generated MNIST-1D arrays of ``num_samples`` examples, to check a
+  reproduction against :data:`MNIST1D_SHA256`."""
   digest = hashlib.sha256()
-  for array in mnist1d_arrays():
+  for array in mnist1d_arrays(int(num_samples)):
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()
 
 
-def _load_mnist1d(valid_fraction: float, seed: int) -> Dataset:
+def _load_mnist1d(spec: str, valid_fraction: float, seed: int) -> Dataset:
+  num_samples = mnist1d_num_samples(spec)
   seed = _check_seed(seed)
-  x_train, y_train, x_test, y_test = mnist1d_arrays()
-  return _finish("mnist1d", x_train, y_train, None, None, x_test, y_test, 10, valid_fraction,
-                 seed)
+  x_train, y_train, x_test, y_test = mnist1d_arrays(num_samples)
+  return _finish(spec, x_train, y_train, None, None, x_test, y_test, 10, valid_fraction, seed)
 
 
 # ----------------------------------------------------------------------------- TFDS

