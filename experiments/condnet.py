@@ -19,6 +19,7 @@ from ccjax import loop
 from ccjax import parallel
 from experiments import cli
 from experiments import flags as shared
+from experiments import named_configs
 
 _MODEL = flags.DEFINE_enum("model", "condnet", config_lib.MODELS,
                            "condnet (gated) | dense (baseline).")
@@ -47,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=named_configs.parse_flags)  # --config, then the flags given

@@ -2,11 +2,18 @@ r"""Seeds x tau grid of condnets with two dense baselines; writes sweep.csv, swe
 
   python -m experiments.sweep --workdir=runs/sweep
   python -m experiments.sweep --workdir=runs/study --recipes=baseline,warm,distill --taus=0.125,0.25
+  python -m experiments.sweep --workdir=runs/fair --lrs=0.001,0.003
+  python -m experiments.sweep --workdir=runs/capacity --dataset=mnist1d --hidden=128,128 \
+      --capacity_widths=256,512,1024,2048
+  python -m experiments.sweep --config=mnist1d_capacity --workdir=runs/capacity --seeds=0,1,2,3,4
 
 Runs go through the same code path as ``experiments.condnet`` and take the same flags
 (:mod:`experiments.flags`), with ``--taus`` and ``--seeds`` lists instead of ``--tau`` and
-``--seed``; one subdirectory per run, resumable. Every value is validated before the
-first run starts; tables report mean ± std over seeds.
+``--seed``; one subdirectory per run, resumable. ``--config`` starts from a named config
+(:mod:`experiments.named_configs`). Every value is validated before the first run starts
+and before anything is written; tables (sweep.md, sweep.csv, sweep.json) report mean ±
+sample std over seeds and, per condnet, the per-seed paired differences of its test error
+to both dense baselines with a 95 % interval (:mod:`ccjax.sweep`).
 """
 
 from __future__ import annotations
@@ -24,10 +31,22 @@ from ccjax import plots
 from ccjax import sweep
 from experiments import cli
 from experiments import flags as shared
+from experiments import named_configs
 
 _SEEDS = shared.define_number_list("seeds", (0, 1, 2), "Comma list of seeds.", int)
-_TAUS = shared.define_number_list("taus", (0.125, 0.25, 0.5),
-                                  "Comma list of target active fractions.")
+DEFAULT_TAUS = (0.125, 0.25, 0.5)
+_TAUS = shared.define_number_list("taus", None, "Comma list of target active fractions "
+                                  f"(default {','.join(map(str, DEFAULT_TAUS))}; not with "
+                                  "--capacity_widths).")
+_LRS = shared.define_number_list(
+    "lrs", None, "Comma list of learning rates: every configuration (condnets and both dense "
+    "baselines) trains at each lr for every seed, in <configuration>/lr<lr>/, and its lr is "
+    "chosen on the validation error (mean over seeds); replaces --lr. Default: --lr only.")
+_CAPACITY_WIDTHS = shared.define_number_list(
+    "capacity_widths", None, "Capacity regime: comma list of condnet widths W; each runs at "
+    "tau = w/W, where w is the (single) --hidden width, so every condnet has the active MACs "
+    "of dense w; compared with dense w and dense of the widest W. Not with --taus/--recipes.",
+    int)
 _RECIPES = flags.DEFINE_list(
     "recipes", [], "Recipe study: comma list of recipes (ccjax.recipes.RECIPES, composed with "
     "'+', e.g. baseline,warm,warm+distill); each runs every tau and seed, in "
@@ -44,21 +63,28 @@ def main(argv):
   workdir = shared.WORKDIR.value
   with cli.one_line_errors(_FLAG_FOR_FIELD):
     base = shared.config_from_flags()
-    configs = sweep.validate_grid(base, seeds=_SEEDS.value, taus=_TAUS.value,
-                                  recipes=_RECIPES.value)
+    if _LRS.value and flags.FLAGS["lr"].present:
+      raise ValueError("--lr and --lrs: give one (--lrs trains every configuration at each lr)")
+    taus = _TAUS.value or (() if _CAPACITY_WIDTHS.value else DEFAULT_TAUS)
+    configs = sweep.validate_grid(base, seeds=_SEEDS.value, taus=taus, recipes=_RECIPES.value,
+                                  lrs=_LRS.value or (),
+                                  capacity_widths=_CAPACITY_WIDTHS.value or ())
     dataset = data.load_dataset(base.dataset, data_dir=base.data_dir, seed=0,
-                                num_classes=base.num_classes)
+                                valid_fraction=base.valid_fraction, num_classes=base.num_classes)
+    if len(configs.lrs) > 1 and not dataset.x_valid.shape[0]:
+      raise ValueError("--lrs chooses the lr on the validation split, which is empty; give "
+                       "--valid_fraction > 0")
     loop.check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     with lock.WorkdirLock(workdir):
       rows = sweep.run_sweep(base, workdir, configs, loop.train_and_evaluate,
                              input_dim=dataset.input_dim, num_classes=dataset.num_classes)
-  csv_path, md_path = sweep.write_tables(rows, workdir)
+  tables = sweep.write_tables(rows, workdir, configs)
   pareto = plots.plot_pareto(rows, os.path.join(workdir, "pareto.png"))
-  logging.info("wrote %s, %s, %s", csv_path, md_path, pareto)
-  with open(md_path) as stream:
+  logging.info("wrote %s, %s, %s, %s", tables.csv, tables.markdown, tables.json, pareto)
+  with open(tables.markdown) as stream:
     print(stream.read())
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=named_configs.parse_flags)

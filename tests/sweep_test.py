@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 
+import pytest
+
 from ccjax import flops
 from ccjax import sweep
 from tests import experiment_utils
@@ -23,7 +25,9 @@ def test_aggregate_reports_mean_and_std_over_seeds():
            "latency_ms": {"dense": 2.0, "sparse": 3.0}}]
   row = sweep.aggregate("x", "condnet", 0.25, (32,), runs)
   assert row["seeds"] == 2
-  assert abs(row["test_error_mean"] - 0.2) < 1e-12 and abs(row["test_error_std"] - 0.1) < 1e-12
+  # Sample std (ddof = 1): sqrt((0.1 ** 2 + 0.1 ** 2) / 1).
+  assert abs(row["test_error_mean"] - 0.2) < 1e-12
+  assert abs(row["test_error_std"] - 0.02 ** 0.5) < 1e-12
   assert abs(row["active_fraction_mean"] - 0.4) < 1e-12
   assert row["macs_mean"] == 200.0 and row["latency_ms_mean"] == 2.0
 
@@ -84,3 +88,175 @@ def test_sweep_on_npz_and_mocked_tfds(tmp_path):
         str(tmp_path / "mnist"), sweep.Grid((0,), (0.5,)), loop.train_and_evaluate, input_dim=784,
         num_classes=10)
   assert rows[1]["macs_mean"] < rows[0]["macs_mean"]
+
+
+# --- fair lr budget, paired differences, capacity regime, devices (issue 19, issue 21) ---
+
+_TINY_SWEEP = ("--hidden=16,16", "--block_size=8", "--steps=6", "--batch_size=32",
+               "--measure_latency=false", "--plots=false", "--log_every=3", "--eval_every=3",
+               "--checkpoint_every=3")
+
+
+def _results(path):
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(path, "results.json")) as stream:
+    return json.load(stream)
+
+
+def _read_sweep(workdir):
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "sweep.csv")) as stream:
+    csv_rows = list(csv.DictReader(stream))
+  with open(os.path.join(workdir, "sweep.json")) as stream:
+    payload = json.load(stream)
+  with open(os.path.join(workdir, "sweep.md")) as stream:
+    table = stream.read()
+  return csv_rows, payload, table
+
+
+class _RecordingTrainer:
+  """``train_fn`` for :func:`sweep.run_sweep` that records each run and returns results
+  that depend on its config: the validation error is lowest at lr 0.01 for the dense nets
+  and at 0.001 for the condnets, so each configuration must pick its own lr."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, config, workdir):
+    self.calls.append((os.path.relpath(workdir, self.root), config))
+    gated = config.model == "condnet"
+    lr_bonus = (config.train.lr == 0.001) if gated else (config.train.lr == 0.01)
+    width = config.hidden[0]
+    valid = 0.5 - 0.2 * lr_bonus + 0.01 * config.seed
+    test = valid + 0.001 * width + 0.03 * config.seed * gated
+    return {"test_error": test, "valid_error": valid, "active_fraction": [0.5] if gated else [],
+            "macs_per_example": flops.dense_mlp_macs(64, [width // (2 if gated else 1)] * 2, 10),
+            "train_time_s": 1.0}
+
+
+def test_run_sweep_lr_grid_trains_every_configuration_at_every_lr(tmp_path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ccjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ccjax import stats  # pylint: disable=g-import-not-at-top
+  base = config_lib.ExperimentConfig.create(hidden=(32, 32), block_size=8)
+  grid = sweep.validate_grid(base, seeds=(0, 1, 2), taus=(0.5,), lrs=(0.001, 0.01))
+  trainer = _RecordingTrainer()
+  trainer.root = str(tmp_path)
+  rows = sweep.run_sweep(base, str(tmp_path), grid, trainer, input_dim=64, num_classes=10)
+  matched = rows[2]["hidden"][0]
+  assert matched == 16   # the width whose dense MACs match the chosen condnet's
+  expected_dirs = {os.path.join(configuration, f"lr{lr}", f"seed{seed}")
+                   for configuration in ("dense_same_width", "condnet_tau0.5",
+                                         f"dense_matched_tau0.5_width{matched}")
+                   for lr in ("0.001", "0.01") for seed in (0, 1, 2)}
+  assert {directory for directory, _ in trainer.calls} == expected_dirs
+  for directory, config in trainer.calls:
+    assert config.train.lr == float(directory.split(os.sep)[1][2:])
+    assert config.seed == int(directory.split(os.sep)[2][4:])
+  assert [(row["lr"], row["lr_chosen_on"]) for row in rows] == [
+      (0.01, "validation"), (0.001, "validation"), (0.01, "validation")]
+  # Rows report the chosen lr's runs, with sample std and per-seed values.
+  gated_test = [0.5 - 0.2 + 0.01 * seed + 0.032 + 0.03 * seed for seed in (0, 1, 2)]
+  dense_test = [0.5 - 0.2 + 0.01 * seed + 0.032 for seed in (0, 1, 2)]
+  np.testing.assert_allclose(rows[1]["per_seed"]["test_error"], gated_test)
+  assert abs(rows[1]["test_error_std"] - np.std(gated_test, ddof=1)) < 1e-12
+  assert rows[1]["valid_error_by_lr"] == pytest.approx({"0.001": 0.31, "0.01": 0.51})
+  expected = stats.paired_difference(gated_test, dense_test)
+  assert rows[1]["test_error_minus_dense_width_mean"] == pytest.approx(0.03)
+  assert rows[1]["test_error_minus_dense_width_ci95"] == pytest.approx(expected.ci95)
+  assert rows[1]["test_error_minus_dense_width_ci95"] == pytest.approx(
+      stats.t_quantile(0.975, 2) * 0.03 / 3 ** 0.5)
+  paths = sweep.write_tables(rows, str(tmp_path), grid)
+  with open(paths.markdown) as stream:
+    table = stream.read()
+  assert "lr: chosen per configuration from 0.001, 0.01 on the validation split" in table
+  assert "| +3.00 ± " in table and "gated − dense same MACs" in table.splitlines()[0]
+  with open(paths.csv) as stream:
+    csv_rows = list(csv.DictReader(stream))
+  assert csv_rows[0]["test_error_minus_dense_width_mean"] == ""   # dense rows have none
+  assert float(csv_rows[1]["test_error_minus_dense_width_ci95"]) == pytest.approx(expected.ci95)
+
+
+def test_run_sweep_lr_grid_needs_validation_errors(tmp_path):
+  from ccjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  base = config_lib.ExperimentConfig.create(hidden=(32, 32), block_size=8)
+  grid = sweep.validate_grid(base, seeds=(0,), taus=(0.5,), lrs=(0.001, 0.01))
+  def no_validation(config, workdir):
+    del config, workdir
+    return {"test_error": 0.1, "valid_error": None, "active_fraction": [],
+            "macs_per_example": 1.0}
+  with pytest.raises(ValueError, match="needs a validation error"):
+    sweep.run_sweep(base, str(tmp_path), grid, no_validation, input_dim=64, num_classes=10)
+
+
+def test_sweep_cli_capacity_regime_holds_active_macs(tmp_path):
+  workdir = str(tmp_path / "capacity")
+  process = experiment_utils.run_module(
+      "experiments.sweep", f"--workdir={workdir}", "--seeds=0,1", "--capacity_widths=64,32",
+      *_TINY_SWEEP, timeout=900)
+  assert process.returncode == 0, process.stderr[-3000:]
+  csv_rows, payload, table = _read_sweep(workdir)
+  assert [row["label"] for row in csv_rows] == [
+      "dense (width 16: the active MACs)", "condnet width=32 tau=0.5",
+      "condnet width=64 tau=0.25", "dense (width 64: the widest condnet)"]
+  assert [row["hidden"] for row in csv_rows] == ["16x16", "32x32", "64x64", "64x64"]
+  dense_active = flops.dense_mlp_macs(64, [16, 16], 10)
+  assert float(csv_rows[0]["macs_mean"]) == dense_active
+  for row, width in ((csv_rows[1], 32), (csv_rows[2], 64)):
+    # top_k runs exactly w / block_size blocks of W / block_size: the MACs of dense w plus
+    # the two policies (64 inputs, then 16 active units, onto W / 8 blocks each).
+    assert float(row["macs_mean"]) == dense_active + (64 + 16) * width // 8
+    assert float(row["active_fraction_mean"]) == 16 / width
+  for name, baseline in (("dense_width", "dense_width64"), ("dense_macs", "dense_width16")):
+    gated = [_results(os.path.join(workdir, "condnet_width32_tau0.5", f"seed{seed}"))
+             for seed in (0, 1)]
+    dense = [_results(os.path.join(workdir, baseline, f"seed{seed}")) for seed in (0, 1)]
+    expected = sum(g["test_error"] - d["test_error"] for g, d in zip(gated, dense)) / 2
+    assert abs(payload["rows"][1][f"test_error_minus_{name}_mean"] - expected) < 1e-12
+  assert payload["grid"]["capacity_widths"] == [64, 32]
+  assert "Capacity regime" in table and "widest dense" in table.splitlines()[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_devices=4"], "error: --num_devices must be in [1, "),
+    (["--lrs=0.001,0.003", "--lr=0.01"], "error: --lr and --lrs: give one"),
+    (["--lrs=0.001,0.003", "--valid_fraction=0"], "error: --lrs chooses the lr on the validation"),
+    (["--capacity_widths=64", "--taus=0.5"], "error: --capacity_widths sets each tau to w/W"),
+])
+def test_sweep_bad_grid_is_one_line_and_writes_nothing(tmp_path, args, message):
+  workdir = str(tmp_path / "s")
+  process = experiment_utils.run_module("experiments.sweep", f"--workdir={workdir}", *args)
+  assert process.returncode == 2, process.stderr[-2000:]
+  assert process.stderr.strip().startswith(message), process.stderr[-2000:]
+  assert len(process.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(workdir)   # neither the workdir nor its lock
+
+
+@pytest.mark.parametrize("grid, message", [
+    (dict(lrs=(0.001, 0.001)), "--lrs values [0.001, 0.001] give the same run directory"),
+    (dict(lrs=(0.001, -1.0)), "--lrs must be"),
+    (dict(capacity_widths=(64,), recipes=("topk",)), "--capacity_widths runs the flags as"),
+    (dict(capacity_widths=(64, 64)), "--capacity_widths lists a width twice"),
+    (dict(capacity_widths=(64,), hidden=(32, 16)), "--capacity_widths needs one --hidden width"),
+    (dict(capacity_widths=(20,)), "--capacity_widths must be multiples of --block_size=8"),
+    (dict(capacity_widths=(8,)), "--capacity_widths must be multiples of --block_size=8 and at "
+                                 "least w = --hidden = 16, got 8"),
+    (dict(capacity_widths=(64,), arch="cnn"), "--capacity_widths needs --arch=mlp"),
+])
+def test_validate_grid_rejects_bad_lrs_and_capacity_widths(grid, message):
+  from ccjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ccjax import validation  # pylint: disable=g-import-not-at-top
+  base_fields = {"hidden": grid.pop("hidden", (16, 16)), "arch": grid.pop("arch", "mlp")}
+  base = config_lib.ExperimentConfig.create(block_size=8, **base_fields)
+  with pytest.raises(validation.ConfigError) as error:
+    sweep.validate_grid(base, seeds=(0,), taus=() if "capacity_widths" in grid else (0.5,),
+                        **grid)
+  assert str(error.value).startswith(message), str(error.value)
+
+
+def test_validate_grid_capacity_taus_are_w_over_width():
+  from ccjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  base = config_lib.ExperimentConfig.create(hidden=(128, 128), block_size=32)
+  grid = sweep.validate_grid(base, seeds=(0, 1), taus=(), capacity_widths=(256, 512, 2048),
+                             lrs=(0.001, 0.003))
+  assert grid.taus == (0.5, 0.25, 1 / 16) and grid.lrs == (0.001, 0.003)
