@@ -57,18 +57,42 @@ flags.FLAGS.set_default("steps", 4000)
 _FLAG_FOR_FIELD = {"tau": "taus", "seed": "seeds"}
 
 
+def _given(name: str) -> bool:
+  """Whether the command line (not a ``--config``) gave flag ``name``."""
+  return bool(flags.FLAGS[name].present)
+
+
+def _grid_flags() -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]]:
+  """``(taus, lrs, capacity_widths)`` of the sweep's flags.
+
+  A choice typed on the command line wins over a conflicting one of ``--config``: ``--lr``
+  over the config's ``lrs``, ``--taus`` / ``--recipes`` over its ``capacity_widths``; both
+  typed is an error (``--lr`` with ``--lrs``) or left to :func:`ccjax.sweep.validate_grid`.
+
+  Raises:
+    ValueError: ``--lr`` and ``--lrs`` both on the command line.
+  """
+  lrs = _LRS.value or ()
+  if _given("lr"):
+    if _given("lrs"):
+      raise ValueError("--lr and --lrs: give one (--lrs trains every configuration at each lr)")
+    lrs = ()
+  capacity_widths = _CAPACITY_WIDTHS.value or ()
+  if not _given("capacity_widths") and (_given("taus") or _given("recipes")):
+    capacity_widths = ()
+  taus = _TAUS.value or (() if capacity_widths else DEFAULT_TAUS)
+  return taus, lrs, capacity_widths
+
+
 def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
   workdir = shared.WORKDIR.value
   with cli.one_line_errors(_FLAG_FOR_FIELD):
     base = shared.config_from_flags()
-    if _LRS.value and flags.FLAGS["lr"].present:
-      raise ValueError("--lr and --lrs: give one (--lrs trains every configuration at each lr)")
-    taus = _TAUS.value or (() if _CAPACITY_WIDTHS.value else DEFAULT_TAUS)
+    taus, lrs, capacity_widths = _grid_flags()
     configs = sweep.validate_grid(base, seeds=_SEEDS.value, taus=taus, recipes=_RECIPES.value,
-                                  lrs=_LRS.value or (),
-                                  capacity_widths=_CAPACITY_WIDTHS.value or ())
+                                  lrs=lrs, capacity_widths=capacity_widths)
     dataset = data.load_dataset(base.dataset, data_dir=base.data_dir, seed=0,
                                 valid_fraction=base.valid_fraction, num_classes=base.num_classes)
     if len(configs.lrs) > 1 and not dataset.x_valid.shape[0]:

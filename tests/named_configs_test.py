@@ -130,3 +130,22 @@ def test_cli_command_line_flags_override_the_config(tmp_path):
   # From the command line, over the config's 512,512 / 32 / 4000 / 64:
   assert recorded["hidden"] == [16, 16] and recorded["block_size"] == 8
   assert recorded["steps"] == 4 and recorded["batch_size"] == 32
+
+
+def test_cli_sweep_command_line_choices_win_over_the_config(tmp_path):
+  # mnist1d_capacity sets capacity_widths and lrs; the command line's --taus and --lr win, so
+  # the sweep gets past its grid checks and stops at the (missing) data, having written nothing.
+  workdir = str(tmp_path / "sweep")
+  missing = str(tmp_path / "missing.npz")
+  process = experiment_utils.run_module(
+      "experiments.sweep", f"--workdir={workdir}", "--config=mnist1d_capacity", "--taus=0.25",
+      "--lr=0.002", f"--dataset=npz:{missing}")
+  assert process.returncode == 2
+  line = process.stderr.strip()
+  assert line.startswith("error: ") and missing in line and len(line.splitlines()) == 1, line
+  assert not os.path.exists(workdir)
+  both = experiment_utils.run_module(
+      "experiments.sweep", f"--workdir={workdir}", "--config=mnist1d_capacity", "--lrs=0.01",
+      "--lr=0.002")
+  assert both.stderr.strip() == "error: --lr and --lrs: give one (--lrs trains every " \
+                                "configuration at each lr)"
