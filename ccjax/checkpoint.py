@@ -16,13 +16,25 @@ file of the step. Every read (:meth:`Checkpointer.read_meta`, :meth:`~Checkpoint
 missing or lack the checksum file (a save killed before it was written) is damaged and
 never restored. :meth:`Checkpointer.latest_intact_step` finds the newest intact step
 and :meth:`Checkpointer.set_aside` moves damaged ones to ``checkpoints.damaged/``.
+
+Readers (``Checkpointer(directory, read_only=True)``: :func:`ccjax.load_run`,
+``--init_from``, ``--distill_from``, ``experiments.predict``, ``experiments.lm --sample``)
+never write: no directory is created, no temporary directory of a save in progress is
+removed, nothing is deleted or set aside, so a run still training in the same workdir is
+never harmed; a step still being written (no checksum file yet) is never read
+(:meth:`Checkpointer.latest_intact_step`). A failed save (full disk, the directory removed
+under the run) raises one :class:`CheckpointError` line naming the step's path and the
+cause, instead of orbax's thread traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging as py_logging
 import os
+import re
 import shutil
 import time
 from typing import Any, NamedTuple
@@ -35,6 +47,7 @@ from ccjax import atomic
 CHECKSUM_FILE = "ccjax_checksums.json"
 DAMAGED_SUFFIX = ".damaged"
 _READ_CHUNK = 1 << 20
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
 
 
 class CheckpointError(ValueError):
@@ -100,23 +113,74 @@ def checksum_mismatch(step_dir: str) -> str | None:
   return None
 
 
+@contextlib.contextmanager
+def _orbax_logs_below(level: int):
+  """Drops orbax's log records below ``level`` (and at it) while the block runs.
+
+  orbax logs a failed save's thread traceback at ERROR before the save raises, and warns
+  at every read-only open; the raised error (one line, :class:`CheckpointError`) says it all.
+  """
+  def keep(record) -> bool:
+    return record.levelno > level or not record.pathname.startswith(_ORBAX_DIR)
+
+  logger = py_logging.getLogger("absl")
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
+
+
+def _failure_cause(error: BaseException) -> str:
+  """The operating-system cause of a failed save, in words (``No space left on device``)."""
+  for link in _error_chain(error):
+    if isinstance(link, OSError) and link.strerror:
+      return link.strerror + (f": {link.filename}" if link.filename else "")
+    code = re.search(r"os_error_code='?(\d+)", str(link))
+    if code:
+      return os.strerror(int(code.group(1)))
+  return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def _error_chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
 class Checkpointer:
   """Thin wrapper over ``orbax.checkpoint.CheckpointManager``.
 
   Args:
     directory: where step directories live (created on the first save).
     max_to_keep: how many recent checkpoints to keep.
+    read_only: open for reading only (every reader of another run's checkpoints): no
+      directory created, no temporary directory of a save in progress cleaned up, no
+      save, delete or set-aside; a run writing into ``directory`` is left alone.
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int = 2, *, read_only: bool = False):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+    self.read_only = read_only
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, max_to_keep=None, create=False, enable_async_checkpointing=False,
+          cleanup_tmp_directories=False, save_interval_steps=0)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+          cleanup_tmp_directories=True)
+    with _orbax_logs_below(py_logging.WARNING if read_only else py_logging.NOTSET):
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+
+  def _check_writable(self, what: str) -> None:
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only: cannot {what}")
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or ``None``."""
@@ -130,13 +194,27 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Writes ``state`` and ``meta`` for ``step`` atomically, waits for it, then (primary
-    process) its checksum file."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self._manager.wait_until_finished()
-    if jax.process_index() == 0:
-      step_dir = self.step_dir(step)
-      atomic.write_json(os.path.join(step_dir, CHECKSUM_FILE), file_checksums(step_dir))
+    process) its checksum file.
+
+    Raises:
+      CheckpointError: the save failed (one line: the step's path and the cause, e.g.
+        ``No space left on device``); the steps saved before are untouched.
+    """
+    self._check_writable(f"save step {step}")
+    try:
+      with _orbax_logs_below(py_logging.ERROR):
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._manager.wait_until_finished()
+      if jax.process_index() == 0:
+        step_dir = self.step_dir(step)
+        atomic.write_json(os.path.join(step_dir, CHECKSUM_FILE), file_checksums(step_dir))
+    except Exception as error:  # orbax raises many types (ValueError, OSError, ...).
+      raise CheckpointError(
+          f"cannot save checkpoint step {step} to {self.step_dir(step)} "
+          f"({_failure_cause(error)}); the steps saved before it are intact: fix the cause "
+          "(free disk space, restore the directory), then rerun the same command to "
+          "resume") from None
 
   def verify(self, step: int) -> None:
     """Raises :class:`DamagedCheckpointError` unless ``step``'s files match their checksums."""
@@ -161,6 +239,7 @@ class Checkpointer:
     Damaged steps are kept for inspection, out of orbax's way, so that training can save
     those steps again.
     """
+    self._check_writable("set damaged steps aside")
     moved = []
     for step in steps:
       target = os.path.join(self.directory + DAMAGED_SUFFIX, f"{step}-{int(time.time())}")

@@ -158,34 +158,52 @@ def _all_float32(params) -> bool:
   return all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Built:
+  """What a family adapter prepares once per :func:`make_inference` call.
+
+  Attributes:
+    backend: the kernel backend that runs.
+    weights: the first argument of every forward function (laid out for the kernels).
+    forward_for: ``input shape -> forward(weights, x) -> (logits, InferenceInfo)``, a pure
+      function of one static input shape (jitted by :func:`make_inference`).
+    example_input: ``params -> jax.ShapeDtypeStruct`` of one input, to initialise the
+      module abstractly when checking parameters.
+    check_input: raises ``ValueError`` for inputs the family cannot take (Python-side).
+  """
+  backend: str
+  weights: Any
+  forward_for: Callable[[tuple[int, ...]], Callable]
+  check_input: Callable[[Any], None] = lambda x: None
+
+
 class _MLPFamily:
   """Adapter of :class:`ccjax.GatedMLP`: block-major layout and the MLP kernels."""
 
   @staticmethod
+  def example_input(module: layers.GatedMLP, params) -> jax.ShapeDtypeStruct:
+    first = params.get(module.gate_names()[0], {}) if hasattr(params, "get") else {}
+    kernel = layers.layer_weights(first["dense"]).kernel if "dense" in first else None
+    return jax.ShapeDtypeStruct((1, np.shape(kernel)[0] if kernel is not None else 1),
+                                jnp.float32)
+
+  @staticmethod
   def build(module: layers.GatedMLP, params, mode: str, capacities: Capacities,
-            backend: str | None, with_info: bool) -> Callable:
+            backend: str | None) -> _Built:
     backend = kernels.select_backend(backend, float32=_all_float32(params))
     block_major = layout.to_block_major(module, params, pallas_tiles=backend == "pallas-gpu")
-    num_layers = len(module.hidden)
-    capacities.check(num_layers)
-    compiled = {}
+    capacities.check(len(module.hidden))
 
-    def run(block_major_params, x, config):
-      logits, traces = mlp.sparse_forward(block_major_params, x, config)
-      if not with_info:
-        return logits
-      return logits, capacity_lib.traces_info(traces, block_major_params.num_blocks)
+    def forward_for(shape):
+      config = sparse_config(block_major, shape[0], mode=mode, capacities=capacities,
+                             backend=backend)
 
-    def infer(x):
-      batch_size = x.shape[0]
-      if batch_size not in compiled:
-        config = sparse_config(block_major, batch_size, mode=mode, capacities=capacities,
-                               backend=backend)
-        compiled[batch_size] = jax.jit(lambda p, inputs: run(p, inputs, config))
-      return compiled[batch_size](block_major, x)
+      def forward(block_major_params, x):
+        logits, traces = mlp.sparse_forward(block_major_params, x, config)
+        return logits, capacity_lib.traces_info(traces, block_major_params.num_blocks)
+      return forward
 
-    infer.backend = backend
-    return infer
+    return _Built(backend, block_major, forward_for)
 
   @staticmethod
   def dense_macs(module: layers.GatedMLP, input_shape: Sequence[int]) -> int:
@@ -202,13 +220,22 @@ class _CNNFamily:
   """Adapter of :class:`ccjax.GatedCNN`: skipped residual blocks and channel blocks."""
 
   @staticmethod
+  def example_input(module: conv.GatedCNN, params) -> jax.ShapeDtypeStruct:
+    if module.image_shape is not None:
+      return jax.ShapeDtypeStruct((1, *module.image_shape), jnp.float32)
+    try:
+      channels = np.shape(module.stem_weights(params).kernel)[2]
+    except (KeyError, TypeError, IndexError, AttributeError):
+      channels = 1
+    # The head follows a global pooling: parameter shapes do not depend on height, width.
+    return jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32)
+
+  @staticmethod
   def build(module: conv.GatedCNN, params, mode: str, capacities: Capacities,
-            backend: str | None, with_info: bool) -> Callable:
+            backend: str | None) -> _Built:
     kernels.select_backend(backend)  # Rejects an unknown or unavailable forced backend.
-    backend = "xla"  # The CNN path has XLA kernels only, whichever backend the MLP uses.
     num_layers = len(module.gate_layers())
     fractions = capacities.fractions(num_layers)
-    compiled = {}
 
     def example_capacity(batch_size: int) -> int | None:
       if fractions is None:
@@ -217,16 +244,12 @@ class _CNNFamily:
                         if layer.kind == conv.SKIP_GATE] or [1.0]
       return capacity_lib.poisson_capacity(batch_size * max(skip_fractions), batch_size)
 
-    def infer(x):
-      batch_size = x.shape[0]
-      if batch_size not in compiled:
-        fn = cnn.make_cnn_inference(module, mode=mode, capacity=capacities.top_k,
-                                    example_capacity=example_capacity(batch_size))
-        compiled[batch_size] = jax.jit(fn if with_info else (lambda p, inputs: fn(p, inputs)[0]))
-      return compiled[batch_size](params, x)
+    def forward_for(shape):
+      return cnn.make_cnn_inference(module, mode=mode, capacity=capacities.top_k,
+                                    example_capacity=example_capacity(shape[0]))
 
-    infer.backend = backend
-    return infer
+    # The CNN path has XLA kernels only, whichever backend the MLP uses.
+    return _Built("xla", params, forward_for)
 
   @staticmethod
   def dense_macs(module: conv.GatedCNN, input_shape: Sequence[int]) -> int:
@@ -252,35 +275,33 @@ class _TransformerFamily:
   """
 
   @staticmethod
+  def example_input(module: transformer_lib.GatedTransformer, params) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, module.max_len), jnp.int32)
+
+  @staticmethod
   def build(module: transformer_lib.GatedTransformer, params, mode: str,
-            capacities: Capacities, backend: str | None, with_info: bool) -> Callable:
+            capacities: Capacities, backend: str | None) -> _Built:
     backend = kernels.select_backend(backend, float32=_all_float32(params))
     capacities.check(module.num_layers)
     block_majors = inference_transformer.layer_block_majors(
         module, params, pallas_tiles=backend == "pallas-gpu")
-    compiled = {}
 
-    def run(weights, tokens, configs):
-      logits, traces = inference_transformer.sparse_apply(module, weights[0], weights[1],
-                                                          configs, tokens)
-      if not with_info:
-        return logits
-      info = capacity_lib.traces_info(traces, (module.num_blocks,) * module.num_layers)
-      per_position = tokens.shape + (module.num_blocks,)
-      return logits, info._replace(masks=tuple(m.reshape(per_position) for m in info.masks),
-                                   probs=tuple(p.reshape(per_position) for p in info.probs))
+    def forward_for(shape):
+      configs = layer_sparse_configs(block_majors, math.prod(shape), mode=mode,
+                                     capacities=capacities, backend=backend)
 
-    def infer(tokens):
-      if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tokens.shape}")
-      if tokens.shape not in compiled:
-        configs = layer_sparse_configs(block_majors, math.prod(tokens.shape), mode=mode,
-                                       capacities=capacities, backend=backend)
-        compiled[tokens.shape] = jax.jit(functools.partial(run, configs=configs))
-      return compiled[tokens.shape]((params, block_majors), tokens)
+      def forward(weights, tokens):
+        logits, traces = inference_transformer.sparse_apply(module, weights[0], weights[1],
+                                                            configs, tokens)
+        info = capacity_lib.traces_info(traces, (module.num_blocks,) * module.num_layers)
+        per_position = tokens.shape + (module.num_blocks,)
+        return logits, info._replace(masks=tuple(m.reshape(per_position) for m in info.masks),
+                                     probs=tuple(p.reshape(per_position) for p in info.probs))
+      return forward
 
-    infer.backend = backend
-    return infer
+    return _Built(backend, (params, block_majors), forward_for,
+                  check_input=functools.partial(check_tokens, vocab_size=module.vocab_size,
+                                                max_len=module.max_len))
 
   @staticmethod
   def dense_macs(module: transformer_lib.GatedTransformer, input_shape: Sequence[int]) -> int:
@@ -324,6 +345,106 @@ def _family(module) -> Any:
                    f"got {type(module).__name__}")
 
 
+def _param_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """``{"layer/sub/kernel": shape}`` of every leaf of a parameter tree."""
+  def name(path) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+  return {name(path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_params(module, params, argument: str = "params") -> None:
+  """Raises one ``ValueError`` unless ``params`` are parameters of ``module``.
+
+  ``module.init`` is traced abstractly (``jax.eval_shape``, no compute) and the parameter
+  tree must have the same paths and shapes (as ``module.apply`` would require, but
+  checked up front, with the path named).
+
+  Args:
+    module: a gated :class:`ccjax.GatedMLP`, :class:`ccjax.GatedCNN` or
+      :class:`ccjax.GatedTransformer`.
+    params: what the caller passed as the module's parameters.
+    argument: the argument's name in messages.
+
+  Raises:
+    ValueError: one line naming ``argument``, the first mismatching path and both shapes,
+      or what was expected instead (``{"params": ...}``-wrapped variables, dense
+      parameters without policies, a scalar, a list).
+  """
+  family = _family(module)
+  expected_form = (f"the parameter dict of a {type(module).__name__} (variables['params'] of "
+                   "module.init, or of the trained state)")
+  if not hasattr(params, "keys") or not hasattr(params, "__getitem__"):
+    raise ValueError(f"{argument} must be {expected_form}, got {type(params).__name__}")
+  if set(params.keys()) == {"params"}:
+    raise ValueError(f"{argument} is wrapped in {{'params': ...}} (module variables); pass "
+                     f"variables['params'], {expected_form}")
+  key = jax.random.PRNGKey(0)
+  try:
+    example = family.example_input(module, params)
+  except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+    example = family.example_input(module, {})
+  abstract = jax.eval_shape(lambda x: module.init({"params": key, "gate": key}, x,
+                                                  mode="all")["params"], example)
+  expected, given = _param_shapes(abstract), _param_shapes(params)
+  if expected == given:
+    return
+  missing = [path for path in expected if path not in given]
+  if missing and all("policy" in path.split("/") for path in missing):
+    raise ValueError(f"{argument} has no policy parameters (e.g. {missing[0]}): dense "
+                     "parameters? make_inference needs the gated module's parameters "
+                     "(policies included)")
+  for path in expected:
+    if path not in given:
+      raise ValueError(f"{argument} lacks {path} (the module expects shape "
+                       f"{list(expected[path])}): they are not parameters of this "
+                       f"{type(module).__name__}")
+    if expected[path] != given[path]:
+      raise ValueError(f"{argument} do not fit the module: {path} has shape "
+                       f"{list(given[path])}, the module expects {list(expected[path])}")
+  extra = sorted(set(given) - set(expected))[0]
+  raise ValueError(f"{argument} hold {extra} (shape {list(given[extra])}), which the "
+                   f"{type(module).__name__} does not have")
+
+
+def check_tokens(tokens, *, vocab_size: int, max_len: int) -> None:
+  """Raises ``ValueError`` unless ``tokens`` are ``[batch, seq]`` integer ids in
+  ``[0, vocab_size)`` with ``seq <= max_len`` (checked on the host for concrete arrays).
+
+  Out-of-range ids would otherwise give NaN logits (ids >= vocab_size) or wrap around
+  (negative ids index from the end).
+  """
+  shape = np.shape(tokens)
+  if len(shape) != 2:
+    raise ValueError(f"tokens must be [batch, seq] token ids, got shape {tuple(shape)}")
+  if not jnp.issubdtype(jnp.result_type(tokens), jnp.integer):
+    raise ValueError(f"tokens must be integer token ids, got dtype {jnp.result_type(tokens)}")
+  if shape[1] > max_len:
+    raise ValueError(f"tokens have {shape[1]} positions, more than the model's max_len "
+                     f"{max_len}")
+  if isinstance(tokens, jax.core.Tracer) or 0 in shape:
+    return
+  values = np.asarray(tokens)
+  low, high = int(values.min()), int(values.max())
+  if low < 0 or high >= vocab_size:
+    bad = low if low < 0 else high
+    raise ValueError(f"tokens must be ids in [0, {vocab_size}), got {bad}")
+
+
+def _nan_where_nonfinite(inputs: jax.Array, logits: jax.Array) -> jax.Array:
+  """``logits [batch, ...]`` with NaN in every row whose input holds a NaN or +-inf.
+
+  Dense and masked-dense application give NaN there (a non-finite input reaches every
+  unit before the masks multiply); the sparse path could skip every block and return the
+  bias alone, so this keeps "sparse equals masked dense" for every input. Integer inputs
+  (token ids) are always finite.
+  """
+  if not jnp.issubdtype(inputs.dtype, jnp.inexact):
+    return logits
+  finite = jnp.all(jnp.isfinite(inputs.reshape(inputs.shape[0], -1)), axis=1)
+  return jnp.where(finite.reshape((-1,) + (1,) * (logits.ndim - 1)), logits, jnp.nan)
+
+
 def make_inference(module, params, *, mode: str = "threshold",
                    capacities: Capacities | None = None, backend: str | None = None,
                    with_info: bool = True) -> Callable[[jax.Array], Any]:
@@ -332,7 +453,8 @@ def make_inference(module, params, *, mode: str = "threshold",
   Args:
     module: a :class:`ccjax.GatedMLP`, :class:`ccjax.GatedCNN` or
       :class:`ccjax.GatedTransformer` with ``gated=True``.
-    params: its trained parameters.
+    params: its trained parameters (``variables['params']``), checked against the module
+      (:func:`check_params`).
     mode: test-time policy, ``threshold`` (blocks with ``p > 0.5``), ``top_k`` (exactly
       ``capacities.top_k`` most probable blocks per example: fixed compute) or ``capped``
       (at most ``capacities.top_k`` of the threshold's blocks per example); for a
@@ -344,16 +466,40 @@ def make_inference(module, params, *, mode: str = "threshold",
 
   Returns:
     ``fn(x [batch, ...]) -> (logits [batch, classes], InferenceInfo)``; one compilation
-    per batch size. For a transformer ``fn(tokens [batch, seq]) -> (logits [batch, seq,
-    vocab], info)`` with ``info.masks`` / ``info.probs`` ``[batch, seq, blocks]`` per
-    layer (one compilation per ``(batch, seq)``). ``fn.backend`` names the backend that
-    runs.
+    per input shape. An example with a NaN or +-inf input gets NaN logits, like the
+    dense and masked-dense module. For a transformer ``fn(tokens [batch, seq]) ->
+    (logits [batch, seq, vocab], info)`` with ``info.masks`` / ``info.probs`` ``[batch,
+    seq, blocks]`` per layer; token ids outside ``[0, vocab_size)`` raise ``ValueError``.
+    ``fn.backend`` names the backend that runs.
+
+  Raises:
+    ValueError: an unknown ``mode``, a dense module, or ``params`` that are not this
+      module's parameters (one line naming the path and both shapes).
   """
   capacities = Capacities() if capacities is None else capacities
   check_mode(mode, capacities)
+  family = _family(module)
   if not module.gated:
     raise ValueError("make_inference needs a gated module (gated=True)")
-  return _family(module).build(module, params, mode, capacities, backend, with_info)
+  check_params(module, params)
+  built = family.build(module, params, mode, capacities, backend)
+  compiled = {}
+
+  def infer(x):
+    built.check_input(x)
+    shape = tuple(np.shape(x))
+    if shape not in compiled:
+      forward = built.forward_for(shape)
+
+      def guarded(weights, inputs):
+        logits, info = forward(weights, inputs)
+        logits = _nan_where_nonfinite(inputs, logits)
+        return (logits, info) if with_info else logits
+      compiled[shape] = jax.jit(guarded)
+    return compiled[shape](built.weights, x)
+
+  infer.backend = built.backend
+  return infer
 
 
 def make_dense_inference(module, params) -> Callable[[jax.Array], jax.Array]:
