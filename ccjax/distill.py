@@ -3,8 +3,9 @@
 Axis letters: ``batch`` examples, ``classes`` logits.
 
 The gated network (student) is pulled towards a teacher's softened outputs: the same
-network with every block on (``mode='all'``, under ``stop_gradient``) or a finished dense
-run. The REINFORCE cost of the policy stays the example's own task loss; distillation
+network with every block on (``mode='all'``, under ``stop_gradient``), that network as
+it was at the end of the dense warm start (a frozen snapshot kept in the train state:
+pretrain-then-gate), or a finished dense run. The REINFORCE cost of the policy stays the example's own task loss; distillation
 only adds a gradient to the network (and, with the relaxed estimators, the policy).
 """
 
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+# The self-distillation teacher (without a teacher run): ``all_on`` is the live network
+# with every block on; ``snapshot`` is the network frozen at the end of the warm start.
+TEACHERS = ("all_on", "snapshot")
 
 
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array,

@@ -8,6 +8,8 @@ host-side counters), so a resumed run sees exactly the values an uninterrupted o
   ``cosine``), then stays there -- a BlockDrop-style curriculum.
 * :func:`ramp`: a weight that grows linearly from 0 to 1 over ``length`` steps after
   ``begin`` (1 at once when ``length == 0``).
+* :func:`anneal`: a weight that decays linearly from 1 to 0 over ``length`` steps after
+  ``begin`` (no decay when ``length == 0``).
 """
 
 from __future__ import annotations
@@ -60,3 +62,13 @@ def ramp(step: jax.Array | int, *, begin: int = 0, length: int = 0) -> jax.Array
     return (jnp.asarray(step) >= begin).astype(jnp.float32)
   return jnp.asarray(optax.linear_schedule(0.0, 1.0, length, transition_begin=begin)(step),
                      jnp.float32)
+
+
+def anneal(step: jax.Array | int, *, begin: int = 0, length: int = 0) -> jax.Array:
+  """Scalar float32 in [0, 1]: 1 until ``begin``, then linear to 0 over ``length`` steps.
+
+  ``1 - ramp``; with ``length == 0`` there is no annealing (always 1).
+  """
+  if length <= 0:
+    return jnp.ones((), jnp.float32)
+  return 1.0 - ramp(step, begin=begin, length=length)

@@ -86,6 +86,16 @@ class TrainConfig:
     reinforce_cost: token models (loss ``[batch, seq]``) only: ``sequence`` (the cost of
       all of a sequence's masks is its mean loss: unbiased) or ``position`` (each
       position's masks are charged that position's loss only: biased, lower variance).
+    batch_shaping_weight: weight of the batch-shaping prior ``L_bs`` (Bejnordi et al.
+      2020; :func:`ccjax.regularizers.batch_shaping_loss`), >= 0; 0 turns it off.
+    batch_shaping_steps: the batch-shaping weight decays linearly to 0 over this many
+      steps after the warm start (the paper anneals it), >= 0 (0: constant).
+    batch_shaping_concentration: ``a + b`` of the Beta prior whose mean is each layer's
+      tau, > 0 (1: the paper's Beta(0.6, 0.4) shape).
+    distill_teacher: with ``distill_weight > 0`` and no teacher run: ``all_on`` (the
+      same network with every block on, live) or ``snapshot`` (pretrain-then-gate: the
+      network as it was after the ``warm_steps`` dense steps, frozen in
+      ``TrainState.distill_snapshot``; needs ``warm_steps > 0``).
   """
   tau: float | Sequence[float] = 0.25
   lambda_s: float = 2.0
@@ -110,6 +120,10 @@ class TrainConfig:
   dual_lr: float = 0.01
   advantage: str = "raw"
   reinforce_cost: str = "sequence"
+  batch_shaping_weight: float = 0.0
+  batch_shaping_steps: int = 0
+  batch_shaping_concentration: float = regularizers.BATCH_SHAPING_CONCENTRATION
+  distill_teacher: str = "all_on"
 
   def __post_init__(self):
     taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
@@ -138,6 +152,16 @@ class TrainConfig:
     validation.check_choice("budget", self.budget, budget_lib.BUDGETS)
     validation.check_choice("advantage", self.advantage, estimators.ADVANTAGES)
     validation.check_choice("reinforce_cost", self.reinforce_cost, REINFORCE_COSTS)
+    validation.check_float("batch_shaping_weight", self.batch_shaping_weight, low=0.0)
+    validation.check_int("batch_shaping_steps", self.batch_shaping_steps, minimum=0)
+    validation.check_float("batch_shaping_concentration", self.batch_shaping_concentration,
+                           low=0.0, low_open=True)
+    validation.check_choice("distill_teacher", self.distill_teacher, distill.TEACHERS)
+    if self.distill_teacher == "snapshot" and (self.warm_steps == 0 or self.distill_weight == 0):
+      raise validation.ConfigError(
+          "distill_teacher", "=snapshot distils from the network at the end of the dense "
+          f"warm start: needs --warm_steps > 0 and --distill_weight > 0, got warm_steps="
+          f"{self.warm_steps}, distill_weight={self.distill_weight}")
 
   def taus(self, num_layers: int) -> tuple[float, ...]:
     """``tau`` (one value, a 1-tuple, or one per layer) with one value per gated layer."""
@@ -170,6 +194,10 @@ class TrainState:
     baseline: moving-average baseline state.
     rng: the run's base PRNG key (uint32[2]); step keys are ``fold_in(rng, step)``.
     duals: ``[layers]`` Lagrange multipliers of the ``lagrange`` budget, else ``None``.
+    distill_snapshot: with ``distill_teacher='snapshot'``, the parameters the
+      distillation teacher uses: a copy of ``params`` up to and including step
+      ``warm_steps``, frozen from then on (the network after the dense warm start);
+      else ``None``.
   """
   step: jax.Array
   params: Any
@@ -177,6 +205,7 @@ class TrainState:
   baseline: estimators.BaselineState
   rng: jax.Array
   duals: Any = None
+  distill_snapshot: Any = None
 
 
 def _base_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -221,8 +250,12 @@ def init_train_state(model: nn.Module, config: TrainConfig, rng: jax.Array,
   num_gated = sum(layer_aux is not None for layer_aux in aux)
   if config.budget == "lagrange" and num_gated:
     duals = jnp.zeros((num_gated,), jnp.float32)
+  distill_snapshot = None
+  if config.distill_teacher == "snapshot" and num_gated:
+    distill_snapshot = jax.tree_util.tree_map(jnp.copy, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    baseline=estimators.init_baseline_state(), rng=run_key, duals=duals)
+                    baseline=estimators.init_baseline_state(), rng=run_key, duals=duals,
+                    distill_snapshot=distill_snapshot)
 
 
 def _init_with_aux(model, init_key, gate_key, sample_input):
@@ -298,7 +331,7 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
                      config: TrainConfig, baseline_state: estimators.BaselineState, *,
                      taus: Sequence[float] | jax.Array | None = None,
                      duals: jax.Array | None = None, entropy_scale: jax.Array | float = 1.0,
-                     reinforce_on: bool = True
+                     reinforce_on: bool = True, batch_shaping_scale: jax.Array | float = 1.0
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """REINFORCE + ``lambda_s (L_b + L_e) + lambda_v L_v`` (+ recipe terms) over the gated layers.
 
@@ -314,6 +347,7 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
     duals: ``[layers]`` Lagrange multipliers (``budget='lagrange'``), else ``None``.
     entropy_scale: scalar schedule factor of ``config.entropy_weight``.
     reinforce_on: ``False`` during the dense warm start (the masks were not sampled).
+    batch_shaping_scale: scalar schedule factor of ``config.batch_shaping_weight``.
 
   Returns:
     ``(objective, terms)``: a scalar and a dict of scalar terms for logging; the
@@ -353,6 +387,11 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
                         for aux in gate_aux)
     objective = objective + config.entropy_weight * entropy_scale * block_entropy
     terms["block_entropy"] = block_entropy
+  if config.batch_shaping_weight > 0:
+    l_bs = sum(regularizers.batch_shaping_loss(aux.probs, tau, config.batch_shaping_concentration)
+               for aux, tau in zip(gate_aux, taus))
+    objective = objective + config.batch_shaping_weight * batch_shaping_scale * l_bs
+    terms["l_bs"] = l_bs
   if duals is not None:
     target = jnp.stack([jnp.asarray(tau, jnp.float32) for tau in taus])
     objective = objective + budget_lib.lagrangian_term(duals, mean_prob, target)
@@ -384,7 +423,7 @@ def top_k_capacities(model: nn.Module, params, x: jax.Array, config: TrainConfig
 def _uses_recipes(config: TrainConfig) -> bool:
   return (config.warm_steps > 0 or config.tau_schedule != "constant"
           or config.distill_weight > 0 or config.entropy_weight > 0
-          or config.budget != "penalty")
+          or config.budget != "penalty" or config.batch_shaping_weight > 0)
 
 
 Teacher = Callable[[jax.Array], jax.Array]
@@ -403,7 +442,9 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
     config: hyperparameters.
     teacher: ``x [batch, ...] -> logits [batch, classes]`` of a distillation teacher (a
       dense run); ``None`` with ``distill_weight > 0`` distils from the same network
-      with every block on (``mode='all'``, under ``stop_gradient``).
+      with every block on (``mode='all'``, under ``stop_gradient``): the live network,
+      or with ``distill_teacher='snapshot'`` its parameters frozen after the warm start
+      (``state.distill_snapshot``).
 
   Returns:
     the un-jitted step; wrap it in ``jax.jit(step, donate_argnums=0)``. The batch is a
@@ -412,11 +453,14 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
     except ``active_fraction`` and ``mean_prob``, ``[layers]``.
   """
   check_model_matches(model, config)
+  if teacher is not None and config.distill_teacher == "snapshot":
+    raise ValueError("distill_teacher='snapshot' distils from the run's own warm-start "
+                     "snapshot; it cannot be combined with a teacher run")
   optimizer = make_optimizer(config)
   gated_model = getattr(model, "gated", True)
   recipes_on = gated_model and _uses_recipes(config)
 
-  def objective(params, batch, step_key, baseline_state, step, duals, warm):
+  def objective(params, batch, step_key, baseline_state, step, duals, snapshot, warm):
     mode = "all" if warm else "sample"
     # Only a router is told its capacity: other models need no ``capacity`` argument.
     routing = {}
@@ -441,7 +485,8 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
       elif warm:
         teacher_logits = logits  # the student is the all-on network: nothing to distil
       else:
-        teacher_logits = model.apply({"params": params}, batch["x"], mode="all")[0]
+        teacher_params = snapshot if config.distill_teacher == "snapshot" else params
+        teacher_logits = model.apply({"params": teacher_params}, batch["x"], mode="all")[0]
       distill_loss = jnp.mean(distill.distillation_loss(
           logits, jax.lax.stop_gradient(teacher_logits), config.distill_temperature))
       total = total + config.distill_weight * distill_loss
@@ -453,7 +498,9 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
         extra = {"taus": config.taus_at(step, len(gate_aux)), "duals": duals,
                  "reinforce_on": not warm,
                  "entropy_scale": schedules.ramp(step, begin=config.warm_steps,
-                                                 length=config.entropy_ramp_steps)}
+                                                 length=config.entropy_ramp_steps),
+                 "batch_shaping_scale": schedules.anneal(step, begin=config.warm_steps,
+                                                         length=config.batch_shaping_steps)}
       # The REINFORCE cost is the examples' own task loss (never the distillation term).
       policy_loss, terms = policy_objective(gate_aux, per_example_loss, config,
                                             baseline_state, **extra)
@@ -464,8 +511,8 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def gradients(state, batch, step_key):
-    args = (state.params, batch, step_key, state.baseline, state.step, state.duals)
+  def gradients(state, batch, step_key, snapshot):
+    args = (state.params, batch, step_key, state.baseline, state.step, state.duals, snapshot)
     if not recipes_on or config.warm_steps == 0:
       return grad_fn(*args, False)
     return jax.lax.cond(state.step < config.warm_steps,
@@ -473,7 +520,8 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     step_key = jax.random.fold_in(state.rng, state.step)
-    (total, (metrics, per_example_loss)), grads = gradients(state, batch, step_key)
+    snapshot = _distill_snapshot(state, config.warm_steps)
+    (total, (metrics, per_example_loss)), grads = gradients(state, batch, step_key, snapshot)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     new_baseline = estimators.update_baseline_state(state.baseline, per_example_loss,
@@ -500,9 +548,21 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
       kept = state.replace(step=state.step + 1)
       new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                          new_state, kept)
+    # Taken from the step's input parameters, so a skipped step cannot spoil it.
+    new_state = new_state.replace(distill_snapshot=snapshot)
     return new_state, metrics
 
   return train_step
+
+
+def _distill_snapshot(state: TrainState, warm_steps: int):
+  """The teacher parameters of this step: ``state.params`` until step ``warm_steps``
+  (inclusive: the network after the warm start's updates), then the frozen copy."""
+  if state.distill_snapshot is None:
+    return None
+  in_warm_start = state.step <= warm_steps
+  return jax.tree_util.tree_map(lambda live, frozen: jnp.where(in_warm_start, live, frozen),
+                                state.params, state.distill_snapshot)
 
 
 def make_eval_step(model: nn.Module, mode: str = "threshold", capacity=None

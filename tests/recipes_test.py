@@ -10,6 +10,7 @@ import numpy as np
 import ccjax
 from ccjax import recipes
 from ccjax import validation
+from tests import experiment_utils
 
 BATCH = 32
 
@@ -174,6 +175,109 @@ class RegistryTest(absltest.TestCase):
         ccjax.TrainConfig(**bad)
     with self.assertRaisesRegex(validation.ConfigError, "distill_weight"):
       ccjax.ExperimentConfig.create(distill_from="/tmp/x")
+
+
+class BatchShapingTest(absltest.TestCase):
+
+  def test_term_is_the_prior_loss_of_each_layer_and_moves_only_the_policy(self):
+    plain, plain_history = _run(ccjax.TrainConfig(), 1)
+    self.assertNotIn("l_bs", plain_history[0])
+    config = ccjax.TrainConfig(batch_shaping_weight=1.0)
+    shaped, history = _run(config, 1)
+    initial = ccjax.init_train_state(_model(), config, jax.random.key(1), _data()["x"][:1])
+    # The second layer's policy reads the first layer's masked output: the same masks.
+    _, aux = _model().apply({"params": initial.params}, _data()["x"], mode="sample",
+                            rngs={"gate": jax.random.fold_in(initial.rng, 0)})
+    expected = sum(ccjax.batch_shaping_loss(a.probs, 0.25) for a in aux)
+    np.testing.assert_allclose(history[0]["l_bs"], expected, rtol=1e-5)
+    self.assertGreater(float(history[0]["l_bs"]), 0.0)
+    # The prior reaches the policies only: the network's update is unchanged.
+    np.testing.assert_array_equal(plain.params["output"]["kernel"],
+                                  shaped.params["output"]["kernel"])
+    self.assertFalse(np.array_equal(plain.params["hidden_1"]["policy"]["logits"]["kernel"],
+                                    shaped.params["hidden_1"]["policy"]["logits"]["kernel"]))
+
+  def test_weight_anneals_to_zero_after_the_warm_start(self):
+    config = ccjax.TrainConfig(batch_shaping_weight=1.0, batch_shaping_steps=2, warm_steps=1,
+                               lambda_s=0.0, lambda_v=0.0, l2=0.0, estimator="straight_through")
+    model = ccjax.GatedMLP(hidden=(32, 32), num_classes=3, block_size=8, policy_init_prob=0.25,
+                           estimator="straight_through")
+    _, history = _run(config, 4, model=model)
+    # Steps 0, 1: full weight (warm start, then the anneal's start); 2: half; 3: off. The
+    # objective's policy part is then exactly weight * L_bs (no other policy terms).
+    for metrics, scale in zip(history, (1.0, 1.0, 0.5, 0.0)):
+      policy_part = metrics["objective"] - metrics["loss"] - metrics["l2"]
+      np.testing.assert_allclose(policy_part, scale * metrics["l_bs"], rtol=1e-4, atol=1e-6)
+
+  def test_every_estimator_and_per_token_gates(self):
+    for estimator in ccjax.ESTIMATORS:
+      model = ccjax.GatedMLP(hidden=(32, 32), num_classes=3, block_size=8, estimator=estimator,
+                             policy_init_prob=0.25)
+      config = ccjax.TrainConfig(batch_shaping_weight=1.0, estimator=estimator)
+      _, history = _run(config, 2, model=model)
+      self.assertTrue(np.isfinite(history[-1]["l_bs"]), estimator)
+      self.assertGreater(float(history[-1]["grad_norm_policy"]), 0.0, estimator)
+    # Per-token gates: [batch, seq, blocks] probabilities, every position one x.
+    model = ccjax.GatedMLP(hidden=(16,), num_classes=5, block_size=4, flatten=False,
+                           policy_init_prob=0.25)
+    config = ccjax.TrainConfig(batch_shaping_weight=1.0)
+    tokens = {"x": jax.random.normal(jax.random.key(3), (4, 6, 8)),
+              "y": jax.random.randint(jax.random.key(4), (4, 6), 0, 5)}
+    state = ccjax.init_train_state(model, config, jax.random.key(1), tokens["x"][:1])
+    _, metrics = jax.jit(ccjax.make_train_step(model, config))(state, tokens)
+    _, aux = model.apply({"params": state.params}, tokens["x"], mode="all")
+    np.testing.assert_allclose(metrics["l_bs"], ccjax.batch_shaping_loss(aux[0].probs, 0.25),
+                               rtol=1e-5)
+
+
+class SnapshotDistillationTest(absltest.TestCase):
+  """Pretrain-then-gate: warm start + distillation from the network frozen after it."""
+
+  def _config(self, **changes):
+    values = dict(warm_steps=2, distill_weight=1.0, distill_teacher="snapshot")
+    values.update(changes)
+    return ccjax.TrainConfig(**values)
+
+  def test_snapshot_is_the_network_after_the_warm_start_then_frozen(self):
+    after_warm, _ = _run(self._config(), 2)
+    state, history = _run(self._config(), 5)
+    experiment_utils.assert_trees_equal(state.distill_snapshot, after_warm.params)
+    self.assertFalse(np.array_equal(state.params["output"]["kernel"],
+                                    after_warm.params["output"]["kernel"]))
+    # During the warm start the student is the all-on network itself: nothing to distil.
+    self.assertEqual([float(m["distill"]) for m in history[:2]], [0.0, 0.0])
+    self.assertTrue(all(float(m["distill"]) > 0.0 for m in history[2:]))
+
+  def test_teacher_is_the_snapshot_not_the_live_network(self):
+    model, config = _model(), self._config()
+    state, _ = _run(config, 4)
+    step_fn = jax.jit(ccjax.make_train_step(model, config))
+    _, metrics = step_fn(state, _data())
+    logits, _ = model.apply({"params": state.params}, _data()["x"], mode="sample",
+                            rngs={"gate": jax.random.fold_in(state.rng, state.step)})
+    teacher = model.apply({"params": state.distill_snapshot}, _data()["x"], mode="all")[0]
+    expected = jnp.mean(ccjax.distillation_loss(logits, teacher))
+    np.testing.assert_allclose(metrics["distill"], expected, rtol=1e-5)
+    live = model.apply({"params": state.params}, _data()["x"], mode="all")[0]
+    self.assertGreater(abs(float(jnp.mean(ccjax.distillation_loss(logits, live))) - float(expected)),
+                       1e-6)
+
+  def test_no_snapshot_without_the_recipe(self):
+    state, _ = _run(ccjax.TrainConfig(warm_steps=2, distill_weight=1.0), 1)
+    self.assertIsNone(state.distill_snapshot)
+
+  def test_validation(self):
+    for bad in (dict(warm_steps=0), dict(distill_weight=0.0)):
+      with self.assertRaisesRegex(validation.ConfigError, "distill_teacher"):
+        self._config(**bad)
+    with self.assertRaisesRegex(validation.ConfigError, "distill_teacher"):
+      ccjax.TrainConfig(distill_teacher="dense")
+    with self.assertRaisesRegex(ValueError, "teacher run"):
+      ccjax.make_train_step(_model(), self._config(), teacher=lambda x: x)
+    for bad in (dict(batch_shaping_weight=-1.0), dict(batch_shaping_steps=-1),
+                dict(batch_shaping_concentration=0.0)):
+      with self.assertRaisesRegex(validation.ConfigError, "batch_shaping"):
+        ccjax.TrainConfig(**bad)
 
 
 if __name__ == "__main__":

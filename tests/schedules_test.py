@@ -49,5 +49,16 @@ class RampTest(absltest.TestCase):
     self.assertEqual(float(schedules.ramp(10, begin=10)), 1.0)
 
 
+class AnnealTest(absltest.TestCase):
+
+  def test_values(self):
+    for step, expected in ((0, 1.0), (10, 1.0), (60, 0.5), (110, 0.0), (500, 0.0)):
+      np.testing.assert_allclose(schedules.anneal(step, begin=10, length=100), expected)
+
+  def test_zero_length_never_anneals(self):
+    for step in (0, 10, 10 ** 6):
+      self.assertEqual(float(schedules.anneal(step, begin=10)), 1.0)
+
+
 if __name__ == "__main__":
   absltest.main()
