@@ -1,9 +1,17 @@
-"""Tests of ccjax.inference.kernels.pallas_gpu: the Triton grouped matmul.
+"""Tests of the pallas-gpu backend: ccjax.inference.kernels.pallas_gpu (the Triton grouped
+matmul of the minibatch path) and ccjax.inference.kernels.pallas_gpu_gemv (the fused
+batch-1 path: gather GEMV and block selection), alone and inside the sparse MLP.
 
-Numerics run the real kernel on a GPU host and the Pallas interpreter elsewhere, against
-the XLA path. The CUDA lowering test lowers the real kernel (not interpret mode) for
-``cuda`` on any host and checks the Triton module it carries.
+Numerics run the real kernels on a GPU host and the Pallas interpreter elsewhere, against
+numpy, the XLA path and masked dense. The CUDA lowering tests lower the real kernels (not
+interpret mode) for ``cuda`` on any host and check the Triton modules they carry: grid,
+loop structure, precision, and the shape of every load (at most one tile).
 """
+
+import contextlib
+import functools
+import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +21,16 @@ from jax._src.interpreters import mlir as jax_mlir
 from jax._src.lib.mlir import ir
 from jaxlib.triton import dialect as triton_dialect
 
-from ccjax.inference.kernels import xla
+import ccjax
+from ccjax import lm_decode
+from ccjax.inference import batch1
+from ccjax.inference import capacity
+from ccjax.inference import kernels
+from ccjax.inference import layout
 from ccjax.inference.kernels import pallas_gpu
+from ccjax.inference.kernels import pallas_gpu_gemv
+from ccjax.inference.kernels import xla
+from tests import inference_mlp_test as mlp_cases
 
 ON_GPU = jax.default_backend() == "gpu"
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
@@ -133,6 +149,312 @@ def test_rejects_unpadded_or_mismatched_weights():
                               width=10)
 
 
+# ------------------------------------------------------------------ batch-1 gather GEMV
+
+
+def _gemv(*args, **kwargs):
+  return pallas_gpu_gemv.gather_gemv(*args, interpret=not ON_GPU, **kwargs)
+
+
+def _gemv_reference(h_parts, in_index, in_count, out_index, out_count, weights, in_bias,
+                    in_stride, in_relu):
+  """The documented product in float64 numpy."""
+  h = np.asarray(h_parts, np.float64).sum(axis=0)
+  in_index, out_index = np.asarray(in_index), np.asarray(out_index)
+  if in_bias is not None:
+    h = h + np.asarray(in_bias, np.float64)[in_index]
+  if in_relu:
+    h = np.maximum(h, 0.0)
+  weights = np.asarray(weights, np.float64)
+  out = np.zeros((out_index.shape[0], weights.shape[2]))
+  for o in range(int(out_count[0])):
+    for s in range(int(in_count[0])):
+      block = np.clip(out_index[o] * in_stride + in_index[s], 0, weights.shape[0] - 1)
+      out[o] += h[s] @ weights[block]
+  return out
+
+
+def _gemv_case(seed, h_splits, in_slots, depth, width, out_slots, in_blocks, out_blocks,
+               dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.normal(size=(h_splits, in_slots, depth)), dtype)
+  weights = jnp.asarray(rng.normal(size=(out_blocks * in_blocks, depth, width)), dtype)
+  bias = jnp.asarray(rng.normal(size=(in_blocks, depth)), dtype)
+  in_index = jnp.asarray(rng.permutation(in_blocks)[:in_slots], jnp.int32)
+  out_index = jnp.asarray(rng.permutation(out_blocks)[:out_slots], jnp.int32)
+  return h, weights, bias, in_index, out_index
+
+
+@pytest.mark.parametrize("h_splits,in_slots,depth,width,out_slots,in_count,out_count", [
+    (1, 1, 100, 16, 4, 1, 3),       # dense first layer: depth not a tile multiple
+    (3, 5, 16, 16, 6, 5, 6),        # block size 16, all slots active
+    (4, 6, 32, 10, 5, 2, 5),        # ragged input count, 10 columns (output layer shape)
+    (2, 4, 64, 128, 3, 3, 1),       # block size 64, two column tiles, one output slot
+    (5, 3, 24, 40, 4, 0, 4),        # no active input block: every output is zero
+    (2, 3, 24, 40, 4, 3, 0),        # no active output block: nothing is read
+])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_gather_gemv_matches_numpy(h_splits, in_slots, depth, width, out_slots, in_count,
+                                   out_count, splits):
+  in_blocks, out_blocks = 7, 8
+  h, weights, bias, in_index, out_index = _gemv_case(
+      depth + width, h_splits, in_slots, depth, width, out_slots, in_blocks, out_blocks)
+  counts = (jnp.array([in_count], jnp.int32), jnp.array([out_count, 99], jnp.int32))
+  for in_bias, in_relu, stride in ((bias, True, in_blocks), (None, False, 0)):
+    parts = _gemv(h, in_index, counts[0], out_index, counts[1], weights, in_bias,
+                  in_stride=stride, in_relu=in_relu, splits=splits)
+    assert parts.dtype == jnp.float32 and parts.shape[1:] == (out_slots, width)
+    if splits is not None:
+      assert parts.shape[0] == splits
+    expected = _gemv_reference(h, in_index, counts[0], out_index, counts[1], weights, in_bias,
+                               stride, in_relu)
+    np.testing.assert_allclose(np.asarray(parts).sum(axis=0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gather_gemv_first_and_last_blocks():
+  h, weights, bias, _, _ = _gemv_case(5, 2, 3, 16, 16, 2, 4, 5)
+  in_index = jnp.array([3, 0, 3], jnp.int32)                 # last and first input block
+  out_index = jnp.array([4, 0], jnp.int32)                   # last and first output block
+  count = jnp.array([3], jnp.int32), jnp.array([2], jnp.int32)
+  parts = _gemv(h, in_index, count[0], out_index, count[1], weights, bias, in_stride=4,
+                in_relu=True)
+  np.testing.assert_allclose(
+      np.asarray(parts).sum(axis=0),
+      _gemv_reference(h, in_index, count[0], out_index, count[1], weights, bias, 4, True),
+      atol=1e-5, rtol=1e-5)
+
+
+def test_gather_gemv_reads_only_selected_blocks():
+  """NaN in every weight block no active (output, input) slot pair selects, in the input
+  slots past the active count and in their bias rows: the output has none, so none was
+  read; output slots past the active count are zeros."""
+  in_blocks, out_blocks = 5, 6
+  h, weights, bias, _, _ = _gemv_case(9, 3, 4, 32, 24, 4, in_blocks, out_blocks)
+  in_index = jnp.array([2, 4, 0, 1], jnp.int32)
+  out_index = jnp.array([5, 1, 3, 0], jnp.int32)
+  in_count, out_count = jnp.array([2], jnp.int32), jnp.array([2], jnp.int32)
+  used = {int(o) * in_blocks + int(i) for o in out_index[:2] for i in in_index[:2]}
+  unused = np.array(sorted(set(range(in_blocks * out_blocks)) - used))
+  poisoned_weights = weights.at[unused].set(jnp.nan)
+  poisoned_h = h.at[:, 2:].set(jnp.nan)
+  poisoned_bias = bias.at[jnp.array([0, 1, 3])].set(jnp.nan)
+  for splits in (1, 4):
+    parts = _gemv(poisoned_h, in_index, in_count, out_index, out_count, poisoned_weights,
+                  poisoned_bias, in_stride=in_blocks, in_relu=True, splits=splits)
+    assert np.isfinite(np.asarray(parts)).all()
+    np.testing.assert_array_equal(np.asarray(parts)[:, 2:], 0.0)
+    np.testing.assert_allclose(
+        np.asarray(parts).sum(axis=0),
+        _gemv_reference(h, in_index, in_count, out_index, out_count, weights, bias,
+                        in_blocks, True), atol=1e-5, rtol=1e-5)
+
+
+def test_gather_gemv_bfloat16_accumulates_in_float32():
+  h, weights, bias, in_index, out_index = _gemv_case(4, 2, 5, 128, 64, 3, 6, 4, jnp.bfloat16)
+  counts = jnp.array([4], jnp.int32), jnp.array([3], jnp.int32)
+  parts = _gemv(h, in_index, counts[0], out_index, counts[1], weights, bias, in_stride=6,
+                in_relu=True)
+  expected = _gemv_reference(h.astype(jnp.float32), in_index, counts[0], out_index, counts[1],
+                             weights.astype(jnp.float32), bias.astype(jnp.float32), 6, True)
+  # The inputs are the same bfloat16 numbers; only float32 summation order differs.
+  np.testing.assert_allclose(np.asarray(parts).sum(axis=0), expected, atol=1e-3, rtol=1e-4)
+
+
+def test_gemv_tiles_and_splits():
+  for depth, width, dtype in [(784, 64, jnp.float32), (64, 10, jnp.float32),
+                              (4096, 4096, jnp.bfloat16), (3, 3, jnp.float32)]:
+    tile = pallas_gpu_gemv.gemv_tiles(depth, width, dtype)
+    for side in tile:
+      assert side >= pallas_gpu_gemv.MIN_TILE and side & (side - 1) == 0
+    assert tile.cols <= pallas_gpu_gemv.MAX_COL_TILE
+    assert tile.depth * tile.cols * jnp.dtype(dtype).itemsize <= pallas_gpu_gemv.TILE_BYTES
+  # Reference net, batch 1, 16 slots of 64 units: a split per active input block.
+  assert pallas_gpu_gemv.gemv_splits(16, 64, 16, 64, jnp.float32) == 16
+  # First layer: split over the 784 inputs' K steps.
+  assert pallas_gpu_gemv.gemv_splits(16, 64, 1, 784, jnp.float32) == 13
+  assert pallas_gpu_gemv.gemv_splits(512, 64, 16, 64, jnp.float32) == 1
+
+
+def test_gather_gemv_rejects_mismatched_shapes():
+  h = jnp.zeros((1, 3, 16), jnp.float32)
+  ids, count = jnp.zeros((3,), jnp.int32), jnp.ones((1,), jnp.int32)
+  with pytest.raises(ValueError, match="contract over depth"):
+    pallas_gpu_gemv.gather_gemv(h, ids, count, ids, count, jnp.zeros((4, 8, 8)), in_stride=1)
+  with pytest.raises(ValueError, match="one id per input slot"):
+    pallas_gpu_gemv.gather_gemv(h, ids[:2], count, ids, count, jnp.zeros((4, 16, 8)),
+                                in_stride=1)
+  with pytest.raises(ValueError, match="in_bias"):
+    pallas_gpu_gemv.gather_gemv(h, ids, count, ids, count, jnp.zeros((4, 16, 8)),
+                                jnp.zeros((4, 8)), in_stride=1)
+
+
+# ------------------------------------------------------------------- batch-1 selection
+
+
+@pytest.mark.parametrize("num_blocks,capacity_,exact_k", [
+    (10, 4, False), (10, 4, True), (48, 12, False), (7, 7, False), (5, 1, False),
+    (64, 16, True)])
+@pytest.mark.parametrize("seed", range(3))
+def test_select_blocks_matches_top_k_and_config_rules(num_blocks, capacity_, exact_k, seed):
+  rng = np.random.default_rng(seed)
+  parts = rng.normal(size=(3, 1, num_blocks)).astype(np.float32)
+  if seed == 1:                                     # exact ties: lower block id first
+    parts[:, :, ::2] = parts[:, :, :1]
+  if seed == 2:                                     # every block below the threshold
+    parts = -np.abs(parts) - 1.0
+  parts = jnp.asarray(parts)
+  bias = jnp.asarray(rng.normal(size=(num_blocks,)) * 0.1, jnp.float32)
+  eps = 0.01
+  got = pallas_gpu_gemv.select_blocks(parts, bias, capacity=capacity_, eps=eps, exact_k=exact_k,
+                                      interpret=not ON_GPU)
+  probs = batch1.block_probs(jnp.sum(parts, axis=(0, 1)) + bias, eps)
+  values, index = jax.lax.top_k(probs, capacity_)
+  config = capacity.SparseConfig((capacity_,), (1,), (1,), exact_k=exact_k)
+  np.testing.assert_allclose(got.probs, probs, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(got.index, index)
+  np.testing.assert_array_equal(got.kept.astype(bool), config.wanted(values))
+  np.testing.assert_array_equal(
+      got.counts, [int(np.sum(config.wanted(values))), int(config.candidates(probs[None],
+                                                                             capacity_))])
+
+
+def test_select_blocks_rejects_bad_capacity():
+  with pytest.raises(ValueError, match="capacity"):
+    pallas_gpu_gemv.select_blocks(jnp.zeros((1, 1, 4)), jnp.zeros((4,)), capacity=5, eps=0.01)
+  with pytest.raises(ValueError, match="logit_parts"):
+    pallas_gpu_gemv.select_blocks(jnp.zeros((1, 2, 4)), jnp.zeros((4,)), capacity=2, eps=0.01)
+
+
+# ------------------------------------------------- the pallas-gpu backend in the sparse MLP
+
+
+@pytest.fixture
+def pallas_backend_here(monkeypatch):
+  """The pallas-gpu backend available on this host (interpreted off a GPU)."""
+  if not ON_GPU:
+    monkeypatch.setenv(kernels.PALLAS_INTERPRET_ENV, "1")
+
+
+def _pallas_layout(params):
+  return layout.to_block_major(mlp_cases._model(), params, pallas_tiles=True)
+
+
+def _assert_pallas_equals_xla_and_masked_dense(params, x, config):
+  """The pallas-gpu backend runs the same blocks as the XLA path (same traces) and its
+  logits equal masked dense with those masks to 1e-5."""
+  model = _pallas_layout(params)
+  logits, traces = mlp_cases.FORWARD(model, x, config)
+  masks = mlp_cases.TRACE_MASKS(traces, mlp_cases.NUM_BLOCKS)
+  np.testing.assert_allclose(logits, mlp_cases.MASKED_DENSE(params, x, masks),
+                             atol=1e-5, rtol=1e-5)
+  xla_config = capacity.SparseConfig(config.example_capacity, config.block_capacity,
+                                     config.pair_capacity, config.buckets, "xla",
+                                     config.exact_k)
+  ref_logits, ref_traces = mlp_cases.FORWARD(model, x, xla_config)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+  for trace, ref in zip(traces, ref_traces):
+    np.testing.assert_array_equal(trace.kept, ref.kept)
+    np.testing.assert_array_equal(np.where(ref.kept, trace.block_index, -1),
+                                  np.where(ref.kept, ref.block_index, -1))
+    assert int(trace.num_kept) == int(ref.num_kept)
+    assert int(trace.num_candidates) == int(ref.num_candidates)
+    np.testing.assert_allclose(trace.probs, ref.probs, atol=1e-6)
+  return masks, traces
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("seed", range(2))
+def test_pallas_backend_random_masks_equal_masked_dense(seed, batch):
+  params, x = mlp_cases._params(seed), mlp_cases._inputs(seed, batch)
+  config = capacity.SparseConfig(mlp_cases.NUM_BLOCKS, (batch,) * 3, (batch,) * 3,
+                                 backend="pallas-gpu").validate(_pallas_layout(params))
+  masks, _ = _assert_pallas_equals_xla_and_masked_dense(params, x, config)
+  ref_logits, aux = mlp_cases._model().apply({"params": params}, x, mode="threshold")
+  for mask, layer_aux in zip(masks, aux):
+    np.testing.assert_array_equal(mask, layer_aux.mask)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("shift,expected", [(-50.0, 0.0), (50.0, 1.0)])
+def test_pallas_backend_all_blocks_off_or_on(shift, expected, batch):
+  params = mlp_cases._params(3, bias_shift=shift, policy_scale=0.0)
+  x = mlp_cases._inputs(3, batch)
+  config = capacity.SparseConfig(mlp_cases.NUM_BLOCKS, (batch,) * 3, (batch,) * 3,
+                                 backend="pallas-gpu").validate(_pallas_layout(params))
+  masks, _ = _assert_pallas_equals_xla_and_masked_dense(params, x, config)
+  for mask in masks:
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("seed,exact_k,batch", [
+    (0, False, 1), (1, False, 1), (0, False, 9), (1, False, 9), (2, True, 1), (2, True, 9)])
+def test_pallas_backend_overflow_follows_documented_rules(seed, exact_k, batch):
+  """Capacities that overflow (per example at batch 1; per block and per weight block
+  in a minibatch) drop the same blocks as the documented rules and the XLA path."""
+  params, x = mlp_cases._params(10 + seed, bias_shift=1.0), mlp_cases._inputs(seed, batch)
+  config = capacity.SparseConfig(example_capacity=(2, 3, 2), block_capacity=(3, 4, 3),
+                                 pair_capacity=(1, 2, 1), backend="pallas-gpu",
+                                 exact_k=exact_k).validate(_pallas_layout(params))
+  masks, traces = _assert_pallas_equals_xla_and_masked_dense(params, x, config)
+  if not exact_k:
+    expected, candidates = mlp_cases._reference_masks(
+        params, x, config.example_capacity, config.block_capacity, config.pair_capacity)
+    for mask, ref in zip(masks, expected):
+      np.testing.assert_array_equal(mask, ref)
+    kept = sum(int(np.sum(ref)) for ref in expected)
+    assert sum(int(trace.num_candidates) for trace in traces) == candidates > kept
+
+
+def test_pallas_backend_bfloat16_batch1_matches_xla():
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.bfloat16), mlp_cases._params(4))
+  model = _pallas_layout(params)
+  x = mlp_cases._inputs(4, 1).astype(jnp.bfloat16)
+  got, traces = mlp_cases.FORWARD(model, x, capacity.SparseConfig(
+      mlp_cases.NUM_BLOCKS, (1,) * 3, (1,) * 3, backend="pallas-gpu"))
+  ref, ref_traces = mlp_cases.FORWARD(model, x, capacity.SparseConfig(
+      mlp_cases.NUM_BLOCKS, (1,) * 3, (1,) * 3))
+  assert got.dtype == jnp.bfloat16
+  for trace, ref_trace in zip(traces, ref_traces):
+    np.testing.assert_array_equal(trace.kept, ref_trace.kept)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                             atol=0.1, rtol=2e-2)
+
+
+def test_pallas_backend_is_named_and_interpreted_only_on_request(pallas_backend_here):
+  assert "pallas-gpu" in kernels.available_backends()
+  params = mlp_cases._params(5)
+  inference = ccjax.make_inference(mlp_cases._model(), params, backend="pallas-gpu")
+  assert inference.backend == "pallas-gpu"
+  x = mlp_cases._inputs(5, 1)
+  logits, info = inference(x)
+  np.testing.assert_allclose(logits, mlp_cases.MASKED_DENSE(params, x, info.masks),
+                             atol=1e-5, rtol=1e-5)
+  if not ON_GPU:
+    with mock.patch.dict(os.environ):
+      os.environ.pop(kernels.PALLAS_INTERPRET_ENV)
+      assert "pallas-gpu" not in kernels.available_backends()
+      assert kernels.available_backends()[-1] != "pallas-gpu"
+      with pytest.raises(ValueError, match="not available"):
+        kernels.select_backend("pallas-gpu")
+
+
+def test_decode_mlps_run_the_fused_path(pallas_backend_here):
+  """The gated transformer's MLPs at decode (one row per layer) on pallas-gpu equal the
+  XLA backend's, token after token."""
+  model = ccjax.GatedTransformer(max_len=8, num_layers=2, d_model=16, num_heads=2,
+                                 mlp_width=64, block_size=16)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 8), 0, 256)
+  params = model.init({"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)},
+                      tokens)["params"]
+  hidden = jax.random.normal(jax.random.PRNGKey(3), (4, 2, 1, 16))
+  fused = lm_decode.make_decode(model, params, sparse=True, backend="pallas-gpu")
+  reference = lm_decode.make_decode(model, params, sparse=True, backend="xla")
+  assert fused.backend == "pallas-gpu"
+  np.testing.assert_allclose(fused.mlp_scan(fused.weights, hidden),
+                             reference.mlp_scan(reference.weights, hidden),
+                             atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- CUDA lowering
 
 
@@ -145,39 +467,70 @@ def _walk(operation, parents=()):
         yield from _walk(op.operation, parents + (op.operation.name,))
 
 
-def _lower_for_cuda(x, tiles, index, sizes, width):
-  lowered = jax.jit(pallas_gpu.grouped_matmul, static_argnames=("width",)).trace(
-      x, tiles, index, sizes, width=width).lower(lowering_platforms=("cuda",))
-  return lowered.compiler_ir("stablehlo")
+@contextlib.contextmanager
+def _triton_kernels(fn, *args, **static):
+  """Lowers ``fn(*args, **static)`` for CUDA on this host and yields ``[(grid, ops)]``, one
+  per Triton custom call (``ops``: ``(op, enclosing op names)`` of its Triton module), or
+  ``None`` where this jaxlib compiles Triton at lowering (a GPU host: lowering succeeded)."""
+  lowered = jax.jit(functools.partial(fn, **static)).trace(*args).lower(
+      lowering_platforms=("cuda",))
+  module = lowered.compiler_ir("stablehlo")
+  calls = [op for op, _ in _walk(module.operation) if op.name == "stablehlo.custom_call"]
+  assert calls
+  configs = []
+  for call in calls:
+    target = ir.StringAttr(call.attributes["call_target_name"]).value
+    assert "triton" in target, target                     # Triton, not Mosaic GPU
+    configs.append(call.attributes["mhlo.backend_config"])
+  if any("ir" not in config for config in configs):
+    assert ON_GPU, "no Triton IR in a backend config"
+    yield None
+    return
+  with jax_mlir.make_ir_context() as context:
+    triton_dialect.register_dialect(context)
+    kernels_ir = []
+    for config in configs:
+      triton_module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+      assert triton_module.operation.verify()
+      grid = [ir.IntegerAttr(config[axis]).value for axis in ("grid_x", "grid_y", "grid_z")]
+      kernels_ir.append((grid, list(_walk(triton_module.operation))))
+    yield kernels_ir
+
+
+def _tensor_loads(ops):
+  """``(shape, element type, in a loop)`` of every tensor ``tt.load`` whose value is used
+  (an unused load is a masked store's old value: dead code for Triton)."""
+  loads = []
+  for op, parents in ops:
+    if op.name == "tt.load" and isinstance(op.results[0].type, ir.RankedTensorType):
+      if not list(op.results[0].uses):
+        continue
+      result = ir.RankedTensorType(op.results[0].type)
+      loads.append((list(result.shape), result.element_type, "scf.for" in parents))
+  return loads
+
+
+def _element_type(dtype):
+  return {"float32": ir.F32Type.get, "bfloat16": ir.BF16Type.get}[jnp.dtype(dtype).name]()
 
 
 @pytest.mark.parametrize("dtype,depth,width", [(jnp.float32, 784, 64), (jnp.float32, 64, 10),
                                                (jnp.bfloat16, 128, 128)])
 def test_lowers_for_cuda_through_triton(dtype, depth, width):
   """The real kernel lowers for CUDA on this host; its Triton module verifies and has a
-  K loop, tile-sized loads only and the promised dot precision."""
+  K loop, the promised dot precision, and loads exactly one x tile and one weight tile
+  per K step (the load shapes are read from the IR, so a kernel that loads more than a
+  tile fails here even where Triton would still lower it)."""
   groups, rows = 16, 40
   x = jax.ShapeDtypeStruct((groups, rows, depth), dtype)
   tiles = jax.ShapeDtypeStruct((8, *pallas_gpu.padded_weight_shape(depth, width, dtype)), dtype)
   index = sizes = jax.ShapeDtypeStruct((groups,), jnp.int32)
-  module = _lower_for_cuda(x, tiles, index, sizes, width)
-  calls = [op for op, _ in _walk(module.operation) if op.name == "stablehlo.custom_call"]
-  assert len(calls) == 1
-  target = ir.StringAttr(calls[0].attributes["call_target_name"]).value
-  assert "triton" in target, target                       # Triton, not Mosaic GPU
-  config = calls[0].attributes["mhlo.backend_config"]
-  if "ir" not in config:
-    # A jaxlib with a CUDA Triton compiler compiles at lowering (that succeeded).
-    assert ON_GPU, f"no Triton IR in the backend config of {target}"
-    return
-  tile = pallas_gpu.tile_shape(rows, depth, width, dtype)
-  assert [ir.IntegerAttr(config[axis]).value for axis in ("grid_x", "grid_y", "grid_z")] == [
-      groups, -(-rows // tile.rows), -(-width // tile.cols)]
-  with jax_mlir.make_ir_context() as context:
-    triton_dialect.register_dialect(context)
-    triton_module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
-    assert triton_module.operation.verify()
-    ops = list(_walk(triton_module.operation))
+  with _triton_kernels(pallas_gpu.grouped_matmul, x, tiles, index, sizes, width=width) as lowered:
+    if lowered is None:
+      return
+    [(grid, ops)] = lowered
+    tile = pallas_gpu.tile_shape(rows, depth, width, dtype)
+    assert grid == [groups, -(-rows // tile.rows), -(-width // tile.cols)]
     dots = [(op, parents) for op, parents in ops if op.name == "tt.dot"]
     assert len(dots) == 1
     dot, parents = dots[0]
@@ -191,12 +544,77 @@ def test_lowers_for_cuda_through_triton(dtype, depth, width):
       assert precision == triton_dialect.InputPrecision.IEEE.value     # not TF32
     else:
       assert lhs.element_type == ir.BF16Type.get()
-    tensor_loads = [(op, parents) for op, parents in ops if op.name == "tt.load"
-                    and isinstance(op.results[0].type, ir.RankedTensorType)]
-    in_loop = [op for op, parents in tensor_loads if "scf.for" in parents]
-    assert len(in_loop) == 2                                 # one x tile, one weight tile
-    for load in in_loop:
-      assert np.prod(ir.RankedTensorType(load.results[0].type).shape) <= 64 * 64
-    for load, parents in tensor_loads:
-      if "scf.for" not in parents:                           # a masked store's old value,
-        assert not list(load.results[0].uses)                # unused: dead code for Triton
+    element = _element_type(dtype)
+    loads = _tensor_loads(ops)
+    # Exactly one [bm, bk] x tile and one [bk, bn] weight tile, both inside the K loop.
+    assert sorted(loads, key=str) == sorted([([tile.rows, tile.depth], element, True),
+                                             ([tile.depth, tile.cols], element, True)], key=str)
+
+
+@pytest.mark.parametrize("dtype,h_splits,depth,width,has_bias", [
+    (jnp.float32, 1, 784, 64, False),      # first layer: dense input x, 64-unit blocks
+    (jnp.float32, 5, 64, 64, True),        # hidden layer: input partials + bias + ReLU
+    (jnp.float32, 3, 64, 10, True),        # output layer / policy: 10 columns
+    (jnp.bfloat16, 4, 128, 128, True),     # bfloat16 weights, two column tiles
+])
+def test_gather_gemv_lowers_for_cuda(dtype, h_splits, depth, width, has_bias):
+  """The GEMV lowers through Triton with a split-K grid, no MMA (exact float32), a
+  float32 accumulator, and per loop step one weight tile, one input tile (and one bias
+  row) -- nothing larger, and no tensor load outside the loop."""
+  in_slots, out_slots, num_weights = 8, 16, 40
+  h = jax.ShapeDtypeStruct((h_splits, in_slots, depth), jnp.float32 if has_bias else dtype)
+  ids = jax.ShapeDtypeStruct((in_slots,), jnp.int32)
+  counts = jax.ShapeDtypeStruct((2,), jnp.int32)
+  out_ids = jax.ShapeDtypeStruct((out_slots,), jnp.int32)
+  weights = jax.ShapeDtypeStruct((num_weights, depth, width), dtype)
+  bias = jax.ShapeDtypeStruct((6, depth), dtype) if has_bias else None
+  splits = pallas_gpu_gemv.gemv_splits(out_slots, width, in_slots, depth, dtype)
+  with _triton_kernels(pallas_gpu_gemv.gather_gemv, h, ids, counts, out_ids, counts, weights,
+                       bias, in_stride=5, in_relu=has_bias) as lowered:
+    if lowered is None:
+      return
+    [(grid, ops)] = lowered
+    tile = pallas_gpu_gemv.gemv_tiles(depth, width, dtype)
+    assert grid == [out_slots, -(-width // tile.cols), splits] and splits > 1
+    assert not [op for op, _ in ops if op.name == "tt.dot"]
+    loops = [op for op, _ in ops if op.name == "scf.for"]
+    assert len(loops) == 1
+    assert ir.RankedTensorType(loops[0].results[0].type).element_type == ir.F32Type.get()
+    h_rows = 1 << (h_splits - 1).bit_length()
+    expected = [([tile.depth, tile.cols], _element_type(dtype), True),
+                ([h_rows, tile.depth], _element_type(h.dtype), True)]
+    if has_bias:
+      expected.append(([tile.depth], _element_type(dtype), True))
+    assert sorted(_tensor_loads(ops), key=str) == sorted(expected, key=str)
+    assert tile.depth * tile.cols * jnp.dtype(dtype).itemsize <= pallas_gpu_gemv.TILE_BYTES
+
+
+def test_select_blocks_lowers_for_cuda():
+  """One program: the partial logits and the bias are each loaded once, then ``k``
+  arg-max passes in a loop that loads nothing."""
+  parts = jax.ShapeDtypeStruct((6, 1, 48), jnp.float32)
+  bias = jax.ShapeDtypeStruct((48,), jnp.float32)
+  with _triton_kernels(pallas_gpu_gemv.select_blocks, parts, bias, capacity=12,
+                       eps=0.01) as lowered:
+    if lowered is None:
+      return
+    [(grid, ops)] = lowered
+    assert grid == [1, 1, 1]
+    assert sorted(_tensor_loads(ops), key=str) == sorted(
+        [([8, 64], ir.F32Type.get(), False), ([64], ir.F32Type.get(), False)], key=str)
+    assert len([op for op, _ in ops if op.name == "scf.for"]) == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_batch1_forward_lowers_to_three_launches_per_layer(dtype):
+  """The whole batch-1 MLP lowers for CUDA as Triton kernels only: per hidden layer a
+  policy GEMV, a selection and a block GEMV, plus the output GEMV."""
+  params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), mlp_cases._params(0))
+  model = layout.to_block_major(mlp_cases._model(), params)
+  config = capacity.make_sparse_config(model, 1, 0.5, backend="xla")
+  x = jax.ShapeDtypeStruct((mlp_cases.INPUT_DIM,), dtype)
+  forward = lambda model, x: batch1.fused_forward_single(model, x, config, interpret=False)
+  with _triton_kernels(forward, model, x) as lowered:
+    if lowered is None:
+      return
+    assert len(lowered) == 3 * len(mlp_cases.HIDDEN) + 1

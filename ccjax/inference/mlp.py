@@ -44,6 +44,13 @@ groups (example, block) pairs by block (examples per output block for the first 
 and for policies / the output layer; triples per weight block for hidden->hidden
 layers) into static ``[groups, capacity, ...]`` arrays and runs one grouped matmul
 (:func:`ccjax.kernels.grouped_matmul`, Pallas on GPU).
+
+Backends: ``ffi-cpu`` runs the whole network as one FFI call; ``pallas-gpu`` runs batch 1
+as Pallas kernels that fuse policy, selection and block products
+(:func:`~ccjax.inference.batch1.fused_forward_single`: three launches per hidden layer,
+loops that follow the real active counts, no buckets) and minibatches through the
+grouped-matmul kernel; ``xla`` runs the paths above with stock XLA ops. Every backend
+runs the same blocks and returns the same traces.
 """
 
 from __future__ import annotations
@@ -52,9 +59,11 @@ from typing import Any, Callable
 
 import jax
 
+from ccjax.inference.batch1 import fused_forward_single
 from ccjax.inference.batch1 import sparse_forward_single
 from ccjax.inference.capacity import SparseConfig
 from ccjax.inference.kernels import ffi_cpu
+from ccjax.inference.kernels import pallas_gpu
 from ccjax.inference.layout import BlockMajorMLP
 from ccjax.inference.layout import LayerTrace
 from ccjax.inference.minibatch import sparse_forward_batch
@@ -68,7 +77,9 @@ def sparse_forward(model: BlockMajorMLP, x: jax.Array, config: SparseConfig
   ``config.backend == 'ffi-cpu'`` the whole network is one XLA FFI call
   (:func:`ccjax.inference.kernels.ffi_cpu.gated_mlp_forward`, same blocks and traces).
   Otherwise a batch of one example takes the batch-1 path (gathers of the active weight
-  blocks, optionally bucketed), larger batches the grouped minibatch path. See the
+  blocks, optionally bucketed; with ``config.backend == 'pallas-gpu'`` the fused Pallas
+  kernels of :func:`~ccjax.inference.batch1.fused_forward_single`), larger batches the
+  grouped minibatch path. See the
   module docstring for which blocks run and what happens on overflow.
 
   Args:
@@ -84,6 +95,10 @@ def sparse_forward(model: BlockMajorMLP, x: jax.Array, config: SparseConfig
     raise ValueError(f"x has {x.shape[1]} features, the model expects {model.input_dim}")
   if config.backend == "ffi-cpu":
     return ffi_cpu.gated_mlp_forward(model, x, config)
+  if config.backend == "pallas-gpu" and x.shape[0] == 1:
+    logits, traces = fused_forward_single(model, x[0], config,
+                                          interpret=pallas_gpu.interpret_default())
+    return logits[None], traces
   if x.shape[0] == 1:
     logits, traces = sparse_forward_single(model, x[0], config)
     return logits[None], traces

@@ -5,7 +5,11 @@
 * ``ffi-cpu`` (:mod:`~ccjax.inference.kernels.ffi_cpu`): the whole MLP forward pass as
   one XLA FFI call into fused C++ kernels (built by ``pip install`` when a compiler is
   available; float32 models).
-* ``pallas-gpu`` (:mod:`~ccjax.inference.kernels.pallas_gpu`): a Pallas kernel on GPU.
+* ``pallas-gpu`` (:mod:`~ccjax.inference.kernels.pallas_gpu`,
+  :mod:`~ccjax.inference.kernels.pallas_gpu_gemv`): Pallas (Triton) kernels on GPU -- the
+  grouped matmul of the minibatch path and the fused batch-1 path. Off a GPU it is
+  available only with ``CCJAX_PALLAS_INTERPRET=1`` and then runs in the Pallas
+  interpreter (slow; for tests and for checking GPU scripts on a CPU machine).
 
 :func:`select_backend` picks the fastest available backend for the default JAX device;
 the environment variable ``CCJAX_BACKEND`` forces one.
@@ -25,6 +29,7 @@ from ccjax.inference.kernels import xla
 
 BACKENDS = ("xla", "ffi-cpu", "pallas-gpu")
 BACKEND_ENV = "CCJAX_BACKEND"
+PALLAS_INTERPRET_ENV = "CCJAX_PALLAS_INTERPRET"
 # Backends that run float32 models only (others go to the XLA path).
 FLOAT32_ONLY = ("ffi-cpu",)
 
@@ -46,6 +51,8 @@ def available_backends(*, float32: bool = True) -> tuple[str, ...]:
   """
   available = ["xla"]
   platform = jax.default_backend()
+  if platform != "gpu" and os.environ.get(PALLAS_INTERPRET_ENV) == "1":
+    available.append("pallas-gpu")          # interpreted: slower than every other backend
   if platform == "cpu":
     reason = ffi_cpu.unavailable_reason()
     if reason is None:
@@ -111,4 +118,4 @@ def grouped_matmul(x: jax.Array, weights: jax.Array, weight_index: jax.Array | N
     raise ValueError("the Pallas grouped matmul needs tiles=pad_weight_tiles(weights), made "
                      "once at layout time")
   return pallas_gpu.grouped_matmul(x, tiles, weight_index, group_sizes, width=weights.shape[2],
-                                   interpret=jax.default_backend() != "gpu")
+                                   interpret=pallas_gpu.interpret_default())

@@ -68,6 +68,11 @@ class TileShape(NamedTuple):
   cols: int
 
 
+def interpret_default() -> bool:
+  """Whether Pallas kernels run in the interpreter: off a GPU (the default JAX device)."""
+  return jax.default_backend() != "gpu"
+
+
 def _pow2_tile(size: int, limit: int) -> int:
   return min(limit, max(MIN_TILE, 1 << (max(size, 1) - 1).bit_length()))
 
