@@ -392,8 +392,9 @@ def _notes(grid: Grid | None, rows: list[dict[str, Any]]) -> list[str]:
            "interval (no interval for one seed)."]
   if grid is not None and grid.capacity_widths:
     notes.append(f"Capacity regime: every condnet of width W runs at tau = w/W, the active "
-                 f"MACs of dense width w = {rows[0]['hidden'][0]}; 'same width' is the widest "
-                 f"dense net (W = {max(grid.capacity_widths)}), 'same MACs' dense w.")
+                 f"units of dense width w = {rows[0]['hidden'][0]} (its MACs plus the "
+                 f"policies', which grow with W / block size); 'widest dense' is dense W = "
+                 f"{max(grid.capacity_widths)}, 'dense same MACs' is dense w.")
   if grid is not None and len(grid.lrs) > 1:
     notes.append(f"lr: chosen per configuration from {', '.join(map(_lr_name, grid.lrs))} on "
                  "the validation split (lowest mean validation error over seeds); the valid "
