@@ -411,10 +411,11 @@ class TablePaths(NamedTuple):
   json: str
 
 
-def write_tables(rows: list[dict[str, Any]], workdir: str, grid: Grid | None = None
-                 ) -> TablePaths:
+def write_tables(rows: list[dict[str, Any]], workdir: str, grid: Grid | None = None, *,
+                 command: str | None = None) -> TablePaths:
   """Writes ``sweep.csv``, ``sweep.md`` and ``sweep.json`` (rows with per-seed errors and
-  the lr each configuration ran at, plus the grid); returns their paths."""
+  the lr each configuration ran at, plus the grid and ``command``, the command line that
+  reproduces the sweep, also noted under the markdown table); returns their paths."""
   csv_path = os.path.join(workdir, "sweep.csv")
   with atomic.atomic_open(csv_path) as stream:
     writer = csv.DictWriter(stream, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -442,7 +443,7 @@ def write_tables(rows: list[dict[str, Any]], workdir: str, grid: Grid | None = N
         f"{_format(row['macs_mean'], row['macs_std'], 1e-3, 1)} | "
         f"{_format(row['latency_ms_mean'], row['latency_ms_std'], 1, 3)} | "
         f"{_format(row.get('train_time_s_mean'), row.get('train_time_s_std'), 1, 1)} |")
-  lines += [""] + _notes(grid, rows)
+  lines += [""] + _notes(grid, rows) + ([f"Command: `{command}`"] if command else [])
   md_path = os.path.join(workdir, "sweep.md")
   with atomic.atomic_open(md_path) as stream:
     stream.write("\n".join(lines) + "\n")
@@ -451,6 +452,6 @@ def write_tables(rows: list[dict[str, Any]], workdir: str, grid: Grid | None = N
                "lrs": list(grid.lrs), "capacity_widths": list(grid.capacity_widths)}
               if grid is not None else {})
   with atomic.atomic_open(json_path) as stream:
-    json.dump({"grid": settings, "statistics": _notes(grid, rows), "rows": rows}, stream,
-              indent=1)
+    json.dump({"command": command, "grid": settings, "statistics": _notes(grid, rows),
+               "rows": rows}, stream, indent=1)
   return TablePaths(csv_path, md_path, json_path)

@@ -19,6 +19,8 @@ to both dense baselines with a 95 % interval (:mod:`ccjax.sweep`).
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 
 from absl import app
 from absl import flags
@@ -103,7 +105,8 @@ def main(argv):
     with lock.WorkdirLock(workdir):
       rows = sweep.run_sweep(base, workdir, configs, loop.train_and_evaluate,
                              input_dim=dataset.input_dim, num_classes=dataset.num_classes)
-  tables = sweep.write_tables(rows, workdir, configs)
+  tables = sweep.write_tables(rows, workdir, configs, command=" ".join(
+      ["python -m experiments.sweep", *map(shlex.quote, sys.argv[1:])]))
   pareto = plots.plot_pareto(rows, os.path.join(workdir, "pareto.png"))
   logging.info("wrote %s, %s, %s, %s", tables.csv, tables.markdown, tables.json, pareto)
   with open(tables.markdown) as stream:

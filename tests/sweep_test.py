@@ -214,6 +214,8 @@ def test_sweep_cli_capacity_regime_holds_active_macs(tmp_path):
     expected = sum(g["test_error"] - d["test_error"] for g, d in zip(gated, dense)) / 2
     assert abs(payload["rows"][1][f"test_error_minus_{name}_mean"] - expected) < 1e-12
   assert payload["grid"]["capacity_widths"] == [64, 32]
+  assert payload["command"].startswith("python -m experiments.sweep --workdir=")
+  assert "--capacity_widths=64,32" in payload["command"] and "Command: `python -m" in table
   assert "Capacity regime" in table and "widest dense" in table.splitlines()[0]
 
 
