@@ -373,21 +373,30 @@ def write_lm_plots(plot_dir: str, test: dict[str, Any], records) -> list[str]:
 
 
 def load_params(config: LMConfig, workdir: str):
-  """The parameters of the latest checkpoint of the LM run in ``workdir``.
+  """The parameters of the newest intact checkpoint of the LM run in ``workdir``.
+
+  Reads only (the checkpoints are opened read-only: a run training in ``workdir`` is
+  never harmed, and a step it is still writing is never read).
 
   Raises:
-    ValueError: no checkpoint there, or one written for another architecture.
+    ValueError: no checkpoint there, a classifier run, or one written for another
+      architecture (one line).
   """
   checkpoint_dir = os.path.join(os.path.abspath(workdir), runs.CHECKPOINT_DIR)
   if not os.path.isdir(checkpoint_dir):
     raise ValueError(f"--workdir {workdir!r} holds no checkpoints/ (train a run there first)")
-  checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
-  if checkpointer.latest_step() is None:
-    raise ValueError(f"--workdir {workdir!r} holds no complete checkpoint")
-  saved = checkpointer.read_meta()
-  if saved.get("architecture") != config.architecture():
-    raise ValueError(f"the run in {workdir} has architecture {saved.get('architecture')}; "
-                     "pass the flags it was trained with")
-  state = checkpointer.restore_raw()
-  checkpointer.close()
-  return state["params"]
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, read_only=True)
+  try:
+    step = checkpointer.latest_intact_step().step
+    if step is None:
+      raise ValueError(f"--workdir {workdir!r} holds no complete checkpoint")
+    saved = checkpointer.read_meta(step)
+    if not runs.is_language_model(saved):
+      raise ValueError(f"--workdir {workdir!r} holds a classifier run (experiments.condnet), "
+                       "not a language model of experiments.lm; use experiments.predict on it")
+    if saved.get("architecture") != config.architecture():
+      raise ValueError(f"the run in {workdir} has architecture {saved.get('architecture')}; "
+                       "pass the flags it was trained with")
+    return checkpointer.restore_raw(step)["params"]
+  finally:
+    checkpointer.close()

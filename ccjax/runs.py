@@ -10,6 +10,7 @@ import flax.linen as nn
 
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import config as config_lib
+from ccjax.inference import api
 
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -29,6 +30,7 @@ class Run(NamedTuple):
     input_shape: the shape of one example, ``[...features]``.
     num_classes: output logits.
     results: the run's ``results.json``.
+    step: the checkpoint step the parameters come from (``results.json``'s ``steps``).
   """
   module: nn.Module
   params: Any
@@ -36,23 +38,30 @@ class Run(NamedTuple):
   input_shape: tuple[int, ...]
   num_classes: int
   results: dict[str, Any]
+  step: int | None = None
 
 
 def load_run(workdir: str) -> Run:
   """Loads the module, parameters and config of a finished run.
 
-  Works whatever device count wrote the checkpoint (the state is read onto this
-  process's first device, then to host memory).
+  Reads only: the checkpoints are opened read-only (nothing is created, cleaned up or
+  set aside), so a run training in ``workdir`` is never harmed, and a step still being
+  written is never read. The parameters are those of the checkpoint at the step
+  ``results.json`` reports (``steps``). Works whatever device count wrote the checkpoint
+  (the state is read onto this process's first device, then to host memory).
 
   Args:
-    workdir: the ``--workdir`` of a run that finished (it wrote ``results.json``).
+    workdir: the ``--workdir`` of a classifier run that finished (it wrote
+      ``results.json``).
 
   Returns:
     a :class:`Run`.
 
   Raises:
-    RunError: the directory is missing, holds no checkpoint, or its run did not finish
-      (one line naming the directory).
+    RunError: one line naming the directory: it is missing, holds no checkpoint, holds a
+      language-model run, its run did not finish, its newest checkpoint is not the step
+      its ``results.json`` describes (a longer run was started on it and not finished),
+      or the checkpoint's metadata does not fit its parameters.
   """
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
@@ -69,19 +78,69 @@ def load_run(workdir: str) -> Run:
       results = json.load(stream)
   except (OSError, json.JSONDecodeError) as error:
     raise RunError(f"--workdir {workdir}: {RESULTS_FILE} is unreadable ({error})") from None
-  checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir)
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, read_only=True)
   try:
-    step = checkpointer.latest_step()
-    if step is None:
-      raise RunError(f"--workdir {workdir} holds no complete checkpoint")
+    step = _finished_step(checkpointer, results, workdir)
     meta = checkpointer.read_meta(step)
+    if is_language_model(meta):
+      raise RunError(f"--workdir {workdir} holds a language-model run (experiments.lm); "
+                     "load_run, experiments.predict, --init_from and --distill_from read "
+                     "classifier runs (experiments.condnet); use experiments.lm --sample or "
+                     "experiments.bench_lm_decode on it")
     state = checkpointer.restore_raw(step)
   finally:
     checkpointer.close()
-  architecture = meta.get("architecture", {})
-  config = config_lib.ExperimentConfig.from_dict(meta.get("config", {}))
-  input_shape = tuple(int(d) for d in architecture["input_shape"])
-  num_classes = int(architecture["num_classes"])
-  module = config_lib.build_model(config, input_shape, num_classes)
-  return Run(module=module, params=state["params"], config=config, input_shape=input_shape,
-             num_classes=num_classes, results=results)
+  config, input_shape, num_classes, module = _model_from_meta(meta, workdir, step)
+  params = state["params"]
+  try:
+    api.check_params(module, params, argument=f"the parameters of checkpoint step {step}",
+                     input_shape=input_shape)
+  except ValueError as error:
+    raise RunError(f"--workdir {workdir}: the checkpoint's metadata does not fit its "
+                   f"parameters ({error})") from None
+  return Run(module=module, params=params, config=config, input_shape=input_shape,
+             num_classes=num_classes, results=results, step=step)
+
+
+def is_language_model(meta: dict[str, Any]) -> bool:
+  """Whether checkpoint metadata ``meta`` belongs to a language-model run (experiments.lm)."""
+  architecture = meta.get("architecture")
+  return meta.get("kind") == "lm" or (isinstance(architecture, dict)
+                                      and "d_model" in architecture)
+
+
+def _finished_step(checkpointer: checkpoint_lib.Checkpointer, results: dict[str, Any],
+                   workdir: str) -> int:
+  """The intact checkpoint step that ``results`` describes; ``RunError`` otherwise."""
+  intact = checkpointer.latest_intact_step()
+  if intact.step is None:
+    raise RunError(f"--workdir {workdir} holds no complete checkpoint")
+  steps = results.get("steps")
+  if steps != intact.step and steps in checkpointer.all_steps() and (
+      checkpoint_lib.checksum_mismatch(checkpointer.step_dir(steps)) is None):
+    return steps
+  if steps != intact.step:
+    raise RunError(
+        f"--workdir {workdir}: its {RESULTS_FILE} describes step {steps!r} but the newest "
+        f"intact checkpoint is step {intact.step} (a run of other --steps was started there "
+        "and not finished); finish it by rerunning its training command, or evaluate a "
+        "copy of the finished run")
+  return intact.step
+
+
+def _model_from_meta(meta: dict[str, Any], workdir: str, step: int):
+  """``(config, input_shape, num_classes, module)`` from a checkpoint's metadata."""
+  try:
+    architecture = meta["architecture"]
+    config = config_lib.ExperimentConfig.from_dict(meta.get("config") or {})
+    input_shape = tuple(int(d) for d in architecture["input_shape"])
+    num_classes = int(architecture["num_classes"])
+    if any(d <= 0 for d in input_shape):
+      raise ValueError(f"input_shape {list(input_shape)}")
+    return config, input_shape, num_classes, config_lib.build_model(config, input_shape,
+                                                                    num_classes)
+  except (KeyError, TypeError, ValueError) as error:
+    missing = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
+    raise RunError(f"--workdir {workdir}: the metadata of checkpoint step {step} does not "
+                   f"describe a model this ccjax can build ({missing}); it was written by "
+                   "another version or edited: retrain, or use another --workdir") from None

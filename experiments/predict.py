@@ -7,9 +7,15 @@ Loads the run (:func:`ccjax.load_run`), runs its test split through
 :func:`ccjax.make_inference` (blocks that do not run are never computed) and reports
 ``test_error``, ``active_fraction`` (per gated layer), ``macs_per_example``,
 ``latency_ms`` {``dense``, ``sparse``} at ``--batch_size`` (same process, interleaved
-medians), ``overflow_rate`` and ``backend``; writes them to ``<workdir>/predict.json``.
+medians), ``overflow_rate``, ``backend`` and ``checkpoint_step`` (the step evaluated:
+the one ``results.json`` describes); writes them to ``<workdir>/predict.json``.
 With the run's own test-time policy and no overflow, ``test_error`` equals the run's
 ``results.json`` at any batch size.
+
+Reads the run without writing into its checkpoints (a run training there is not
+harmed). Before any work it checks that ``predict.json`` can be written and that
+``--batch_size`` is at most the test split's size; a failed check is one ``error:`` line
+and exit status 2.
 """
 
 from __future__ import annotations
@@ -81,14 +87,38 @@ def evaluate(run: runs.Run, dataset: data_lib.Dataset, batch_size: int, mode: st
       "dense_macs_per_example": float(ccjax.dense_macs_per_example(run.module,
                                                                    run.input_shape)),
       "latency_ms": latency, "overflow_rate": ccjax.overflow_rate(infos),
-      "backend": inference.backend, "machine": timing.machine_info(),
+      "backend": inference.backend, "checkpoint_step": run.step,
+      "machine": timing.machine_info(),
   }
+
+
+def check_writable(workdir: str) -> None:
+  """Raises ``ValueError`` unless ``<workdir>/predict.json`` can be written (an existing
+  directory only: a missing one is reported by :func:`ccjax.load_run`)."""
+  if not os.path.isdir(workdir):
+    return
+  target = os.path.join(workdir, PREDICT_FILE)
+  if os.path.isdir(target):
+    raise ValueError(f"--workdir {workdir}: {target} is a directory; predict writes its "
+                     "report there: move it away")
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir} is not writable by this user, and predict writes "
+                     f"{PREDICT_FILE} there: make it writable or evaluate a copy of the run")
+
+
+def check_batch_size(batch_size: int, dataset: data_lib.Dataset) -> None:
+  """Raises ``ValueError`` unless ``batch_size`` is at most the test split's size."""
+  num_test = int(dataset.x_test.shape[0])
+  if batch_size > num_test:
+    raise ValueError(f"--batch_size must be in [1, {num_test}] (the test split of "
+                     f"{dataset.name} has {num_test} examples), got {batch_size}")
 
 
 def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
   try:
+    check_writable(_WORKDIR.value)
     run = runs.load_run(_WORKDIR.value)
     if not run.module.gated:
       raise ValueError(f"--workdir {_WORKDIR.value} holds a dense run (--model=dense): there "
@@ -101,6 +131,7 @@ def main(argv):
       raise ValueError(f"--dataset {dataset.name} has examples of shape "
                        f"{list(dataset.input_shape)}, the run was trained on "
                        f"{list(run.input_shape)}")
+    check_batch_size(_BATCH_SIZE.value, dataset)
     mode = _EVAL_POLICY.value or (run.config.eval_policy
                                   if run.config.eval_policy in INFERENCE_POLICIES else "threshold")
     report = evaluate(run, dataset, _BATCH_SIZE.value, mode, _REPEATS.value)
@@ -109,7 +140,10 @@ def main(argv):
   except KeyboardInterrupt:
     cli.fail_interrupted(KeyboardInterrupt(
         f"interrupted; nothing written (the run in --workdir {_WORKDIR.value} is unchanged)"))
-  atomic.write_json(os.path.join(_WORKDIR.value, PREDICT_FILE), report)
+  try:
+    atomic.write_json(os.path.join(_WORKDIR.value, PREDICT_FILE), report)
+  except OSError as error:
+    cli.fail(f"cannot write {os.path.join(_WORKDIR.value, PREDICT_FILE)} ({error.strerror})")
   if _JSON.value:
     print(atomic.dumps(report))
   else:
@@ -117,7 +151,8 @@ def main(argv):
           f"MACs/example {report['macs_per_example']:.0f} (dense {report['dense_macs_per_example']:.0f})  "
           f"latency dense {report['latency_ms']['dense']:.3f} ms / sparse "
           f"{report['latency_ms']['sparse']:.3f} ms at batch {report['batch_size']}  "
-          f"overflow {report['overflow_rate']:.4f}  backend {report['backend']}")
+          f"overflow {report['overflow_rate']:.4f}  backend {report['backend']}  "
+          f"checkpoint step {report['checkpoint_step']}")
 
 
 if __name__ == "__main__":
