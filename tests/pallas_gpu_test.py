@@ -27,6 +27,7 @@ from ccjax.inference import batch1
 from ccjax.inference import capacity
 from ccjax.inference import kernels
 from ccjax.inference import layout
+from ccjax.inference import mlp
 from ccjax.inference.kernels import pallas_gpu
 from ccjax.inference.kernels import pallas_gpu_gemv
 from ccjax.inference.kernels import xla
@@ -606,15 +607,37 @@ def test_select_blocks_lowers_for_cuda():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_batch1_forward_lowers_to_three_launches_per_layer(dtype):
-  """The whole batch-1 MLP lowers for CUDA as Triton kernels only: per hidden layer a
-  policy GEMV, a selection and a block GEMV, plus the output GEMV."""
+@pytest.mark.parametrize("batch", [1, 5])
+def test_sparse_forward_lowers_for_cuda_with_real_kernels(monkeypatch, batch, dtype):
+  """The whole sparse MLP on pallas-gpu lowers for CUDA with the real (not interpreted)
+  kernels, and no other custom call: batch 1 is three launches per hidden layer plus the
+  output GEMV, a minibatch one grouped matmul per product (two per gated-input layer)."""
+  monkeypatch.setattr(pallas_gpu, "interpret_default", lambda: False)
   params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), mlp_cases._params(0))
-  model = layout.to_block_major(mlp_cases._model(), params)
-  config = capacity.make_sparse_config(model, 1, 0.5, backend="xla")
-  x = jax.ShapeDtypeStruct((mlp_cases.INPUT_DIM,), dtype)
-  forward = lambda model, x: batch1.fused_forward_single(model, x, config, interpret=False)
-  with _triton_kernels(forward, model, x) as lowered:
-    if lowered is None:
-      return
-    assert len(lowered) == 3 * len(mlp_cases.HIDDEN) + 1
+  model = _pallas_layout(params)
+  config = capacity.make_sparse_config(model, batch, 0.5, backend="xla")
+  config = capacity.SparseConfig(config.example_capacity, config.block_capacity,
+                                 config.pair_capacity, backend="pallas-gpu")
+  x = jax.ShapeDtypeStruct((batch, mlp_cases.INPUT_DIM), dtype)
+  module = jax.jit(lambda model, x: mlp.sparse_forward(model, x, config)).trace(
+      model, x).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+  assert _triton_launches(module) == (3 * len(mlp_cases.HIDDEN) + 1 if batch == 1
+                                      else 2 * len(mlp_cases.HIDDEN))
+
+
+def _triton_launches(module) -> int:
+  """Triton custom calls a lowered module executes: call sites of the private functions
+  that hold one (a jitted kernel called twice with the same shapes is lowered once).
+  Asserts that every custom call at batch 1 is a Triton one."""
+  kernel_functions, direct = set(), 0
+  for function in module.body.operations:
+    name = ir.StringAttr(function.attributes["sym_name"]).value
+    for op, _ in _walk(function.operation):
+      if op.name == "stablehlo.custom_call":
+        target = ir.StringAttr(op.attributes["call_target_name"]).value
+        assert "triton" in target, target
+        kernel_functions.add(name)
+        direct += name == "main"
+  calls = [op for op, _ in _walk(module.operation) if op.name == "func.call"]
+  return direct + sum(ir.FlatSymbolRefAttr(op.attributes["callee"]).value in kernel_functions
+                      for op in calls)
