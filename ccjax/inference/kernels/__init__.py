@@ -83,8 +83,10 @@ def select_backend(requested: str | None = None, *, float32: bool = True) -> str
     raise ValueError(f"{source} must be one of {'|'.join(BACKENDS)}, got {requested!r}")
   if requested not in available:
     why = " for this model's dtype" if requested in FLOAT32_ONLY and not float32 else " here"
+    hint = (f"; it needs a GPU, or {PALLAS_INTERPRET_ENV}=1 for the interpreter"
+            if requested == "pallas-gpu" else "")
     raise ValueError(f"{source}={requested} is not available{why} (available: "
-                     f"{'|'.join(available)})")
+                     f"{'|'.join(available)}{hint})")
   return requested
 
 
