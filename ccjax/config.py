@@ -60,7 +60,9 @@ class ExperimentConfig:
   ``seed`` is in ``[0, 2**63)``; every seed gives its own keys (see
   :func:`ccjax.loop.seed_key`). ``num_classes`` (default: from the data) is in
   ``[2, 100000]``. ``allow_data_change`` lets a resumed run continue on data that differ
-  from the checkpoint's.
+  from the checkpoint's. ``policy_hidden`` (>= 0) gives every block policy a hidden layer
+  of that many ReLU units (0: the linear policy); sparse inference runs only the linear
+  policy, so it needs ``measure_latency=False``.
   """
   dataset: str = "digits"
   data_dir: str | None = None
@@ -85,6 +87,7 @@ class ExperimentConfig:
   plots: bool = True
   init_from: str | None = None
   distill_from: str | None = None
+  policy_hidden: int = 0
 
   @classmethod
   def create(cls, **fields) -> "ExperimentConfig":
@@ -166,6 +169,15 @@ class ExperimentConfig:
     validation.check_int("seed", self.seed, minimum=0)
     if self.seed >= MAX_SEED:
       raise validation.ConfigError("seed", f"must be in [0, 2**63), got {self.seed}")
+    layers.validate_policy_hidden(self.policy_hidden)
+    if self.policy_hidden and self.model == "condnet" and self.measure_latency:
+      raise validation.ConfigError(
+          "policy_hidden", f"={self.policy_hidden}: sparse inference runs only the linear "
+          "policy, so the batch-1 latency cannot be measured; add --measure_latency=false")
+    if self.distill_from is not None and self.train.distill_teacher == "snapshot":
+      raise validation.ConfigError(
+          "distill_teacher", "=snapshot distils from this run's own warm-start snapshot; "
+          "drop it or --distill_from")
 
   @property
   def num_gated_layers(self) -> int:
@@ -233,7 +245,8 @@ def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classe
   if config.arch == "mlp":
     return layers.GatedMLP(
         hidden=tuple(config.hidden), num_classes=num_classes, block_size=config.block_size,
-        gated=gated, estimator=config.train.estimator, policy_init_prob=init_probs)
+        gated=gated, estimator=config.train.estimator, policy_init_prob=init_probs,
+        policy_hidden=config.policy_hidden)
   if len(input_shape) != 3:
     raise validation.ConfigError(
         "arch", f"=cnn needs image inputs [height, width, channels], got examples of shape "
@@ -241,7 +254,8 @@ def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classe
   return conv.GatedCNN(
       num_classes=num_classes, stage_features=tuple(config.hidden),
       residual_blocks=CNN_RESIDUAL_BLOCKS, block_size=config.block_size, gated=gated,
-      estimator=config.train.estimator, policy_init_prob=init_probs)
+      estimator=config.train.estimator, policy_init_prob=init_probs,
+      policy_hidden=config.policy_hidden)
 
 
 def architecture_meta(config: ExperimentConfig, input_shape: Sequence[int],

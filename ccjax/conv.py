@@ -72,6 +72,7 @@ class GatedConv(nn.Module):
     policy_init_prob: initial probability of every block.
     gumbel_temperature: temperature of the ``gumbel`` estimator.
     dtype: computation dtype of the convolution (the policy runs in float32).
+    policy_hidden: hidden units of the policy (:class:`ccjax.BlockPolicy`), 0: linear.
   """
   features: int
   block_size: int = 8
@@ -84,12 +85,14 @@ class GatedConv(nn.Module):
   policy_init_prob: float = 0.5
   gumbel_temperature: float = 0.5
   dtype: Any = None
+  policy_hidden: int = 0
 
   def __post_init__(self):
     gating.validate_block_size(self.features, self.block_size, "features")
     validation.check_int("kernel_size", self.kernel_size)
     validation.check_int("strides", self.strides)
     layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
+    layers.validate_policy_hidden(self.policy_hidden)
     super().__post_init__()
 
   @property
@@ -151,8 +154,8 @@ class GatedResidualBlock(nn.Module):
     kernel_size: square kernel side.
     num_convs: convolutions in the branch, >= 1.
     gated: ``False`` always runs the branch (``aux=None``).
-    estimator, policy_eps, policy_init_prob, gumbel_temperature, dtype: as in
-      :class:`GatedConv`; ``policy_init_prob`` is the initial probability of running.
+    estimator, policy_eps, policy_init_prob, gumbel_temperature, dtype, policy_hidden: as
+      in :class:`GatedConv`; ``policy_init_prob`` is the initial probability of running.
   """
   kernel_size: int = 3
   num_convs: int = 2
@@ -162,11 +165,13 @@ class GatedResidualBlock(nn.Module):
   policy_init_prob: float = 0.5
   gumbel_temperature: float = 0.5
   dtype: Any = None
+  policy_hidden: int = 0
 
   def __post_init__(self):
     validation.check_int("kernel_size", self.kernel_size)
     validation.check_int("num_convs", self.num_convs)
     layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
+    layers.validate_policy_hidden(self.policy_hidden)
     super().__post_init__()
 
   @nn.compact
@@ -239,6 +244,7 @@ class GatedCNN(nn.Module):
     image_shape: optional ``(height, width, channels)``; inputs of rank 2
       ``[batch, height * width * channels]`` are reshaped to it (e.g. flattened digits).
     dtype: computation dtype of the convolutions.
+    policy_hidden: hidden units of every policy (:class:`ccjax.BlockPolicy`), 0: linear.
   """
   num_classes: int
   stem_features: int = 16
@@ -254,6 +260,7 @@ class GatedCNN(nn.Module):
   policy_eps: float = policy_lib.DEFAULT_EPS
   image_shape: Sequence[int] | None = None
   dtype: Any = None
+  policy_hidden: int = 0
 
   def __post_init__(self):
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -277,6 +284,7 @@ class GatedCNN(nn.Module):
                                           for d in self.image_shape)):
       raise ValueError(f"image_shape must be (height, width, channels) of positive integers "
                        f"or None, got {self.image_shape!r}")
+    layers.validate_policy_hidden(self.policy_hidden)
     super().__post_init__()
 
   def stage_strides(self) -> tuple[int, ...]:
@@ -390,7 +398,8 @@ class GatedCNN(nn.Module):
     aux = []
     for index, layer in enumerate(gate_layers):
       common = dict(gated=self.gated, estimator=self.estimator, policy_eps=self.policy_eps,
-                    policy_init_prob=init_probs[index], dtype=self.dtype, name=layer.name)
+                    policy_init_prob=init_probs[index], dtype=self.dtype,
+                    policy_hidden=self.policy_hidden, name=layer.name)
       if layer.kind == CHANNEL_GATE:
         module = GatedConv(self.stage_features[layer.stage], block_size=self.block_size,
                            kernel_size=self.kernel_size, strides=strides[layer.stage], **common)

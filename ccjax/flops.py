@@ -7,7 +7,9 @@ layer ``l`` reads only the active units of its input (all ``input_dim`` features
 first layer), so with ``a_in`` active input units, ``n_l`` blocks of ``block_size`` and
 ``k_l`` active blocks its cost is ``a_in * n_l`` (policy) + ``a_in * k_l * block_size``
 (active output blocks). The output layer costs ``a_last * num_classes``. Biases and
-nonlinearities are not counted.
+nonlinearities are not counted. A policy with a hidden layer of ``h`` units
+(``policy_hidden``) costs ``a_in * h + h * n_l`` instead of ``a_in * n_l``
+(:func:`policy_macs`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ def dense_mlp_macs(input_dim: int, hidden: Sequence[int], num_classes: int) -> i
   return int(sum(a * b for a, b in zip(widths[:-1], widths[1:])))
 
 
+def policy_macs(inputs, num_blocks: int, policy_hidden: int = 0):
+  """MACs of one block policy reading ``inputs`` features (a number or an array of them):
+  ``inputs * num_blocks`` (linear), or ``inputs * h + h * num_blocks`` with a hidden
+  layer of ``h = policy_hidden`` units."""
+  if not policy_hidden:
+    return inputs * num_blocks
+  return inputs * policy_hidden + policy_hidden * num_blocks
+
+
 def gated_mlp_macs(input_dim: int, block_masks: Sequence[np.ndarray], block_size: int,
-                   num_classes: int) -> np.ndarray:
+                   num_classes: int, policy_hidden: int = 0) -> np.ndarray:
   """Per-example MACs of a gated MLP that skips inactive blocks on both sides.
 
   Args:
@@ -32,6 +43,7 @@ def gated_mlp_macs(input_dim: int, block_masks: Sequence[np.ndarray], block_size
     block_masks: one ``[batch, blocks]`` 0/1 array per hidden layer.
     block_size: units per block.
     num_classes: output logits.
+    policy_hidden: hidden units of the policies (0: linear), see :func:`policy_macs`.
 
   Returns:
     ``[batch]`` float64 MACs, policies included.
@@ -45,7 +57,7 @@ def gated_mlp_macs(input_dim: int, block_masks: Sequence[np.ndarray], block_size
     block_mask = np.asarray(block_mask, dtype=np.float64)
     num_blocks = block_mask.shape[-1]
     active_out = block_mask.sum(-1) * block_size
-    total += active_in * num_blocks + active_in * active_out
+    total += policy_macs(active_in, num_blocks, policy_hidden) + active_in * active_out
     active_in = active_out
   return total + active_in * num_classes
 
@@ -144,7 +156,7 @@ def dense_cnn_macs(specs: Sequence[ConvLayerSpec], num_classes: int) -> int:
 
 
 def gated_cnn_macs(specs: Sequence[ConvLayerSpec], block_masks: Sequence[np.ndarray],
-                   num_classes: int) -> np.ndarray:
+                   num_classes: int, policy_hidden: int = 0) -> np.ndarray:
   """Per-example MACs of a gated CNN that skips inactive channel blocks and layers.
 
   Args:
@@ -153,6 +165,7 @@ def gated_cnn_macs(specs: Sequence[ConvLayerSpec], block_masks: Sequence[np.ndar
       ``[batch, out_channels / block_size]`` for ``channel``, ``[batch, 1]`` or
       ``[batch]`` for ``skip``.
     num_classes: output logits.
+    policy_hidden: hidden units of the policies (0: linear), see :func:`policy_macs`.
 
   Returns:
     ``[batch]`` float64 MACs, policies included.
@@ -178,5 +191,6 @@ def gated_cnn_macs(specs: Sequence[ConvLayerSpec], block_masks: Sequence[np.ndar
                        f"{spec.out_channels} channels")
     if spec.kind == "skip" and num_blocks != 1:
       raise ValueError(f"skip mask must be [batch, 1], got {block_mask.shape}")
-    total += spec.in_channels * num_blocks + dense * block_mask.mean(-1)
+    total += (policy_macs(spec.in_channels, num_blocks, policy_hidden)
+              + dense * block_mask.mean(-1))
   return total + specs[-1].out_channels * num_classes

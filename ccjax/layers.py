@@ -36,6 +36,7 @@ from ccjax import validation
 
 POLICY_MODULE_NAME = "policy"
 _POLICY_DENSE_NAME = "logits"   # the Dense inside BlockPolicy
+_POLICY_HIDDEN_NAME = "hidden"  # BlockPolicy's optional hidden layer
 
 
 class GateAux(NamedTuple):
@@ -149,7 +150,7 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
 
   Args:
     module: the gated module (reads its ``policy_eps``, ``policy_init_prob``,
-      ``estimator`` and ``gumbel_temperature``).
+      ``estimator``, ``gumbel_temperature`` and, if it has one, ``policy_hidden``).
     policy_input: ``[batch, in]`` what the policy reads (under ``stop_gradient``).
     num_blocks: gated blocks.
     mode: see :func:`make_block_mask`.
@@ -161,6 +162,7 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
     the layer's :class:`GateAux`.
   """
   probs = BlockPolicy(num_blocks, eps=module.policy_eps, init_prob=module.policy_init_prob,
+                      hidden_units=getattr(module, "policy_hidden", 0),
                       name=POLICY_MODULE_NAME)(jax.lax.stop_gradient(policy_input))
   if block_mask is None:
     rng = (module.make_rng("gate") if mode == "sample" and module.estimator != "router"
@@ -178,20 +180,31 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
 class BlockPolicy(nn.Module):
   """``probs = eps + (1 - 2 eps) sigmoid(h @ Z + d)``, one probability per block.
 
+  With ``hidden_units > 0`` the policy is a one-hidden-layer MLP, ``h`` replaced by
+  ``relu(h @ V + c)`` (``hidden_units`` units): a cheap non-linear policy where the
+  linear one reads raw inputs. Its parameters stay under the same ``policy`` sub-module
+  (so :func:`is_policy_path` gives them to the policy optimizer).
+
   Attributes:
     num_blocks: number of gated blocks.
     eps: probability bound, see :func:`ccjax.policy.policy_probs`.
     init_prob: initial probability of every block (sets the bias ``d``).
     kernel_scale: variance scale of the initial ``Z``.
+    hidden_units: width of the hidden layer, >= 0 (0: the linear policy).
   """
   num_blocks: int
   eps: float = policy_lib.DEFAULT_EPS
   init_prob: float = 0.5
   kernel_scale: float = 0.1
+  hidden_units: int = 0
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """Maps ``inputs [batch, in]`` to ``probs [batch, blocks]`` (float32)."""
+    validate_policy_hidden(self.hidden_units)
+    if self.hidden_units:
+      inputs = nn.relu(nn.Dense(self.hidden_units, name=_POLICY_HIDDEN_NAME,
+                                dtype=jnp.float32)(inputs.astype(jnp.float32)))
     # Undo the eps squash so that the initial probability really is init_prob.
     squashed = (self.init_prob - self.eps) / (1.0 - 2.0 * self.eps)
     squashed = min(max(squashed, 1e-4), 1.0 - 1e-4)
@@ -200,6 +213,25 @@ class BlockPolicy(nn.Module):
         kernel_init=nn.initializers.variance_scaling(self.kernel_scale, "fan_in", "normal"),
         bias_init=nn.initializers.constant(_logit(squashed)))(inputs.astype(jnp.float32))
     return policy_lib.policy_probs(logits, self.eps)
+
+
+def validate_policy_hidden(policy_hidden: Any) -> int:
+  """``policy_hidden`` if it is an integer >= 0 (the policy's hidden units; 0: linear)."""
+  return validation.check_int("policy_hidden", policy_hidden, minimum=0)
+
+
+def require_linear_policy(module: nn.Module) -> None:
+  """Raises ``ValueError`` (one line) if ``module``'s policies have a hidden layer.
+
+  Sparse inference (:func:`ccjax.make_inference`, its kernels and layouts) runs the
+  linear policy only; a model with ``policy_hidden > 0`` is evaluated masked-dense
+  (``module.apply``).
+  """
+  hidden_units = getattr(module, "policy_hidden", 0)
+  if hidden_units:
+    raise ValueError(f"sparse inference supports only the linear policy, this "
+                     f"{type(module).__name__} has policy_hidden={hidden_units}; evaluate it "
+                     "with module.apply (masked dense)")
 
 
 _DENSE_NAME = "dense"         # the Dense inside GatedDense
@@ -235,8 +267,16 @@ def layer_weights(dense_params) -> LayerWeights:
 
 
 def policy_weights(gated_layer_params) -> LayerWeights:
-  """The policy's :class:`LayerWeights` inside one gated layer's parameters."""
-  return layer_weights(gated_layer_params[POLICY_MODULE_NAME][_POLICY_DENSE_NAME])
+  """The policy's :class:`LayerWeights` inside one gated layer's parameters.
+
+  Raises:
+    ValueError: the policy has a hidden layer (it is not one linear map).
+  """
+  policy = gated_layer_params[POLICY_MODULE_NAME]
+  if _POLICY_HIDDEN_NAME in policy:
+    raise ValueError("this policy has a hidden layer (policy_hidden > 0): it is not one "
+                     "linear map, and sparse inference supports only the linear policy")
+  return layer_weights(policy[_POLICY_DENSE_NAME])
 
 
 def with_policy_bias(params, layer_name: str, bias: jax.Array):
@@ -266,6 +306,7 @@ class GatedDense(nn.Module):
     gumbel_temperature: temperature of the ``gumbel`` estimator.
     dtype: computation dtype of the dense product (``None``: inferred from inputs);
       the policy always runs in float32.
+    policy_hidden: hidden units of the policy (:class:`BlockPolicy`), 0: linear.
   """
   features: int
   block_size: int = 64
@@ -276,10 +317,12 @@ class GatedDense(nn.Module):
   policy_init_prob: float = 0.5
   gumbel_temperature: float = 0.5
   dtype: Any = None
+  policy_hidden: int = 0
 
   def __post_init__(self):
     gating.validate_block_size(self.features, self.block_size, "features")
     validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
+    validate_policy_hidden(self.policy_hidden)
     super().__post_init__()
 
   @property
@@ -334,6 +377,7 @@ class GatedMLP(nn.Module):
       example); ``False`` keeps ``[..., in]`` and gives one mask per leading index (per
       token: ``[batch, seq, in]`` -> masks ``[batch, seq, blocks]``, logits ``[batch,
       seq, num_classes]``).
+    policy_hidden: hidden units of every policy (:class:`BlockPolicy`), 0: linear.
   """
   hidden: Sequence[int]
   num_classes: int
@@ -344,6 +388,7 @@ class GatedMLP(nn.Module):
   policy_eps: float = policy_lib.DEFAULT_EPS
   dtype: Any = None
   flatten: bool = True
+  policy_hidden: int = 0
 
   def __post_init__(self):
     if len(self.hidden) == 0:
@@ -355,6 +400,7 @@ class GatedMLP(nn.Module):
     validate_gate_settings(self.estimator, self.policy_eps,
                            validation.per_layer_values(self.policy_init_prob, len(self.hidden),
                                       "policy_init_prob"))
+    validate_policy_hidden(self.policy_hidden)
     super().__post_init__()
 
   def gate_names(self) -> tuple[str, ...]:
@@ -403,6 +449,7 @@ class GatedMLP(nn.Module):
       hidden, layer_aux = GatedDense(
           width, block_size=self.block_size, gated=self.gated, estimator=self.estimator,
           policy_eps=self.policy_eps, policy_init_prob=init_probs[index], dtype=self.dtype,
+          policy_hidden=self.policy_hidden,
           name=name)(hidden, mode=mode, capacity=capacities[index],
                      block_mask=None if block_masks is None else block_masks[index])
       aux.append(layer_aux)

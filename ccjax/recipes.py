@@ -16,15 +16,19 @@ from typing import Any, Mapping
 
 from ccjax import validation
 
-# Values were set once before the study (not tuned on its results); see docs/recipes.md.
+_WARM = {"warm_steps": 1000}
+_DISTILL = {"distill_weight": 1.0, "distill_temperature": 2.0}
+
+# Values were set once before the study (not tuned on its results); see docs/recipes.md
+# and, for batchshape / mlp_policy / pretrain, docs/methods.md.
 RECIPES: Mapping[str, Mapping[str, Any]] = {
     "baseline": {},
     # Dense warm start: 1,000 steps with every block on, policy learns only L_b/L_e/L_v.
-    "warm": {"warm_steps": 1000},
+    "warm": _WARM,
     # Tau curriculum from 1 to tau over 1,500 steps (cosine).
     "curriculum": {"tau_schedule": "cosine", "tau_schedule_steps": 1500},
     # Distillation from the same net with every block on, T = 2.
-    "distill": {"distill_weight": 1.0, "distill_temperature": 2.0},
+    "distill": _DISTILL,
     # Entropy penalty ramped in over 2,000 steps: polarises the policies.
     "entropy": {"entropy_weight": 0.5, "entropy_ramp_steps": 2000},
     # Per-layer Lagrange multipliers on (mean prob - tau), dual ascent.
@@ -36,6 +40,15 @@ RECIPES: Mapping[str, Mapping[str, Any]] = {
     # The biased relaxed estimators.
     "straight_through": {"estimator": "straight_through"},
     "gumbel": {"estimator": "gumbel"},
+    # Batch-shaping prior Beta(tau, 1 - tau) on every gate, weight 1 annealed to 0 over
+    # 2,000 steps (Bejnordi et al. 2020 anneal it).
+    "batchshape": {"batch_shaping_weight": 1.0, "batch_shaping_steps": 2000},
+    # One hidden layer of 32 ReLU units in every policy (sparse inference runs only the
+    # linear policy, so no latency is measured).
+    "mlp_policy": {"policy_hidden": 32, "measure_latency": False},
+    # Pretrain-then-gate: the warm start's 1,000 dense steps on the same weights, then
+    # gates with distillation from the network frozen at the switch.
+    "pretrain": {**_WARM, **_DISTILL, "distill_teacher": "snapshot"},
 }
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ccjax import estimators
+from ccjax import flops
 from ccjax import layers
 from ccjax import policy as policy_lib
 from ccjax import validation
@@ -91,6 +92,7 @@ class TransformerBlock(nn.Module):
     mlp_width, block_size, gated, estimator, policy_init_prob, policy_eps: the MLP's
       settings (see :class:`GatedTransformer`).
     dtype: computation dtype.
+    policy_hidden: hidden units of the MLP's policy, 0: linear.
   """
   num_heads: int
   max_len: int
@@ -101,6 +103,7 @@ class TransformerBlock(nn.Module):
   policy_init_prob: float
   policy_eps: float
   dtype: Any = None
+  policy_hidden: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str, capacity: int | None,
@@ -114,7 +117,8 @@ class TransformerBlock(nn.Module):
     if mlp_fn is not None:
       return x + mlp_fn(hidden), None
     mlp = _gated_mlp(x.shape[-1], self.mlp_width, self.block_size, self.gated, self.estimator,
-                     self.policy_init_prob, self.policy_eps, self.dtype, name=_MLP_NAME)
+                     self.policy_init_prob, self.policy_eps, self.dtype,
+                     policy_hidden=self.policy_hidden, name=_MLP_NAME)
     out, aux = mlp(
         hidden, mode=mode, capacity=capacity,
         block_masks=None if block_mask is None else (block_mask,))
@@ -137,6 +141,8 @@ class GatedTransformer(nn.Module):
     policy_init_prob: initial block probability, one value or one per layer.
     policy_eps: probability bound of the policies.
     dtype: computation dtype.
+    policy_hidden: hidden units of every MLP's policy (:class:`ccjax.BlockPolicy`), 0:
+      linear (the only policy sparse inference runs).
   """
   vocab_size: int = 256
   max_len: int = 64
@@ -150,6 +156,7 @@ class GatedTransformer(nn.Module):
   policy_init_prob: float | Sequence[float] = 0.5
   policy_eps: float = policy_lib.DEFAULT_EPS
   dtype: Any = None
+  policy_hidden: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads"):
@@ -163,7 +170,8 @@ class GatedTransformer(nn.Module):
                        f"got {self.estimator!r}")
     for init_prob in self._init_probs():  # validates mlp_width, block_size, policy settings
       _gated_mlp(self.d_model, self.mlp_width, self.block_size, self.gated, self.estimator,
-                 init_prob, self.policy_eps, self.dtype, parent=None)
+                 init_prob, self.policy_eps, self.dtype, policy_hidden=self.policy_hidden,
+                 parent=None)
     super().__post_init__()
 
   @property
@@ -179,7 +187,7 @@ class GatedTransformer(nn.Module):
     """The (unbound) :class:`ccjax.GatedMLP` of block ``layer``: ``[..., d] -> [..., d]``."""
     return _gated_mlp(self.d_model, self.mlp_width, self.block_size, self.gated,
                       self.estimator, self._init_probs()[layer], self.policy_eps, self.dtype,
-                      parent=None)
+                      policy_hidden=self.policy_hidden, parent=None)
 
   def _init_probs(self) -> tuple[float, ...]:
     return tuple(validation.per_layer_values(self.policy_init_prob, self.num_layers,
@@ -234,7 +242,8 @@ class GatedTransformer(nn.Module):
     for index, name in enumerate(self.gate_names()):
       x, layer_aux = TransformerBlock(
           self.num_heads, self.max_len, self.mlp_width, self.block_size, self.gated,
-          self.estimator, self._init_probs()[index], self.policy_eps, self.dtype, name=name)(
+          self.estimator, self._init_probs()[index], self.policy_eps, self.dtype,
+          policy_hidden=self.policy_hidden, name=name)(
               x, mode=mode, capacity=capacities[index],
               block_mask=None if block_masks is None else block_masks[index], decode=decode,
               mlp_fn=None if mlp_fns is None else mlp_fns[index])
@@ -271,7 +280,8 @@ def macs_per_token(model: GatedTransformer, active_fraction: Sequence[float] | N
   fractions = ((1.0,) * model.num_layers if active_fraction is None
                else tuple(float(f) for f in active_fraction))
   mlp = sum(2 * d * width * f for f in fractions)
-  policy = model.num_layers * d * model.num_blocks if model.gated else 0
+  policy = (model.num_layers * flops.policy_macs(d, model.num_blocks, model.policy_hidden)
+            if model.gated else 0)
   attention = model.num_layers * (4 * d * d + 2 * context * d)
   head = d * model.vocab_size
   return {"total": float(mlp + policy + attention + head), "mlp": float(mlp),

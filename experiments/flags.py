@@ -12,6 +12,7 @@ from absl import flags
 
 from ccjax import budget as budget_lib
 from ccjax import config as config_lib
+from ccjax import distill as distill_lib
 from ccjax import estimators
 from ccjax import schedules
 from ccjax import step as step_lib
@@ -159,6 +160,30 @@ TRAIN_FLAGS = (LAMBDA_S, LAMBDA_V, L2, LR, POLICY_LR, BASELINE, ESTIMATOR, SKIP_
                WARM_STEPS, TAU_SCHEDULE, TAU_SCHEDULE_STEPS, DISTILL_WEIGHT,
                DISTILL_TEMPERATURE, ENTROPY_WEIGHT, ENTROPY_RAMP_STEPS, BUDGET, DUAL_LR,
                ADVANTAGE)
+
+# Methods that close the gated-vs-dense gap (issue 19): a non-linear policy, the
+# batch-shaping prior, pretrain-then-gate (warm start + distillation from its snapshot).
+POLICY_HIDDEN = flags.DEFINE_integer(
+    "policy_hidden", _DEFAULT.policy_hidden, "Hidden ReLU units of every block policy (0: "
+    "the linear policy). Sparse inference runs only the linear policy: needs "
+    "--measure_latency=false.")
+BATCH_SHAPING_WEIGHT = flags.DEFINE_float(
+    "batch_shaping_weight", _DEFAULT_TRAIN.batch_shaping_weight, "Weight of the batch-shaping "
+    "prior (Bejnordi et al. 2020: each gate's batch CDF towards Beta with mean tau); 0: off.")
+BATCH_SHAPING_STEPS = flags.DEFINE_integer(
+    "batch_shaping_steps", _DEFAULT_TRAIN.batch_shaping_steps, "The batch-shaping weight "
+    "decays linearly to 0 over this many steps after the warm start (0: constant).")
+BATCH_SHAPING_CONCENTRATION = flags.DEFINE_float(
+    "batch_shaping_concentration", _DEFAULT_TRAIN.batch_shaping_concentration,
+    "a + b of the batch-shaping Beta prior (1: U-shaped, the paper's Beta(0.6, 0.4) shape).")
+DISTILL_TEACHER = flags.DEFINE_enum(
+    "distill_teacher", _DEFAULT_TRAIN.distill_teacher, distill_lib.TEACHERS,
+    "Self-distillation teacher: all_on (the live net, every block on) | snapshot "
+    "(pretrain-then-gate: the net frozen after --warm_steps dense steps).")
+SHARED_FLAGS += (POLICY_HIDDEN, BATCH_SHAPING_WEIGHT, BATCH_SHAPING_STEPS,
+                 BATCH_SHAPING_CONCENTRATION, DISTILL_TEACHER)
+TRAIN_FLAGS += (BATCH_SHAPING_WEIGHT, BATCH_SHAPING_STEPS, BATCH_SHAPING_CONCENTRATION,
+                DISTILL_TEACHER)
 
 
 def train_config_from_flags(**fields) -> step_lib.TrainConfig:

@@ -213,7 +213,7 @@ class _MLPFamily:
   def gated_macs(module: layers.GatedMLP, input_shape: Sequence[int],
                  masks: Sequence[np.ndarray]) -> np.ndarray:
     return flops.gated_mlp_macs(math.prod(input_shape), masks, module.block_size,
-                                module.num_classes)
+                                module.num_classes, policy_hidden=module.policy_hidden)
 
 
 class _CNNFamily:
@@ -260,7 +260,7 @@ class _CNNFamily:
   def gated_macs(module: conv.GatedCNN, input_shape: Sequence[int],
                  masks: Sequence[np.ndarray]) -> np.ndarray:
     return flops.gated_cnn_macs(module.layer_specs(_image_shape(module, input_shape)), masks,
-                                module.num_classes)
+                                module.num_classes, policy_hidden=module.policy_hidden)
 
 
 class _TransformerFamily:
@@ -481,6 +481,7 @@ def make_inference(module, params, *, mode: str = "threshold",
   family = _family(module)
   if not module.gated:
     raise ValueError("make_inference needs a gated module (gated=True)")
+  layers.require_linear_policy(module)
   check_params(module, params)
   built = family.build(module, params, mode, capacities, backend)
   compiled = {}
