@@ -30,7 +30,11 @@ import sys
 import time
 from typing import Any
 
-import jax
+# The bench_inference runs are subprocesses on the same GPU: no process may reserve most
+# of its memory up front (set before JAX starts; children inherit it).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,6 +44,7 @@ from ccjax import timing
 from ccjax.inference import gpu_roofline
 from ccjax.inference import kernels
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = {"input_dim": 784, "hidden": (4096, 4096, 4096), "block_size": 64,
              "num_classes": 10, "tau": 0.125, "batch_sizes": (1, 8, 32, 128), "repeats": 30,
              "train_batch": 128, "bandwidth_mb": 1024, "matmul_size": 4096, "timeout_s": 120}
@@ -65,7 +70,7 @@ def run_bench_inference(net: dict[str, Any], backend: str, dtype: str) -> dict[s
              f"--batch_sizes={','.join(map(str, net['batch_sizes']))}", *_net_flags(net)]
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=net["timeout_s"],
-                            check=False)
+                            check=False, cwd=REPO)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {net['timeout_s']} s", "command": command}
   if result.returncode != 0:
