@@ -149,13 +149,16 @@ def fused_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConfi
     x: ``[in]`` one example.
     config: static capacities (``example_capacity`` and ``exact_k`` are used).
     interpret: run the kernels in the Pallas interpreter (off a GPU).
+
+  Returns:
+    ``(logits [classes]`` in ``x.dtype``, one :class:`LayerTrace` per hidden layer).
   """
   gemv = functools.partial(pallas_gpu_gemv.gather_gemv, interpret=interpret)
   one = jnp.ones((1,), jnp.int32)
-  first = jnp.zeros((1,), jnp.int32)
-  h_parts, in_index, in_count, in_bias = x[None, None, :], first, one, None
-  logit_parts = gemv(h_parts, first, one, first, one, model.layers[0].policy_kernel[None],
-                     in_stride=0)
+  block_zero = jnp.zeros((1,), jnp.int32)      # one slot holding block 0
+  h_parts, in_index, in_count, in_bias = x[None, None, :], block_zero, one, None
+  logit_parts = gemv(h_parts, block_zero, one, block_zero, one,
+                     model.layers[0].policy_kernel[None], in_stride=0)
   traces = []
   num_layers = len(model.layers)
   for position, (layer, capacity) in enumerate(zip(model.layers, config.example_capacity)):
@@ -170,8 +173,8 @@ def fused_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConfi
                    in_bias, in_stride=stride, in_relu=in_bias is not None)
     next_weights = (model.layers[position + 1].policy_kernel if position + 1 < num_layers
                     else model.output_kernel)                      # [nb, bs, width]
-    logit_parts = gemv(h_parts, selection.index, selection.counts, first, one, next_weights,
-                       layer.bias, in_stride=0, in_relu=True)
+    logit_parts = gemv(h_parts, selection.index, selection.counts, block_zero, one,
+                       next_weights, layer.bias, in_stride=0, in_relu=True)
     traces.append(LayerTrace(selection.index[None], selection.kept[None].astype(bool),
                              selection.counts[1], selection.counts[0], selection.probs[None]))
     in_index, in_count, in_bias = selection.index, selection.counts, layer.bias
