@@ -88,9 +88,7 @@ def activation_top_k_mask(activations: jax.Array, num_blocks: int,
 
 def validate_gate_settings(estimator: str, policy_eps: float, policy_init_prob) -> None:
   """Checks a gated module's policy settings (one init prob or a sequence of them)."""
-  if estimator not in estimators.ESTIMATORS:
-    raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
-                     f"got {estimator!r}")
+  estimators.get(estimator)  # raises, naming the registered estimators
   policy_lib.validate_eps(policy_eps)
   probs = (policy_init_prob,) if isinstance(policy_init_prob, (int, float)) else policy_init_prob
   for prob in probs:
@@ -109,14 +107,15 @@ def make_block_mask(probs: jax.Array, mode: str, estimator: str, *,
 
   Args:
     probs: ``[batch, blocks]`` block probabilities.
-    mode: ``sample`` (training: drawn with ``estimator``), or a deterministic mode
-      ``threshold`` | ``top_k`` | ``all``.
-    estimator: ``reinforce`` (hard sample, no gradient through the mask),
-      ``straight_through`` or ``gumbel`` (gradient flows to ``probs``), ``router``
-      (no sample: the ``capacity`` most probable blocks, straight-through gradient).
-    rng: PRNG key, needed for ``sample`` (except with ``router``).
-    capacity: blocks per example allowed in ``top_k`` and ``capped``; with ``router``
-      also in ``sample`` (training).
+    mode: ``sample`` (training: drawn by ``estimator``), or a deterministic mode
+      ``threshold`` | ``top_k`` | ``capped`` | ``all``.
+    estimator: a name in :data:`ccjax.estimators.REGISTRY`, e.g. ``reinforce`` (hard
+      sample, no gradient through the mask), ``straight_through`` or ``gumbel`` (gradient
+      flows to ``probs``), ``router`` (no sample: the ``capacity`` most probable blocks,
+      straight-through gradient).
+    rng: PRNG key, needed for ``sample`` by estimators that draw at random.
+    capacity: blocks per example allowed in ``top_k`` and ``capped``; in ``sample`` for
+      estimators that train on exactly ``capacity`` blocks (``router``, ...).
     gumbel_temperature: temperature of the ``gumbel`` relaxation.
 
   Returns:
@@ -124,21 +123,35 @@ def make_block_mask(probs: jax.Array, mode: str, estimator: str, *,
   """
   if mode != "sample":
     return policy_lib.deterministic_mask(jax.lax.stop_gradient(probs), mode, capacity)
-  if estimator == "router":
-    if capacity is None:
-      raise ValueError("estimator 'router' trains with a top-k mask and needs a capacity "
-                       "(blocks per example) in mode='sample'")
-    return estimators.straight_through_top_k_mask(probs, capacity)
-  if rng is None:
+  chosen = estimators.get(estimator)
+  if chosen.needs_capacity and capacity is None:
+    raise ValueError(f"estimator {estimator!r} trains with a top-k mask and needs a capacity "
+                     "(blocks per example) in mode='sample'")
+  if chosen.needs_rng and rng is None:
     raise ValueError("mode='sample' needs an rng (pass rngs={'gate': key})")
-  if estimator == "reinforce":
-    return policy_lib.sample_mask(rng, jax.lax.stop_gradient(probs))
-  if estimator == "straight_through":
-    return estimators.straight_through_mask(rng, probs)
-  if estimator == "gumbel":
-    return estimators.gumbel_sigmoid_mask(rng, probs, gumbel_temperature)
-  raise ValueError(
-      f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, got {estimator!r}")
+  return chosen.training_mask(probs, rng, capacity, gumbel_temperature)
+
+
+def gate_log_prob(probs: jax.Array, block_mask: jax.Array, mode: str, estimator: str,
+                  capacity: int | None) -> jax.Array:
+  """``log pi(mask)``: under the estimator's own training distribution in ``mode='sample'``
+  (the log-probability its score-function term differentiates), else under the factorised
+  Bernoulli policy.
+
+  Args:
+    probs: ``[batch, blocks]`` block probabilities.
+    block_mask: ``[batch, blocks]`` the applied 0/1 mask.
+    mode: the gate mode.
+    estimator: a registered estimator name.
+    capacity: blocks per example (estimators that need one).
+
+  Returns:
+    ``[batch]`` log-probabilities, differentiable w.r.t. ``probs``.
+  """
+  chosen = estimators.get(estimator)
+  if mode == "sample" and chosen.log_prob is not None:
+    return chosen.log_prob(probs, block_mask, capacity)
+  return policy_lib.mask_log_prob(probs, block_mask)
 
 
 def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
@@ -165,8 +178,8 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
                       hidden_units=getattr(module, "policy_hidden", 0),
                       name=POLICY_MODULE_NAME)(jax.lax.stop_gradient(policy_input))
   if block_mask is None:
-    rng = (module.make_rng("gate") if mode == "sample" and module.estimator != "router"
-           else None)
+    rng = (module.make_rng("gate")
+           if mode == "sample" and estimators.get(module.estimator).needs_rng else None)
     block_mask = make_block_mask(probs, mode, module.estimator, rng=rng, capacity=capacity,
                                  gumbel_temperature=module.gumbel_temperature)
   else:
@@ -174,7 +187,7 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
     if block_mask.shape != probs.shape:
       raise ValueError(f"block_mask must have shape {probs.shape}, got {block_mask.shape}")
   return GateAux(probs=probs, mask=block_mask,
-                 log_prob=policy_lib.mask_log_prob(probs, block_mask))
+                 log_prob=gate_log_prob(probs, block_mask, mode, module.estimator, capacity))
 
 
 class BlockPolicy(nn.Module):

@@ -108,3 +108,31 @@ def batch_shaping_loss(probs: jax.Array, tau: float | jax.Array,
   a, b = batch_shaping_prior(tau, concentration)
   prior_cdf = jax.scipy.special.betainc(a, b, sorted_probs)               # [x, blocks]
   return jnp.sum(jnp.square(empirical_cdf[:, None] - prior_cdf)) / count
+
+
+def load_balance_loss(probs: jax.Array, block_mask: jax.Array) -> jax.Array:
+  """Switch-Transformer-style load balancing over blocks: ``n sum_j f_j P_j``.
+
+  ``f_j`` is block ``j``'s share of the blocks that ran (``mean_x mask[x, j]``, normalised
+  over blocks; no gradient) and ``P_j`` its share of the probability mass (``mean_x
+  probs[x, j]``, normalised over blocks). Switch (Fedus et al. 2021) uses the raw fraction
+  and mean probability because its softmax router's probabilities and top-1 dispatch each
+  sum to 1; a block policy's independent probabilities and ``k``-block masks do not, so both
+  are normalised into shares: the loss is 1 when every block gets the same share of
+  examples and of probability, at most ``n`` (everything on one block), whatever ``k`` and
+  ``tau``; it is invariant to scaling every probability, so its gradient moves probability
+  from overused blocks to underused ones and leaves the total to the budget terms.
+
+  Args:
+    probs: ``[..., blocks]`` block probabilities; every leading index is one x.
+    block_mask: ``[..., blocks]`` the masks that ran (0/1).
+
+  Returns:
+    scalar float32; 0 when no block ran in the batch.
+  """
+  rows = _rows(probs).astype(jnp.float32)
+  routed = jnp.mean(_rows(jax.lax.stop_gradient(block_mask)).astype(jnp.float32), axis=0)
+  mean_probs = jnp.mean(rows, axis=0)
+  routed_share = routed / jnp.maximum(jnp.sum(routed), 1e-12)
+  prob_share = mean_probs / jnp.maximum(jnp.sum(mean_probs), 1e-12)
+  return rows.shape[-1] * jnp.sum(routed_share * prob_share)

@@ -96,6 +96,11 @@ class TrainConfig:
       same network with every block on, live) or ``snapshot`` (pretrain-then-gate: the
       network as it was after the ``warm_steps`` dense steps, frozen in
       ``TrainState.distill_snapshot``; needs ``warm_steps > 0``).
+    load_balance_weight: weight of the Switch-style load-balancing loss of every gated
+      layer (:func:`ccjax.regularizers.load_balance_loss`: ``n sum_j f_j P_j`` over the
+      blocks' shares of the masks and of the probability), >= 0; 0 turns it off. Meant for
+      the top-k estimators (``router``, ...): ``L_b`` balances each block's mean
+      probability, this how often each block actually runs.
   """
   tau: float | Sequence[float] = 0.25
   lambda_s: float = 2.0
@@ -124,6 +129,7 @@ class TrainConfig:
   batch_shaping_steps: int = 0
   batch_shaping_concentration: float = regularizers.BATCH_SHAPING_CONCENTRATION
   distill_teacher: str = "all_on"
+  load_balance_weight: float = 0.0
 
   def __post_init__(self):
     taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
@@ -157,6 +163,7 @@ class TrainConfig:
     validation.check_float("batch_shaping_concentration", self.batch_shaping_concentration,
                            low=0.0, low_open=True)
     validation.check_choice("distill_teacher", self.distill_teacher, distill.TEACHERS)
+    validation.check_float("load_balance_weight", self.load_balance_weight, low=0.0)
     if self.distill_teacher == "snapshot" and (self.warm_steps == 0 or self.distill_weight == 0):
       raise validation.ConfigError(
           "distill_teacher", "=snapshot distils from the network at the end of the dense "
@@ -360,7 +367,7 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
   cost, log_prob = reinforce_terms(gate_aux, per_example_loss, config.reinforce_cost)
   baseline = estimators.compute_baseline(config.baseline, cost, baseline_state,
                                          config.baseline_decay)
-  if config.estimator == "reinforce" and reinforce_on:
+  if estimators.get(config.estimator).score_function and reinforce_on:
     if config.advantage == "standardized":
       reinforce = estimators.score_function_loss(
           log_prob, estimators.standardized_advantage(cost, baseline))
@@ -392,6 +399,10 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
                for aux, tau in zip(gate_aux, taus))
     objective = objective + config.batch_shaping_weight * batch_shaping_scale * l_bs
     terms["l_bs"] = l_bs
+  if config.load_balance_weight > 0:
+    l_lb = sum(regularizers.load_balance_loss(aux.probs, aux.mask) for aux in gate_aux)
+    objective = objective + config.load_balance_weight * l_lb
+    terms["l_lb"] = l_lb
   if duals is not None:
     target = jnp.stack([jnp.asarray(tau, jnp.float32) for tau in taus])
     objective = objective + budget_lib.lagrangian_term(duals, mean_prob, target)
@@ -462,9 +473,10 @@ def make_train_step(model: nn.Module, config: TrainConfig, teacher: Teacher | No
 
   def objective(params, batch, step_key, baseline_state, step, duals, snapshot, warm):
     mode = "all" if warm else "sample"
-    # Only a router is told its capacity: other models need no ``capacity`` argument.
+    # Only estimators that train on top-k masks (e.g. the router) are told their
+    # capacity: other models need no ``capacity`` argument.
     routing = {}
-    if gated_model and config.estimator in estimators.TOP_K_ESTIMATORS and not warm:
+    if gated_model and estimators.get(config.estimator).needs_capacity and not warm:
       routing["capacity"] = top_k_capacities(model, params, batch["x"], config)
     logits, aux = model.apply({"params": params}, batch["x"], mode=mode,
                               rngs={"gate": step_key}, **routing)

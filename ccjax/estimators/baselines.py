@@ -1,6 +1,7 @@
-"""Gradient estimators for the block policy.
+"""Baselines and advantages of the REINFORCE (score-function) term, shared by every
+estimator with a score term.
 
-Axis letters: ``batch`` examples, ``blocks`` blocks of a layer.
+Axis letters: ``batch`` examples (``[batch, seq]``: one x per position).
 
 * REINFORCE (score function): the surrogate ``mean_x[(c_x - b_x) log pi(u_x | h_x)]``
   with the cost ``c_x`` (the example's own task loss) and baseline ``b_x`` under
@@ -11,11 +12,6 @@ Axis letters: ``batch`` examples, ``blocks`` blocks of a layer.
   the estimator unbiased (the plain batch mean including ``c_x`` scales the expected
   gradient by ``(B - 1) / B``); ``ema`` is a bias-corrected exponential moving average of
   past batches' mean cost, fixed before the current masks are drawn, hence unbiased.
-* Straight-through and Gumbel-sigmoid (relaxed Bernoulli) masks, biased alternatives
-  for comparison, whose gradients flow through the task loss into the policy.
-* ``router``: no sampling at all: every example runs exactly its ``k`` most probable
-  blocks (an MoE-style top-k router over blocks, fixed compute in training and at test
-  time) and the task loss reaches the policy by a straight-through gradient.
 """
 
 from __future__ import annotations
@@ -25,12 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ccjax import policy as policy_lib
-
 BASELINES = ("none", "batch_mean", "ema")
-ESTIMATORS = ("reinforce", "straight_through", "gumbel", "router")
-# Estimators whose training mask is a deterministic top-k (they need a capacity).
-TOP_K_ESTIMATORS = ("router",)
 # ``raw``: advantage ``c - b``; ``standardized``: ``c - b`` standardised over the batch.
 ADVANTAGES = ("raw", "standardized")
 
@@ -138,65 +129,3 @@ def standardized_advantage(cost: jax.Array, baseline: jax.Array | float = 0.0,
   advantage = jax.lax.stop_gradient(cost - baseline)
   centred = advantage - jnp.mean(advantage)
   return centred / (jnp.std(advantage) + eps)
-
-
-def straight_through_mask(key: jax.Array, probs: jax.Array) -> jax.Array:
-  """Hard Bernoulli sample in the forward pass, identity gradient to ``probs``.
-
-  Args:
-    key: PRNG key.
-    probs: ``[batch, blocks]`` probabilities.
-
-  Returns:
-    ``[batch, blocks]`` mask equal to a 0/1 sample, with ``d mask / d probs = 1``.
-  """
-  hard = jax.random.bernoulli(key, probs).astype(probs.dtype)
-  # Parenthesised so the forward value is exactly the 0/1 sample (``(hard + p) - p`` is not).
-  return hard + (probs - jax.lax.stop_gradient(probs))
-
-
-def straight_through_top_k_mask(probs: jax.Array, capacity: int) -> jax.Array:
-  """The ``capacity`` most probable blocks in the forward pass, identity gradient to ``probs``.
-
-  The top-k router of mixture-of-experts layers, over blocks, trained like a
-  straight-through estimator: ``d loss / d probs_j = d loss / d mask_j`` (how much the
-  loss would change if block ``j``'s output were scaled), so blocks whose output helps
-  are pushed up and the others down; no REINFORCE term, no sampling.
-
-  Args:
-    probs: ``[..., blocks]`` probabilities.
-    capacity: blocks per example, ``1 <= capacity <= blocks``.
-
-  Returns:
-    ``[..., blocks]`` mask equal to :func:`ccjax.policy.top_k_mask` (exactly ``capacity``
-    ones per row), with ``d mask / d probs = 1``.
-  """
-  hard = policy_lib.top_k_mask(jax.lax.stop_gradient(probs), capacity)
-  return hard + (probs - jax.lax.stop_gradient(probs))
-
-
-def gumbel_sigmoid_mask(key: jax.Array, probs: jax.Array, temperature: float = 0.5,
-                        hard: bool = True) -> jax.Array:
-  """Relaxed Bernoulli (binary Concrete / Gumbel-sigmoid) mask.
-
-  ``soft = sigmoid((logit(p) + logistic_noise) / temperature)``; with ``hard`` the
-  forward value is ``soft > 0.5`` (a valid Bernoulli(p) sample) and the gradient is
-  that of ``soft``.
-
-  Args:
-    key: PRNG key.
-    probs: ``[batch, blocks]`` probabilities in (0, 1).
-    temperature: relaxation temperature, > 0.
-    hard: straight-through discretisation of the relaxed sample.
-
-  Returns:
-    ``[batch, blocks]`` mask.
-  """
-  uniform = jax.random.uniform(key, probs.shape, probs.dtype, minval=1e-6, maxval=1 - 1e-6)
-  noise = jnp.log(uniform) - jnp.log1p(-uniform)
-  logits = jnp.log(probs) - jnp.log1p(-probs)
-  soft = jax.nn.sigmoid((logits + noise) / temperature)
-  if not hard:
-    return soft
-  hard_mask = (soft > 0.5).astype(probs.dtype)
-  return hard_mask + (soft - jax.lax.stop_gradient(soft))
