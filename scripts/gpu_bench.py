@@ -1,4 +1,5 @@
-r"""The prepared GPU measurement of issue 20 (one short run, < 8 minutes on an H100/H200).
+r"""The prepared GPU measurement of issue 20 (one short run, < 6 minutes on an H100/H200;
+``scripts/gpu_bench.sh`` runs the real-kernel tests first, then this).
 
 1. ``experiments.bench_inference`` on the reference net (784-4096x3-10, blocks of 64,
    tau = 1/8) at batch 1, 8, 32, 128, dense vs sparse, with ``--backend=pallas-gpu``

@@ -52,3 +52,13 @@ def test_full_run_needs_a_gpu_and_writes_nothing(tmp_path):
   result = _run(["--tiny", "--runs=pallas_float32,cuda"], out_dir)
   assert result.returncode == 2 and "--runs" in result.stderr
   assert not out_dir.exists()
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off a GPU")
+def test_shell_wrapper_needs_a_gpu_and_writes_nothing(tmp_path):
+  out_dir = tmp_path / "out"
+  result = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_bench.sh")],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", OUT=str(out_dir)))
+  assert result.returncode == 2 and "no GPU" in result.stderr
+  assert not out_dir.exists()
