@@ -185,6 +185,14 @@ SHARED_FLAGS += (POLICY_HIDDEN, BATCH_SHAPING_WEIGHT, BATCH_SHAPING_STEPS,
 TRAIN_FLAGS += (BATCH_SHAPING_WEIGHT, BATCH_SHAPING_STEPS, BATCH_SHAPING_CONCENTRATION,
                 DISTILL_TEACHER)
 
+# Load balancing for routers and the other top-k estimators (issue 19).
+LOAD_BALANCE_WEIGHT = flags.DEFINE_float(
+    "load_balance_weight", _DEFAULT_TRAIN.load_balance_weight, "Weight of the Switch-style "
+    "load-balancing loss n * sum_j f_j P_j (f_j: block j's share of the masks that ran, P_j: "
+    "its share of the mean probability), per gated layer; 0: off.")
+SHARED_FLAGS += (LOAD_BALANCE_WEIGHT,)
+TRAIN_FLAGS += (LOAD_BALANCE_WEIGHT,)
+
 
 def train_config_from_flags(**fields) -> step_lib.TrainConfig:
   """The :class:`ccjax.TrainConfig` of :data:`TRAIN_FLAGS`, with ``fields`` on top.
