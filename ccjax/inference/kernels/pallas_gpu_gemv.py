@@ -27,10 +27,10 @@ selected weight tiles::
   capacity and inactive input blocks read no weights and store zeros;
 * each step loads one ``[hs, bk]`` tile of the input partials (summed over ``hs``, the
   producer's splits, then bias and ReLU: the previous layer's epilogue is fused into
-  its consumers) and one ``[bk, bn]`` weight tile, and accumulates an elementwise
-  product reduced over ``bk`` in float32: a GEMV needs no MMA, and float32 stays exact
-  IEEE arithmetic (no TF32) whatever the matmul precision; bfloat16 / float16 inputs are
-  widened to float32.
+  its consumers) and one ``[bk, bn]`` weight tile, and adds their elementwise product
+  to a ``[bk, bn]`` float32 accumulator that is reduced over ``bk`` once, after the
+  loop: a GEMV needs no MMA, and float32 stays exact IEEE arithmetic (no TF32) whatever
+  the matmul precision; bfloat16 / float16 inputs are widened to float32.
 
 :func:`select_blocks` -- one program: sums a policy GEMV's partials, adds the policy
 bias, maps to probabilities (:func:`ccjax.policy_probs`) and keeps the ``k`` most
@@ -141,11 +141,13 @@ def _gemv_kernel(in_index_ref, in_count_ref, out_index_ref, out_count_ref, h_ref
     w_tile = pallas_triton.load(
         w_ref.at[weight, pl.ds(k_start, tiles.depth), pl.ds(col_start, tiles.cols)],
         mask=k_mask[:, None] & col_mask[None, :], other=0)
-    return acc + jnp.sum(h[:, None] * w_tile.astype(jnp.float32), axis=0)
+    return acc + h[:, None] * w_tile.astype(jnp.float32)
 
-  acc = jax.lax.fori_loop(0, num_iters, step, jnp.zeros((tiles.cols,), jnp.float32))
-  pallas_triton.store(out_ref.at[split, slot, pl.ds(col_start, tiles.cols)], acc,
-                      mask=col_mask)
+  # A [bk, bn] accumulator reduced once after the loop: no cross-thread reduction per step.
+  acc = jax.lax.fori_loop(0, num_iters, step,
+                          jnp.zeros((tiles.depth, tiles.cols), jnp.float32))
+  pallas_triton.store(out_ref.at[split, slot, pl.ds(col_start, tiles.cols)],
+                      jnp.sum(acc, axis=0), mask=col_mask)
 
 
 def _check_gemv_args(h_parts, in_index, in_count, out_index, out_count, weights, in_bias):
