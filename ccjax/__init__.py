@@ -120,9 +120,11 @@ _LAZY = {"Run": "ccjax.runs", "load_run": "ccjax.runs", "train_and_evaluate": "c
 
 
 def __getattr__(name):
+  import importlib  # pylint: disable=g-import-not-at-top
   if name in _LAZY:
-    import importlib  # pylint: disable=g-import-not-at-top
     return getattr(importlib.import_module(_LAZY[name]), name)
+  if name == "nnx":  # the NNX twins (ccjax.nnx.GatedMLP, ...), imported on first use
+    return importlib.import_module("ccjax.nnx")
   raise AttributeError(f"module 'ccjax' has no attribute {name!r}")
 
 __all__ = (

@@ -177,17 +177,47 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
   probs = BlockPolicy(num_blocks, eps=module.policy_eps, init_prob=module.policy_init_prob,
                       hidden_units=getattr(module, "policy_hidden", 0),
                       name=POLICY_MODULE_NAME)(jax.lax.stop_gradient(policy_input))
+  draws = (block_mask is None and mode == "sample"
+           and estimators.get(module.estimator).needs_rng)
+  return gate_aux(probs, mode, module.estimator, rng=module.make_rng("gate") if draws else None,
+                  capacity=capacity, block_mask=block_mask,
+                  gumbel_temperature=module.gumbel_temperature)
+
+
+def gate_aux(probs: jax.Array, mode: str, estimator: str, *, rng: jax.Array | None = None,
+             capacity: int | None = None, block_mask: jax.Array | None = None,
+             gumbel_temperature: float = 0.5) -> GateAux:
+  """A gate's mask and log-probability from its probabilities (pure; Linen and NNX).
+
+  Args:
+    probs: ``[..., blocks]`` block probabilities.
+    mode: see :func:`make_block_mask`.
+    estimator: a registered estimator name.
+    rng: PRNG key for ``mode='sample'`` with an estimator that draws at random.
+    capacity: blocks per example for ``top_k`` / ``capped`` / top-k estimators.
+    block_mask: optional ``[..., blocks]`` mask used instead of the policy's own (the
+      masked-dense reference of sparse inference); ``log_prob`` is still computed.
+    gumbel_temperature: temperature of the ``gumbel`` estimator.
+
+  Returns:
+    the layer's :class:`GateAux`.
+  """
   if block_mask is None:
-    rng = (module.make_rng("gate")
-           if mode == "sample" and estimators.get(module.estimator).needs_rng else None)
-    block_mask = make_block_mask(probs, mode, module.estimator, rng=rng, capacity=capacity,
-                                 gumbel_temperature=module.gumbel_temperature)
+    block_mask = make_block_mask(probs, mode, estimator, rng=rng, capacity=capacity,
+                                 gumbel_temperature=gumbel_temperature)
   else:
     block_mask = jax.lax.stop_gradient(jnp.asarray(block_mask, probs.dtype))
     if block_mask.shape != probs.shape:
       raise ValueError(f"block_mask must have shape {probs.shape}, got {block_mask.shape}")
   return GateAux(probs=probs, mask=block_mask,
-                 log_prob=gate_log_prob(probs, block_mask, mode, module.estimator, capacity))
+                 log_prob=gate_log_prob(probs, block_mask, mode, estimator, capacity))
+
+
+def policy_init_logit(init_prob: float, eps: float) -> float:
+  """The policy bias ``d`` that makes the initial block probability ``init_prob`` (the
+  ``eps`` squash of :func:`ccjax.policy_probs` undone)."""
+  squashed = (init_prob - eps) / (1.0 - 2.0 * eps)
+  return _logit(min(max(squashed, 1e-4), 1.0 - 1e-4))
 
 
 class BlockPolicy(nn.Module):
@@ -218,13 +248,11 @@ class BlockPolicy(nn.Module):
     if self.hidden_units:
       inputs = nn.relu(nn.Dense(self.hidden_units, name=_POLICY_HIDDEN_NAME,
                                 dtype=jnp.float32)(inputs.astype(jnp.float32)))
-    # Undo the eps squash so that the initial probability really is init_prob.
-    squashed = (self.init_prob - self.eps) / (1.0 - 2.0 * self.eps)
-    squashed = min(max(squashed, 1e-4), 1.0 - 1e-4)
     logits = nn.Dense(
         self.num_blocks, name=_POLICY_DENSE_NAME, dtype=jnp.float32,
         kernel_init=nn.initializers.variance_scaling(self.kernel_scale, "fan_in", "normal"),
-        bias_init=nn.initializers.constant(_logit(squashed)))(inputs.astype(jnp.float32))
+        bias_init=nn.initializers.constant(policy_init_logit(self.init_prob, self.eps)))(
+            inputs.astype(jnp.float32))
     return policy_lib.policy_probs(logits, self.eps)
 
 
