@@ -11,8 +11,10 @@ and the gradients separate by construction: the policy reads ``stop_gradient`` o
 layer input and the REINFORCE cost is under ``stop_gradient``, so the network
 parameters receive only the task-loss (+ L2) gradient; the sampled mask carries no
 gradient, so the policy parameters receive only the REINFORCE + regularizer (+ L2)
-gradient. (With the ``straight_through`` / ``gumbel`` estimators the task loss does
-reach the policy through the relaxed mask, and no REINFORCE term is added.) Each
+gradient. (With the straight-through family, ``straight_through`` / ``gumbel`` /
+``router`` / ``noisy_top_k``, the task loss does reach the policy through the mask, and
+no REINFORCE term is added; which estimator does what is in :mod:`ccjax.estimators`.)
+Optional terms (batch shaping, load balancing, recipes) add to the same objective. Each
 parameter set has its own optax optimizer and learning rate (``optax.multi_transform``).
 """
 
@@ -57,10 +59,14 @@ class TrainConfig:
     optimizer: ``adam`` | ``sgd`` | ``momentum`` (momentum 0.9), for both parameter sets.
     baseline: ``none`` | ``batch_mean`` (leave-one-out) | ``ema``.
     baseline_decay: decay of the ``ema`` baseline, in [0, 1).
-    estimator: ``reinforce`` | ``straight_through`` | ``gumbel`` | ``router``; must match
-      the model's. ``router`` trains every example on exactly its ``top_k_capacity(tau,
-      blocks)`` most probable blocks (straight-through gradient, no REINFORCE; the
-      final ``tau`` even under a curriculum); evaluate it with the ``top_k`` policy.
+    estimator: a name in :data:`ccjax.estimators.REGISTRY`: ``reinforce`` |
+      ``straight_through`` | ``gumbel`` | ``router`` | ``reinforce_top_k`` |
+      ``noisy_top_k``; must match the model's. The top-k estimators (``router``: the
+      ``top_k_capacity(tau, blocks)`` most probable blocks, straight-through;
+      ``reinforce_top_k``: that many blocks drawn from the Bernoulli policy conditioned on
+      the count, REINFORCE; ``noisy_top_k``: top-k of log-odds + Gumbel noise,
+      straight-through) train every example on exactly that many blocks (the final
+      ``tau`` even under a curriculum); evaluate them with the ``top_k`` policy.
     skip_nonfinite: if True, a step whose loss or gradients are NaN/Inf leaves the
       parameters and optimizer states unchanged (the step counter still advances and
       ``metrics['finite']`` is 0); otherwise the update is applied and the caller
