@@ -45,7 +45,10 @@ class GateAux(NamedTuple):
   Attributes:
     probs: ``[batch, blocks]`` block probabilities (differentiable w.r.t. the policy).
     mask: ``[batch, blocks]`` the applied mask (0/1 in the forward pass).
-    log_prob: ``[batch]`` ``log pi(mask | input)`` summed over blocks.
+    log_prob: ``[batch]`` ``log pi(mask | input)``: in ``mode='sample'`` under the
+      estimator's own training distribution (what its REINFORCE term differentiates, e.g.
+      the count-conditioned policy of ``reinforce_top_k``), otherwise under the factorised
+      Bernoulli policy (summed over blocks); see :func:`gate_log_prob`.
   """
   probs: jax.Array
   mask: jax.Array
