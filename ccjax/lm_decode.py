@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,6 +227,25 @@ def mlp_ms_per_token_in_scan(variants: Sequence[DecodeFns], hidden: jax.Array, *
   return [ms / hidden.shape[0] for ms in timing.interleaved_median_ms(calls, repeats=repeats)]
 
 
+def _capacity_fractions(active_fraction: Sequence[float] | None, num_blocks: int
+                        ) -> list[float] | None:
+  """``active_fraction`` with every layer at least one block (``1 / num_blocks``).
+
+  A layer that ran no block on the benchmark's context has no capacity to size, yet its
+  sparse step must still run (its policy can open a block on another token); it is
+  sized for one block, with a warning.
+  """
+  if active_fraction is None:
+    return None
+  floor = 1.0 / num_blocks
+  fractions = [max(float(fraction), floor) for fraction in active_fraction]
+  idle = [index for index, fraction in enumerate(active_fraction) if float(fraction) <= 0.0]
+  if idle:
+    logging.warning("decode benchmark: layer(s) %s ran no block on the benchmark context; "
+                    "their sparse capacity is sized for one block (fraction %.4f)", idle, floor)
+  return fractions
+
+
 def benchmark(model: transformer.GatedTransformer, params, tokens: np.ndarray,
               active_fraction: Sequence[float] | None, *, repeats: int = 200,
               num_inputs: int = 16, scan_length: int = 64, scan_repeats: int | None = None,
@@ -239,7 +259,9 @@ def benchmark(model: transformer.GatedTransformer, params, tokens: np.ndarray,
     tokens: ``[1, seq]`` a real context (e.g. a test window); the step is timed at its
       middle (half the cache filled), the MLPs on the hidden states of its positions
       (the work of the sparse path follows each one's real count).
-    active_fraction: measured active fraction per layer (sets the sparse capacities).
+    active_fraction: measured active fraction per layer (sets the sparse capacities); a
+      layer that ran no block (``0``) is benchmarked with the capacity of one block
+      (``capacity_active_fraction`` in the result says so).
     repeats: timed calls per variant for the per-call times, interleaved
       (:func:`ccjax.timing.interleaved_median_ms`).
     num_inputs: positions whose MLP inputs the per-call MLP time cycles over.
@@ -260,12 +282,16 @@ def benchmark(model: transformer.GatedTransformer, params, tokens: np.ndarray,
       (dispatch included);
 
     and ``backend`` (the sparse MLPs' kernel backend; ``xla`` for a dense model, whose
-    dense path always runs XLA), ``mode`` and ``mlp_scan_length``.
+    dense path always runs XLA), ``mode``, ``mlp_scan_length`` and
+    ``capacity_active_fraction`` (the per-layer fractions the sparse capacities were
+    sized for: ``active_fraction`` with no layer below one block).
   """
+  capacity_fraction = _capacity_fractions(active_fraction, model.num_blocks)
   variants = {"dense": make_decode(model, params, sparse=False)}
   if model.gated:
-    variants["sparse"] = make_decode(model, params, sparse=True, active_fraction=active_fraction,
-                                     mode=mode, top_k=top_k, backend=backend)
+    variants["sparse"] = make_decode(model, params, sparse=True,
+                                     active_fraction=capacity_fraction, mode=mode, top_k=top_k,
+                                     backend=backend)
   half = max(1, tokens.shape[1] // 2)
   hidden = mlp_inputs(model, params, tokens, mode=mode, top_k=top_k)   # [layers, seq, 1, d]
   step_calls, mlp_calls = [], []
@@ -281,7 +307,7 @@ def benchmark(model: transformer.GatedTransformer, params, tokens: np.ndarray,
       list(variants.values()), scan_inputs(hidden, scan_length),
       repeats=max(4, repeats // 4) if scan_repeats is None else scan_repeats)
   result = {"backend": variants.get("sparse", variants["dense"]).backend, "mode": mode,
-            "mlp_scan_length": scan_length}
+            "mlp_scan_length": scan_length, "capacity_active_fraction": capacity_fraction}
   for key, times in (("decode_ms_per_token", step_ms), ("mlp_ms_per_token", mlp_ms),
                      ("mlp_call_ms_per_token", mlp_call_ms)):
     result[key] = {"dense": None, "sparse": None, **dict(zip(variants, times))}

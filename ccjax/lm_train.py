@@ -33,6 +33,7 @@ from ccjax import layers
 from ccjax import lock as lock_lib
 from ccjax import lm_decode
 from ccjax import loop
+from ccjax import memory
 from ccjax import parallel
 from ccjax import policy as policy_lib
 from ccjax import runs
@@ -72,6 +73,8 @@ class LMConfig:
       blocks)`` per token) | ``capped``; ``None``: ``top_k`` for ``router``, else
       ``threshold``.
     num_devices: devices the batch is split over (``None``: all).
+    allow_data_change: resume even if the corpus differs from the one the checkpoint was
+      trained on.
     train: the train step's hyperparameters (``tau`` is also the TEAL fraction of a
       dense run).
   """
@@ -94,6 +97,7 @@ class LMConfig:
   decode_benchmark: bool = True
   eval_policy: str | None = None
   num_devices: int | None = None
+  allow_data_change: bool = False
   # lambda_s = 4 (not the classifiers' 2): chosen on validation, the smallest weight that
   # keeps every layer of every seed within 0.03 of tau (docs/lm.md).
   train: step_lib.TrainConfig = dataclasses.field(
@@ -159,6 +163,44 @@ class LMConfig:
     return {name: getattr(self, name) for name in _ARCH_FIELDS}
 
 
+def train_step_bytes(config: LMConfig, model: transformer.GatedTransformer) -> int:
+  """About how many bytes one training step of ``config`` needs (float32).
+
+  The train state (parameters, gradients and two Adam moments: 16 bytes per parameter)
+  plus the activations kept for the backward pass, per token of the batch
+  (``batch_size * context`` tokens): per layer about 16 ``d_model``-wide and 6
+  ``mlp_width``-wide rows and 3 attention rows of ``context`` scores per head, and the
+  logits and their gradients (3 ``vocab``-wide rows).
+  """
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0), "gate": jax.random.PRNGKey(0)},
+      jnp.zeros((1, config.context), jnp.int32), mode="all"))
+  num_params = sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes))
+  per_token = (config.num_layers * (16 * config.d_model + 6 * config.mlp_width
+                                    + 3 * config.num_heads * config.context)
+               + 3 * model.vocab_size)
+  return 16 * num_params + 4 * config.batch_size * config.context * per_token
+
+
+def check_batch_fits(config: LMConfig, model: transformer.GatedTransformer,
+                     train_bytes: int) -> None:
+  """Raises ``ConfigError`` (``batch_size``) if the batch holds more windows than the
+  training split of ``train_bytes`` bytes, or a step needs more memory than is free."""
+  windows = train_bytes - config.context
+  if config.batch_size > windows:
+    raise validation.ConfigError(
+        "batch_size", f"={config.batch_size} is more than the {windows} training windows of "
+        f"--dataset={config.dataset} (--context={config.context}); use at most {windows}")
+  needed = train_step_bytes(config, model)
+  available, where = memory.available_bytes()
+  if needed > available:
+    raise validation.ConfigError(
+        "batch_size", f"={config.batch_size} needs about {needed / 2**30:.1f} GiB per "
+        f"training step (--context={config.context}, --d_model={config.d_model}, "
+        f"--mlp_width={config.mlp_width}, --num_layers={config.num_layers}), more than the "
+        f"{available / 2**30:.1f} GiB free on the {where}; use a smaller --batch_size")
+
+
 def evaluate_lm(eval_fn, params, data: np.ndarray, context: int, *, keep_gates: bool = False,
                 stride: int | None = None) -> dict[str, Any]:
   """Bits per byte over every byte of ``data`` after the first, on the overlapping windows
@@ -191,7 +233,7 @@ def evaluate_lm(eval_fn, params, data: np.ndarray, context: int, *, keep_gates: 
 
 # Settings a resumed run may change: length, cadence, outputs, devices, test policy.
 _RESUMABLE_FIELDS = ("steps", "eval_every", "log_every", "checkpoint_every", "plots",
-                     "decode_benchmark", "num_devices", "eval_policy")
+                     "decode_benchmark", "num_devices", "eval_policy", "allow_data_change")
 
 
 def _training_settings(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -208,10 +250,15 @@ def _training_settings(config_dict: dict[str, Any]) -> dict[str, Any]:
 def _check_resume(meta: dict[str, Any], saved: dict[str, Any]) -> None:
   """Raises ``ValueError`` unless the checkpoint metadata ``saved`` belongs to this run
   (same architecture, corpus and training settings; steps and cadence may change)."""
-  for key in ("architecture", "sha256"):
-    if saved.get(key) != meta[key]:
-      raise ValueError(f"the checkpoint was written for {key}={saved.get(key)!r}, this run "
-                       f"has {meta[key]!r}; use a fresh --workdir or the original flags")
+  if saved.get("architecture") != meta["architecture"]:
+    raise ValueError(f"the checkpoint was written for architecture="
+                     f"{saved.get('architecture')!r}, this run has {meta['architecture']!r}; "
+                     "use a fresh --workdir or the original flags")
+  if saved.get("sha256") != meta["sha256"] and not meta["config"].get("allow_data_change"):
+    raise ValueError(f"--dataset {meta['config']['dataset']} holds a different corpus than the "
+                     f"checkpoint in --workdir was trained on (sha256 {saved.get('sha256')}, "
+                     f"now {meta['sha256']}); pass --allow_data_change to resume on it "
+                     "anyway, or use a fresh --workdir")
   before, now = _training_settings(saved.get("config", {})), _training_settings(meta["config"])
   changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
   if changed:
@@ -241,6 +288,7 @@ def train_and_evaluate_lm(config: LMConfig, workdir: str,
   loop.check_workdir(workdir)
   splits = text.load_text(config.dataset, config.context)
   model = config.build_model()
+  check_batch_fits(config, model, len(splits.train))
   mesh = parallel.make_mesh(config.num_devices)
   if config.batch_size % mesh.size:
     raise validation.ConfigError("batch_size", f"={config.batch_size} must be a multiple of "

@@ -144,6 +144,15 @@ class Grid(NamedTuple):
   capacity_widths: tuple[int, ...] = ()
 
 
+def check_distinct(field: str, values: Sequence[Any]) -> None:
+  """Raises ``ConfigError(field)`` unless ``values`` has at least one value and none twice
+  (a sweep's seeds: one run counted as two would fake the spread)."""
+  if not values:
+    raise validation.ConfigError(field, "needs at least one value")
+  if len(set(values)) != len(values):
+    raise validation.ConfigError(field, f"lists a value twice: {list(values)}")
+
+
 def validate_grid(base: config_lib.ExperimentConfig, *, seeds: Sequence[int],
                   taus: Sequence[float], recipes: Sequence[str] = (), lrs: Sequence[float] = (),
                   capacity_widths: Sequence[int] = ()) -> Grid:
@@ -169,10 +178,7 @@ def validate_grid(base: config_lib.ExperimentConfig, *, seeds: Sequence[int],
   if capacity_widths:
     taus = _capacity_taus(base, taus, recipes, capacity_widths)
   for name, values in (("seed", seeds), ("tau", taus)):
-    if not values:
-      raise validation.ConfigError(name, "needs at least one value")
-    if len(set(values)) != len(values):
-      raise validation.ConfigError(name, f"lists a value twice: {list(values)}")
+    check_distinct(name, values)
   if len(set(recipes)) != len(recipes):
     raise validation.ConfigError("recipes", f"lists a recipe twice: {list(recipes)}")
   for lr in lrs:

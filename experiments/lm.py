@@ -9,9 +9,12 @@ r"""Trains a byte-level language model with per-token gated MLPs (or a baseline)
 The shared flags of ``experiments.condnet`` (recipes, ``--eval_policy``, ``--num_devices``,
 ...) keep their meaning, with LM defaults (``--estimator=reinforce``, ``--lambda_s=4``,
 ``--steps=1000``; the test policy is ``threshold``, or ``top_k`` for the router, unless
-``--eval_policy`` is given). All logic lives in :mod:`ccjax.lm_train`; bad flags or data
-exit with status 2 and a one-line message, and nothing is written. Running again on the
-same workdir resumes (changed training settings are refused).
+``--eval_policy`` is given: ``threshold`` | ``top_k`` | ``capped``). The classifier-only
+flags (``--arch``, ``--hidden``, ``--init_from``, ...: :data:`CLASSIFIER_ONLY_FLAGS`) are
+refused when given. All logic lives in :mod:`ccjax.lm_train`; bad flags or data exit with
+status 2 and a one-line message, and nothing is written. Running again on the same
+workdir resumes (changed training settings are refused; a changed corpus too, unless
+``--allow_data_change``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,16 @@ for _name, _value in (("dataset", _DEFAULT.dataset), ("steps", _DEFAULT.steps),
                       ("plots", _DEFAULT.plots), ("estimator", _DEFAULT.train.estimator),
                       ("lambda_s", _DEFAULT.train.lambda_s)):
   flags.FLAGS.set_default(_name, _value)
+# The LM's test policies (the classifiers' list has sample, which the LM cannot serve).
+flags.FLAGS["eval_policy"].parser = flags.EnumParser(list(lm_train.LM_EVAL_POLICIES))
+flags.FLAGS["eval_policy"].help = (
+    f"<{'|'.join(lm_train.LM_EVAL_POLICIES)}>: test-time masks: threshold (p > 0.5) | top_k "
+    "(exactly round(tau * blocks) blocks per token and layer) | capped (threshold, at most "
+    "that many); default threshold, top_k for --model=router.")
+# Shared flags of the classifier entrypoints that no LM entrypoint uses: given, refused.
+CLASSIFIER_ONLY_FLAGS = (shared.DATA_DIR, shared.ARCH, shared.HIDDEN, shared.EPOCHS,
+                         shared.VALID_FRACTION, shared.NUM_CLASSES, shared.MEASURE_LATENCY,
+                         shared.DISTILL_FROM, shared.INIT_FROM, shared.POLICY_HIDDEN)
 _MODEL = flags.DEFINE_enum("model", _DEFAULT.model, lm_train.LM_MODELS,
                            "gated (per-token gated MLPs, policies trained by --estimator) | "
                            "dense (baseline) | router (MoE-style top-k router over the same "
@@ -65,8 +78,20 @@ _SAMPLE = flags.DEFINE_integer("sample", None, "Print --prompt and this many byt
                                "runs), write nothing and exit.")
 _PROMPT = flags.DEFINE_string("prompt", "The ", "Prompt of --sample.")
 
+def reject_classifier_flags() -> None:
+  """Raises ``ValueError`` naming the first :data:`CLASSIFIER_ONLY_FLAGS` flag given."""
+  for holder in CLASSIFIER_ONLY_FLAGS:
+    if holder.present:
+      raise ValueError(f"--{holder.name} is a flag of the classifier entrypoints "
+                       "(experiments.condnet); language models do not use it: remove it "
+                       "(--helpfull lists the LM flags: --num_layers, --d_model, --mlp_width, "
+                       "--block_size, ...)")
+
+
 def config_from_flags() -> lm_train.LMConfig:
-  """The validated run configuration (``ConfigError`` if a value breaks a rule)."""
+  """The validated run configuration (``ConfigError`` if a value breaks a rule,
+  ``ValueError`` for a classifier-only flag)."""
+  reject_classifier_flags()
   train = shared.train_config_from_flags(tau=_TAU.value, reinforce_cost=_REINFORCE_COST.value)
   return lm_train.LMConfig(
       dataset=shared.DATASET.value, model=_MODEL.value, num_layers=_NUM_LAYERS.value,
@@ -80,6 +105,7 @@ def config_from_flags() -> lm_train.LMConfig:
       # Not given: the LM's own default (threshold, or top_k for --model=router).
       eval_policy=shared.EVAL_POLICY.value if shared.EVAL_POLICY.present else None,
       num_devices=shared.NUM_DEVICES.value,
+      allow_data_change=shared.ALLOW_DATA_CHANGE.value,
       train=train)
 
 

@@ -2,8 +2,9 @@ r"""Gated LM against its baselines over seeds, in one table (mean +- std).
 
   python -m experiments.lm_sweep --workdir=runs/lm_sweep --seeds=0,1,2
 
-Variants per seed (each a run of :func:`ccjax.lm_train.train_and_evaluate_lm`, resumed or
-skipped when its ``results.json`` exists):
+Variants per seed (each a run of :func:`ccjax.lm_train.train_and_evaluate_lm`; an
+existing run is resumed, a finished one re-evaluated at its end, and one trained with
+other settings or on another corpus is refused, as in ``experiments.sweep``):
 
 * ``gated``: per-token gated MLPs at ``--tau``;
 * ``dense``: the dense model of the same width; its run also evaluates TEAL-style
@@ -16,14 +17,14 @@ skipped when its ``results.json`` exists):
 ``--variants`` picks a subset. Every variant gets the same flags (recipe flags act on the
 gated and router models only).
 
-Writes ``summary.json`` and ``summary.md`` into ``--workdir``. Bad flags exit with status 2
-and a one-line message; nothing is written.
+Writes ``summary.json`` and ``summary.md`` into ``--workdir`` (locked for the sweep). Bad
+flags (a bad or repeated seed or variant included) exit with status 2 and a one-line
+message before anything is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from absl import app
@@ -32,8 +33,9 @@ import numpy as np
 
 from ccjax import atomic
 from ccjax import lm_train
+from ccjax import lock
 from ccjax import loop
-from ccjax import runs
+from ccjax import sweep
 from ccjax import validation
 from experiments import cli
 from experiments import flags as shared
@@ -54,19 +56,6 @@ def variant_config(base: lm_train.LMConfig, variant: str, seed: int) -> lm_train
   tau = base.train.taus(base.num_layers)[0]
   width = max(base.block_size, round(tau * base.mlp_width / base.block_size) * base.block_size)
   return dataclasses.replace(base, model="dense", mlp_width=width, seed=seed)
-
-
-def _finished_run(results_path: str, config: lm_train.LMConfig) -> dict:
-  """The ``results.json`` of a finished run, if it was run with ``config``'s settings."""
-  with open(results_path) as stream:
-    done = json.load(stream)
-  expected = {"model": config.model, "seed": config.seed, "steps": config.steps,
-              "dataset": config.dataset}
-  found = {key: done.get(key) for key in expected}
-  if found != expected:
-    raise ValueError(f"{results_path} is a finished run with {found}, this sweep asks for "
-                     f"{expected}; use a fresh --workdir")
-  return done
 
 
 def _mean_std(values) -> dict[str, float] | None:
@@ -127,23 +116,22 @@ def main(argv):
   with cli.one_line_errors():
     base = lm.config_from_flags()
     seeds = [validation.check_int("seeds", s, minimum=0) for s in _SEEDS.value]
+    sweep.check_distinct("seeds", seeds)
     variants = [validation.check_choice("variants", v, VARIANTS) for v in _VARIANTS.value]
-    if not variants:
-      raise validation.ConfigError("variants", f"must name at least one of {','.join(VARIANTS)}")
+    sweep.check_distinct("variants", variants)
+    configs = {(variant, seed): variant_config(base, variant, seed)
+               for seed in seeds for variant in variants}   # every run validated first
     root = os.path.abspath(shared.WORKDIR.value)
     loop.check_workdir(root)
+    os.makedirs(root, exist_ok=True)
     results = {variant: [] for variant in variants}
-    for seed in seeds:
-      for variant in variants:
-        workdir = os.path.join(root, f"{variant}_seed{seed}")
-        results_path = os.path.join(workdir, runs.RESULTS_FILE)
-        config = variant_config(base, variant, seed)
-        if os.path.exists(results_path):
-          done = _finished_run(results_path, config)
-        else:
-          done = lm_train.train_and_evaluate_lm(config, workdir,
-                                                flag_values=shared.experiment_flag_values())
-        results[variant].append(done)
+    with lock.WorkdirLock(root):
+      for seed in seeds:
+        for variant in variants:
+          # A finished run resumes at its end (re-evaluated); other settings are refused.
+          results[variant].append(lm_train.train_and_evaluate_lm(
+              configs[variant, seed], os.path.join(root, f"{variant}_seed{seed}"),
+              flag_values=shared.experiment_flag_values()))
     rows = summarize(results)
     atomic.write_json(os.path.join(root, "summary.json"), {"rows": rows, "seeds": seeds})
     with atomic.atomic_open(os.path.join(root, "summary.md")) as stream:

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 from absl.testing import absltest
 
 from ccjax import lm_train
@@ -48,17 +44,48 @@ class LmSweepTest(absltest.TestCase):
     self.assertIn("| gated | 2 | 1.1000 ± 0.1000 | - |", table)
     self.assertIn("| teal | 2 | 2.1000 ± 0.1000 |", table)
 
-  def test_finished_run_with_other_settings_is_refused(self):
-    directory = tempfile.TemporaryDirectory()
-    self.addCleanup(directory.cleanup)
-    path = os.path.join(directory.name, "results.json")
-    config = lm_train.LMConfig(steps=10)
-    with open(path, "w") as stream:
-      json.dump({"model": "gated", "seed": 0, "steps": 5, "dataset": config.dataset}, stream)
-    with self.assertRaisesRegex(ValueError, "fresh --workdir"):
-      lm_sweep._finished_run(path, config)  # pylint: disable=protected-access
-    self.assertEqual(lm_sweep._finished_run(  # pylint: disable=protected-access
-        path, lm_train.LMConfig(steps=5))["steps"], 5)
+
+
+# Through the CLI: the sweep's rules (experiments.sweep's) for seeds and finished runs.
+
+SWEEP_FLAGS = ("--num_layers=1", "--d_model=16", "--num_heads=2", "--mlp_width=32",
+               "--block_size=8", "--context=16", "--batch_size=4", "--steps=2",
+               "--eval_every=2", "--log_every=2", "--checkpoint_every=2", "--plots=false",
+               "--decode_benchmark=false", "--variants=gated")
+
+
+def _error_line(process) -> str:
+  assert process.returncode == 2, process.stderr[-3000:]
+  errors = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in process.stderr, process.stderr[-3000:]
+  return errors[0]
+
+
+def test_repeated_seeds_or_variants_are_refused_before_anything_is_written(tmp_path):
+  from tests import experiment_utils  # pylint: disable=g-import-not-at-top
+  for flag, message in (("--seeds=0,0", "--seeds lists a value twice: [0, 0]"),
+                        ("--variants=gated,gated", "--variants lists a value twice")):
+    process = experiment_utils.run_module("experiments.lm_sweep", f"--workdir={tmp_path}/s",
+                                          *SWEEP_FLAGS, flag)
+    assert message in _error_line(process)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_second_sweep_with_other_settings_does_not_reuse_the_first(tmp_path):
+  from tests import experiment_utils  # pylint: disable=g-import-not-at-top
+  workdir = f"--workdir={tmp_path}/s"
+  first = experiment_utils.run_module("experiments.lm_sweep", workdir, *SWEEP_FLAGS,
+                                      "--seeds=0")
+  assert first.returncode == 0, first.stderr[-3000:]
+  for changed, shown in (("--lr=0.01", "lr=0.001 -> 0.01"), ("--tau=0.5", "tau=[0.25] -> [0.5]"),
+                         ("--lambda_s=1", "lambda_s=4.0 -> 1.0")):
+    second = experiment_utils.run_module("experiments.lm_sweep", workdir, *SWEEP_FLAGS,
+                                         "--seeds=0", changed)
+    line = _error_line(second)
+    assert "the checkpoint was trained with other settings" in line and shown in line, line
+  again = experiment_utils.run_module("experiments.lm_sweep", workdir, *SWEEP_FLAGS,
+                                      "--seeds=0")
+  assert again.returncode == 0, again.stderr[-3000:]
 
 
 if __name__ == "__main__":
