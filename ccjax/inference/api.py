@@ -353,7 +353,8 @@ def _param_shapes(tree) -> dict[str, tuple[int, ...]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def check_params(module, params, argument: str = "params") -> None:
+def check_params(module, params, argument: str = "params",
+                 input_shape: Sequence[int] | None = None) -> None:
   """Raises one ``ValueError`` unless ``params`` are parameters of ``module``.
 
   ``module.init`` is traced abstractly (``jax.eval_shape``, no compute) and the parameter
@@ -365,6 +366,8 @@ def check_params(module, params, argument: str = "params") -> None:
       :class:`ccjax.GatedTransformer`.
     params: what the caller passed as the module's parameters.
     argument: the argument's name in messages.
+    input_shape: one example's shape (default: read from ``params`` where the family
+      needs it: an MLP's input width, a CNN's input channels).
 
   Raises:
     ValueError: one line naming ``argument``, the first mismatching path and both shapes,
@@ -380,10 +383,13 @@ def check_params(module, params, argument: str = "params") -> None:
     raise ValueError(f"{argument} is wrapped in {{'params': ...}} (module variables); pass "
                      f"variables['params'], {expected_form}")
   key = jax.random.PRNGKey(0)
-  try:
-    example = family.example_input(module, params)
-  except (KeyError, TypeError, IndexError, AttributeError, ValueError):
-    example = family.example_input(module, {})
+  if input_shape is not None:
+    example = jax.ShapeDtypeStruct((1, *input_shape), family.example_input(module, {}).dtype)
+  else:
+    try:
+      example = family.example_input(module, params)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+      example = family.example_input(module, {})
   abstract = jax.eval_shape(lambda x: module.init({"params": key, "gate": key}, x,
                                                   mode="all")["params"], example)
   expected, given = _param_shapes(abstract), _param_shapes(params)
