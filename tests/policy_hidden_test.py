@@ -147,3 +147,17 @@ def test_config_validates_and_builds_it():
   cnn = config_lib.build_model(config.replace(arch="cnn", hidden=(8, 8), block_size=4),
                                (8, 8, 1), 3)
   assert isinstance(cnn, conv.GatedCNN) and cnn.policy_hidden == 8
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--policy_hidden=8", "--measure_latency=true"],
+     "--policy_hidden=8: sparse inference runs only the linear policy"),
+    (["--policy_hidden=-1", "--measure_latency=false"], "--policy_hidden must be an integer >= 0"),
+    (["--distill_teacher=snapshot", "--distill_weight=1"],
+     "--distill_teacher=snapshot distils from the network at the end of the dense warm start"),
+    (["--batch_shaping_weight=-1"], "--batch_shaping_weight must be >= 0"),
+])
+def test_cli_rejects_in_one_line_and_writes_nothing(tmp_path, args, expected):
+  from tests import bad_input_test  # pylint: disable=g-import-not-at-top
+  bad_input_test.assert_clean_failure(str(tmp_path / "run"), [*bad_input_test.TINY, *args],
+                                      expected)
