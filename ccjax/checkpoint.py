@@ -36,6 +36,7 @@ import logging as py_logging
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any, NamedTuple
 
@@ -142,6 +143,26 @@ def _failure_cause(error: BaseException) -> str:
   return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
 
 
+def _is_closed_loop_error(value) -> bool:
+  return isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+
+
+def _silence_closed_loop_tracebacks() -> None:
+  """Drops the tracebacks of orbax's write callbacks that finish on its already closed
+  event loop after a failed save (``RuntimeError: Event loop is closed``, reported by
+  tensorstore's threads through ``sys.unraisablehook``); every other error still prints."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_errors", False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_error(unraisable.exc_value):
+      previous(unraisable)
+
+  hook.drops_closed_loop_errors = True
+  sys.unraisablehook = hook
+
+
 def _error_chain(error: BaseException):
   seen = set()
   while error is not None and id(error) not in seen:
@@ -201,6 +222,7 @@ class Checkpointer:
         ``No space left on device``); the steps saved before are untouched.
     """
     self._check_writable(f"save step {step}")
+    _silence_closed_loop_tracebacks()
     try:
       with _orbax_logs_below(py_logging.ERROR):
         self._manager.save(step, args=ocp.args.Composite(
