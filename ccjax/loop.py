@@ -32,6 +32,7 @@ from ccjax import config as config_lib
 from ccjax import parallel
 from ccjax import runs
 from ccjax import step as step_lib
+from ccjax.inference import kernels
 
 EVAL_BATCH_SIZE = 512
 METRICS_FILE = "metrics.jsonl"
@@ -57,6 +58,42 @@ def quiet_library_logs() -> None:
   handler = logging.get_absl_handler()
   if _keep_log_record not in handler.filters:
     handler.addFilter(_keep_log_record)
+
+
+def kernel_backend() -> str:
+  """The inference kernel backend this process's runs use (:func:`ccjax.select_backend`),
+  for progress lines; an unusable ``$CCJAX_BACKEND`` is described, not raised (whatever
+  needs the backend raises it)."""
+  try:
+    return kernels.select_backend()
+  except ValueError as error:
+    return f"none ({error})"
+
+
+def log_run_start(what: str, workdir: str, start_step: int | None) -> str:
+  """The first progress line of a run, once its inputs are validated (so that a bad flag,
+  dataset or workdir stays a one-line error): what runs, where, from which step, and the
+  kernel backend.
+
+  Args:
+    what: the run and its data, e.g. ``condnet mlp on digits (1294 train / 144 valid /
+      359 test examples)``.
+    workdir: the run's directory.
+    start_step: the checkpoint step it resumes from (``None``: a fresh run).
+
+  Returns:
+    the backend name (:func:`kernel_backend`).
+  """
+  backend = kernel_backend()
+  start = f"resuming from step {start_step}" if start_step else "starting"
+  logging.info("%s in %s: %s; kernel backend %s (details: python -m ccjax.info); building "
+               "the train state", what, os.path.abspath(workdir), start, backend)
+  return backend
+
+
+def format_error(value: float | None) -> str:
+  """An error rate for a progress line: 4 decimals, ``n/a`` without data."""
+  return "n/a" if value is None else f"{value:.4f}"
 
 
 class NonFiniteError(RuntimeError):
@@ -323,6 +360,9 @@ def _train_locked(config, workdir, dataset, module, mesh, flag_values, primary, 
     resume = find_resume_point(checkpointer, lambda meta: config_lib.check_resume_compatible(
         meta, config, dataset.input_shape, dataset.num_classes,
         data_fingerprint=data_fingerprint))
+    log_run_start(f"{config.model} {config.arch} on {config.dataset} ("
+                  f"{dataset.x_train.shape[0]} train / {dataset.x_valid.shape[0]} valid / "
+                  f"{dataset.x_test.shape[0]} test examples)", workdir, resume.step)
     meta = {"architecture": config_lib.architecture_meta(config, dataset.input_shape,
                                                          dataset.num_classes),
             "config": config.as_dict(), "data": data_fingerprint}
@@ -430,6 +470,9 @@ def run_train_steps(train_step: Callable, state: step_lib.TrainState, hooks: Ste
   last_saved = start_step if start_step else None
   if start_step >= total_steps:
     logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
+  else:
+    logging.info("compiling the train step for steps %d..%d on %d device(s) (kernel backend "
+                 "%s)", start_step + 1, total_steps, mesh.size, kernel_backend())
   pending_finite = []  # (step, device bool) not yet checked on the host.
   window_start, window_steps = time.time(), 0
   step = start_step
@@ -509,7 +552,7 @@ def _train_steps(config, module, mesh, state, dataset, checkpointer, metrics_log
     metrics_log.write({"step": step, "kind": "eval", "valid_error": valid["error"],
                        "valid_loss": valid["loss"],
                        "valid_active_fraction": valid["active_fraction"]})
-    logging.info("step %d  valid error %s  active %s", step, valid["error"],
+    logging.info("step %d  valid error %s  active %s", step, format_error(valid["error"]),
                  np.round(valid["active_fraction"], 3).tolist())
 
   def describe(record):
@@ -527,14 +570,19 @@ def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval
              total_steps, flag_values, primary) -> dict[str, Any]:
   """Final evaluation, MAC counts, latency and plots; returns the results payload."""
   params = parallel.to_host(state.params)
+  logging.info("final evaluation on %d test and %d validation examples",
+               dataset.x_test.shape[0], dataset.x_valid.shape[0])
   test = evaluate(eval_fn, params, dataset.x_test, dataset.y_test, mode=config.eval_policy,
                   key=eval_key, keep_gates=True)
   valid = evaluate(eval_fn, params, dataset.x_valid, dataset.y_valid, mode=config.eval_policy,
                    key=jax.random.fold_in(eval_key, 1))
   metrics_log.write({"step": total_steps, "kind": "final", "valid_error": valid["error"],
                      "test_error": test["error"], "test_active_fraction": test["active_fraction"]})
-  logging.info("final: test error %.4f  valid error %s  active %s", test["error"],
-               valid["error"], np.round(test["active_fraction"], 3).tolist())
+  logging.info("final: test error %s  valid error %s  active %s", format_error(test["error"]),
+               format_error(valid["error"]), np.round(test["active_fraction"], 3).tolist())
+  if config.measure_latency:
+    logging.info("measuring batch-1 latency, dense vs sparse (kernel backend %s)",
+                 kernel_backend())
   model_costs = costs.model_costs(module, params, dataset, test,
                                   measure_latency=config.measure_latency,
                                   mode=config.eval_policy,
@@ -548,6 +596,7 @@ def finalize(config, module, state, dataset, workdir, metrics_log, eval_fn, eval
   }
   results.update(model_costs)
   if primary and config.plots:
+    logging.info("writing plots to %s", os.path.join(workdir, "plots"))
     write_plots(os.path.join(workdir, "plots"), test, dataset, metrics_log.read())
   return results
 

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import ccjax
 from ccjax import atomic
+from ccjax import loop
 from ccjax import timing
 from experiments import cli
 
@@ -177,16 +180,46 @@ def build_model(config: dict[str, Any], family: str):
   key = jax.random.PRNGKey(config["seed"])
   module, example_shape, fraction, _ = _module(config, family)
   init_key, calibration_key = jax.random.split(key)
-  params = module.init({"params": init_key, "gate": init_key},
-                       jnp.zeros((1, *example_shape), jnp.float32), mode="threshold")["params"]
+  # One compiled init (random weights), not an op-by-op one: seconds less of setup.
+  init = jax.jit(lambda key: module.init({"params": key, "gate": key},
+                                         jnp.zeros((1, *example_shape), jnp.float32),
+                                         mode="threshold")["params"])
+  params = init(init_key)
   calibration = jax.random.normal(calibration_key, (CALIBRATION_SIZE, *example_shape))
+  logging.info("%s: calibrating its policies to run %s of the blocks", family, fraction)
   params = ccjax.calibrate_policies(module, params, calibration, fraction)
   params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
   return module, params, example_shape, fraction
 
 
-def bench_family(config: dict[str, Any], family: str) -> list[dict[str, Any]]:
+class Progress:
+  """``case k of n`` lines on stderr, with the time per case so far and an ETA."""
+
+  def __init__(self, total: int):
+    self.total = total
+    self.done = 0
+    self.case_seconds = 0.0  # in cases, not in building models
+    self.case_start = time.time()
+
+  def starting(self, what: str) -> None:
+    self.case_start = time.time()
+    logging.info("case %d of %d: %s: compiling dense and sparse inference, then timing",
+                 self.done + 1, self.total, what)
+
+  def finished(self, entry: dict[str, Any]) -> None:
+    self.done += 1
+    took = time.time() - self.case_start
+    self.case_seconds += took
+    eta = self.case_seconds / self.done * (self.total - self.done)
+    logging.info("case %d of %d done in %.0fs: dense %.3f ms, sparse %.3f ms (ratio %.1f)  "
+                 "ETA %.0fs", self.done, self.total, took, entry["dense_ms"],
+                 entry["sparse_ms"], entry["ratio"], eta)
+
+
+def bench_family(config: dict[str, Any], family: str, progress: Progress
+                 ) -> list[dict[str, Any]]:
   """Result entries of one model family at every batch size."""
+  logging.info("%s: building the model", family)
   module, params, example_shape, fraction = build_model(config, family)
   capacities = ccjax.Capacities(active_fraction=fraction, example_slack=config["example_slack"],
                                 num_buckets=config["num_buckets"])
@@ -201,6 +234,7 @@ def bench_family(config: dict[str, Any], family: str) -> list[dict[str, Any]]:
     data_key = jax.random.fold_in(jax.random.PRNGKey(config["seed"] + 1), batch_size)
     inputs = [x.astype(jnp.dtype(config["dtype"])) for x in jax.random.normal(
         data_key, (num_batches, batch_size, *example_shape))]
+    progress.starting(f"{family} batch {batch_size}")
     latency = ccjax.measure_latency(module, params, inputs, repeats=config["repeats"],
                                     inference=timed)
     infos = [traced(x)[1] for x in inputs]
@@ -212,17 +246,23 @@ def bench_family(config: dict[str, Any], family: str) -> list[dict[str, Any]]:
         "dense_macs": float(dense_macs), "sparse_macs": sparse_macs,
         "mac_ratio": float(dense_macs) / max(sparse_macs, 1.0),
         "overflow_rate": ccjax.overflow_rate(infos), "backend": traced.backend})
+    progress.finished(entries[-1])
   return entries
 
 
 def main(argv):
   cli.reject_extra_args(argv)
+  loop.quiet_library_logs()  # e.g. jax's INFO line about a missing TPU backend
   try:
     config = read_config()
   except ValueError as error:
     cli.fail(error)
-  results = [entry for family in MODELS if family in config["models"]
-             for entry in bench_family(config, family)]
+  families = [family for family in MODELS if family in config["models"]]
+  progress = Progress(len(families) * len(config["batch_sizes"]))
+  logging.info("benchmarking %s at batch sizes %s: %d cases, %d timed calls each; kernel "
+               "backend %s", "+".join(families), config["batch_sizes"], progress.total,
+               config["repeats"], ccjax.select_backend(config["backend"]))
+  results = [entry for family in families for entry in bench_family(config, family, progress)]
   report = {"config": config, "machine": timing.machine_info(),
             "backend": results[0]["backend"] if results else None, "results": results}
   if _JSON.value:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -86,6 +87,26 @@ def _grid_flags() -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]
   return taus, lrs, capacity_widths
 
 
+class _Progress:
+  """``train_fn`` for :func:`ccjax.sweep.run_sweep` that logs which run starts (the k-th,
+  its directory) and, after each, the runs done and their mean time; each run then shows
+  its own steps and ETA."""
+
+  def __init__(self, train_fn):
+    self.train_fn = train_fn
+    self.done = 0
+    self.seconds = 0.0
+
+  def __call__(self, config, workdir):
+    mean = f", {self.seconds / self.done:.0f}s per run so far" if self.done else ""
+    logging.info("sweep: run %d (%d done%s): %s", self.done + 1, self.done, mean, workdir)
+    start = time.time()
+    results = self.train_fn(config, workdir)
+    self.done += 1
+    self.seconds += time.time() - start
+    return results
+
+
 def main(argv):
   cli.reject_extra_args(argv)
   loop.quiet_library_logs()
@@ -103,7 +124,7 @@ def main(argv):
     loop.check_workdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     with lock.WorkdirLock(workdir):
-      rows = sweep.run_sweep(base, workdir, configs, loop.train_and_evaluate,
+      rows = sweep.run_sweep(base, workdir, configs, _Progress(loop.train_and_evaluate),
                              input_dim=dataset.input_dim, num_classes=dataset.num_classes)
   tables = sweep.write_tables(rows, workdir, configs, command=" ".join(
       ["python -m experiments.sweep", *map(shlex.quote, sys.argv[1:])]))

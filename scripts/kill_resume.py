@@ -10,10 +10,11 @@ final step, i.e. the rerun really resumes. The same command then runs to complet
 its final checkpoint (parameters, optimizer states, baseline, key) is compared bit for
 bit with an uninterrupted run's; ``metrics.jsonl`` must hold every logged step once.
 
-A negative control runs too: one more killed run whose checkpoint gets its optimizer
-state zeroed before the resume. The comparison must call it DIFFERENT, or the script
-fails (a check that cannot see a lost optimizer state proves nothing). Prints one
-summary line, e.g. ``kill/resume: 10/10 identical``; exits non-zero on any failure.
+A negative control runs too: a copy of the first trial's workdir as the kill left it,
+with the optimizer state of its latest checkpoint zeroed, is resumed the same way. The
+comparison must call it DIFFERENT, or the script fails (a check that cannot see a lost
+optimizer state proves nothing). Prints one summary line, e.g. ``kill/resume: 10/10
+identical``; exits non-zero on any failure.
 """
 
 from __future__ import annotations
@@ -139,16 +140,11 @@ def zero_optimizer_state(workdir: str, step: int) -> None:
     checkpointer.close()
 
 
-def run_trial(workdir: str, steps: int, seed: int, reference: dict, saves: int,
-              rng: random.Random, env: dict, zero_optimizer: bool = False) -> tuple[bool, str]:
-  """One kill and resume; returns (valid and identical, note)."""
-  process = subprocess.Popen(command(workdir, steps, seed), env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  what = kill_after_save(workdir, process, saves, rng)
-  at_kill = latest_intact_step(workdir)
+def resume_and_compare(workdir: str, steps: int, seed: int, reference: dict, env: dict,
+                       what: str, at_kill: int | None) -> tuple[bool, str]:
+  """Reruns the killed run in ``workdir`` to the end and compares it with ``reference``;
+  returns (valid and identical, note)."""
   valid = at_kill is not None and 0 < at_kill < steps
-  if valid and zero_optimizer:
-    zero_optimizer_state(workdir, at_kill)
   subprocess.run(command(workdir, steps, seed), check=True, env=env,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
   same = states_identical(reference, final_state(workdir))
@@ -157,6 +153,29 @@ def run_trial(workdir: str, steps: int, seed: int, reference: dict, saves: int,
           f"final state {'identical' if same else 'DIFFERENT'}, metrics "
           f"{'each step once' if once else 'BROKEN'}")
   return valid and same and once, note
+
+
+def run_trial(workdir: str, steps: int, seed: int, reference: dict, saves: int,
+              rng: random.Random, env: dict, control_dir: str | None = None
+              ) -> tuple[bool, str, str | None]:
+  """One kill and resume; returns (valid and identical, note, negative control note).
+
+  With ``control_dir``, the workdir as the kill left it is also copied there, its latest
+  checkpoint's optimizer state zeroed, and resumed (the negative control).
+  """
+  process = subprocess.Popen(command(workdir, steps, seed), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  what = kill_after_save(workdir, process, saves, rng)
+  at_kill = latest_intact_step(workdir)
+  control_note = None
+  if control_dir is not None:
+    shutil.copytree(workdir, control_dir)
+    if at_kill is not None and 0 < at_kill < steps:
+      zero_optimizer_state(control_dir, at_kill)
+    _, control_note = resume_and_compare(control_dir, steps, seed, reference, env, what,
+                                         at_kill)
+  ok, note = resume_and_compare(workdir, steps, seed, reference, env, what, at_kill)
+  return ok, note, control_note
 
 
 def run_trials(trials: int, steps: int, seed: int, root: str, env: dict
@@ -168,19 +187,19 @@ def run_trials(trials: int, steps: int, seed: int, root: str, env: dict
   reference = final_state(reference_dir)
   num_saves = steps // CHECKPOINT_EVERY
   rng = random.Random(seed)
-  identical, notes = 0, []
+  identical, notes, control_note = 0, [], None
   for trial in range(trials):
     # Never among the last three saves: the kill lands before the final step.
     saves = rng.randint(1, max(1, num_saves - 3))
-    ok, note = run_trial(os.path.join(root, f"trial{trial}"), steps, seed, reference, saves,
-                         rng, env)
+    ok, note, control = run_trial(
+        os.path.join(root, f"trial{trial}"), steps, seed, reference, saves, rng, env,
+        control_dir=os.path.join(root, "control") if trial == 0 else None)
+    control_note = control_note or control
     identical += int(ok)
     notes.append(f"trial {trial}: {note}")
-  _, note = run_trial(os.path.join(root, "control"), steps, seed, reference, 1, rng, env,
-                      zero_optimizer=True)
-  caught = "final state DIFFERENT" in note and "NOT A RESUME" not in note
-  notes.append(f"negative control (optimizer state zeroed at the resume): {note}"
-               f"{'' if caught else ' -- NOT DETECTED'}")
+  caught = "final state DIFFERENT" in control_note and "NOT A RESUME" not in control_note
+  notes.append(f"negative control (trial 0's kill, optimizer state zeroed at the resume): "
+               f"{control_note}{'' if caught else ' -- NOT DETECTED'}")
   return identical, notes, caught
 
 

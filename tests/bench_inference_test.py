@@ -40,7 +40,9 @@ def test_tiny_benchmark_prints_json_with_schema():
 
 
 def test_cnn_case_reports_dense_and_skipping_time():
-  result = _run("--models=cnn", "--cnn_stages=16,32", "--cnn_block_size=8", "--batch_sizes=1,4",
+  # One stage: the residual-block skipping and channel blocks of the batch-1 and minibatch
+  # paths, at a third less compile time than two.
+  result = _run("--models=cnn", "--cnn_stages=16", "--cnn_block_size=8", "--batch_sizes=1,4",
                 "--repeats=2", "--json")
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])

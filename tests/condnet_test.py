@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -54,12 +55,32 @@ def write_npz(path, num_features=6, num_classes=3, n_train=96, n_test=30, seed=0
   return arrays
 
 
-def test_cli_digits_writes_every_output(tmp_path):
-  workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+  """``(workdir, process)`` of one tiny digits CLI run on one device, plots on."""
+  workdir = str(tmp_path_factory.mktemp("cli") / "run")
   process = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}",
                                         *experiment_utils.TINY_FLAGS)
   assert process.returncode == 0, process.stderr[-3000:]
+  return workdir, process
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """``(workdir, results)`` of one uninterrupted in-process run of :func:`tiny_config`."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  return workdir, loop.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_cli_digits_writes_every_output(cli_run):
+  workdir, process = cli_run
   assert "steps/s" in process.stderr and "ETA" in process.stderr  # Progress is shown.
+  # The first line says what runs and on which kernel backend, before any compiling.
+  first = process.stderr.splitlines()[0]
+  assert "condnet mlp on digits" in first and f"kernel backend {loop.kernel_backend()}" in first
+  assert "compiling the train step" in process.stderr
+  # Error rates in progress lines have 4 decimals (not 0.01388888888888884).
+  assert re.search(r"final: test error \d\.\d{4}  valid error \d\.\d{4}  active", process.stderr)
   with open(os.path.join(workdir, "results.json")) as stream:
     results = json.load(stream)
   assert RESULT_KEYS <= set(results)
@@ -79,9 +100,10 @@ def test_cli_digits_writes_every_output(tmp_path):
   assert any("valid_error" in r for r in records if r["kind"] == "eval")
 
 
-def test_resume_ends_exactly_like_a_straight_run(tmp_path):
-  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  straight_results = loop.train_and_evaluate(tiny_config(steps=12), straight)
+def test_resume_ends_exactly_like_a_straight_run(tmp_path, straight_run):
+  straight, straight_results = straight_run
+  resumed = str(tmp_path / "resumed")
+  assert straight_results["steps"] == 12
   loop.train_and_evaluate(tiny_config(steps=6), resumed)  # "Crash" after 6 steps.
   resumed_results = loop.train_and_evaluate(tiny_config(steps=12), resumed)
   experiment_utils.assert_trees_equal(final_state(straight), final_state(resumed))
@@ -95,14 +117,14 @@ def test_resume_ends_exactly_like_a_straight_run(tmp_path):
   assert [(r["step"], r["kind"]) for r in read_metrics(resumed)] == before
 
 
-def test_same_seed_same_numbers_and_other_seed_differs(tmp_path):
-  first = loop.train_and_evaluate(tiny_config(), str(tmp_path / "a"))
+def test_same_seed_same_numbers_and_other_seed_differs(tmp_path, straight_run):
+  first_dir, first = straight_run
   second = loop.train_and_evaluate(tiny_config(), str(tmp_path / "b"))
   other = loop.train_and_evaluate(tiny_config(seed=1), str(tmp_path / "c"))
-  experiment_utils.assert_trees_equal(final_state(str(tmp_path / "a")),
+  experiment_utils.assert_trees_equal(final_state(first_dir),
                                       final_state(str(tmp_path / "b")))
   assert first["test_error"] == second["test_error"]
-  params_a = final_state(str(tmp_path / "a"))["params"]
+  params_a = final_state(first_dir)["params"]
   params_c = final_state(str(tmp_path / "c"))["params"]
   assert not np.array_equal(params_a["output"]["kernel"], params_c["output"]["kernel"])
   del other
@@ -195,11 +217,13 @@ def test_epochs_flag_sets_steps():
 
 
 def test_cnn_arch_trains_and_reports_costs(tmp_path):
+  # One stage (a channel-gated conv and a skippable residual block): multi-stage CNNs are
+  # covered by tests/conv_test.py and tests/inference_cnn_test.py.
   results = loop.train_and_evaluate(
-      tiny_config(arch="cnn", hidden=(8, 16), block_size=8, tau=(0.5,), steps=4, log_every=2,
-                  checkpoint_every=2, eval_every=2, measure_latency=True, plots=True),
+      tiny_config(arch="cnn", hidden=(8,), block_size=8, tau=(0.5,), steps=4, log_every=2,
+                  checkpoint_every=4, eval_every=2, measure_latency=True, plots=True),
       str(tmp_path / "cnn"))
-  assert results["arch"] == "cnn" and len(results["active_fraction"]) == 4
+  assert results["arch"] == "cnn" and len(results["active_fraction"]) == 2
   assert 0 < results["macs_per_example"] <= results["dense_macs_per_example"]
   assert set(results["latency_ms"]) == {"dense", "sparse"}
   assert os.path.exists(os.path.join(str(tmp_path / "cnn"), "plots", "block_probabilities.png"))
@@ -214,28 +238,25 @@ def test_cnn_arch_needs_images(tmp_path):
   assert not os.path.exists(str(tmp_path / "run"))
 
 
-def test_eight_simulated_devices_match_one_device(tmp_path):
-  """The CLI's data-parallel path: 8 CPU devices give the 1-device parameters (1e-5)."""
-  runs = {}
-  for devices in (1, 8):
-    workdir = str(tmp_path / f"devices{devices}")
-    env_flags = f"--xla_force_host_platform_device_count={devices}"
-    old = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = env_flags
-    try:
-      process = experiment_utils.run_module(
-          "experiments.condnet", f"--workdir={workdir}", *experiment_utils.TINY_FLAGS,
-          f"--num_devices={devices}", "--plots=false")
-    finally:
-      if old is None:
-        del os.environ["XLA_FLAGS"]
-      else:
-        os.environ["XLA_FLAGS"] = old
-    assert process.returncode == 0, process.stderr[-3000:]
-    runs[devices] = final_state(workdir)
+def test_eight_simulated_devices_match_one_device(tmp_path, monkeypatch, cli_run):
+  """The CLI's data-parallel path: 8 CPU devices give the 1-device parameters (1e-5).
+
+  The 1-device run is ``cli_run`` (this pytest process and its subprocesses see one CPU
+  device unless ``XLA_FLAGS`` says otherwise)."""
+  one_device_dir, one_device_process = cli_run
+  assert "on 1 device(s)" in one_device_process.stderr
+  workdir = str(tmp_path / "devices8")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  process = experiment_utils.run_module(
+      "experiments.condnet", f"--workdir={workdir}", *experiment_utils.TINY_FLAGS,
+      "--num_devices=8", "--plots=false")
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert "on 8 device(s)" in process.stderr
   import jax  # pylint: disable=g-import-not-at-top
-  for one, eight in zip(jax.tree_util.tree_leaves(runs[1]), jax.tree_util.tree_leaves(runs[8])):
-    np.testing.assert_allclose(np.asarray(one), np.asarray(eight), rtol=1e-5, atol=1e-5)
+  one, eight = final_state(one_device_dir), final_state(workdir)
+  assert jax.tree_util.tree_structure(one) == jax.tree_util.tree_structure(eight)
+  for one_leaf, eight_leaf in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(eight)):
+    np.testing.assert_allclose(np.asarray(one_leaf), np.asarray(eight_leaf), rtol=1e-5, atol=1e-5)
 
 
 def test_nonfinite_between_checkpoints_names_the_exact_step(tmp_path):

@@ -1,7 +1,64 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and one XLA compilation cache per test session.
+
+Compilation cache: most of a tiny training run's time is XLA compiling the same train and
+eval steps that the test before it compiled (in-process runs build fresh closures, and
+every CLI test is a fresh process). The session therefore shares JAX's persistent
+compilation cache: one directory per ``pytest`` invocation (shared by its xdist workers
+and by the subprocesses they start, through the ``JAX_*`` environment variables), removed
+at the end. A cached executable is the one XLA compiled for the same program, so every
+number is bit-identical to a fresh compile (``tests/condnet_test.py`` compares runs
+bit for bit, and a CLI run compiled fresh against one from the cache). Set
+``JAX_COMPILATION_CACHE_DIR`` yourself to keep a cache across sessions, or
+``CCJAX_TEST_COMPILATION_CACHE=0`` to run without one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
+
+CACHE_SWITCH = "CCJAX_TEST_COMPILATION_CACHE"
+_SESSION_CACHE = "CCJAX_TEST_SESSION_CACHE_DIR"  # set by the controller, read by workers
+_CACHE_ENV = {
+    # Every compilation is cached (JAX's defaults keep only those over 1 s).
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+
+
+def _use_cache(directory: str) -> None:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", directory)
+  for name, value in _CACHE_ENV.items():
+    os.environ.setdefault(name, value)
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_configure(config):
+  if os.environ.get(CACHE_SWITCH, "1") == "0":
+    return
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own, kept
+    _use_cache(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    return
+  directory = os.environ.get(_SESSION_CACHE)
+  if directory is None:  # the controller (or a run without xdist): make the session's cache
+    directory = tempfile.mkdtemp(prefix="ccjax-test-xla-cache-")
+    os.environ[_SESSION_CACHE] = directory
+    config._ccjax_cache_owner = directory  # pylint: disable=protected-access
+  _use_cache(directory)
+
+
+def pytest_unconfigure(config):
+  directory = getattr(config, "_ccjax_cache_owner", None)
+  if directory:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,14 +38,26 @@ def _records(workdir):
 
 class LmTrainTest(absltest.TestCase):
 
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # One uninterrupted run of _config(), shared (read-only) by the tests below.
+    cls._straight_dir = tempfile.TemporaryDirectory()
+    cls.straight = os.path.join(cls._straight_dir.name, "run")
+    cls.straight_results = lm_train.train_and_evaluate_lm(_config(), cls.straight)
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._straight_dir.cleanup()
+    super().tearDownClass()
+
   def _tempdir(self) -> str:
     directory = tempfile.TemporaryDirectory()
     self.addCleanup(directory.cleanup)
     return directory.name
 
   def test_resume_is_exact_and_outputs_complete(self):
-    straight = self._tempdir()
-    full = lm_train.train_and_evaluate_lm(_config(), straight)
+    straight, full = self.straight, self.straight_results
     for key in ("bits_per_byte", "active_fraction", "macs_per_token", "corpus_sha256", "seed",
                 "flags"):
       self.assertIn(key, full)
@@ -75,9 +88,9 @@ class LmTrainTest(absltest.TestCase):
     self.assertEqual(longer["steps"], 7)
 
   def test_damaged_latest_checkpoint_falls_back_to_the_intact_one(self):
-    straight = lm_train.train_and_evaluate_lm(_config(), self._tempdir())
-    workdir = self._tempdir()
-    lm_train.train_and_evaluate_lm(_config(), workdir)  # checkpoints at steps 3 and 6
+    straight = self.straight_results
+    workdir = os.path.join(self._tempdir(), "run")
+    shutil.copytree(self.straight, workdir)  # a finished run: checkpoints at steps 3 and 6
     step_dir = os.path.join(workdir, "checkpoints", "6")
     largest = max((os.path.join(root, name) for root, _, names in os.walk(step_dir)
                    for name in names if name != checkpoint_lib.CHECKSUM_FILE),
@@ -123,7 +136,7 @@ class LmTrainTest(absltest.TestCase):
       proc = subprocess.run(
           [sys.executable, "-m", "experiments.lm", f"--workdir={workdir}", "--num_layers=1",
            "--d_model=16", "--num_heads=2", "--mlp_width=32", "--block_size=8", "--context=16",
-           "--batch_size=4", "--steps=4", "--eval_every=2", "--checkpoint_every=2",
+           "--batch_size=4", "--steps=4", "--eval_every=4", "--checkpoint_every=4",
            "--plots=false", "--decode_benchmark=false", f"--num_devices={num_devices}"],
           cwd=REPO, env=env, capture_output=True, text=True, check=False)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
