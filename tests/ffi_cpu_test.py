@@ -184,6 +184,15 @@ def test_batch1_matches_bucketed_xla_path():
     _check(module, params, _inputs(1, seed), config)
 
 
+def _run_with_threads(monkeypatch, threads, model, x, config):
+  """The FFI call traced afresh under ``$CCJAX_FFI_THREADS=threads`` (read at trace time:
+  a jit of the module function would reuse the first trace), checked to ask for them."""
+  monkeypatch.setenv(ffi_cpu.THREADS_ENV, str(threads))
+  forward = jax.jit(lambda model, x: ffi_cpu.gated_mlp_forward(model, x, config))
+  assert f"num_threads = {threads} " in forward.lower(model, x).as_text()
+  return forward(model, x)
+
+
 @needs_extension
 def test_two_threads_equal_one(monkeypatch):
   block_size, batch = 32, 24
@@ -192,10 +201,7 @@ def test_two_threads_equal_one(monkeypatch):
   model = layout.to_block_major(module, params)
   config = capacity.make_sparse_config(model, batch, 0.4, backend="ffi-cpu")
   x = _inputs(batch, 7)
-  outputs = []
-  for threads in ("1", "2"):
-    monkeypatch.setenv(ffi_cpu.THREADS_ENV, threads)
-    outputs.append(jax.jit(ffi_cpu.gated_mlp_forward, static_argnums=2)(model, x, config))
+  outputs = [_run_with_threads(monkeypatch, threads, model, x, config) for threads in (1, 2)]
   np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
 
 
@@ -281,3 +287,32 @@ def test_kernel_names_a_mismatched_buffer():
         block_capacity=np.asarray([2, 2], np.int64), pair_capacity=np.asarray([4, 4], np.int64),
         policy_eps=np.float32(0.01), policy_scale=np.float32(0.98), exact_k=np.int64(0),
         num_threads=np.int64(1)))
+
+
+@needs_extension
+@pytest.mark.parametrize("block_size", [24, 48])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_block_sizes_off_the_vector_panels(block_size, batch):
+  """Block sizes that are no panel width of the kernel (16, 32, 64): the generic product,
+  at batch 1 (its own path) and in a minibatch."""
+  widths = (5 * block_size, 4 * block_size)
+  module, params = _module(block_size, widths), _params(block_size, widths, seed=11)
+  model = layout.to_block_major(module, params)
+  masks, _ = _check(module, params, _inputs(batch, 11), capacity.make_sparse_config(model, batch))
+  assert all(mask.sum() > 0 for mask in masks)
+
+
+@needs_extension
+def test_batch1_two_threads_equal_one(monkeypatch):
+  """Batch 1 with enough work per layer for the kernel to hand blocks to a second thread
+  (>= 2^18 multiply-adds in the gated layer): same bits as one thread, same blocks as XLA."""
+  block_size, widths = 64, (16 * 64, 16 * 64)
+  module, params = _module(block_size, widths), _params(block_size, widths, 1.0, seed=12)
+  model = layout.to_block_major(module, params)
+  config = capacity.make_sparse_config(model, 1)
+  x = _inputs(1, 12)
+  masks, _ = _check(module, params, x, config)
+  assert masks[0].sum() * masks[1].sum() * block_size**2 >= 2**18
+  config = dataclasses.replace(config, backend="ffi-cpu")
+  outputs = [_run_with_threads(monkeypatch, threads, model, x, config) for threads in (1, 2)]
+  np.testing.assert_array_equal(outputs[0][0], outputs[1][0])

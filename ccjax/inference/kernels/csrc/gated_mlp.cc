@@ -9,6 +9,8 @@
 // serves at most `C2` (example, input block, output block) triples in block j's
 // example order; an (example, j) with an unserved triple is dropped whole. Only kept
 // (example, block) pairs are computed, reading the block-major weight tiles in place.
+// Batch 1 has its own path (no capacity can bind there): selection, then one
+// matrix-vector product per kept block or tile, the next one prefetched.
 //
 // Buffers (all float32, row-major), with L hidden layers:
 //   args: x [batch, in]; per layer l: kernel, bias [nb, bs], policy_kernel,
@@ -35,6 +37,11 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+// setup.py compiles in the key of its build stamp (see ccjax/inference/kernels/build_stamp.py).
+#ifndef CCJAX_BUILD_KEY
+#define CCJAX_BUILD_KEY "none"
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -184,6 +191,63 @@ void AddRowsTimesTile(const float* const* in, float* const* out, int64_t num_row
   }
 }
 
+// Asks for `floats` floats from `data` on into the caches (L2 and up: a tile ahead of
+// the reads is further than L1 should hold).
+inline void Prefetch(const float* data, int64_t floats) {
+  for (int64_t f = 0; f < floats; f += 64 / sizeof(float)) __builtin_prefetch(data + f, 0, 2);
+}
+
+// out[:kCols] += in[:depth] @ tile[:, :kCols] for one row (tile rows `stride` apart).
+// kChains partial sums over interleaved depths keep 64 multiply-adds in flight whatever
+// the panel width. When `next` (a tile of the same shape, read after this one) is given,
+// its row d is prefetched while row d is read: a whole tile ahead, where the hardware
+// prefetcher, which stops at page boundaries, does not look.
+template <int64_t kCols>
+void RowPanel(const float* in, float* out, const float* tile, int64_t depth, int64_t stride,
+              const float* next) {
+  constexpr int64_t kChains = kCols >= 64 ? 1 : 64 / kCols;
+  float acc[kChains][kCols] = {};
+  int64_t d = 0;
+  for (; d + kChains <= depth; d += kChains) {
+    for (int64_t chain = 0; chain < kChains; ++chain) {
+      const float* w = tile + (d + chain) * stride;
+      if (next != nullptr) Prefetch(next + (d + chain) * stride, kCols);
+      const float a = in[d + chain];
+      for (int64_t c = 0; c < kCols; ++c) acc[chain][c] += a * w[c];
+    }
+  }
+  for (; d < depth; ++d) {
+    const float* w = tile + d * stride;
+    if (next != nullptr) Prefetch(next + d * stride, kCols);
+    for (int64_t c = 0; c < kCols; ++c) acc[0][c] += in[d] * w[c];
+  }
+  for (int64_t c = 0; c < kCols; ++c) {
+    float sum = acc[0][c];
+    for (int64_t chain = 1; chain < kChains; ++chain) sum += acc[chain][c];
+    out[c] += sum;
+  }
+}
+
+// out[:width] += in[:depth] @ tile for one row; tile is [depth, width] row-major, `next`
+// (or nullptr) a tile of the same shape to prefetch.
+void RowTimesTile(const float* in, float* out, const float* tile, int64_t depth,
+                  int64_t width, const float* next) {
+  for (int64_t c0 = 0; c0 < width; c0 += kPanel) {
+    const int64_t cols = std::min(kPanel, width - c0);
+    const float* ahead = next == nullptr ? nullptr : next + c0;
+    if (cols == 64) {
+      RowPanel<64>(in, out + c0, tile + c0, depth, width, ahead);
+    } else if (cols == 32) {
+      RowPanel<32>(in, out + c0, tile + c0, depth, width, ahead);
+    } else if (cols == 16) {
+      RowPanel<16>(in, out + c0, tile + c0, depth, width, ahead);
+    } else {
+      float* shifted = out + c0;
+      PanelAny(&in, &shifted, tile + c0, depth, width, 1, cols);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------- network
 
 struct Layer {
@@ -214,27 +278,36 @@ struct Shape {
 };
 
 // out[e, :width] += sum over kept slots s of h[e, s] @ blocks[block(e, s)], where
-// blocks is [num_blocks, bs, width] (a gated-input policy or the output layer).
+// blocks is [num_blocks, bs, width] (a gated-input policy or the output layer); each
+// example's next kept block is prefetched while the current one is read.
 void AddCompactTimesBlocks(const Compact& input, const float* blocks, int64_t width,
                            const Shape& shape, Workers& workers, float* out) {
   const int64_t bs = shape.block_size;
   workers.ParallelFor(shape.batch, input.num_kept * bs * width, [&](int64_t e) {
-    float* row = out + e * width;
-    for (int64_t s = 0; s < input.slots; ++s) {
-      const int64_t slot = e * input.slots + s;
-      if (!input.kept[slot]) continue;
-      const float* h = input.hidden.data() + slot * bs;
-      AddRowsTimesTile(&h, &row, 1, blocks + input.block[slot] * bs * width, bs, width);
+    const float* tile = nullptr;
+    const float* h = nullptr;
+    for (int64_t slot = e * input.slots; slot <= (e + 1) * input.slots; ++slot) {
+      const bool last = slot == (e + 1) * input.slots;
+      if (!last && !input.kept[slot]) continue;
+      const float* next = last ? nullptr : blocks + input.block[slot] * bs * width;
+      if (tile != nullptr) RowTimesTile(h, out + e * width, tile, bs, width, next);
+      tile = next;
+      if (!last) h = input.hidden.data() + slot * bs;
     }
   });
 }
 
-// Policy logits [batch, nb] of `layer` on its input (x or the previous compact output).
-std::vector<float> PolicyLogits(const Layer& layer, const float* x, const Compact* input,
-                                const Shape& shape, Workers& workers) {
+// Policy logits [batch, nb] of `layer` on its input (x or the previous compact output),
+// written to `logits`.
+void PolicyLogits(const Layer& layer, const float* x, const Compact* input,
+                  const Shape& shape, Workers& workers, std::vector<float>& logits) {
   const int64_t nb = layer.num_blocks;
-  std::vector<float> logits(shape.batch * nb, 0.0f);
-  if (input == nullptr) {
+  logits.assign(shape.batch * nb, 0.0f);
+  if (input != nullptr) {
+    AddCompactTimesBlocks(*input, layer.policy_kernel, nb, shape, workers, logits.data());
+  } else if (shape.batch == 1) {
+    RowTimesTile(x, logits.data(), layer.policy_kernel, shape.input_dim, nb, nullptr);
+  } else {
     const int64_t chunks = (shape.batch + kRowBlock - 1) / kRowBlock;
     const int64_t work = shape.batch * shape.input_dim * nb;
     workers.ParallelFor(chunks, work, [&](int64_t chunk) {
@@ -248,10 +321,7 @@ std::vector<float> PolicyLogits(const Layer& layer, const float* x, const Compac
       }
       AddRowsTimesTile(rows, outs, count, layer.policy_kernel, shape.input_dim, nb);
     });
-  } else {
-    AddCompactTimesBlocks(*input, layer.policy_kernel, nb, shape, workers, logits.data());
   }
-  return logits;
 }
 
 // A (example, slot) that wants block j, with its probability.
@@ -272,55 +342,145 @@ struct Trace {
   float* probs;          // [batch, nb]
 };
 
-// Runs one layer: selection, capacities, products. Writes the trace and returns the
-// compact output.
-Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
-                 const Shape& shape, Workers& workers, float eps, float scale,
-                 bool exact_k, const Trace& trace) {
+// p = eps + scale * sigmoid(logit); a block asks to run when p > 0.5 (always with exact_k,
+// the `top_k` policy).
+struct Policy {
+  float eps;
+  float scale;
+  bool exact_k;
+  bool Wants(float prob) const { return exact_k || prob > 0.5f; }
+};
+
+// Scratch that lives as long as its thread (no allocation per call once warm).
+struct Scratch {
+  std::vector<float> logits;     // [batch, nb]
+  std::vector<float> slot_prob;  // [batch, k]
+  std::vector<int32_t> order;    // [nb]
+  std::vector<int64_t> ran;      // batch 1: the kept output slots
+  std::vector<int64_t> inputs;   // batch 1: the kept input slots
+};
+
+// One example's probabilities `probs` [nb] from its logits and the layer's policy bias,
+// and its k most probable blocks (ties: lower block id) with their probabilities into
+// `block` [k] and `slot_prob` [k]. Returns how many blocks ask to run (all k with exact_k).
+int64_t SelectTopK(const float* logits, const Layer& layer, const Policy& policy,
+                   std::vector<int32_t>& order, float* probs, int32_t* block,
+                   float* slot_prob) {
+  const int64_t nb = layer.num_blocks, k = layer.example_capacity;
+  int64_t candidates = 0;
+  order.resize(nb);
+  for (int64_t j = 0; j < nb; ++j) {
+    const float z = logits[j] + layer.policy_bias[j];
+    probs[j] = policy.eps + policy.scale * (1.0f / (1.0f + std::exp(-z)));
+    candidates += probs[j] > 0.5f;
+    order[j] = static_cast<int32_t>(j);
+  }
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+    const float pa = SortKey(probs[a]), pb = SortKey(probs[b]);
+    return pa > pb || (pa == pb && a < b);
+  });
+  for (int64_t s = 0; s < k; ++s) {
+    block[s] = order[s];
+    slot_prob[s] = probs[order[s]];
+  }
+  return policy.exact_k ? k : candidates;
+}
+
+// Adds the bias and applies ReLU to one compact block row [bs].
+inline void BiasRelu(const float* bias, int64_t bs, float* out) {
+  for (int64_t c = 0; c < bs; ++c) out[c] = std::max(out[c] + bias[c], 0.0f);
+}
+
+// Batch 1: one example per block and one triple per weight tile, so no capacity can bind
+// and every slot that wants its block runs. One matrix-vector product per kept block
+// (dense input) or per kept (input block, output block) tile, in slot order, the next
+// one prefetched while the current one is read; threads only where the products pay.
+void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
+                    const Shape& shape, Workers& workers, const Policy& policy,
+                    Scratch& scratch, float* probs, Compact& output, int64_t& candidates) {
+  const int64_t bs = shape.block_size, k = layer.example_capacity;
+  PolicyLogits(layer, x, input, shape, workers, scratch.logits);
+  output.slots = k;
+  output.block.resize(k);
+  output.kept.assign(k, 0);
+  output.hidden.assign(k * bs, 0.0f);
+  scratch.slot_prob.resize(k);
+  candidates = SelectTopK(scratch.logits.data(), layer, policy, scratch.order, probs,
+                          output.block.data(), scratch.slot_prob.data());
+  scratch.ran.clear();
+  for (int64_t s = 0; s < k; ++s) {
+    if (!policy.Wants(scratch.slot_prob[s])) continue;
+    output.kept[s] = 1;
+    scratch.ran.push_back(s);
+  }
+  output.num_kept = static_cast<int64_t>(scratch.ran.size());
+  const std::vector<int64_t>& ran = scratch.ran;
+  const int64_t num_ran = output.num_kept;
+  if (input == nullptr) {
+    const int64_t size = shape.input_dim * bs;  // one [in, bs] block
+    const auto block = [&](int64_t r) { return layer.kernel + output.block[ran[r]] * size; };
+    workers.ParallelFor(num_ran, num_ran * size, [&](int64_t r) {
+      float* out = output.hidden.data() + ran[r] * bs;
+      RowTimesTile(x, out, block(r), shape.input_dim, bs, r + 1 < num_ran ? block(r + 1) : nullptr);
+      BiasRelu(layer.bias + output.block[ran[r]] * bs, bs, out);
+    });
+    return;
+  }
+  std::vector<int64_t>& inputs = scratch.inputs;  // kept input slots
+  inputs.clear();
+  for (int64_t s = 0; s < input->slots; ++s) {
+    if (input->kept[s]) inputs.push_back(s);
+  }
+  const int64_t num_inputs = static_cast<int64_t>(inputs.size());
+  const auto tile = [&](int64_t r, int64_t t) {  // tile (i, j) of kept output r, input t
+    return layer.kernel +
+           (output.block[ran[r]] * layer.in_blocks + input->block[inputs[t]]) * bs * bs;
+  };
+  workers.ParallelFor(num_ran, num_ran * num_inputs * bs * bs, [&](int64_t r) {
+    float* out = output.hidden.data() + ran[r] * bs;
+    for (int64_t t = 0; t < num_inputs; ++t) {
+      const float* next = t + 1 < num_inputs ? tile(r, t + 1)
+                          : r + 1 < num_ran  ? tile(r + 1, 0)
+                                             : nullptr;
+      RowTimesTile(input->hidden.data() + inputs[t] * bs, out, tile(r, t), bs, bs, next);
+    }
+    BiasRelu(layer.bias + output.block[ran[r]] * bs, bs, out);
+  });
+}
+
+// Batch > 1: selection with the per-block and per-weight-tile capacities, then the kept
+// (example, block) pairs block by block, each weight tile read once for all its rows.
+void RunLayerGrouped(const Layer& layer, const float* x, const Compact* input,
+                     const Shape& shape, Workers& workers, const Policy& policy,
+                     Scratch& scratch, float* probs, Compact& output, int64_t& candidates) {
   const int64_t batch = shape.batch, bs = shape.block_size, nb = layer.num_blocks;
   const int64_t k = layer.example_capacity;
-  const std::vector<float> logits = PolicyLogits(layer, x, input, shape, workers);
+  PolicyLogits(layer, x, input, shape, workers, scratch.logits);
 
-  // 1-2. Probabilities, per-example top-k (ties: lower block id), threshold (with
-  // exact_k, the `top_k` policy: all k most probable blocks ask to run).
-  const auto wants = [exact_k](float prob) { return exact_k || prob > 0.5f; };
-  Compact output;
+  // 1-2. Probabilities, per-example top-k (ties: lower block id), threshold.
   output.slots = k;
   output.block.assign(batch * k, 0);
   output.kept.assign(batch * k, 0);
-  std::vector<float> slot_prob(batch * k);
-  std::vector<int32_t> order(nb);
-  int64_t candidates = 0;
+  output.num_kept = 0;
+  std::vector<float>& slot_prob = scratch.slot_prob;
+  slot_prob.resize(batch * k);
+  candidates = 0;
   for (int64_t e = 0; e < batch; ++e) {
-    float* probs = trace.probs + e * nb;
-    for (int64_t j = 0; j < nb; ++j) {
-      const float z = logits[e * nb + j] + layer.policy_bias[j];
-      probs[j] = eps + scale * (1.0f / (1.0f + std::exp(-z)));
-      if (!exact_k) candidates += probs[j] > 0.5f;
-      order[j] = static_cast<int32_t>(j);
-    }
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [&](int32_t a, int32_t b) {
-                        const float pa = SortKey(probs[a]), pb = SortKey(probs[b]);
-                        return pa > pb || (pa == pb && a < b);
-                      });
-    for (int64_t s = 0; s < k; ++s) {
-      output.block[e * k + s] = order[s];
-      slot_prob[e * k + s] = probs[order[s]];
-    }
+    candidates += SelectTopK(scratch.logits.data() + e * nb, layer, policy, scratch.order,
+                             probs + e * nb, output.block.data() + e * k,
+                             slot_prob.data() + e * k);
   }
-  if (exact_k) candidates = batch * k;
 
   // 3. Per-block capacity: the C most probable wanting examples (ties: lower example).
   std::vector<int64_t> start(nb + 1, 0);
   for (int64_t slot = 0; slot < batch * k; ++slot) {
-    if (wants(slot_prob[slot])) ++start[output.block[slot] + 1];
+    if (policy.Wants(slot_prob[slot])) ++start[output.block[slot] + 1];
   }
   for (int64_t j = 0; j < nb; ++j) start[j + 1] += start[j];
   std::vector<Entry> entries(start[nb]);
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (int64_t slot = 0; slot < batch * k; ++slot) {
-    if (wants(slot_prob[slot])) {
+    if (policy.Wants(slot_prob[slot])) {
       entries[fill[output.block[slot]]++] = {slot_prob[slot], static_cast<int32_t>(slot / k),
                                              static_cast<int32_t>(slot % k)};
     }
@@ -407,21 +567,41 @@ Compact RunLayer(const Layer& layer, const float* x, const Compact* input,
       }
     }
     const float* bias = layer.bias + j * bs;
-    for (float* out : outs) {
-      for (int64_t c = 0; c < bs; ++c) out[c] = std::max(out[c] + bias[c], 0.0f);
-    }
+    for (float* out : outs) BiasRelu(bias, bs, out);
   });
+}
 
+// Runs one layer: selection, capacities, products. Writes the trace and the compact
+// output.
+void RunLayer(const Layer& layer, const float* x, const Compact* input, const Shape& shape,
+              Workers& workers, const Policy& policy, Scratch& scratch, const Trace& trace,
+              Compact& output) {
+  const int64_t batch = shape.batch, k = layer.example_capacity;
+  int64_t candidates = 0;
+  if (batch == 1) {
+    RunLayerBatch1(layer, x, input, shape, workers, policy, scratch, trace.probs, output,
+                   candidates);
+  } else {
+    RunLayerGrouped(layer, x, input, shape, workers, policy, scratch, trace.probs, output,
+                    candidates);
+  }
   std::copy(output.block.begin(), output.block.end(), trace.block_index);
   for (int64_t slot = 0; slot < batch * k; ++slot) trace.kept[slot] = output.kept[slot] != 0;
   trace.counts[0] = static_cast<int32_t>(candidates);
   trace.counts[1] = static_cast<int32_t>(output.num_kept);
-  return output;
 }
 
 // ---------------------------------------------------------------------- FFI glue
 
 constexpr int64_t kTraceOutputs = 4;  // block_index, kept, counts, probs per layer
+
+// What one thread keeps from call to call (capacity only; every call overwrites it).
+struct CallState {
+  std::vector<ffi::AnyBuffer> in, out;
+  std::vector<Layer> layers;
+  Compact hidden[2];  // layer l writes hidden[l % 2] from hidden[(l + 1) % 2]
+  Scratch scratch;
+};
 
 std::string DimsString(ffi::AnyBuffer::Dimensions dims) {
   std::string text = "[";
@@ -470,15 +650,19 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
       static_cast<int64_t>(rets.size()) != kTraceOutputs * num_layers + 1) {
     return ffi::Error::InvalidArgument("gated_mlp_forward: inconsistent layer count");
   }
-  std::vector<ffi::AnyBuffer> in;
-  in.reserve(args.size());
+  // Buffers kept by the calling thread between calls: no allocation per call once warm.
+  thread_local CallState state;
+  std::vector<ffi::AnyBuffer>& in = state.in;
+  std::vector<ffi::AnyBuffer>& out = state.out;
+  std::vector<Layer>& layers = state.layers;
+  in.clear();
+  out.clear();
+  layers.clear();
   for (size_t a = 0; a < args.size(); ++a) {
     ffi::ErrorOr<ffi::AnyBuffer> buffer = args.get<ffi::AnyBuffer>(a);
     if (buffer.has_error()) return buffer.error();
     in.push_back(*buffer);
   }
-  std::vector<ffi::AnyBuffer> out;
-  out.reserve(rets.size());
   for (size_t r = 0; r < rets.size(); ++r) {
     ffi::ErrorOr<ffi::Result<ffi::AnyBuffer>> buffer = rets.get<ffi::AnyBuffer>(r);
     if (buffer.has_error()) return buffer.error();
@@ -497,8 +681,6 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
     return error;
   }
 
-  std::vector<Layer> layers;
-  layers.reserve(num_layers);
   int64_t in_blocks = 0;
   for (int64_t l = 0; l < num_layers; ++l) {
     const ffi::AnyBuffer* buffers = &in[1 + 4 * l];
@@ -541,16 +723,17 @@ ffi::Error GatedMlpForwardImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ff
   try {
     const float* x = static_cast<const float*>(in[0].untyped_data());
     Workers workers(pool, num_threads);
-    Compact hidden;
+    const Policy policy{policy_eps, policy_scale, exact_k != 0};
     for (int64_t l = 0; l < num_layers; ++l) {
       const ffi::AnyBuffer* buffers = &out[1 + kTraceOutputs * l];
       const Trace trace{static_cast<int32_t*>(buffers[0].untyped_data()),
                         static_cast<bool*>(buffers[1].untyped_data()),
                         static_cast<int32_t*>(buffers[2].untyped_data()),
                         static_cast<float*>(buffers[3].untyped_data())};
-      hidden = RunLayer(layers[l], x, l == 0 ? nullptr : &hidden, shape, workers, policy_eps,
-                        policy_scale, exact_k != 0, trace);
+      RunLayer(layers[l], x, l == 0 ? nullptr : &state.hidden[(l + 1) % 2], shape, workers,
+               policy, state.scratch, trace, state.hidden[l % 2]);
     }
+    const Compact& hidden = state.hidden[(num_layers + 1) % 2];
     float* logits = static_cast<float*>(out[0].untyped_data());
     const float* bias = static_cast<const float*>(output_bias.untyped_data());
     for (int64_t e = 0; e < batch; ++e) std::copy(bias, bias + classes, logits + e * classes);
@@ -578,3 +761,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcjaxGatedMlpForward, ccjax::GatedMlpForwardImpl,
                                   .Attr<int64_t>("exact_k")
                                   .Attr<int64_t>("num_threads"));
 
+// What ffi_cpu.py checks before registering the handler: the build it came from and the
+// XLA FFI API version of the headers it was compiled against ("major.minor").
+extern "C" const char* CcjaxFfiBuildKey() { return CCJAX_BUILD_KEY; }
+extern "C" const char* CcjaxFfiApiVersion() {
+#define CCJAX_STRINGIFY(x) #x
+#define CCJAX_VERSION(major, minor) CCJAX_STRINGIFY(major) "." CCJAX_STRINGIFY(minor)
+  return CCJAX_VERSION(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+}
