@@ -14,8 +14,11 @@ Only float32 models run here (:func:`supports`); the backend selection gives oth
 dtypes to the XLA path.
 
 The library is loaded with ``ctypes`` and registered with
-:func:`jax.ffi.register_ffi_target` on first use; :func:`available` says whether that
-worked (it does not when no compiler was found at install time). Shapes and dtypes are
+:func:`jax.ffi.register_ffi_target` on first use, after checking it against the build
+stamp ``setup.py`` wrote beside it (:mod:`ccjax.inference.kernels.build_stamp`: a stale
+build, one for another jaxlib or XLA FFI API version is refused); :func:`available` says
+whether that worked and :func:`unavailable_reason` why not (e.g. no compiler was found at
+install time). Shapes and dtypes are
 checked here, before the call; the handler checks them again and only ever indexes with
 block ids it computed itself.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
+import importlib.metadata
 import os
 import pathlib
 
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccjax.inference import layout
+from ccjax.inference.kernels import build_stamp
 
 TARGET_NAME = "ccjax_gated_mlp_forward"
 _SYMBOL = "CcjaxGatedMlpForward"
@@ -50,19 +55,51 @@ def library_path() -> pathlib.Path | None:
   return None
 
 
+def _runtime_ffi_api() -> str | None:
+  """The XLA FFI API version of the running jaxlib (from its bundled ``c_api.h``)."""
+  try:
+    include = pathlib.Path(jax.ffi.include_dir())
+  except (AttributeError, OSError):
+    return None
+  return build_stamp.ffi_api_version(include / "xla" / "ffi" / "api" / "c_api.h")
+
+
+def _compiled_string(library: ctypes.CDLL, symbol: str) -> str | None:
+  """A ``const char* symbol()`` of the extension, or ``None`` when it has none."""
+  function = getattr(library, symbol, None)
+  if function is None:
+    return None
+  function.restype = ctypes.c_char_p
+  return function().decode()
+
+
 @functools.cache
 def _register() -> str | None:
-  """Loads and registers the handler once; returns why it is unavailable, or ``None``."""
+  """Loads, checks and registers the handler once; returns why it is unavailable, or
+  ``None``. The extension must match its build stamp (:mod:`build_stamp`): the same
+  build, the current C++ sources, the running jaxlib and a compatible XLA FFI API."""
   path = library_path()
+  here = pathlib.Path(__file__).resolve().parent
+  stamp = build_stamp.read_stamp(here)
   if path is None:
-    return (f"the {_LIBRARY_STEM} extension is not next to {pathlib.Path(__file__).parent} "
+    if stamp is not None and not stamp.get("built"):
+      return (f"the {_LIBRARY_STEM} extension was not compiled at install time "
+              f"({stamp.get('reason')})")
+    return (f"the {_LIBRARY_STEM} extension is not next to {here} "
             "(no C++ compiler at install time, or ccjax imported from a source tree that "
             "`pip install .` built elsewhere: use `pip install -e .` there)")
   try:
     library = ctypes.CDLL(str(path))
+    refused = build_stamp.refusal(
+        stamp, library_key=_compiled_string(library, "CcjaxFfiBuildKey"),
+        library_api=_compiled_string(library, "CcjaxFfiApiVersion"),
+        runtime_api=_runtime_ffi_api(), sources=build_stamp.source_digest(here),
+        runtime_jaxlib=importlib.metadata.version("jaxlib"))
+    if refused is not None:
+      return f"{path.name} not loaded: {refused}"
     handler = getattr(library, _SYMBOL)
     jax.ffi.register_ffi_target(TARGET_NAME, jax.ffi.pycapsule(handler), platform="cpu")
-  except (OSError, AttributeError, RuntimeError, ValueError) as error:
+  except (OSError, AttributeError, ImportError, RuntimeError, ValueError) as error:
     return f"loading {path.name} failed: {error}"
   return None
 
