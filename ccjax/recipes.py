@@ -40,6 +40,11 @@ RECIPES: Mapping[str, Mapping[str, Any]] = {
     # The biased relaxed estimators.
     "straight_through": {"estimator": "straight_through"},
     "gumbel": {"estimator": "gumbel"},
+    # The paper's method: REINFORCE (Bernoulli masks) and the threshold test policy.
+    "paper": {"estimator": "reinforce", "eval_policy": "threshold"},
+    # REINFORCE trained at the test-time budget: exact k-subsets (score function of the
+    # conditional Bernoulli), top_k at test time.
+    "reinforce_topk": {"estimator": "reinforce_top_k", "eval_policy": "top_k"},
     # Batch-shaping prior Beta(tau, 1 - tau) on every gate, weight 1 annealed to 0 over
     # 2,000 steps (Bejnordi et al. 2020 anneal it).
     "batchshape": {"batch_shaping_weight": 1.0, "batch_shaping_steps": 2000},
