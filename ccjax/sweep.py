@@ -42,7 +42,7 @@ CSV_FIELDS = ("label", "recipe", "model", "tau", "hidden", "seeds", "valid_error
               "valid_error_std", "test_error_mean", "test_error_std",
               "active_fraction_mean", "active_fraction_std", "macs_mean", "macs_std",
               "latency_ms_mean", "latency_ms_std", "train_time_s_mean", "train_time_s_std",
-              "lr", "lr_chosen_on", *DIFFERENCE_FIELDS)
+              "lr", "lr_chosen_on", "backend", *DIFFERENCE_FIELDS)
 
 
 def matched_dense_width(input_dim: int, num_layers: int, num_classes: int, target_macs: float,
@@ -100,6 +100,8 @@ def aggregate(label: str, model: str, tau: float | None, hidden: Sequence[int],
       ("latency_ms", [_latency(r) for r in results])):
     summary = stats.mean_std(values)
     row[f"{name}_mean"], row[f"{name}_std"] = summary.mean, summary.std
+  # The kernel backend of the sparse latency (absent for dense runs and unmeasured latency).
+  row["backend"] = "/".join(sorted({r["backend"] for r in results if r.get("backend")})) or None
   row["per_seed"] = {"test_error": [r["test_error"] for r in results],
                      "valid_error": [r.get("valid_error") for r in results]}
   return row
@@ -432,8 +434,9 @@ def write_tables(rows: list[dict[str, Any]], workdir: str, grid: Grid | None = N
   same_width = "widest dense" if capacity else "dense same width"
   lines = [f"| configuration | seeds | lr | valid error (%) | test error (%) "
            f"| gated − {same_width} (points) | gated − dense same MACs (points) "
-           "| active fraction | MACs / example (k) | batch-1 latency (ms) | train time (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| active fraction | MACs / example (k) | batch-1 latency (ms) | kernel backend "
+           "| train time (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     differences = [
         _format(row[f"test_error_minus_{name}_mean"], row[f"test_error_minus_{name}_ci95"], 100,
@@ -448,6 +451,7 @@ def write_tables(rows: list[dict[str, Any]], workdir: str, grid: Grid | None = N
         f"{_format(row['active_fraction_mean'], row['active_fraction_std'], 1, 3)} | "
         f"{_format(row['macs_mean'], row['macs_std'], 1e-3, 1)} | "
         f"{_format(row['latency_ms_mean'], row['latency_ms_std'], 1, 3)} | "
+        f"{row.get('backend') or 'n/a'} | "
         f"{_format(row.get('train_time_s_mean'), row.get('train_time_s_std'), 1, 1)} |")
   lines += [""] + _notes(grid, rows) + ([f"Command: `{command}`"] if command else [])
   md_path = os.path.join(workdir, "sweep.md")
