@@ -259,6 +259,27 @@ class TopKTrainStepTest(parameterized.TestCase):
     # Only the score-function estimator adds a REINFORCE term.
     self.assertEqual(float(metrics["reinforce"]) != 0.0, estimator == "reinforce_top_k")
 
+  @parameterized.parameters("reinforce_top_k", "noisy_top_k")
+  def test_composes_with_recipes_advantage_and_load_balance(self, estimator):
+    model = ccjax.GatedMLP(hidden=(16,), num_classes=3, block_size=2, estimator=estimator)
+    config = ccjax.TrainConfig(tau=0.25, estimator=estimator, advantage="standardized",
+                               warm_steps=1, tau_schedule="linear", tau_schedule_steps=4,
+                               load_balance_weight=0.1, batch_shaping_weight=0.1)
+    x = jax.random.normal(jax.random.key(2), (8, 5))
+    batch = {"x": x, "y": jnp.arange(8) % 3}
+    state = ccjax.init_train_state(model, config, jax.random.key(3), x)
+    step = jax.jit(ccjax.make_train_step(model, config))
+    state, metrics = step(state, batch)
+    np.testing.assert_array_equal(metrics["active_fraction"], [1.0])  # dense warm start
+    self.assertEqual(float(metrics["reinforce"]), 0.0)
+    for _ in range(2):
+      state, metrics = step(state, batch)
+    # After the warm start: exactly k = round(0.25 * 8) = 2 blocks (the final tau).
+    np.testing.assert_array_equal(metrics["active_fraction"], [0.25])
+    self.assertEqual(float(metrics["finite"]), 1.0)
+    self.assertTrue(0.0 < float(metrics["l_lb"]) <= 8.0)  # at most n = 8 blocks
+    self.assertIn("l_bs", metrics)
+
 
 if __name__ == "__main__":
   absltest.main()
