@@ -63,6 +63,8 @@ def main(argv):
   loop.quiet_library_logs()
   with cli.one_line_errors():
     config = lm.config_from_flags()
+    lm.reject_given((lm.SAMPLE, "samples from a trained run (experiments.lm)"),
+                    (lm.PROMPT, "is the prompt of experiments.lm --sample"))
     if _RANDOM.value:
       model, params = _calibrated_random(config)
     else:
