@@ -23,6 +23,10 @@ def _run(*flags):
 def test_tiny_benchmark_prints_json_with_schema():
   result = _run(*TINY, "--json")
   assert result.returncode == 0, result.stderr[-2000:]
+  # Progress on stderr: what runs, then each case with an ETA; no jax backend probing.
+  assert "benchmarking mlp at batch sizes [1, 8]: 2 cases" in result.stderr
+  assert "case 1 of 2: mlp batch 1" in result.stderr and "case 2 of 2 done" in result.stderr
+  assert "ETA" in result.stderr and "Unable to initialize backend" not in result.stderr
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert set(report) >= {"config", "machine", "backend", "results"}
   assert report["machine"]["cpu"] and report["backend"] in ("xla", "ffi-cpu", "pallas-gpu")
