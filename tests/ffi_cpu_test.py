@@ -304,8 +304,9 @@ def test_block_sizes_off_the_vector_panels(block_size, batch):
 
 @needs_extension
 def test_batch1_two_threads_equal_one(monkeypatch):
-  """Batch 1 with enough work per layer for the kernel to hand blocks to a second thread
-  (>= 2^18 multiply-adds in the gated layer): same bits as one thread, same blocks as XLA."""
+  """Batch 1 with work a minibatch loop would split over 2 threads (>= 2^18 multiply-adds
+  in the gated layer), asked for 1 and 2 threads: the batch-1 path stays on the calling
+  thread, same bits either way, same blocks as XLA."""
   block_size, widths = 64, (16 * 64, 16 * 64)
   module, params = _module(block_size, widths), _params(block_size, widths, 1.0, seed=12)
   model = layout.to_block_major(module, params)

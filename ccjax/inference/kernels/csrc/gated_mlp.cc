@@ -394,7 +394,9 @@ inline void BiasRelu(const float* bias, int64_t bs, float* out) {
 // Batch 1: one example per block and one triple per weight tile, so no capacity can bind
 // and every slot that wants its block runs. One matrix-vector product per kept block
 // (dense input) or per kept (input block, output block) tile, in slot order, the next
-// one prefetched while the current one is read; threads only where the products pay.
+// one prefetched while the current one is read. On the calling thread only: a second
+// core adds little read bandwidth to a few MB of tiles, and a helper preempted in the
+// middle of a block (a busy machine) makes the caller wait for milliseconds.
 void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
                     const Shape& shape, Workers& workers, const Policy& policy,
                     Scratch& scratch, float* probs, Compact& output, int64_t& candidates) {
@@ -419,11 +421,11 @@ void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
   if (input == nullptr) {
     const int64_t size = shape.input_dim * bs;  // one [in, bs] block
     const auto block = [&](int64_t r) { return layer.kernel + output.block[ran[r]] * size; };
-    workers.ParallelFor(num_ran, num_ran * size, [&](int64_t r) {
+    for (int64_t r = 0; r < num_ran; ++r) {
       float* out = output.hidden.data() + ran[r] * bs;
       RowTimesTile(x, out, block(r), shape.input_dim, bs, r + 1 < num_ran ? block(r + 1) : nullptr);
       BiasRelu(layer.bias + output.block[ran[r]] * bs, bs, out);
-    });
+    }
     return;
   }
   std::vector<int64_t>& inputs = scratch.inputs;  // kept input slots
@@ -436,7 +438,7 @@ void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
     return layer.kernel +
            (output.block[ran[r]] * layer.in_blocks + input->block[inputs[t]]) * bs * bs;
   };
-  workers.ParallelFor(num_ran, num_ran * num_inputs * bs * bs, [&](int64_t r) {
+  for (int64_t r = 0; r < num_ran; ++r) {
     float* out = output.hidden.data() + ran[r] * bs;
     for (int64_t t = 0; t < num_inputs; ++t) {
       const float* next = t + 1 < num_inputs ? tile(r, t + 1)
@@ -445,7 +447,7 @@ void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
       RowTimesTile(input->hidden.data() + inputs[t] * bs, out, tile(r, t), bs, bs, next);
     }
     BiasRelu(layer.bias + output.block[ran[r]] * bs, bs, out);
-  });
+  }
 }
 
 // Batch > 1: selection with the per-block and per-weight-tile capacities, then the kept
