@@ -6,8 +6,9 @@ r"""The prepared GPU measurement of issue 20 (one short run, < 6 minutes on an H
    (float32 and bfloat16) and ``--backend=xla`` (float32), each its own JSON as the CLI
    prints it;
 2. the roofline accounting of every pallas-gpu float32 call
-   (:mod:`ccjax.inference.gpu_roofline`): bytes and MACs, the bound at this device's
-   measured bandwidth and matmul rate, and the measured fraction of it;
+   (:mod:`ccjax.inference.roofline`, shared with ``scripts/cpu_roofline.py``): weight bytes
+   and MACs, the bound at this device's measured read bandwidth and float32 matmul rate
+   (``Precision.HIGHEST``), and the measured fraction of it;
 3. the train step of the reference net, gated vs dense (batch 128, medians).
 
 Everything lands in ``--out_dir`` (default ``$OUT``, else ``docs/bench``) as
@@ -42,7 +43,7 @@ import numpy as np
 import ccjax
 from ccjax import atomic
 from ccjax import timing
-from ccjax.inference import gpu_roofline
+from ccjax.inference import roofline
 from ccjax.inference import kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,8 +86,9 @@ def _reference_mlp(net: dict[str, Any], gated: bool = True) -> ccjax.GatedMLP:
                         block_size=net["block_size"], gated=gated)
 
 
-def accounting(net: dict[str, Any], bandwidth: float, mac_rate: float) -> list[dict[str, Any]]:
-  """Roofline entries of pallas-gpu float32 calls, one per batch size (own timing)."""
+def accounting(net: dict[str, Any], bandwidth_gbs: float, gmacs: float) -> list[dict[str, Any]]:
+  """Roofline entries (:mod:`ccjax.inference.roofline`) of pallas-gpu float32 calls, dense
+  and sparse, one per batch size (own timing; sparse cost averaged over the inputs)."""
   module = _reference_mlp(net)
   key = jax.random.PRNGKey(0)
   params = module.init({"params": key, "gate": key}, jnp.zeros((1, net["input_dim"])),
@@ -97,7 +99,6 @@ def accounting(net: dict[str, Any], bandwidth: float, mac_rate: float) -> list[d
   traced = ccjax.make_inference(module, params, capacities=capacities, backend="pallas-gpu")
   timed = ccjax.make_inference(module, params, capacities=capacities, backend="pallas-gpu",
                                with_info=False)
-  dense_macs = ccjax.dense_macs_per_example(module, (net["input_dim"],))
   entries = []
   for batch in net["batch_sizes"]:
     inputs = list(jax.random.normal(jax.random.PRNGKey(2 + batch),
@@ -105,18 +106,26 @@ def accounting(net: dict[str, Any], bandwidth: float, mac_rate: float) -> list[d
     latency = ccjax.measure_latency(module, params, inputs, repeats=net["repeats"],
                                     inference=timed)
     mask_sets = [[np.asarray(mask) for mask in traced(x)[1].masks] for x in inputs]
-    sparse_macs = float(np.mean([ccjax.macs_per_example(module, (net["input_dim"],), masks)
-                                 for masks in mask_sets]))
+    costs = [roofline.sparse_call(masks, net["input_dim"], net["block_size"],
+                                  net["num_classes"]) for masks in mask_sets]
+    sparse = roofline.CallCost(macs=float(np.mean([cost.macs for cost in costs])),
+                               weight_bytes=float(np.mean([c.weight_bytes for c in costs])))
+    dense = roofline.dense_call(net["input_dim"], net["hidden"], net["num_classes"], batch)
     entries.append({"batch_size": batch, "backend": traced.backend,
                     "active_fraction": [float(np.mean([masks[layer] for masks in mask_sets]))
                                         for layer in range(len(net["hidden"]))],
-                    **gpu_roofline.mlp_call_accounting(
-                        mask_sets, input_dim=net["input_dim"], hidden=net["hidden"],
-                        block_size=net["block_size"], num_classes=net["num_classes"],
-                        itemsize=4, sparse_macs=sparse_macs, dense_macs=float(dense_macs),
-                        sparse_ms=latency["sparse"], dense_ms=latency["dense"],
-                        bandwidth=bandwidth, mac_rate=mac_rate)})
+                    "dense": dense.report(latency["dense"], bandwidth_gbs, gmacs),
+                    "sparse": sparse.report(latency["sparse"], bandwidth_gbs, gmacs)})
   return entries
+
+
+def device_rates(net: dict[str, Any]) -> dict[str, float]:
+  """This device's read bandwidth and float32 matmul rate at ``Precision.HIGHEST`` (no
+  TF32: the precision the float32 kernels and references run at)."""
+  with jax.default_matmul_precision("highest"):
+    gmacs = roofline.matmul_gmacs(rows=net["matmul_size"], size=net["matmul_size"])
+  return {"read_bandwidth_gbs": roofline.device_read_gbs(net["bandwidth_mb"]),
+          "matmul_gmacs_float32_highest": gmacs}
 
 
 def train_step_times(net: dict[str, Any]) -> dict[str, Any]:
@@ -184,12 +193,10 @@ def main() -> None:
       bench[name] = [{key: entry.get(key) for key in ("batch_size", "dense_ms", "sparse_ms",
                                                       "ratio", "overflow_rate", "backend")}
                      for entry in report["results"]]
-  rates = _attempt(summary, "device_rates", lambda: {
-      "read_bandwidth_gbs": gpu_roofline.read_bandwidth(net["bandwidth_mb"]) / 1e9,
-      "matmul_gmacs_float32_highest": gpu_roofline.matmul_rate(net["matmul_size"]) / 1e9})
+  rates = _attempt(summary, "device_rates", device_rates, net)
   if "error" not in rates:
-    _attempt(summary, "roofline", accounting, net, rates["read_bandwidth_gbs"] * 1e9,
-             rates["matmul_gmacs_float32_highest"] * 1e9)
+    _attempt(summary, "roofline", accounting, net, rates["read_bandwidth_gbs"],
+             rates["matmul_gmacs_float32_highest"])
   _attempt(summary, "train_step", train_step_times, net)
   path = os.path.join(args.out_dir, f"gpu_bench_{device}.json")
   atomic.write_json(path, summary)

@@ -36,8 +36,8 @@ def test_tiny_run_writes_named_json_with_roofline_and_train_step(tmp_path):
   for entry in summary["roofline"]:
     assert entry["backend"] == "pallas-gpu"
     for call in ("dense", "sparse"):
-      assert entry[call]["bytes"] > 0 and entry[call]["fraction_of_bound"] > 0
-    assert entry["sparse"]["bytes"] < entry["dense"]["bytes"]
+      assert entry[call]["weight_mb"] > 0 and entry[call]["fraction_of_bound"] > 0
+    assert entry["sparse"]["weight_mb"] < entry["dense"]["weight_mb"]
   train = summary["train_step"]
   assert train["gated_ms"] > 0 and train["dense_ms"] > 0
 
