@@ -17,7 +17,6 @@ dense_macs / sparse_macs`` (MACs per example, policies included).
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 import ccjax
 from ccjax import atomic
 from ccjax import loop
+from ccjax import memory
 from ccjax import timing
 from experiments import cli
 
@@ -143,25 +143,9 @@ def estimate_bytes(config: dict[str, Any], family: str) -> int:
   return 2 * weight_bytes + (num_batches * batch + CALIBRATION_SIZE) * per_example
 
 
-def available_bytes() -> tuple[int, str]:
-  """Free memory of the device the benchmark runs on, and its name."""
-  device = jax.devices()[0]
-  stats = device.memory_stats() if device.platform != "cpu" else None
-  if stats and "bytes_limit" in stats:
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.platform} device"
-  try:
-    with open("/proc/meminfo") as stream:
-      for line in stream:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024, "host"
-  except OSError:
-    pass
-  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host"
-
-
 def check_memory(config: dict[str, Any]) -> None:
   """Raises ``ValueError`` (one line) if a family would need more memory than is free."""
-  available, where = available_bytes()
+  available, where = memory.available_bytes()
   for family in config["models"]:
     needed = estimate_bytes(config, family)
     if needed > available:
