@@ -2,7 +2,7 @@
 
 Every config type validates its own fields with these checks and raises
 :class:`ConfigError`; the entrypoints turn the field name into the flag name in one
-place (``experiments/flags.py``), so a rule is written once and its message names the
+place (``experiments/shared_flags.py``), so a rule is written once and its message names the
 flag the user typed.
 """
 

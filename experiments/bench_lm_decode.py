@@ -33,7 +33,7 @@ from ccjax import loop
 from ccjax import timing
 from ccjax.inference import api
 from experiments import cli
-from experiments import flags as shared
+from experiments import shared_flags as shared
 from experiments import lm
 
 _REPEATS = flags.DEFINE_integer("repeats", 200, "Timed calls per variant.")

@@ -5,7 +5,7 @@ r"""Trains a conditional-computation network (or its dense baseline) from flags.
       --block_size=64 --tau=0.25
 
 All logic lives in :mod:`ccjax.loop`; the flags shared with ``experiments.sweep`` are
-defined in :mod:`experiments.flags`. Bad flags or data exit with status 2 and a one-line
+defined in :mod:`experiments.shared_flags`. Bad flags or data exit with status 2 and a one-line
 message; nothing is written.
 """
 
@@ -18,7 +18,7 @@ from ccjax import config as config_lib
 from ccjax import loop
 from ccjax import parallel
 from experiments import cli
-from experiments import flags as shared
+from experiments import shared_flags as shared
 from experiments import named_configs
 
 _MODEL = flags.DEFINE_enum("model", "condnet", config_lib.MODELS,

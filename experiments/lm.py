@@ -30,7 +30,7 @@ from ccjax import lm_train
 from ccjax import loop
 from ccjax import step as step_lib
 from experiments import cli
-from experiments import flags as shared
+from experiments import shared_flags as shared
 
 _DEFAULT = lm_train.LMConfig()
 # The shared flags keep their names (--dataset, --steps, --batch_size, --block_size, ...)

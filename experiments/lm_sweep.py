@@ -63,7 +63,7 @@ from ccjax import stats
 from ccjax import sweep
 from ccjax import validation
 from experiments import cli
-from experiments import flags as shared
+from experiments import shared_flags as shared
 from experiments import lm
 
 _SEEDS = shared.define_number_list("seeds", (0, 1, 2), "Seeds of every variant.", int)

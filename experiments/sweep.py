@@ -8,7 +8,7 @@ r"""Seeds x tau grid of condnets with two dense baselines; writes sweep.csv, swe
   python -m experiments.sweep --config=mnist1d_capacity --workdir=runs/capacity --seeds=0,1,2,3,4
 
 Runs go through the same code path as ``experiments.condnet`` and take the same flags
-(:mod:`experiments.flags`), with ``--taus`` and ``--seeds`` lists instead of ``--tau`` and
+(:mod:`experiments.shared_flags`), with ``--taus`` and ``--seeds`` lists instead of ``--tau`` and
 ``--seed``; one subdirectory per run, resumable. ``--config`` starts from a named config
 (:mod:`experiments.named_configs`). Every value is validated before the first run starts
 and before anything is written; tables (sweep.md, sweep.csv, sweep.json) report mean ±
@@ -33,7 +33,7 @@ from ccjax import loop
 from ccjax import plots
 from ccjax import sweep
 from experiments import cli
-from experiments import flags as shared
+from experiments import shared_flags as shared
 from experiments import named_configs
 
 _SEEDS = shared.define_number_list("seeds", (0, 1, 2), "Comma list of seeds.", int)

@@ -89,6 +89,9 @@ def test_cli_digits_writes_every_output(cli_run):
   assert 0.0 <= results["test_error"] <= 1.0
   assert results["macs_per_example"] < results["dense_macs_per_example"]
   assert results["flags"]["hidden"] == [32, 32]
+  # The entrypoint's own flags (defined in experiments/condnet.py) are recorded too.
+  assert results["flags"]["model"] == "condnet" and results["flags"]["seed"] == 0
+  assert results["flags"]["tau"] == [0.25]
   for name in ("block_probabilities.png", "class_block_map.png", "learning_curves.png"):
     with open(os.path.join(workdir, "plots", name), "rb") as stream:
       content = stream.read()

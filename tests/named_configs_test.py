@@ -11,7 +11,7 @@ import pytest
 from ccjax import config as config_lib
 from ccjax import sweep
 from ccjax import validation
-from experiments import flags as shared
+from experiments import shared_flags as shared
 from experiments import named_configs
 from tests import experiment_utils
 

@@ -1,4 +1,6 @@
-"""Flags shared by ``experiments.condnet`` and ``experiments.sweep``, defined once.
+"""Flags shared by the ``experiments`` entrypoints (condnet, sweep, lm, ...), defined once.
+
+(Named ``shared_flags`` so that it does not shadow absl's ``flags``.)
 
 Each flag is named like the :class:`ccjax.ExperimentConfig` / :class:`ccjax.TrainConfig`
 field it sets, is typed (absl parses numbers and choices, with one-line errors) and
@@ -17,6 +19,7 @@ from ccjax import estimators
 from ccjax import schedules
 from ccjax import step as step_lib
 from ccjax import validation
+from experiments import cli
 
 
 class _NumberListParser(flags.ArgumentParser):
@@ -217,10 +220,8 @@ def config_from_flags(**fields) -> config_lib.ExperimentConfig:
 
 
 def experiment_flag_values() -> dict:
-  """``{name: value}`` of every flag defined by the ``experiments`` entrypoints."""
-  values = {}
-  for module_name, module_flags in flags.FLAGS.flags_by_module_dict().items():
-    if module_name.startswith("experiments") or module_name == "__main__":
-      values.update({flag.name: flag.value for flag in module_flags})
-  return {name: list(value) if isinstance(value, tuple) else value
-          for name, value in sorted(values.items())}
+  """``{name: value}`` of every flag the running entrypoint defines
+  (:func:`experiments.cli.own_flags`: the ``experiments`` modules' and the main module's,
+  e.g. ``--model`` and ``--seed`` of ``python -m experiments.condnet``)."""
+  return {flag.name: list(flag.value) if isinstance(flag.value, tuple) else flag.value
+          for flag in sorted(cli.own_flags(), key=lambda flag: flag.name)}
