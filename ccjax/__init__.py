@@ -56,6 +56,7 @@ from ccjax.inference.kernels import available_backends as available_backends
 from ccjax.inference.kernels import select_backend as select_backend
 from ccjax.inference.layout import BlockMajorMLP as BlockMajorMLP
 from ccjax.inference.layout import to_block_major as to_block_major
+from ccjax.gate_settings import GateSettings as GateSettings
 from ccjax.layers import ACTIVATION_TOP_K as ACTIVATION_TOP_K
 from ccjax.layers import activation_top_k_mask as activation_top_k_mask
 from ccjax.layers import BlockPolicy as BlockPolicy
@@ -168,6 +169,7 @@ __all__ = (
     "expected_gated_mlp_macs",
     "ExperimentConfig",
     "GateAux",
+    "GateSettings",
     "gated_cnn_macs",
     "gated_mlp_macs",
     "GatedCNN",

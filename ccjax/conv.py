@@ -22,16 +22,16 @@ ungated), and keep their policy parameters under a sub-module named ``policy``, 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ccjax import flops
+from ccjax import gate_settings as gate_settings_lib
 from ccjax import gating
 from ccjax import layers
-from ccjax import policy as policy_lib
 from ccjax import validation
 
 CHANNEL_GATE = "channel"
@@ -53,7 +53,7 @@ def pooled_policy_input(inputs: jax.Array) -> jax.Array:
   return jnp.mean(jax.lax.stop_gradient(inputs), axis=(1, 2))
 
 
-class GatedConv(nn.Module):
+class GatedConv(gate_settings_lib.GateFields):
   """A ``SAME``-padded 2-D convolution whose output channels are gated in blocks.
 
   ``y = mask(policy(pool(stop_gradient(x)))) * activation(conv(x))``, the mask expanded
@@ -61,38 +61,24 @@ class GatedConv(nn.Module):
 
   Attributes:
     features: output channels; a multiple of ``block_size``.
-    block_size: channels per gated block.
     kernel_size: square kernel side.
     strides: spatial stride (both axes).
     activation: elementwise nonlinearity applied before masking.
-    gated: ``False`` gives a plain conv layer (``aux=None``).
-    estimator: how ``mode='sample'`` draws masks (``reinforce``, ``straight_through``,
-      ``gumbel``).
-    policy_eps: probability bound of the policy.
-    policy_init_prob: initial probability of every block.
-    gumbel_temperature: temperature of the ``gumbel`` estimator.
-    dtype: computation dtype of the convolution (the policy runs in float32).
-    policy_hidden: hidden units of the policy (:class:`ccjax.BlockPolicy`), 0: linear.
+    block_size, gated, estimator, policy_init_prob, policy_eps, policy_hidden,
+      gumbel_temperature, dtype: the :class:`ccjax.GateSettings` fields (keyword-only;
+      ``block_size`` defaults to 8 channels here); ``dtype`` is the convolution's.
   """
   features: int
-  block_size: int = 8
   kernel_size: int = 3
   strides: int = 1
   activation: Callable[[jax.Array], jax.Array] = nn.relu
-  gated: bool = True
-  estimator: str = "reinforce"
-  policy_eps: float = policy_lib.DEFAULT_EPS
-  policy_init_prob: float = 0.5
-  gumbel_temperature: float = 0.5
-  dtype: Any = None
-  policy_hidden: int = 0
+  block_size: int = gate_settings_lib.block_size_default(8)
 
   def __post_init__(self):
     gating.validate_block_size(self.features, self.block_size, "features")
     validation.check_int("kernel_size", self.kernel_size)
     validation.check_int("strides", self.strides)
-    layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
-    layers.validate_policy_hidden(self.policy_hidden)
+    self.gate_settings.validate(num_gated_layers=1)
     super().__post_init__()
 
   @property
@@ -142,7 +128,7 @@ def residual_branch(convs: Sequence[Callable[[jax.Array], jax.Array]],
   return hidden
 
 
-class GatedResidualBlock(nn.Module):
+class GatedResidualBlock(gate_settings_lib.GateFields):
   """A residual block that runs per example only when its policy says so.
 
   ``y = x + u * branch(x)`` with ``u ~ Bernoulli(policy(pool(stop_gradient(x))))``, one
@@ -153,25 +139,19 @@ class GatedResidualBlock(nn.Module):
   Attributes:
     kernel_size: square kernel side.
     num_convs: convolutions in the branch, >= 1.
-    gated: ``False`` always runs the branch (``aux=None``).
-    estimator, policy_eps, policy_init_prob, gumbel_temperature, dtype, policy_hidden: as
-      in :class:`GatedConv`; ``policy_init_prob`` is the initial probability of running.
+    gated, estimator, policy_init_prob, policy_eps, policy_hidden, gumbel_temperature,
+      dtype: the :class:`ccjax.GateSettings` fields (keyword-only), as in
+      :class:`GatedConv`; ``gated=False`` always runs the branch (``aux=None``) and
+      ``policy_init_prob`` is the initial probability of running. ``block_size`` is not
+      read: the block is one gate.
   """
   kernel_size: int = 3
   num_convs: int = 2
-  gated: bool = True
-  estimator: str = "reinforce"
-  policy_eps: float = policy_lib.DEFAULT_EPS
-  policy_init_prob: float = 0.5
-  gumbel_temperature: float = 0.5
-  dtype: Any = None
-  policy_hidden: int = 0
 
   def __post_init__(self):
     validation.check_int("kernel_size", self.kernel_size)
     validation.check_int("num_convs", self.num_convs)
-    layers.validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
-    layers.validate_policy_hidden(self.policy_hidden)
+    self.gate_settings.validate(num_gated_layers=1)
     super().__post_init__()
 
   @nn.compact
@@ -217,7 +197,7 @@ class GateLayer(NamedTuple):
   stage: int
 
 
-class GatedCNN(nn.Module):
+class GatedCNN(gate_settings_lib.GateFields):
   """A small gated CNN: stem conv, stages of (channel-gated conv, skippable residual blocks).
 
   ``x -> relu(stem conv) -> for each stage: GatedConv(stage_features[s], stride
@@ -234,33 +214,25 @@ class GatedCNN(nn.Module):
     stage_features: output channels of each stage's gated conv, multiples of ``block_size``.
     strides: stride of each stage's gated conv: one value or one per stage.
     residual_blocks: skippable residual blocks per stage, >= 0.
-    block_size: channels per gated block.
     kernel_size: square kernel side of every conv.
     num_convs: convolutions per residual branch, >= 1.
-    gated: gate the channel convs and residual blocks.
-    estimator: ``reinforce`` | ``straight_through`` | ``gumbel``.
-    policy_init_prob: initial probability, one value or one per gated layer.
-    policy_eps: probability bound of the policies.
     image_shape: optional ``(height, width, channels)``; inputs of rank 2
       ``[batch, height * width * channels]`` are reshaped to it (e.g. flattened digits).
-    dtype: computation dtype of the convolutions.
-    policy_hidden: hidden units of every policy (:class:`ccjax.BlockPolicy`), 0: linear.
+    block_size, gated, estimator, policy_init_prob, policy_eps, policy_hidden,
+      gumbel_temperature, dtype: the :class:`ccjax.GateSettings` fields (keyword-only;
+      ``block_size`` defaults to 8 channels here), given to every gated layer;
+      ``policy_init_prob`` is one value or one per gated layer, ``dtype`` that of the
+      convolutions.
   """
   num_classes: int
   stem_features: int = 16
   stage_features: Sequence[int] = (32, 64)
   strides: int | Sequence[int] = 2
   residual_blocks: int = 1
-  block_size: int = 8
   kernel_size: int = 3
   num_convs: int = 2
-  gated: bool = True
-  estimator: str = "reinforce"
-  policy_init_prob: float | Sequence[float] = 0.5
-  policy_eps: float = policy_lib.DEFAULT_EPS
   image_shape: Sequence[int] | None = None
-  dtype: Any = None
-  policy_hidden: int = 0
+  block_size: int = gate_settings_lib.block_size_default(8)
 
   def __post_init__(self):
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -277,14 +249,12 @@ class GatedCNN(nn.Module):
       raise ValueError(f"residual_blocks must be an integer >= 0, got {self.residual_blocks!r}")
     validation.check_int("kernel_size", self.kernel_size)
     validation.check_int("num_convs", self.num_convs)
-    layers.validate_gate_settings(self.estimator, self.policy_eps, validation.per_layer_values(
-        self.policy_init_prob, len(self.gate_layers()), "policy_init_prob"))
+    self.gate_settings.validate(num_gated_layers=len(self.gate_layers()))
     if self.image_shape is not None and (
         len(self.image_shape) != 3 or any(not isinstance(d, int) or d <= 0
                                           for d in self.image_shape)):
       raise ValueError(f"image_shape must be (height, width, channels) of positive integers "
                        f"or None, got {self.image_shape!r}")
-    layers.validate_policy_hidden(self.policy_hidden)
     super().__post_init__()
 
   def stage_strides(self) -> tuple[int, ...]:
@@ -386,8 +356,6 @@ class GatedCNN(nn.Module):
     gate_layers = self.gate_layers()
     capacities = (None,) * len(gate_layers) if capacity is None else validation.per_layer_values(
         capacity, len(gate_layers), "capacity")
-    init_probs = validation.per_layer_values(self.policy_init_prob, len(gate_layers),
-                                         "policy_init_prob")
     if block_masks is not None and len(block_masks) != len(gate_layers):
       raise ValueError(f"block_masks needs one mask per gated layer ({len(gate_layers)}), "
                        f"got {len(block_masks)}")
@@ -397,12 +365,11 @@ class GatedCNN(nn.Module):
                              name=_STEM_NAME)(self.as_images(inputs)))
     aux = []
     for index, layer in enumerate(gate_layers):
-      common = dict(gated=self.gated, estimator=self.estimator, policy_eps=self.policy_eps,
-                    policy_init_prob=init_probs[index], dtype=self.dtype,
-                    policy_hidden=self.policy_hidden, name=layer.name)
+      common = dict(name=layer.name,
+                    **self.gate_settings.layer(index, len(gate_layers)).as_kwargs())
       if layer.kind == CHANNEL_GATE:
-        module = GatedConv(self.stage_features[layer.stage], block_size=self.block_size,
-                           kernel_size=self.kernel_size, strides=strides[layer.stage], **common)
+        module = GatedConv(self.stage_features[layer.stage], kernel_size=self.kernel_size,
+                           strides=strides[layer.stage], **common)
       else:
         module = GatedResidualBlock(kernel_size=self.kernel_size, num_convs=self.num_convs,
                                     **common)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ccjax import estimators
+from ccjax import gate_settings as gate_settings_lib
 from ccjax import gating
 from ccjax import policy as policy_lib
 from ccjax import validation
@@ -37,6 +38,10 @@ from ccjax import validation
 POLICY_MODULE_NAME = "policy"
 _POLICY_DENSE_NAME = "logits"   # the Dense inside BlockPolicy
 _POLICY_HIDDEN_NAME = "hidden"  # BlockPolicy's optional hidden layer
+
+GateSettings = gate_settings_lib.GateSettings
+validate_gate_settings = gate_settings_lib.validate_gate_settings
+validate_policy_hidden = gate_settings_lib.validate_policy_hidden
 
 
 class GateAux(NamedTuple):
@@ -87,16 +92,6 @@ def activation_top_k_mask(activations: jax.Array, num_blocks: int,
   norms = jnp.sum(jnp.square(jax.lax.stop_gradient(blocked)), axis=-1)
   _, top_idx = jax.lax.top_k(norms, capacity)
   return jnp.sum(jax.nn.one_hot(top_idx, num_blocks, dtype=jnp.float32), axis=-2)
-
-
-def validate_gate_settings(estimator: str, policy_eps: float, policy_init_prob) -> None:
-  """Checks a gated module's policy settings (one init prob or a sequence of them)."""
-  estimators.get(estimator)  # raises, naming the registered estimators
-  policy_lib.validate_eps(policy_eps)
-  probs = (policy_init_prob,) if isinstance(policy_init_prob, (int, float)) else policy_init_prob
-  for prob in probs:
-    if not isinstance(prob, (int, float)) or not 0.0 < prob < 1.0:
-      raise ValueError(f"policy_init_prob must be in (0, 1), got {prob!r}")
 
 
 def _logit(prob: float) -> float:
@@ -259,11 +254,6 @@ class BlockPolicy(nn.Module):
     return policy_lib.policy_probs(logits, self.eps)
 
 
-def validate_policy_hidden(policy_hidden: Any) -> int:
-  """``policy_hidden`` if it is an integer >= 0 (the policy's hidden units; 0: linear)."""
-  return validation.check_int("policy_hidden", policy_hidden, minimum=0)
-
-
 def require_linear_policy(module: nn.Module) -> None:
   """Raises ``ValueError`` (one line) if ``module``'s policies have a hidden layer.
 
@@ -332,7 +322,7 @@ def with_policy_bias(params, layer_name: str, bias: jax.Array):
   return {**params, layer_name: layer}
 
 
-class GatedDense(nn.Module):
+class GatedDense(gate_settings_lib.GateFields):
   """A dense layer whose output units are switched on and off in blocks.
 
   ``y = mask(policy(stop_gradient(x))) * activation(x @ W + b)``. Training computes the
@@ -340,33 +330,17 @@ class GatedDense(nn.Module):
 
   Attributes:
     features: output units; must be a multiple of ``block_size``.
-    block_size: units per gated block.
     activation: elementwise nonlinearity applied before masking.
-    gated: ``False`` gives a plain dense layer (the dense baseline) and ``aux=None``.
-    estimator: how ``mode='sample'`` draws masks (``reinforce``, ``straight_through``,
-      ``gumbel``) or, for ``router``, picks the ``capacity`` most probable blocks.
-    policy_eps: probability bound of the policy.
-    policy_init_prob: initial probability of every block.
-    gumbel_temperature: temperature of the ``gumbel`` estimator.
-    dtype: computation dtype of the dense product (``None``: inferred from inputs);
-      the policy always runs in float32.
-    policy_hidden: hidden units of the policy (:class:`BlockPolicy`), 0: linear.
+    block_size, gated, estimator, policy_init_prob, policy_eps, policy_hidden,
+      gumbel_temperature, dtype: the :class:`ccjax.GateSettings` fields (keyword-only;
+      ``module.gate_settings`` reads them back); ``policy_init_prob`` is one value here.
   """
   features: int
-  block_size: int = 64
   activation: Callable[[jax.Array], jax.Array] = nn.relu
-  gated: bool = True
-  estimator: str = "reinforce"
-  policy_eps: float = policy_lib.DEFAULT_EPS
-  policy_init_prob: float = 0.5
-  gumbel_temperature: float = 0.5
-  dtype: Any = None
-  policy_hidden: int = 0
 
   def __post_init__(self):
     gating.validate_block_size(self.features, self.block_size, "features")
-    validate_gate_settings(self.estimator, self.policy_eps, self.policy_init_prob)
-    validate_policy_hidden(self.policy_hidden)
+    self.gate_settings.validate(num_gated_layers=1)
     super().__post_init__()
 
   @property
@@ -402,7 +376,7 @@ class GatedDense(nn.Module):
     return gating.apply_block_mask(outputs, aux.mask), aux
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(gate_settings_lib.GateFields):
   """Gated hidden layers followed by a plain linear output layer.
 
   With ``gated=False`` the same module is the dense baseline (same parameters minus
@@ -411,28 +385,18 @@ class GatedMLP(nn.Module):
   Attributes:
     hidden: widths of the hidden layers, each a multiple of ``block_size``.
     num_classes: output logits.
-    block_size: units per gated block.
-    gated: gate the hidden layers.
-    estimator: see :class:`GatedDense`.
-    policy_init_prob: one initial block probability, or one per hidden layer.
-    policy_eps: probability bound of the policies.
-    dtype: computation dtype of the dense products.
     flatten: inputs ``[batch, ...]`` are flattened to ``[batch, in]`` (one mask per
       example); ``False`` keeps ``[..., in]`` and gives one mask per leading index (per
       token: ``[batch, seq, in]`` -> masks ``[batch, seq, blocks]``, logits ``[batch,
       seq, num_classes]``).
-    policy_hidden: hidden units of every policy (:class:`BlockPolicy`), 0: linear.
+    block_size, gated, estimator, policy_init_prob, policy_eps, policy_hidden,
+      gumbel_temperature, dtype: the :class:`ccjax.GateSettings` fields (keyword-only),
+      given to every hidden layer; ``policy_init_prob`` is one value or one per hidden
+      layer.
   """
   hidden: Sequence[int]
   num_classes: int
-  block_size: int = 64
-  gated: bool = True
-  estimator: str = "reinforce"
-  policy_init_prob: float | Sequence[float] = 0.5
-  policy_eps: float = policy_lib.DEFAULT_EPS
-  dtype: Any = None
   flatten: bool = True
-  policy_hidden: int = 0
 
   def __post_init__(self):
     if len(self.hidden) == 0:
@@ -441,10 +405,7 @@ class GatedMLP(nn.Module):
       gating.validate_block_size(width, self.block_size, f"hidden[{index}]")
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
       raise ValueError(f"num_classes must be an integer >= 2, got {self.num_classes!r}")
-    validate_gate_settings(self.estimator, self.policy_eps,
-                           validation.per_layer_values(self.policy_init_prob, len(self.hidden),
-                                      "policy_init_prob"))
-    validate_policy_hidden(self.policy_hidden)
+    self.gate_settings.validate(num_gated_layers=len(self.hidden))
     super().__post_init__()
 
   def gate_names(self) -> tuple[str, ...]:
@@ -482,7 +443,6 @@ class GatedMLP(nn.Module):
     """
     hidden = inputs.reshape(inputs.shape[0], -1) if self.flatten else inputs
     num_layers = len(self.hidden)
-    init_probs = validation.per_layer_values(self.policy_init_prob, num_layers, "policy_init_prob")
     capacities = (None,) * num_layers if capacity is None else validation.per_layer_values(
         capacity, num_layers, "capacity")
     if block_masks is not None and len(block_masks) != num_layers:
@@ -491,10 +451,7 @@ class GatedMLP(nn.Module):
     aux = []
     for index, (width, name) in enumerate(zip(self.hidden, self.gate_names())):
       hidden, layer_aux = GatedDense(
-          width, block_size=self.block_size, gated=self.gated, estimator=self.estimator,
-          policy_eps=self.policy_eps, policy_init_prob=init_probs[index], dtype=self.dtype,
-          policy_hidden=self.policy_hidden,
-          name=name)(hidden, mode=mode, capacity=capacities[index],
+          width, name=name, **self.gate_settings.layer(index, num_layers).as_kwargs())(hidden, mode=mode, capacity=capacities[index],
                      block_mask=None if block_masks is None else block_masks[index])
       aux.append(layer_aux)
     logits = nn.Dense(self.num_classes, name=_OUTPUT_NAME, dtype=self.dtype)(hidden)

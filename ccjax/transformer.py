@@ -23,10 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ccjax import estimators
 from ccjax import flops
+from ccjax import gate_settings as gate_settings_lib
 from ccjax import layers
-from ccjax import policy as policy_lib
 from ccjax import validation
 
 _MLP_NAME = "mlp"
@@ -74,36 +73,27 @@ class CausalSelfAttention(nn.Module):
     return nn.Dense(dim, name="out", dtype=self.dtype)(out)
 
 
-def _gated_mlp(d_model: int, mlp_width: int, block_size: int, gated: bool, estimator: str,
-               init_prob: float, eps: float, dtype: Any, **kwargs) -> layers.GatedMLP:
+def _gated_mlp(d_model: int, mlp_width: int, settings: gate_settings_lib.GateSettings,
+               **kwargs) -> layers.GatedMLP:
   """The MLP of one block: ``[..., d] -> [..., d]``, one mask per position."""
-  return layers.GatedMLP(
-      hidden=(mlp_width,), num_classes=d_model, block_size=block_size, gated=gated,
-      estimator=estimator, policy_init_prob=init_prob, policy_eps=eps, dtype=dtype,
-      flatten=False, **kwargs)
+  return layers.GatedMLP(hidden=(mlp_width,), num_classes=d_model, flatten=False,
+                         **settings.as_kwargs(), **kwargs)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(gate_settings_lib.GateFields):
   """Pre-LN attention + gated MLP (a one-hidden-layer :class:`ccjax.GatedMLP`), residual.
 
   Attributes:
     num_heads: attention heads.
     max_len: longest sequence.
-    mlp_width, block_size, gated, estimator, policy_init_prob, policy_eps: the MLP's
-      settings (see :class:`GatedTransformer`).
-    dtype: computation dtype.
-    policy_hidden: hidden units of the MLP's policy, 0: linear.
+    mlp_width: the MLP's hidden units.
+    block_size, gated, estimator, policy_init_prob, policy_eps, policy_hidden,
+      gumbel_temperature, dtype: the MLP's :class:`ccjax.GateSettings` (keyword-only; one
+      ``policy_init_prob``); ``dtype`` is also the attention's.
   """
   num_heads: int
   max_len: int
   mlp_width: int
-  block_size: int
-  gated: bool
-  estimator: str
-  policy_init_prob: float
-  policy_eps: float
-  dtype: Any = None
-  policy_hidden: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, mode: str, capacity: int | None,
@@ -116,16 +106,14 @@ class TransformerBlock(nn.Module):
     hidden = nn.LayerNorm(name="ln_mlp", dtype=self.dtype)(x)
     if mlp_fn is not None:
       return x + mlp_fn(hidden), None
-    mlp = _gated_mlp(x.shape[-1], self.mlp_width, self.block_size, self.gated, self.estimator,
-                     self.policy_init_prob, self.policy_eps, self.dtype,
-                     policy_hidden=self.policy_hidden, name=_MLP_NAME)
+    mlp = _gated_mlp(x.shape[-1], self.mlp_width, self.gate_settings, name=_MLP_NAME)
     out, aux = mlp(
         hidden, mode=mode, capacity=capacity,
         block_masks=None if block_mask is None else (block_mask,))
     return x + out, aux[0]
 
 
-class GatedTransformer(nn.Module):
+class GatedTransformer(gate_settings_lib.GateFields):
   """Decoder-only byte/token language model with per-token gated MLPs.
 
   Attributes:
@@ -135,14 +123,12 @@ class GatedTransformer(nn.Module):
     d_model: model width.
     num_heads: attention heads; must divide ``d_model``.
     mlp_width: MLP hidden units, a multiple of ``block_size``.
-    block_size: units per gated block.
-    gated: gate the MLP hidden layers; ``False`` is the dense baseline.
-    estimator: see :class:`ccjax.GatedDense`.
-    policy_init_prob: initial block probability, one value or one per layer.
-    policy_eps: probability bound of the policies.
-    dtype: computation dtype.
-    policy_hidden: hidden units of every MLP's policy (:class:`ccjax.BlockPolicy`), 0:
-      linear (the only policy sparse inference runs).
+    block_size, gated, estimator, policy_init_prob, policy_eps, policy_hidden,
+      gumbel_temperature, dtype: the :class:`ccjax.GateSettings` of every MLP
+      (keyword-only; ``block_size`` defaults to 32 here); ``gated=False`` is the dense
+      baseline, ``policy_init_prob`` is one value or one per layer, ``policy_hidden > 0``
+      is evaluated masked-dense only (sparse inference runs linear policies), ``dtype``
+      is the whole model's computation dtype.
   """
   vocab_size: int = 256
   max_len: int = 64
@@ -150,13 +136,7 @@ class GatedTransformer(nn.Module):
   d_model: int = 128
   num_heads: int = 4
   mlp_width: int = 512
-  block_size: int = 32
-  gated: bool = True
-  estimator: str = "reinforce"
-  policy_init_prob: float | Sequence[float] = 0.5
-  policy_eps: float = policy_lib.DEFAULT_EPS
-  dtype: Any = None
-  policy_hidden: int = 0
+  block_size: int = gate_settings_lib.block_size_default(32)
 
   def __post_init__(self):
     for name in ("vocab_size", "max_len", "num_layers", "d_model", "num_heads"):
@@ -165,13 +145,8 @@ class GatedTransformer(nn.Module):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if self.d_model % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}")
-    if self.estimator not in estimators.ESTIMATORS:
-      raise ValueError(f"estimator must be one of {'|'.join(estimators.ESTIMATORS)}, "
-                       f"got {self.estimator!r}")
-    for init_prob in self._init_probs():  # validates mlp_width, block_size, policy settings
-      _gated_mlp(self.d_model, self.mlp_width, self.block_size, self.gated, self.estimator,
-                 init_prob, self.policy_eps, self.dtype, policy_hidden=self.policy_hidden,
-                 parent=None)
+    for layer in range(self.num_layers):  # validates mlp_width, block_size, policy settings
+      self.mlp_module(layer)
     super().__post_init__()
 
   @property
@@ -185,13 +160,8 @@ class GatedTransformer(nn.Module):
 
   def mlp_module(self, layer: int) -> layers.GatedMLP:
     """The (unbound) :class:`ccjax.GatedMLP` of block ``layer``: ``[..., d] -> [..., d]``."""
-    return _gated_mlp(self.d_model, self.mlp_width, self.block_size, self.gated,
-                      self.estimator, self._init_probs()[layer], self.policy_eps, self.dtype,
-                      policy_hidden=self.policy_hidden, parent=None)
-
-  def _init_probs(self) -> tuple[float, ...]:
-    return tuple(validation.per_layer_values(self.policy_init_prob, self.num_layers,
-                                             "policy_init_prob"))
+    return _gated_mlp(self.d_model, self.mlp_width,
+                      self.gate_settings.layer(layer, self.num_layers), parent=None)
 
   def mlp_params(self, params) -> tuple[Any, ...]:
     """The parameters of each block's MLP (for :meth:`mlp_module`), in layer order."""
@@ -241,9 +211,8 @@ class GatedTransformer(nn.Module):
     aux = []
     for index, name in enumerate(self.gate_names()):
       x, layer_aux = TransformerBlock(
-          self.num_heads, self.max_len, self.mlp_width, self.block_size, self.gated,
-          self.estimator, self._init_probs()[index], self.policy_eps, self.dtype,
-          policy_hidden=self.policy_hidden, name=name)(
+          self.num_heads, self.max_len, self.mlp_width, name=name,
+          **self.gate_settings.layer(index, self.num_layers).as_kwargs())(
               x, mode=mode, capacity=capacities[index],
               block_mask=None if block_masks is None else block_masks[index], decode=decode,
               mlp_fn=None if mlp_fns is None else mlp_fns[index])

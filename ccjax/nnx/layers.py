@@ -24,12 +24,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ccjax import gate_settings as gate_settings_lib
 from ccjax import gating
 from ccjax import layers as linen_layers
 from ccjax import policy as policy_lib
 from ccjax import validation
 
 GateAux = linen_layers.GateAux
+
+
+def _settings(settings: gate_settings_lib.GateSettings | None, gate_fields: dict[str, Any],
+              num_gated_layers: int) -> gate_settings_lib.GateSettings:
+  """The validated :class:`ccjax.GateSettings` of an NNX module's ``settings=`` and
+  keyword overrides (NNX policies are linear: ``policy_hidden`` must be 0)."""
+  settings = gate_settings_lib.resolve(settings, gate_fields)
+  if not isinstance(settings.policy_init_prob, (int, float)):
+    settings = settings.replace(policy_init_prob=tuple(settings.policy_init_prob))
+  settings.validate(num_gated_layers)
+  if settings.policy_hidden:
+    raise ValueError(f"policy_hidden must be 0 for the ccjax.nnx modules (linear policies), "
+                     f"got {settings.policy_hidden!r}")
+  return settings
 
 
 class BlockPolicy(nnx.Module):
@@ -69,38 +84,40 @@ class GatedDense(nnx.Module):
   Args:
     in_features: input features.
     features: output units; a multiple of ``block_size``.
-    block_size: units per gated block.
     activation: elementwise nonlinearity applied before masking.
-    gated: ``False`` gives a plain dense layer (no policy, ``aux=None``).
-    estimator: a registered estimator name (see :data:`ccjax.ESTIMATORS`).
-    policy_eps: probability bound of the policy.
-    policy_init_prob: initial probability of every block.
-    gumbel_temperature: temperature of the ``gumbel`` estimator.
-    dtype: computation dtype of the dense product (``None``: inferred from the inputs).
+    settings: the :class:`ccjax.GateSettings` (default: its defaults), one
+      ``policy_init_prob``, ``policy_hidden=0``.
+    **gate_fields: :class:`ccjax.GateSettings` fields overriding ``settings`` (e.g.
+      ``block_size=32, estimator='straight_through'``).
     rngs: ``nnx.Rngs`` for the initial parameters.
   """
 
-  def __init__(self, in_features: int, features: int, *, block_size: int = 64,
-               activation: Callable[[jax.Array], jax.Array] = nn.relu, gated: bool = True,
-               estimator: str = "reinforce", policy_eps: float = policy_lib.DEFAULT_EPS,
-               policy_init_prob: float = 0.5, gumbel_temperature: float = 0.5,
-               dtype: Any = None, rngs: nnx.Rngs):
-    gating.validate_block_size(features, block_size, "features")
-    linen_layers.validate_gate_settings(estimator, policy_eps, policy_init_prob)
+  def __init__(self, in_features: int, features: int, *,
+               activation: Callable[[jax.Array], jax.Array] = nn.relu,
+               settings: gate_settings_lib.GateSettings | None = None, rngs: nnx.Rngs,
+               **gate_fields: Any):
+    settings = _settings(settings, gate_fields, num_gated_layers=1)
+    gating.validate_block_size(features, settings.block_size, "features")
     self.features = features
-    self.block_size = block_size
     self.activation = activation
-    self.gated = gated
-    self.estimator = estimator
-    self.gumbel_temperature = gumbel_temperature
-    self.dense = nnx.Linear(in_features, features, dtype=dtype, rngs=rngs)
-    if gated:
-      self.policy = BlockPolicy(in_features, features // block_size, eps=policy_eps,
-                                init_prob=policy_init_prob, rngs=rngs)
+    self.gate_settings = settings
+    self.dense = nnx.Linear(in_features, features, dtype=settings.dtype, rngs=rngs)
+    if settings.gated:
+      self.policy = BlockPolicy(in_features, features // settings.block_size,
+                                eps=settings.policy_eps, init_prob=settings.policy_init_prob,
+                                rngs=rngs)
+
+  @property
+  def gated(self) -> bool:
+    return self.gate_settings.gated
+
+  @property
+  def estimator(self) -> str:
+    return self.gate_settings.estimator
 
   @property
   def num_blocks(self) -> int:
-    return self.features // self.block_size
+    return self.features // self.gate_settings.block_size
 
   def __call__(self, inputs: jax.Array, *, mode: str = "sample", capacity: int | None = None,
                block_mask: jax.Array | None = None, rng: jax.Array | None = None
@@ -125,7 +142,7 @@ class GatedDense(nnx.Module):
     probs = self.policy(jax.lax.stop_gradient(inputs))
     aux = linen_layers.gate_aux(probs, mode, self.estimator, rng=rng, capacity=capacity,
                                 block_mask=block_mask,
-                                gumbel_temperature=self.gumbel_temperature)
+                                gumbel_temperature=self.gate_settings.gumbel_temperature)
     return gating.apply_block_mask(outputs, aux.mask), aux
 
 
@@ -137,46 +154,37 @@ class GatedMLP(nnx.Module):
     in_features: input features (after flattening with ``flatten``).
     hidden: widths of the hidden layers, each a multiple of ``block_size``.
     num_classes: output logits.
-    block_size: units per gated block.
-    gated: gate the hidden layers.
-    estimator: see :class:`GatedDense`.
-    policy_init_prob: one initial block probability, or one per hidden layer.
-    policy_eps: probability bound of the policies.
-    dtype: computation dtype of the dense products.
     flatten: inputs ``[batch, ...]`` are flattened to ``[batch, in]``; ``False`` keeps
       ``[..., in]`` (one mask per leading index).
+    settings: the :class:`ccjax.GateSettings` of every hidden layer (default: its
+      defaults); ``policy_init_prob`` one value or one per hidden layer,
+      ``policy_hidden=0``.
+    **gate_fields: :class:`ccjax.GateSettings` fields overriding ``settings``.
     rngs: ``nnx.Rngs`` for the initial parameters.
   """
 
   def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, *,
-               block_size: int = 64, gated: bool = True, estimator: str = "reinforce",
-               policy_init_prob: float | Sequence[float] = 0.5,
-               policy_eps: float = policy_lib.DEFAULT_EPS, dtype: Any = None,
-               flatten: bool = True, rngs: nnx.Rngs):
-    # The Linen twin validates every field exactly as the Linen API does.
-    # Static (hashable) metadata: the fields of the Linen twin.
-    self.linen_fields = (
-        ("hidden", tuple(hidden)), ("num_classes", num_classes), ("block_size", block_size),
-        ("gated", gated), ("estimator", estimator),
-        ("policy_init_prob", policy_init_prob if isinstance(policy_init_prob, (int, float))
-         else tuple(policy_init_prob)),
-        ("policy_eps", policy_eps), ("dtype", dtype), ("flatten", flatten))
+               flatten: bool = True, settings: gate_settings_lib.GateSettings | None = None,
+               rngs: nnx.Rngs, **gate_fields: Any):
+    settings = _settings(settings, gate_fields, num_gated_layers=len(hidden))
+    self.gate_settings = settings
+    # Static (hashable) metadata: the fields of the Linen twin, which validates them as
+    # the Linen API does.
+    self.linen_fields = (("hidden", tuple(hidden)), ("num_classes", num_classes),
+                         ("flatten", flatten))
     twin = self.to_linen()
     self.hidden = twin.hidden
     self.flatten = flatten
-    init_probs = validation.per_layer_values(policy_init_prob, len(twin.hidden),
-                                             "policy_init_prob")
     width_in = in_features
     for index, (width, name) in enumerate(zip(twin.hidden, twin.gate_names())):
-      setattr(self, name, GatedDense(
-          width_in, width, block_size=block_size, gated=gated, estimator=estimator,
-          policy_eps=policy_eps, policy_init_prob=init_probs[index], dtype=dtype, rngs=rngs))
+      setattr(self, name, GatedDense(width_in, width, rngs=rngs,
+                                     settings=settings.layer(index, len(twin.hidden))))
       width_in = width
-    self.output = nnx.Linear(width_in, num_classes, dtype=dtype, rngs=rngs)
+    self.output = nnx.Linear(width_in, num_classes, dtype=settings.dtype, rngs=rngs)
 
   def to_linen(self) -> linen_layers.GatedMLP:
     """The Linen :class:`ccjax.GatedMLP` whose parameters this module's are."""
-    return linen_layers.GatedMLP(**dict(self.linen_fields))
+    return linen_layers.GatedMLP(**dict(self.linen_fields), **self.gate_settings.as_kwargs())
 
   def __call__(self, inputs: jax.Array, *, mode: str = "sample",
                capacity: int | Sequence[int] | None = None,
