@@ -63,9 +63,15 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+  """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def machine_info() -> dict[str, Any]:
   """What every timing depends on: CPU model, cores this process may use, JAX device and
   version."""
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return {"cpu": cpu_model(), "cpu_count": cores,
+  return {"cpu": cpu_model(), "cpu_count": usable_cores(),
           "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}

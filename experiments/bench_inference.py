@@ -10,13 +10,22 @@ the blocks run; the count varies per example.
 
 prints ``{"config": {...}, "machine": {...}, "backend": "...", "results": [{"model",
 "batch_size", "dense_ms", "sparse_ms", "ratio", "dense_macs", "sparse_macs", "mac_ratio",
-"overflow_rate"}, ...]}`` with ``ratio = dense_ms / sparse_ms`` and ``mac_ratio =
-dense_macs / sparse_macs`` (MACs per example, policies included).
+"overflow_rate", "roofline"}, ...], "rates": {...}}`` with ``ratio = dense_ms / sparse_ms``
+and ``mac_ratio = dense_macs / sparse_macs`` (MACs per example, policies included).
+
+Roofline (float32 MLP cases, unless ``--noroofline``): ``rates`` holds the measured read
+bandwidth (:func:`ccjax.inference.roofline.stream_read_gbs`) and matmul rate
+(:func:`~ccjax.inference.roofline.matmul_gmacs`); each case's ``roofline`` holds, for the
+``dense`` and the ``sparse`` call, the MACs and weight bytes of one call (the sparse one
+averaged over the timed batches: the blocks, tiles and policy rows some example used), the
+bound ``max(bytes / bandwidth, MACs / rate)``, what binds it, and the fraction of the
+bound the measured median reaches (:meth:`~ccjax.inference.roofline.CallCost.report`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -32,6 +41,7 @@ from ccjax import atomic
 from ccjax import loop
 from ccjax import memory
 from ccjax import timing
+from ccjax.inference import roofline
 from experiments import cli
 
 MODELS = ("mlp", "cnn")
@@ -65,6 +75,13 @@ _CNN_TAU = flags.DEFINE_float(
 _BACKEND = flags.DEFINE_enum("backend", None, list(ccjax.BACKENDS),
                              "Force a kernel backend (default: the best available).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_ROOFLINE = flags.DEFINE_bool(
+    "roofline", True, "Measure the read bandwidth and matmul rate and hold every float32 MLP "
+    "call against its roofline bound (bytes / bandwidth, MACs / rate).")
+_BANDWIDTH_MB = flags.DEFINE_integer("bandwidth_mb", 256, "MB read per bandwidth probe.",
+                                     lower_bound=1)
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 4096, "n of the [128, n] @ [n, n] "
+                                    "matmul-rate probe.", lower_bound=1)
 
 
 def _positive_ints(name: str, values) -> tuple[int, ...]:
@@ -104,7 +121,9 @@ def read_config() -> dict[str, Any]:
           "cnn_block_size": _CNN_BLOCK_SIZE.value, "cnn_tau": _CNN_TAU.value,
           "batch_sizes": list(batch_sizes), "repeats": _REPEATS.value, "dtype": _DTYPE.value,
           "seed": _SEED.value, "example_slack": _EXAMPLE_SLACK.value,
-          "num_buckets": _NUM_BUCKETS.value, "backend": _BACKEND.value}
+          "num_buckets": _NUM_BUCKETS.value, "backend": _BACKEND.value,
+          "roofline": _ROOFLINE.value, "bandwidth_mb": _BANDWIDTH_MB.value,
+          "matmul_size": _MATMUL_SIZE.value}
   check_memory(config)
   return config
 
@@ -200,9 +219,54 @@ class Progress:
                  entry["sparse_ms"], entry["ratio"], eta)
 
 
-def bench_family(config: dict[str, Any], family: str, progress: Progress
-                 ) -> list[dict[str, Any]]:
-  """Result entries of one model family at every batch size."""
+def measure_rates(config: dict[str, Any]) -> dict[str, float] | None:
+  """The read bandwidth and matmul rate the roofline bounds use, or ``None`` when no case
+  gets a roofline (``--noroofline``, no MLP, or not float32)."""
+  if not (config["roofline"] and "mlp" in config["models"] and config["dtype"] == "float32"):
+    return None
+  logging.info("measuring the read bandwidth (%d MB) and the matmul rate (n = %d) for the "
+               "roofline", config["bandwidth_mb"], config["matmul_size"])
+  return {"read_gbs": roofline.stream_read_gbs(config["bandwidth_mb"]),
+          "matmul_gmacs": roofline.matmul_gmacs(size=config["matmul_size"])}
+
+
+def roofline_entry(config: dict[str, Any], module, masks: list, batch_size: int,
+                   latency: dict[str, float], rates: dict[str, float]) -> dict[str, Any]:
+  """The dense and sparse calls of one MLP case against their bounds.
+
+  Args:
+    config: the benchmark config.
+    module: the gated MLP.
+    masks: per timed batch, its per-layer ``[batch, blocks]`` masks of the blocks that ran.
+    batch_size: examples per call.
+    latency: measured ``{"dense": ms, "sparse": ms}``.
+    rates: :func:`measure_rates`' result.
+  """
+  calls = {"dense": roofline.dense_call(config["input_dim"], config["hidden"],
+                                        config["num_classes"], batch_size),
+           "sparse": roofline.mean_call([
+               roofline.sparse_call(batch_masks, config["input_dim"], config["block_size"],
+                                    config["num_classes"], module.policy_hidden)
+               for batch_masks in masks])}
+  return {name: call.report(latency[name], rates["read_gbs"], rates["matmul_gmacs"])
+          for name, call in calls.items()}
+
+
+def roofline_line(entry: dict[str, Any]) -> str:
+  """One line: each call's bytes, MACs, bound and the fraction of it reached."""
+  parts = []
+  for name in ("dense", "sparse"):
+    report = entry["roofline"][name]
+    parts.append(f"{name} {report['weight_mb']:.1f} MB {report['macs'] / 1e6:.1f} MMAC, bound "
+                 f"{report['roofline_ms']:.3f} ms ({report['bound_by']}), reached "
+                 f"{100 * report['fraction_of_bound']:.0f} %")
+  return "roofline: " + "; ".join(parts)
+
+
+def bench_family(config: dict[str, Any], family: str, progress: Progress,
+                 rates: dict[str, float] | None = None) -> list[dict[str, Any]]:
+  """Result entries of one model family at every batch size (with a roofline for float32
+  MLP cases when ``rates`` are given)."""
   logging.info("%s: building the model", family)
   module, params, example_shape, fraction = build_model(config, family)
   capacities = ccjax.Capacities(active_fraction=fraction, example_slack=config["example_slack"],
@@ -230,6 +294,11 @@ def bench_family(config: dict[str, Any], family: str, progress: Progress
         "dense_macs": float(dense_macs), "sparse_macs": sparse_macs,
         "mac_ratio": float(dense_macs) / max(sparse_macs, 1.0),
         "overflow_rate": ccjax.overflow_rate(infos), "backend": traced.backend})
+    if rates is not None and family == "mlp":
+      entries[-1]["roofline"] = roofline_entry(
+          config, module, [[np.asarray(mask) for mask in info.masks] for info in infos],
+          batch_size, latency, rates)
+      logging.info("%s batch %d %s", family, batch_size, roofline_line(entries[-1]))
     progress.finished(entries[-1])
   return entries
 
@@ -246,9 +315,14 @@ def main(argv):
   logging.info("benchmarking %s at batch sizes %s: %d cases, %d timed calls each; kernel "
                "backend %s", "+".join(families), config["batch_sizes"], progress.total,
                config["repeats"], ccjax.select_backend(config["backend"]))
-  results = [entry for family in families for entry in bench_family(config, family, progress)]
+  load_at_start = list(os.getloadavg())
+  rates = measure_rates(config)
+  results = [entry for family in families
+             for entry in bench_family(config, family, progress, rates)]
   report = {"config": config, "machine": timing.machine_info(),
-            "backend": results[0]["backend"] if results else None, "results": results}
+            "backend": results[0]["backend"] if results else None, "rates": rates,
+            "load_average": {"start": load_at_start, "end": list(os.getloadavg())},
+            "results": results}
   if _JSON.value:
     print(atomic.dumps(report))
   else:
@@ -258,6 +332,8 @@ def main(argv):
             f"{entry['dense_ms']:.3f} ms, sparse {entry['sparse_ms']:.3f} ms, ratio "
             f"{entry['ratio']:.1f}, MAC ratio {entry['mac_ratio']:.1f}, overflow "
             f"{entry['overflow_rate']:.4f}")
+      if "roofline" in entry:
+        print(f"  {roofline_line(entry)}")
 
 
 if __name__ == "__main__":

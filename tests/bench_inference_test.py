@@ -9,7 +9,10 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--hidden=128,128", "--block_size=16", "--batch_sizes=1,8", "--repeats=2", "--models=mlp"]
+TINY = ["--hidden=128,128", "--block_size=16", "--batch_sizes=1,8", "--repeats=2", "--models=mlp",
+        "--bandwidth_mb=8", "--matmul_size=256"]
+REPORT_KEYS = {"macs", "weight_mb", "roofline_ms", "bound_by", "measured_ms",
+               "fraction_of_bound", "achieved_gbs", "achieved_gmacs"}
 RESULT_KEYS = {"batch_size", "dense_ms", "sparse_ms", "ratio", "dense_macs", "sparse_macs",
                "mac_ratio", "overflow_rate"}
 
@@ -31,6 +34,8 @@ def test_tiny_benchmark_prints_json_with_schema():
   assert set(report) >= {"config", "machine", "backend", "results"}
   assert report["machine"]["cpu"] and report["backend"] in ("xla", "ffi-cpu", "pallas-gpu")
   assert report["config"]["hidden"] == [128, 128]
+  assert report["rates"]["read_gbs"] > 0 and report["rates"]["matmul_gmacs"] > 0
+  assert len(report["load_average"]["start"]) == 3 and len(report["load_average"]["end"]) == 3
   assert [entry["batch_size"] for entry in report["results"]] == [1, 8]
   assert {entry["model"] for entry in report["results"]} == {"mlp"}
   for entry in report["results"]:
@@ -41,6 +46,29 @@ def test_tiny_benchmark_prints_json_with_schema():
     assert entry["backend"] == report["backend"]
     assert 0 < entry["sparse_macs"] < entry["dense_macs"]
     assert 0.0 <= entry["overflow_rate"] <= 1.0
+    # Roofline of both calls: the dense call reads every weight once and does batch x
+    # its MACs; the sparse call reads less (policies included) and both reach a positive
+    # fraction of their bound, computed from the measured medians and rates.
+    dense, sparse = entry["roofline"]["dense"], entry["roofline"]["sparse"]
+    assert REPORT_KEYS <= set(dense) and REPORT_KEYS <= set(sparse)
+    assert dense["macs"] == entry["batch_size"] * entry["dense_macs"]
+    assert dense["weight_mb"] == pytest.approx(4 * entry["dense_macs"] / 1e6)
+    assert sparse["macs"] == pytest.approx(entry["batch_size"] * entry["sparse_macs"])
+    assert 0 < sparse["weight_mb"] < dense["weight_mb"]
+    assert (dense["measured_ms"], sparse["measured_ms"]) == (entry["dense_ms"], entry["sparse_ms"])
+    for call in (dense, sparse):
+      bound = max(call["weight_mb"] / report["rates"]["read_gbs"],
+                  call["macs"] / 1e6 / report["rates"]["matmul_gmacs"])
+      assert call["roofline_ms"] == pytest.approx(bound)
+      assert call["fraction_of_bound"] == pytest.approx(bound / call["measured_ms"])
+  assert "roofline: dense" in result.stderr
+
+
+def test_noroofline_measures_no_rates():
+  result = _run(*TINY, "--batch_sizes=1", "--noroofline", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["rates"] is None and "roofline" not in report["results"][0]
 
 
 def test_cnn_case_reports_dense_and_skipping_time():
@@ -57,6 +85,8 @@ def test_cnn_case_reports_dense_and_skipping_time():
     assert 0 < entry["sparse_macs"] < entry["dense_macs"]
     assert entry["ratio"] == pytest.approx(entry["dense_ms"] / entry["sparse_ms"])
     assert entry["mac_ratio"] == pytest.approx(entry["dense_macs"] / entry["sparse_macs"])
+    assert "roofline" not in entry  # MLP accounting only
+  assert report["rates"] is None
 
 
 @pytest.mark.parametrize("flag,message", [

@@ -42,6 +42,8 @@ def test_bounds_and_report():
   assert call.bound_ms(10.0, gmacs=100.0) == pytest.approx(20.0)  # 2 GMAC at 100 GMAC/s
   report = call.report(40.0, 10.0, 100.0)
   assert report["fraction_of_bound"] == pytest.approx(0.5)
+  assert report["bound_by"] == "compute"
+  assert call.report(40.0, 10.0, 1000.0)["bound_by"] == "bandwidth"
   assert report["achieved_gbs"] == pytest.approx(2.5)
   assert report["weight_mb"] == pytest.approx(100.0)
   with pytest.raises(ValueError, match="positive"):
@@ -55,6 +57,7 @@ def test_bounds_and_report():
 def test_measured_rates_are_positive():
   assert roofline.read_bandwidth_gbs(1, megabytes=8, repeats=1) > 0
   assert roofline.device_read_gbs(megabytes=8, repeats=1) > 0
+  assert roofline.stream_read_gbs(megabytes=8, repeats=1) > 0
   assert roofline.matmul_gmacs(rows=8, size=64, repeats=1) > 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import pytest
 
@@ -32,3 +34,10 @@ def test_interleaved_median_runs_every_input_and_returns_one_median_per_function
 def test_median_ms_validates_repeats():
   with pytest.raises(ValueError, match="repeats must be >= 1"):
     timing.median_ms(lambda: jnp.zeros(()), repeats=0)
+
+
+def test_machine_info_counts_the_usable_cores():
+  info = timing.machine_info()
+  assert info["cpu_count"] == timing.usable_cores() >= 1
+  if hasattr(os, "sched_getaffinity"):
+    assert timing.usable_cores() == len(os.sched_getaffinity(0))

@@ -7,7 +7,8 @@ does the MACs of the blocks that ran (policies included, :func:`ccjax.flops.gate
 The bound of a call at a read bandwidth and a multiply-add rate is
 ``max(bytes / bandwidth, MACs / rate)``; a measured time against it gives the fraction of
 the bound reached. Pure functions of shapes and masks (the rates are measured by
-:func:`read_bandwidth_gbs`, :func:`device_read_gbs` and :func:`matmul_gmacs`), so the
+:func:`read_bandwidth_gbs`, :func:`device_read_gbs`, :func:`stream_read_gbs` and
+:func:`matmul_gmacs`), so the
 same accounting serves the CPU and the GPU.
 
 Axis letters: ``batch`` examples, ``blocks`` blocks of a hidden layer.
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccjax import flops
+from ccjax import timing
 
 BYTES_PER_FLOAT32 = 4
 
@@ -51,7 +53,9 @@ class CallCost:
              gmacs: float | None = None) -> dict[str, float]:
     """The accounting of one measured call: MACs, weight MB, bound, fraction reached."""
     bound = self.bound_ms(bandwidth_gbs, gmacs)
+    bytes_ms = self.bound_ms(bandwidth_gbs)
     return {"macs": self.macs, "weight_mb": self.weight_bytes / 1e6, "roofline_ms": bound,
+            "bound_by": "bandwidth" if bytes_ms >= bound else "compute",
             "measured_ms": measured_ms, "fraction_of_bound": bound / measured_ms,
             "achieved_gbs": self.weight_bytes / measured_ms / 1e6,
             "achieved_gmacs": self.macs / measured_ms / 1e6}
@@ -128,6 +132,18 @@ def device_read_gbs(megabytes: int = 256, repeats: int = 5) -> float:
     total(data).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return data.nbytes / best / 1e9
+
+
+def stream_read_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+  """The read bandwidth (GB/s) to hold a call against: a jitted sum on the default JAX
+  device and, when that is the CPU, also numpy sums on one thread and on every core this
+  process may use (XLA's CPU reduction may stream on fewer cores than a call can); the
+  best of those."""
+  rate = device_read_gbs(megabytes, repeats)
+  if jax.default_backend() == "cpu":
+    for threads in sorted({1, timing.usable_cores()}):
+      rate = max(rate, read_bandwidth_gbs(threads, megabytes, repeats))
+  return rate
 
 
 def matmul_gmacs(rows: int = 128, size: int = 4096, repeats: int = 10) -> float:
