@@ -17,9 +17,12 @@ image height, width and channels.
   the generator splits them (``mnist1d:50000``: 40,000 / 10,000); validation is drawn
   from train with ``seed``. Each size has its own fingerprint (:data:`MNIST1D_SHA256`);
   the arrays of a size are generated once per process. ``mnist1d`` is an optional
-  dependency (``pip install ccjax[mnist1d]``), imported only here.
+  dependency (``python -m pip install -e ".[mnist1d]"`` from a clone), imported only here.
 * ``npz:PATH``: a user's archive with ``x_train, y_train, x_test, y_test`` and optional
   ``x_valid, y_valid`` (and optional scalar ``num_classes``).
+
+Each is a loader registered in the data-source registry (:mod:`ccjax.datasets`), which
+parses a spec once; :data:`DATASETS` lists them.
 
 Every problem with the user's data raises :class:`DataError`, a ``ValueError`` whose
 message is one line naming the dataset/field and what is allowed.
@@ -42,8 +45,9 @@ from typing import Iterator
 
 import numpy as np
 
+from ccjax import datasets
+
 TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
-DATASETS = ("digits", "mnist1d", "mnist1d:N", *TFDS_DATASETS, "npz:PATH")
 # mnist1d.data.make_dataset arguments (the package defaults, with 10,000 examples;
 # mnist1d:N replaces num_samples).
 MNIST1D_ARGS = {"num_samples": 10000, "train_split": 0.8, "template_len": 12,
@@ -75,11 +79,7 @@ CLASS_ID_FACTOR = 4
 MAX_NUM_CLASSES = 100_000
 
 
-class DataError(ValueError):
-  """A problem with the user's data or data arguments; the message is one line."""
-
-  def __init__(self, message: str):
-    super().__init__(" ".join(str(message).split()))
+DataError = datasets.DataError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,20 +151,11 @@ def load_dataset(spec: str, *, data_dir: str | None = None, valid_fraction: floa
     DataError: unknown name, bad ``N`` of ``mnist1d:N``, missing TFDS or TFDS data,
       unreadable or invalid npz data, bad ``valid_fraction``.
   """
-  if not isinstance(spec, str) or not spec:
-    raise DataError(f"dataset must be one of {', '.join(DATASETS)}; got {spec!r}")
-  valid_fraction = _check_valid_fraction(valid_fraction)
-  if spec == "digits":
-    dataset = _load_digits(valid_fraction, seed)
-  elif spec == "mnist1d" or spec.startswith(MNIST1D_PREFIX):
-    dataset = _load_mnist1d(spec, valid_fraction, seed)
-  elif spec in TFDS_DATASETS:
-    dataset = _load_tfds(spec, data_dir, valid_fraction, seed)
-  elif spec.startswith("npz:"):
-    return _load_npz(spec, valid_fraction, seed, num_classes)
-  else:
-    raise DataError(f"unknown dataset {spec!r}; allowed: {', '.join(DATASETS)}")
-  if num_classes is None:
+  parsed = datasets.parse(spec, datasets.CLASSIFICATION)
+  options = datasets.LoadOptions(data_dir, _check_valid_fraction(valid_fraction), seed,
+                                 num_classes)
+  dataset = parsed.source.loader(parsed, options)
+  if num_classes is None or dataset.num_classes == num_classes:
     return dataset
   labels = {split: dataset.split(split)[1] for split in _SPLITS}
   return dataclasses.replace(dataset, num_classes=_declared_num_classes(spec, labels,
@@ -254,15 +245,17 @@ def _check_seed(seed) -> int:
   return int(seed)
 
 
-def _load_digits(valid_fraction: float, seed: int) -> Dataset:
+@datasets.register("digits", datasets.CLASSIFICATION)
+def _load_digits(spec: datasets.DataSpec, options: datasets.LoadOptions) -> Dataset:
+  del spec  # one dataset
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  seed = _check_seed(seed)
+  seed = _check_seed(options.seed)
   digits = sk_datasets.load_digits()
   images = (np.asarray(digits.images, np.float32) / 16.0)[..., None]  # [n, 8, 8, 1]
   labels = np.asarray(digits.target, np.int32)
   test = _stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
   return _finish("digits", images[~test], labels[~test], None, None, images[test],
-                 labels[test], 10, valid_fraction, seed)
+                 labels[test], 10, options.valid_fraction, seed)
 
 
 def mnist1d_num_samples(spec: str) -> int:
@@ -301,8 +294,9 @@ def mnist1d_arrays(num_samples: int = MNIST1D_ARGS["num_samples"]
     from mnist1d import data as mnist1d_data  # pylint: disable=g-import-not-at-top
     from mnist1d import utils as mnist1d_utils  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise DataError("dataset mnist1d needs the mnist1d package: pip install "
-                    f"'mnist1d=={MNIST1D_PACKAGE_VERSION}' (or ccjax[mnist1d])") from None
+    raise DataError("dataset mnist1d needs the mnist1d package: python -m pip install -e "
+                    "\".[mnist1d]\" from a clone (or pip install "
+                    f"'mnist1d=={MNIST1D_PACKAGE_VERSION}')") from None
   state = np.random.get_state()
   try:
     generated = mnist1d_data.make_dataset(
@@ -322,11 +316,13 @@ def mnist1d_fingerprint(num_samples: int = MNIST1D_ARGS["num_samples"]) -> str:
   return digest.hexdigest()
 
 
-def _load_mnist1d(spec: str, valid_fraction: float, seed: int) -> Dataset:
-  num_samples = mnist1d_num_samples(spec)
-  seed = _check_seed(seed)
-  x_train, y_train, x_test, y_test = mnist1d_arrays(num_samples)
-  return _finish(spec, x_train, y_train, None, None, x_test, y_test, 10, valid_fraction, seed)
+@datasets.register("mnist1d", datasets.CLASSIFICATION, argument="N", argument_optional=True,
+                   parse_argument=mnist1d_num_samples)
+def _load_mnist1d(spec: datasets.DataSpec, options: datasets.LoadOptions) -> Dataset:
+  seed = _check_seed(options.seed)
+  x_train, y_train, x_test, y_test = mnist1d_arrays(spec.argument)
+  return _finish(spec.spec, x_train, y_train, None, None, x_test, y_test, 10,
+                 options.valid_fraction, seed)
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -339,8 +335,9 @@ def _prepare_hint(name: str, data_dir: str | None) -> str:
           f"the directory to --data_dir, or use --dataset=digits")
 
 
-def _load_tfds(name: str, data_dir: str | None, valid_fraction: float, seed: int) -> Dataset:
-  seed = _check_seed(seed)
+def _load_tfds(spec: datasets.DataSpec, options: datasets.LoadOptions) -> Dataset:
+  name, data_dir = spec.spec, options.data_dir
+  seed = _check_seed(options.seed)
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as error:
@@ -364,7 +361,13 @@ def _load_tfds(name: str, data_dir: str | None, valid_fraction: float, seed: int
     if len(labels) == 0:
       raise DataError(f"dataset {name}: the {split} split in {location} is empty; "
                       f"{_prepare_hint(name, data_dir)}")
-  return _finish(name, *train, x_valid, y_valid, *test, num_classes, valid_fraction, seed)
+  return _finish(name, *train, x_valid, y_valid, *test, num_classes, options.valid_fraction,
+                 seed)
+
+
+for _name in TFDS_DATASETS:
+  datasets.register(_name, datasets.CLASSIFICATION)(_load_tfds)
+del _name
 
 
 def _tfds_split_arrays(tfds, builder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -391,12 +394,18 @@ def _tfds_split_arrays(tfds, builder, split: str) -> tuple[np.ndarray, np.ndarra
 # ----------------------------------------------------------------------------- npz
 
 
-def _load_npz(spec: str, valid_fraction: float, seed: int, num_classes: int | None
-              ) -> Dataset:
-  seed = _check_seed(seed)
-  path = spec[len("npz:"):]
+def _npz_path(spec: str) -> str:
+  """The PATH of ``npz:PATH`` (non-empty)."""
+  path = spec.partition(":")[2]
   if not path:
     raise DataError("dataset npz:PATH needs a file path after 'npz:', e.g. npz:/data/mine.npz")
+  return path
+
+
+@datasets.register("npz", datasets.CLASSIFICATION, argument="PATH", parse_argument=_npz_path)
+def _load_npz(parsed: datasets.DataSpec, options: datasets.LoadOptions) -> Dataset:
+  seed = _check_seed(options.seed)
+  spec, path = parsed.spec, parsed.argument
   if not os.path.isfile(path):
     raise DataError(f"dataset {spec}: file not found: {path}")
   try:
@@ -413,7 +422,11 @@ def _load_npz(spec: str, valid_fraction: float, seed: int, num_classes: int | No
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     raise DataError(f"dataset {spec}: cannot read the arrays of {path} ({detail})") from None
-  return _npz_dataset(spec, arrays, valid_fraction, seed, num_classes)
+  return _npz_dataset(spec, arrays, options.valid_fraction, seed, options.num_classes)
+
+
+# Every way to write a classification dataset: digits, mnist1d, mnist1d:N, mnist, ...
+DATASETS = datasets.usages(datasets.CLASSIFICATION)
 
 
 def _npz_dataset(name: str, arrays: dict[str, np.ndarray], valid_fraction: float,

@@ -15,6 +15,9 @@ Datasets (``--dataset`` of ``experiments.lm``, see ``docs/data.md``):
   :data:`BIBLE_SHA256`.
 * ``text:PATH``: any file, as bytes.
 
+Each is a loader registered in the data-source registry (:mod:`ccjax.datasets`, kind
+``text``), which parses a spec once; :data:`LM_DATASETS` lists them.
+
 Splits are by position: the first ``train`` fraction, then validation, then test.
 Evaluation (:func:`eval_windows`) slides windows of ``context`` bytes by a stride
 (default ``context // 2``), scoring every target byte exactly once, each with at least
@@ -33,6 +36,8 @@ import random
 import jax
 import numpy as np
 
+from ccjax import datasets
+
 DEFAULT_CORPUS = "grammar"
 DEFAULT_CORPUS_BYTES = 400_000
 VALID_FRACTION = 0.05
@@ -47,7 +52,6 @@ BIBLE_FILE = "plain_text_bible.py"
 BIBLE_BYTES = 4_268_477
 BIBLE_SHA256 = "79efcc13d7f3c52f5e098e6e5576861ff5e297fd909f123c3d04758a45ee0f4d"
 TEXT_PREFIX = "text:"
-LM_DATASETS = (DEFAULT_CORPUS, BIBLE_CORPUS, TEXT_PREFIX + "PATH")
 # Evaluation windows advance by context // EVAL_STRIDE_DIVISOR bytes (see eval_windows).
 # Runs before this constant scored non-overlapping windows (stride = context) and dropped
 # the tail shorter than a window: their bits/byte are higher (docs/data.md).
@@ -148,6 +152,12 @@ def grammar_corpus(num_bytes: int = DEFAULT_CORPUS_BYTES, seed: int = 0) -> byte
   return "".join(chunks).encode("ascii")[:num_bytes]
 
 
+@datasets.register(DEFAULT_CORPUS, datasets.TEXT)
+def _load_grammar(spec: datasets.DataSpec) -> bytes:
+  del spec  # one corpus
+  return grammar_corpus()
+
+
 @functools.lru_cache(maxsize=1)
 def bible_corpus() -> bytes:
   """The ``bible`` corpus: :data:`BIBLE_BYTES` bytes of the ASV, from the installed package.
@@ -178,8 +188,34 @@ def bible_corpus() -> bytes:
   return data
 
 
-# Corpora by name (text:PATH is read by load_text).
-NAMED_CORPORA = {DEFAULT_CORPUS: grammar_corpus, BIBLE_CORPUS: bible_corpus}
+@datasets.register(BIBLE_CORPUS, datasets.TEXT)
+def _load_bible(spec: datasets.DataSpec) -> bytes:
+  del spec  # one corpus
+  return bible_corpus()
+
+
+def _text_path(spec: str) -> str:
+  """The PATH of ``text:PATH``, an existing file."""
+  path = spec[len(TEXT_PREFIX):]
+  if not path:
+    raise datasets.DataError("--dataset=text:PATH needs a path")
+  if not os.path.isfile(path):
+    raise datasets.DataError(f"--dataset={spec}: {path} is not a readable file")
+  return path
+
+
+@datasets.register(TEXT_PREFIX[:-1], datasets.TEXT, argument="PATH", parse_argument=_text_path)
+def _load_text_file(spec: datasets.DataSpec) -> bytes:
+  try:
+    with open(spec.argument, "rb") as stream:
+      return stream.read()
+  except OSError as error:
+    raise datasets.DataError(f"--dataset={spec.spec}: cannot read {spec.argument} "
+                             f"({error.strerror})") from None
+
+
+# Every way to write a text dataset: grammar, bible, text:PATH.
+LM_DATASETS = datasets.usages(datasets.TEXT)
 
 
 def fingerprint(data: bytes | np.ndarray) -> str:
@@ -205,7 +241,7 @@ class TextSplits:
 
 
 def load_text(spec: str, context: int) -> TextSplits:
-  """Loads a named corpus (:data:`NAMED_CORPORA`) or ``text:PATH`` and splits it by position.
+  """Loads a registered corpus (:data:`LM_DATASETS`) and splits it by position.
 
   Args:
     spec: the dataset, one of :data:`LM_DATASETS`.
@@ -215,21 +251,8 @@ def load_text(spec: str, context: int) -> TextSplits:
     ValueError: unknown spec, missing or changed ``bible`` package, unreadable/too small
       file (the message names the problem).
   """
-  if spec in NAMED_CORPORA:
-    data = NAMED_CORPORA[spec]()
-  elif spec.startswith(TEXT_PREFIX):
-    path = spec[len(TEXT_PREFIX):]
-    if not path:
-      raise ValueError("--dataset=text:PATH needs a path")
-    if not os.path.isfile(path):
-      raise ValueError(f"--dataset={spec}: {path} is not a readable file")
-    try:
-      with open(path, "rb") as stream:
-        data = stream.read()
-    except OSError as error:
-      raise ValueError(f"--dataset={spec}: cannot read {path} ({error.strerror})") from None
-  else:
-    raise ValueError(f"--dataset must be one of {' | '.join(LM_DATASETS)}, got {spec!r}")
+  parsed = datasets.parse(spec, datasets.TEXT, field="--dataset")
+  data = parsed.source.loader(parsed)
   array = np.frombuffer(data, np.uint8)
   num_valid = int(len(array) * VALID_FRACTION)
   num_test = int(len(array) * TEST_FRACTION)

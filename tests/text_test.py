@@ -59,7 +59,7 @@ class TextTest(parameterized.TestCase):
       text.load_text(f"text:{path}", 512)
     with self.assertRaisesRegex(ValueError, "not a readable file"):
       text.load_text("text:/nonexistent/file", 16)
-    with self.assertRaisesRegex(ValueError, r"must be one of grammar \| bible \| text:PATH"):
+    with self.assertRaisesRegex(ValueError, r"must be one of grammar\|bible\|text:PATH"):
       text.load_text("wiki", 16)
 
   def test_train_batch_is_pure_and_shifted(self):
