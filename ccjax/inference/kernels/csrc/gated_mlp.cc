@@ -9,8 +9,9 @@
 // serves at most `C2` (example, input block, output block) triples in block j's
 // example order; an (example, j) with an unserved triple is dropped whole. Only kept
 // (example, block) pairs are computed, reading the block-major weight tiles in place.
-// Batch 1 has its own path (no capacity can bind there): selection, then one
-// matrix-vector product per kept block or tile, the next one prefetched.
+// Batch 1 has its own path (no capacity can bind there): per layer the policy and the
+// kept blocks or tiles as lists of small matrix-vector tasks (the next one prefetched),
+// shared with one persistent helper thread when a core is idle (Batch1Helper).
 //
 // Buffers (all float32, row-major), with L hidden layers:
 //   args: x [batch, in]; per layer l: kernel, bias [nb, bs], policy_kernel,
@@ -22,11 +23,15 @@
 //         kept pred [batch, k], counts s32 [2] = (candidates, kept), probs f32 [batch, nb].
 //   attrs: example_capacity, block_capacity, pair_capacity (i64 [L]), policy_eps and
 //          policy_scale (f32; p = eps + scale * sigmoid(logit)), num_threads (i64: most
-//          threads, taken from XLA's intra-op pool, for loops large enough to pay).
+//          threads, for loops large enough to pay: XLA's intra-op pool at batch > 1,
+//          the calling thread and the batch-1 helper at batch 1).
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -34,7 +39,15 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -60,6 +73,8 @@ class Workers {
   // and up to max_threads - 1 pool tasks. `work` (about the multiply-adds of the whole
   // loop) decides whether extra threads pay off. Pool tasks that start after the loop
   // is done return without touching it; the caller waits only for tasks that started.
+  int64_t max_threads() const { return max_threads_; }
+
   template <typename Fn>
   void ParallelFor(int64_t n, int64_t work, const Fn& fn) {
     const int64_t helpers = std::min({max_threads_, n, work / kMinWorkPerThread}) - 1;
@@ -199,26 +214,27 @@ inline void Prefetch(const float* data, int64_t floats) {
 
 // out[:kCols] += in[:depth] @ tile[:, :kCols] for one row (tile rows `stride` apart).
 // kChains partial sums over interleaved depths keep 64 multiply-adds in flight whatever
-// the panel width. When `next` (a tile of the same shape, read after this one) is given,
-// its row d is prefetched while row d is read: a whole tile ahead, where the hardware
-// prefetcher, which stops at page boundaries, does not look.
+// the panel width. When `next` (a tile with the same row stride, read after this one) is
+// given, its row d (for d < next_depth) is prefetched while row d is read: a whole tile
+// ahead, where the hardware prefetcher, which stops at page boundaries, does not look.
 template <int64_t kCols>
 void RowPanel(const float* in, float* out, const float* tile, int64_t depth, int64_t stride,
-              const float* next) {
+              const float* next, int64_t next_depth) {
   constexpr int64_t kChains = kCols >= 64 ? 1 : 64 / kCols;
   float acc[kChains][kCols] = {};
+  if (next == nullptr) next_depth = 0;
   int64_t d = 0;
   for (; d + kChains <= depth; d += kChains) {
     for (int64_t chain = 0; chain < kChains; ++chain) {
       const float* w = tile + (d + chain) * stride;
-      if (next != nullptr) Prefetch(next + (d + chain) * stride, kCols);
+      if (d + chain < next_depth) Prefetch(next + (d + chain) * stride, kCols);
       const float a = in[d + chain];
       for (int64_t c = 0; c < kCols; ++c) acc[chain][c] += a * w[c];
     }
   }
   for (; d < depth; ++d) {
     const float* w = tile + d * stride;
-    if (next != nullptr) Prefetch(next + d * stride, kCols);
+    if (d < next_depth) Prefetch(next + d * stride, kCols);
     for (int64_t c = 0; c < kCols; ++c) acc[0][c] += in[d] * w[c];
   }
   for (int64_t c = 0; c < kCols; ++c) {
@@ -228,23 +244,358 @@ void RowPanel(const float* in, float* out, const float* tile, int64_t depth, int
   }
 }
 
-// out[:width] += in[:depth] @ tile for one row; tile is [depth, width] row-major, `next`
-// (or nullptr) a tile of the same shape to prefetch.
+// out[:width] += in[:depth] @ tile for one row; tile is [depth, width] row-major. `next`
+// (or nullptr) is a tile of `next_depth` rows of the same width to prefetch.
 void RowTimesTile(const float* in, float* out, const float* tile, int64_t depth,
-                  int64_t width, const float* next) {
+                  int64_t width, const float* next, int64_t next_depth) {
   for (int64_t c0 = 0; c0 < width; c0 += kPanel) {
     const int64_t cols = std::min(kPanel, width - c0);
     const float* ahead = next == nullptr ? nullptr : next + c0;
     if (cols == 64) {
-      RowPanel<64>(in, out + c0, tile + c0, depth, width, ahead);
+      RowPanel<64>(in, out + c0, tile + c0, depth, width, ahead, next_depth);
     } else if (cols == 32) {
-      RowPanel<32>(in, out + c0, tile + c0, depth, width, ahead);
+      RowPanel<32>(in, out + c0, tile + c0, depth, width, ahead, next_depth);
     } else if (cols == 16) {
-      RowPanel<16>(in, out + c0, tile + c0, depth, width, ahead);
+      RowPanel<16>(in, out + c0, tile + c0, depth, width, ahead, next_depth);
     } else {
       float* shifted = out + c0;
       PanelAny(&in, &shifted, tile + c0, depth, width, 1, cols);
     }
+  }
+}
+
+// ---------------------------------------------------------------------- batch-1 helper
+
+// Batch 1 splits each layer's reads into small tasks (a row times a slice of a tile) that
+// the calling thread and one persistent helper thread take from the two ends of the
+// list. The helper spins for a short while after each job and then sleeps on a futex; the
+// caller never waits for it to start: a helper that is asleep, descheduled or busy with
+// another call leaves every task to the caller. Each task writes its own partial sum and
+// the caller adds them in task order, so the result does not depend on who ran what.
+
+// One task: partial[:width] = in[:depth] @ tile[:depth, :width] (row stride `width`).
+struct Gemv {
+  const float* in;
+  const float* tile;
+  int64_t depth;
+};
+
+// A list of tasks of the same width, grouped: group g owns tasks [end[g - 1], end[g]).
+struct GemvJob {
+  std::vector<Gemv> tasks;
+  std::vector<int64_t> group_end;
+  int64_t width = 0;
+  int64_t stride = 0;             // floats between partial sums (width rounded up to 16)
+  std::vector<float> partials;    // [tasks, stride]
+  int64_t bytes = 0;              // weight bytes the tasks read
+
+  void Reset(int64_t new_width) {
+    tasks.clear();
+    group_end.clear();
+    width = new_width;
+    stride = (new_width + 15) / 16 * 16;
+    bytes = 0;
+  }
+  // Appends in[:depth] @ tile to the current group, in tasks of about kTaskBytes of tile.
+  void Add(const float* in, const float* tile, int64_t depth) {
+    const int64_t rows = std::max<int64_t>(1, kTaskBytes / (4 * width));
+    for (int64_t d = 0; d < depth; d += rows) {
+      tasks.push_back({in + d, tile + d * width, std::min(rows, depth - d)});
+    }
+    bytes += 4 * depth * width;
+  }
+  void EndGroup() { group_end.push_back(static_cast<int64_t>(tasks.size())); }
+  int64_t size() const { return static_cast<int64_t>(tasks.size()); }
+
+  // Runs task t, prefetching task `next` (a guess at what this thread runs next; -1: none).
+  void Run(int64_t t, int64_t next) {
+    float* out = partials.data() + t * stride;
+    std::fill(out, out + width, 0.0f);
+    const Gemv& task = tasks[t];
+    const bool ahead = next >= 0 && next < size();
+    RowTimesTile(task.in, out, task.tile, task.depth, width,
+                 ahead ? tasks[next].tile : nullptr, ahead ? tasks[next].depth : 0);
+  }
+  // out_g[:width] = sum of group g's partial sums, in task order.
+  void Sum(int64_t group, float* out) const {
+    const int64_t begin = group == 0 ? 0 : group_end[group - 1];
+    std::fill(out, out + width, 0.0f);
+    for (int64_t t = begin; t < group_end[group]; ++t) {
+      const float* partial = partials.data() + t * stride;
+      for (int64_t c = 0; c < width; ++c) out[c] += partial[c];
+    }
+  }
+
+  // About 16 KB of weights per task: a 64 x 64 float32 tile.
+  static constexpr int64_t kTaskBytes = 16 << 10;
+};
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+#if defined(__linux__)
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
+void FutexWait(std::atomic<uint32_t>& word, uint32_t value) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, value, nullptr,
+          nullptr, 0);
+}
+void FutexWake(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, 1, nullptr,
+          nullptr, 0);
+}
+#else
+void FutexWait(std::atomic<uint32_t>&, uint32_t) {
+  std::this_thread::sleep_for(std::chrono::microseconds(100));
+}
+void FutexWake(std::atomic<uint32_t>&) {}
+#endif
+
+// The process's one helper thread for batch-1 calls (started on first use, never
+// stopped). One call at a time uses it; a concurrent call runs its tasks alone.
+class Batch1Helper {
+ public:
+  // The helper, or nullptr when no thread could be started.
+  static Batch1Helper* Get() {
+    static Batch1Helper* helper = Start();
+    return helper;
+  }
+
+  // Runs every task of `job` (partials resized by the caller), with the helper taking
+  // tasks from the back if it is free and wakes up in time. Returns when all are done.
+  void RunShared(GemvJob& job) {
+    if (busy_.exchange(true, std::memory_order_acquire)) return RunAlone(job);
+    const int64_t n = job.size();
+    job_ = &job;
+    claims_.store(0, std::memory_order_relaxed);
+    const uint32_t epoch = ((word_.load(std::memory_order_relaxed) >> 2) + 1) & 0x3fffffffu;
+    word_.store((epoch << 2) | kOpen, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst)) FutexWake(word_);
+    if (test_join_wait_us_.load(std::memory_order_relaxed) > 0) WaitForJoin(epoch);
+    for (;;) {  // the caller takes tasks from the front
+      const uint64_t old = claims_.fetch_add(1, std::memory_order_relaxed);
+      const int64_t front = static_cast<int64_t>(old & 0xffffffffu);
+      if (front + static_cast<int64_t>(old >> 32) >= n) break;
+      job.Run(front, front + 1);
+    }
+    uint32_t open = (epoch << 2) | kOpen;
+    if (word_.compare_exchange_strong(open, (epoch << 2) | kClosed,
+                                      std::memory_order_acq_rel)) {
+      solo_jobs_.fetch_add(1, std::memory_order_relaxed);
+    } else {  // joined: wait for the task it is running (a few microseconds)
+      if (finished_.load(std::memory_order_acquire) != epoch) {
+        const auto start = std::chrono::steady_clock::now();
+        for (int64_t spin = 0; finished_.load(std::memory_order_acquire) != epoch; ++spin) {
+          if (spin < 4096) {
+            CpuRelax();
+          } else {
+            std::this_thread::yield();
+          }
+        }
+        if (std::chrono::steady_clock::now() - start > kStall) {
+          Stalled();
+        } else {
+          backoff_.store(0, std::memory_order_relaxed);
+        }
+      }
+      shared_jobs_.fetch_add(1, std::memory_order_relaxed);
+    }
+    busy_.store(false, std::memory_order_release);
+  }
+
+  // Whether the next job may be offered to the helper: not for a while after the caller
+  // waited long for it (a helper descheduled in the middle of a task, a busy machine).
+  // Each stall in a row doubles the pause, up to kMaxBackoff jobs.
+  // Nor while no core is idle (see CoreIdle).
+  bool Offer() {
+    if (test_join_wait_us_.load(std::memory_order_relaxed) > 0) return true;
+    const int64_t skip = skip_.load(std::memory_order_relaxed);
+    if (skip > 0) {
+      skip_.store(skip - 1, std::memory_order_relaxed);  // racy by design: only a hint
+      return false;
+    }
+    return CoreIdle();
+  }
+
+  // All tasks on the calling thread, in order (the next one prefetched).
+  static void RunAlone(GemvJob& job) {
+    for (int64_t t = 0; t < job.size(); ++t) job.Run(t, t + 1);
+  }
+
+  // Test hooks: `join_wait_us` > 0 offers every job to the helper (whatever the backoff
+  // and the load) and makes the caller wait up to that long for it to join before taking
+  // tasks (so that a test sees both threads work); `pause` keeps the helper from joining
+  // (the caller then runs every task after the wait: the fallback).
+  void SetTestMode(bool pause, int64_t join_wait_us) {
+    paused_.store(pause);
+    test_join_wait_us_.store(join_wait_us);
+  }
+  // Jobs shared with the helper, jobs offered but run alone, tasks the helper ran,
+  // stalls.
+  void Stats(int64_t* out) const {
+    out[0] = shared_jobs_.load();
+    out[1] = solo_jobs_.load();
+    out[2] = helper_tasks_.load();
+    out[3] = stalls_.load();
+  }
+
+ private:
+  static constexpr uint32_t kOpen = 1, kJoined = 2, kClosed = 3;  // low 2 bits of word_
+  // How long the helper spins for the next job before it sleeps: covers the gaps between
+  // the layers of a call (selection work) and back-to-back calls.
+  static constexpr auto kSpin = std::chrono::microseconds(200);
+
+  // A wait longer than this for the helper's last task counts as a stall.
+  static constexpr auto kStall = std::chrono::microseconds(30);
+  static constexpr int64_t kMinBackoff = 16, kMaxBackoff = 4096;
+  static constexpr int64_t kLoadRefreshUs = 20000;
+
+  // Whether some core is idle besides the caller's and a spinning helper's: the kernel's
+  // count of runnable threads (/proc/loadavg), read at most every kLoadRefresh. On a
+  // machine busy with other work the helper would mostly join late or be descheduled
+  // mid-task, and its wake-ups and spinning take time from the caller and the others.
+  bool CoreIdle() {
+#if defined(__linux__)
+    const int64_t now = std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+    if (now - load_read_us_.load(std::memory_order_relaxed) < kLoadRefreshUs) {
+      return core_idle_.load(std::memory_order_relaxed);
+    }
+    load_read_us_.store(now, std::memory_order_relaxed);
+    const int64_t runnable = RunnableThreads();
+    if (runnable < 0) return true;  // unknown: share
+    const int64_t ours = 1 + (sleeping_.load(std::memory_order_relaxed) ? 0 : 1);
+    const bool idle = runnable - ours <= num_cores_ - 2;
+    core_idle_.store(idle, std::memory_order_relaxed);
+    return idle;
+#else
+    return true;
+#endif
+  }
+
+  // The 4th field of /proc/loadavg, "runnable/total" threads: the runnable count, or -1.
+  static int64_t RunnableThreads() {
+#if defined(__linux__)
+    const int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char text[128];
+    const ssize_t size = read(fd, text, sizeof(text) - 1);
+    close(fd);
+    if (size <= 0) return -1;
+    text[size] = '\0';
+    const char* field = text;
+    for (int spaces = 0; spaces < 3 && field != nullptr; ++spaces) {
+      field = std::strchr(field, ' ');
+      if (field != nullptr) ++field;
+    }
+    if (field == nullptr || *field < '0' || *field > '9') return -1;
+    return std::strtol(field, nullptr, 10);
+#else
+    return -1;
+#endif
+  }
+
+  void Stalled() {
+    stalls_.fetch_add(1, std::memory_order_relaxed);
+    const int64_t last = backoff_.load(std::memory_order_relaxed);
+    const int64_t next = std::min(kMaxBackoff, last == 0 ? kMinBackoff : 2 * last);
+    backoff_.store(next, std::memory_order_relaxed);
+    skip_.store(next, std::memory_order_relaxed);
+  }
+
+  static Batch1Helper* Start() {
+    auto* helper = new Batch1Helper();  // never deleted: the thread outlives every caller
+    try {
+      std::thread([helper]() { helper->Loop(); }).detach();
+    } catch (...) {
+      delete helper;
+      return nullptr;
+    }
+    return helper;
+  }
+
+  void WaitForJoin(uint32_t epoch) {
+    const auto until = std::chrono::steady_clock::now() +
+                       std::chrono::microseconds(test_join_wait_us_.load());
+    while (word_.load(std::memory_order_acquire) == ((epoch << 2) | kOpen) &&
+           std::chrono::steady_clock::now() < until) {
+      CpuRelax();
+    }
+  }
+
+  void Loop() {
+    uint32_t seen = word_.load(std::memory_order_acquire);
+    for (;;) {
+      uint32_t word = word_.load(std::memory_order_acquire);
+      const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+      while (word == seen || (word & 3) != kOpen) {
+        seen = word;
+        if (std::chrono::steady_clock::now() < spin_until) {
+          for (int i = 0; i < 64; ++i) CpuRelax();
+        } else {
+          sleeping_.store(true, std::memory_order_seq_cst);
+          FutexWait(word_, word);
+          sleeping_.store(false, std::memory_order_seq_cst);
+        }
+        word = word_.load(std::memory_order_acquire);
+      }
+      seen = word;
+      if (paused_.load(std::memory_order_relaxed)) continue;
+      if (!word_.compare_exchange_strong(word, (word & ~3u) | kJoined,
+                                         std::memory_order_acq_rel)) {
+        continue;  // the caller closed the job first
+      }
+      GemvJob& job = *job_;
+      const int64_t n = job.size();
+      int64_t ran = 0;
+      for (;;) {  // the helper takes tasks from the back
+        const uint64_t old = claims_.fetch_add(uint64_t{1} << 32, std::memory_order_relaxed);
+        const int64_t back = static_cast<int64_t>(old >> 32);
+        if (static_cast<int64_t>(old & 0xffffffffu) + back >= n) break;
+        job.Run(n - 1 - back, n - 2 - back);
+        ++ran;
+      }
+      helper_tasks_.fetch_add(ran, std::memory_order_relaxed);
+      finished_.store(word >> 2, std::memory_order_release);
+    }
+  }
+
+  std::atomic<bool> busy_{false};      // a call owns the helper
+  std::atomic<uint32_t> word_{0};      // (job epoch << 2) | state; the futex word
+  std::atomic<uint32_t> finished_{0};  // epoch of the last job the helper finished
+  std::atomic<bool> sleeping_{false};
+  std::atomic<uint64_t> claims_{0};    // tasks taken: from the front (low 32 bits), back
+  GemvJob* job_ = nullptr;
+  std::atomic<bool> paused_{false};
+  std::atomic<int64_t> test_join_wait_us_{0};
+  const int64_t num_cores_ = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  std::atomic<int64_t> load_read_us_{-kLoadRefreshUs};  // when /proc/loadavg was read
+  std::atomic<bool> core_idle_{true};
+  std::atomic<int64_t> backoff_{0};  // the last pause after a stall (jobs), 0: none
+  std::atomic<int64_t> skip_{0};     // jobs still to run alone
+  std::atomic<int64_t> shared_jobs_{0}, solo_jobs_{0}, helper_tasks_{0}, stalls_{0};
+};
+
+// Below this many weight bytes a job stays on the calling thread (the hand-off costs
+// about a microsecond; 128 KB take 10 - 30 us to read).
+constexpr int64_t kMinSharedBytes = 128 << 10;
+
+// Runs a batch-1 job: on two threads when it reads enough bytes to pay for the hand-off
+// and the call may use two, else on the calling thread.
+void RunBatch1Job(GemvJob& job, int64_t max_threads) {
+  job.partials.resize(job.size() * job.stride);
+  Batch1Helper* helper = nullptr;
+  if (max_threads >= 2 && job.size() >= 2 && job.bytes >= kMinSharedBytes) {
+    helper = Batch1Helper::Get();
+  }
+  if (helper != nullptr && helper->Offer()) {
+    helper->RunShared(job);
+  } else {
+    Batch1Helper::RunAlone(job);
   }
 }
 
@@ -290,7 +641,7 @@ void AddCompactTimesBlocks(const Compact& input, const float* blocks, int64_t wi
       const bool last = slot == (e + 1) * input.slots;
       if (!last && !input.kept[slot]) continue;
       const float* next = last ? nullptr : blocks + input.block[slot] * bs * width;
-      if (tile != nullptr) RowTimesTile(h, out + e * width, tile, bs, width, next);
+      if (tile != nullptr) RowTimesTile(h, out + e * width, tile, bs, width, next, bs);
       tile = next;
       if (!last) h = input.hidden.data() + slot * bs;
     }
@@ -306,7 +657,7 @@ void PolicyLogits(const Layer& layer, const float* x, const Compact* input,
   if (input != nullptr) {
     AddCompactTimesBlocks(*input, layer.policy_kernel, nb, shape, workers, logits.data());
   } else if (shape.batch == 1) {
-    RowTimesTile(x, logits.data(), layer.policy_kernel, shape.input_dim, nb, nullptr);
+    RowTimesTile(x, logits.data(), layer.policy_kernel, shape.input_dim, nb, nullptr, 0);
   } else {
     const int64_t chunks = (shape.batch + kRowBlock - 1) / kRowBlock;
     const int64_t work = shape.batch * shape.input_dim * nb;
@@ -358,6 +709,7 @@ struct Scratch {
   std::vector<int32_t> order;    // [nb]
   std::vector<int64_t> ran;      // batch 1: the kept output slots
   std::vector<int64_t> inputs;   // batch 1: the kept input slots
+  GemvJob job;                   // batch 1: the tasks of one product
 };
 
 // One example's probabilities `probs` [nb] from its logits and the layer's policy bias,
@@ -392,16 +744,34 @@ inline void BiasRelu(const float* bias, int64_t bs, float* out) {
 }
 
 // Batch 1: one example per block and one triple per weight tile, so no capacity can bind
-// and every slot that wants its block runs. One matrix-vector product per kept block
-// (dense input) or per kept (input block, output block) tile, in slot order, the next
-// one prefetched while the current one is read. On the calling thread only: a second
-// core adds little read bandwidth to a few MB of tiles, and a helper preempted in the
-// middle of a block (a busy machine) makes the caller wait for milliseconds.
+// and every slot that wants its block runs. Two jobs of matrix-vector tasks (see
+// GemvJob): the policy logits (the first layer's [in, nb] policy, or the policy rows of
+// the kept input blocks), then, after the selection, the kept blocks (dense input) or the
+// kept (input block, output block) tiles, one group per kept output block, summed and
+// passed through bias and ReLU. Each job runs on the calling thread and, when it reads
+// enough and may use two threads, on the batch-1 helper thread too.
 void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
                     const Shape& shape, Workers& workers, const Policy& policy,
                     Scratch& scratch, float* probs, Compact& output, int64_t& candidates) {
-  const int64_t bs = shape.block_size, k = layer.example_capacity;
-  PolicyLogits(layer, x, input, shape, workers, scratch.logits);
+  const int64_t bs = shape.block_size, k = layer.example_capacity, nb = layer.num_blocks;
+  GemvJob& job = scratch.job;
+  std::vector<int64_t>& inputs = scratch.inputs;  // kept input slots
+  inputs.clear();
+  job.Reset(nb);
+  if (input == nullptr) {
+    job.Add(x, layer.policy_kernel, shape.input_dim);
+  } else {
+    for (int64_t s = 0; s < input->slots; ++s) {
+      if (!input->kept[s]) continue;
+      inputs.push_back(s);
+      job.Add(input->hidden.data() + s * bs, layer.policy_kernel + input->block[s] * bs * nb, bs);
+    }
+  }
+  job.EndGroup();
+  scratch.logits.resize(nb);
+  RunBatch1Job(job, workers.max_threads());
+  job.Sum(0, scratch.logits.data());
+
   output.slots = k;
   output.block.resize(k);
   output.kept.assign(k, 0);
@@ -409,43 +779,32 @@ void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
   scratch.slot_prob.resize(k);
   candidates = SelectTopK(scratch.logits.data(), layer, policy, scratch.order, probs,
                           output.block.data(), scratch.slot_prob.data());
-  scratch.ran.clear();
+  std::vector<int64_t>& ran = scratch.ran;
+  ran.clear();
   for (int64_t s = 0; s < k; ++s) {
     if (!policy.Wants(scratch.slot_prob[s])) continue;
     output.kept[s] = 1;
-    scratch.ran.push_back(s);
+    ran.push_back(s);
   }
-  output.num_kept = static_cast<int64_t>(scratch.ran.size());
-  const std::vector<int64_t>& ran = scratch.ran;
-  const int64_t num_ran = output.num_kept;
-  if (input == nullptr) {
-    const int64_t size = shape.input_dim * bs;  // one [in, bs] block
-    const auto block = [&](int64_t r) { return layer.kernel + output.block[ran[r]] * size; };
-    for (int64_t r = 0; r < num_ran; ++r) {
-      float* out = output.hidden.data() + ran[r] * bs;
-      RowTimesTile(x, out, block(r), shape.input_dim, bs, r + 1 < num_ran ? block(r + 1) : nullptr);
-      BiasRelu(layer.bias + output.block[ran[r]] * bs, bs, out);
+  output.num_kept = static_cast<int64_t>(ran.size());
+
+  job.Reset(bs);
+  for (int64_t s : ran) {
+    const int64_t j = output.block[s];
+    if (input == nullptr) {
+      job.Add(x, layer.kernel + j * shape.input_dim * bs, shape.input_dim);
+    } else {
+      for (int64_t t : inputs) {
+        job.Add(input->hidden.data() + t * bs,
+                layer.kernel + (j * layer.in_blocks + input->block[t]) * bs * bs, bs);
+      }
     }
-    return;
+    job.EndGroup();
   }
-  std::vector<int64_t>& inputs = scratch.inputs;  // kept input slots
-  inputs.clear();
-  for (int64_t s = 0; s < input->slots; ++s) {
-    if (input->kept[s]) inputs.push_back(s);
-  }
-  const int64_t num_inputs = static_cast<int64_t>(inputs.size());
-  const auto tile = [&](int64_t r, int64_t t) {  // tile (i, j) of kept output r, input t
-    return layer.kernel +
-           (output.block[ran[r]] * layer.in_blocks + input->block[inputs[t]]) * bs * bs;
-  };
-  for (int64_t r = 0; r < num_ran; ++r) {
+  RunBatch1Job(job, workers.max_threads());
+  for (size_t r = 0; r < ran.size(); ++r) {
     float* out = output.hidden.data() + ran[r] * bs;
-    for (int64_t t = 0; t < num_inputs; ++t) {
-      const float* next = t + 1 < num_inputs ? tile(r, t + 1)
-                          : r + 1 < num_ran  ? tile(r + 1, 0)
-                                             : nullptr;
-      RowTimesTile(input->hidden.data() + inputs[t] * bs, out, tile(r, t), bs, bs, next);
-    }
+    job.Sum(static_cast<int64_t>(r), out);
     BiasRelu(layer.bias + output.block[ran[r]] * bs, bs, out);
   }
 }
@@ -762,6 +1121,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CcjaxGatedMlpForward, ccjax::GatedMlpForwardImpl,
                                   .Attr<float>("policy_scale")
                                   .Attr<int64_t>("exact_k")
                                   .Attr<int64_t>("num_threads"));
+
+// Test hooks of the batch-1 helper thread (see Batch1Helper::SetTestMode and Stats);
+// they start the helper when it is not running yet. Stats writes 4 counters: jobs shared
+// with the helper, jobs offered to it but run alone, tasks the helper ran, stalls (all
+// since the process started).
+extern "C" int CcjaxBatch1HelperTestMode(int64_t pause, int64_t join_wait_us) {
+  ccjax::Batch1Helper* helper = ccjax::Batch1Helper::Get();
+  if (helper == nullptr) return 0;
+  helper->SetTestMode(pause != 0, join_wait_us);
+  return 1;
+}
+extern "C" int CcjaxBatch1HelperStats(int64_t* counters) {
+  ccjax::Batch1Helper* helper = ccjax::Batch1Helper::Get();
+  if (helper == nullptr) return 0;
+  helper->Stats(counters);
+  return 1;
+}
 
 // What ffi_cpu.py checks before registering the handler: the build it came from and the
 // XLA FFI API version of the headers it was compiled against ("major.minor").
