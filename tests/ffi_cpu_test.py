@@ -1,6 +1,8 @@
 """Tests of the ffi-cpu backend: the FFI handler runs the same blocks as the XLA path and
 its logits equal masked-dense inference with the masks it used."""
 
+import concurrent.futures
+import ctypes
 import dataclasses
 import os
 import warnings
@@ -304,16 +306,86 @@ def test_block_sizes_off_the_vector_panels(block_size, batch):
 
 @needs_extension
 def test_batch1_two_threads_equal_one(monkeypatch):
-  """Batch 1 with work a minibatch loop would split over 2 threads (>= 2^18 multiply-adds
-  in the gated layer), asked for 1 and 2 threads: the batch-1 path stays on the calling
-  thread, same bits either way, same blocks as XLA."""
+  """Batch 1 with work the batch-1 path shares with its helper thread (>= 128 KB of tiles
+  in the gated layer), asked for 1 and 2 threads: same bits either way (each task writes
+  its own partial sum, added in task order), same blocks as XLA."""
   block_size, widths = 64, (16 * 64, 16 * 64)
   module, params = _module(block_size, widths), _params(block_size, widths, 1.0, seed=12)
   model = layout.to_block_major(module, params)
   config = capacity.make_sparse_config(model, 1)
   x = _inputs(1, 12)
   masks, _ = _check(module, params, x, config)
-  assert masks[0].sum() * masks[1].sum() * block_size**2 >= 2**18
+  assert masks[0].sum() * masks[1].sum() * block_size**2 * 4 >= 128 * 1024
   config = dataclasses.replace(config, backend="ffi-cpu")
   outputs = [_run_with_threads(monkeypatch, threads, model, x, config) for threads in (1, 2)]
   np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+
+
+class _Batch1Helper:
+  """The extension's test hooks of its batch-1 helper thread (ctypes)."""
+
+  def __init__(self):
+    self.library = ctypes.CDLL(str(ffi_cpu.library_path()))
+    self.library.CcjaxBatch1HelperTestMode.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    self.library.CcjaxBatch1HelperStats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+
+  def stats(self) -> np.ndarray:
+    """Jobs shared with the helper, jobs offered to it but run alone, tasks the helper ran,
+    stalls (waits for it that paused the sharing)."""
+    counters = (ctypes.c_int64 * 4)()
+    assert self.library.CcjaxBatch1HelperStats(counters) == 1
+    return np.array(counters)
+
+  def mode(self, pause: bool, join_wait_us: int) -> None:
+    assert self.library.CcjaxBatch1HelperTestMode(int(pause), join_wait_us) == 1
+
+
+@needs_extension
+def test_batch1_helper_thread_shares_the_work_and_falls_back(monkeypatch):
+  """The two-thread batch-1 path really runs tasks on the helper thread (a test hook
+  offers every job and makes the caller wait for the helper to join), and with the
+  helper paused, so that it never joins, every task runs on the caller (the fallback
+  when the helper is asleep, descheduled or busy): the same bits as one thread in both
+  cases, equal to XLA and masked dense (1e-5)."""
+  block_size, widths = 64, (16 * 64, 16 * 64)
+  module, params = _module(block_size, widths), _params(block_size, widths, 1.0, seed=13)
+  model = layout.to_block_major(module, params)
+  config = capacity.make_sparse_config(model, 1)
+  x = _inputs(1, 13)
+  _check(module, params, x, config)
+  config = dataclasses.replace(config, backend="ffi-cpu")
+  alone = _run_with_threads(monkeypatch, 1, model, x, config)
+  helper = _Batch1Helper()
+  try:
+    for pause, join_wait_us in ((False, 1_000_000), (True, 1_000)):
+      helper.mode(pause, join_wait_us)
+      before = helper.stats()
+      for _ in range(3):
+        logits, traces = _run_with_threads(monkeypatch, 2, model, x, config)
+        np.testing.assert_array_equal(logits, alone[0])
+        for trace, alone_trace in zip(traces, alone[1]):
+          np.testing.assert_array_equal(trace.kept, alone_trace.kept)
+      shared, solo, helper_tasks, _ = helper.stats() - before
+      if pause:
+        assert shared == 0 and helper_tasks == 0 and solo >= 3
+      else:
+        assert shared >= 3 and helper_tasks > 0
+  finally:
+    helper.mode(False, 0)
+
+
+@needs_extension
+def test_batch1_concurrent_calls_agree():
+  """Calls from several threads at once: one holds the helper, the others run alone; all
+  give the single-thread result."""
+  block_size, widths = 64, (16 * 64, 16 * 64)
+  module, params = _module(block_size, widths), _params(block_size, widths, 1.0, seed=14)
+  model = layout.to_block_major(module, params)
+  config = dataclasses.replace(capacity.make_sparse_config(model, 1), backend="ffi-cpu")
+  xs = [_inputs(1, seed) for seed in range(8)]
+  expected = [np.asarray(FFI(model, x, config)[0]) for x in xs]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    for _ in range(3):
+      results = list(pool.map(lambda x: np.asarray(FFI(model, x, config)[0]), xs))
+      for result, want in zip(results, expected):
+        np.testing.assert_array_equal(result, want)
