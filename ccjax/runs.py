@@ -1,4 +1,4 @@
-"""A finished training run on disk, loaded back: ``load_run(workdir) -> Run``."""
+"""A finished training run of any task on disk, loaded back: ``load_run(workdir) -> Run``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,17 @@ import flax.linen as nn
 
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import config as config_lib
+from ccjax import lm_config
+from ccjax import resume
+from ccjax import run_config
 from ccjax.inference import api
 
-RESULTS_FILE = "results.json"
-CHECKPOINT_DIR = "checkpoints"
+RESULTS_FILE = resume.RESULTS_FILE
+CHECKPOINT_DIR = resume.CHECKPOINT_DIR
+# Task name (checkpoint metadata's ``task``) -> its config type.
+CONFIG_TYPES: dict[str, type[run_config.RunConfig]] = {
+    config_type.TASK: config_type
+    for config_type in (config_lib.ExperimentConfig, lm_config.LMConfig)}
 
 
 class RunError(ValueError):
@@ -24,21 +31,25 @@ class Run(NamedTuple):
   """A finished run.
 
   Attributes:
-    module: the trained Linen module (:class:`ccjax.GatedMLP` or :class:`ccjax.GatedCNN`).
+    module: the trained Linen module (:class:`ccjax.GatedMLP`, :class:`ccjax.GatedCNN` or
+      :class:`ccjax.GatedTransformer`).
     params: its parameters (host numpy arrays).
-    config: the run's :class:`ccjax.ExperimentConfig`.
-    input_shape: the shape of one example, ``[...features]``.
-    num_classes: output logits.
+    config: the run's config (:class:`ccjax.ExperimentConfig`,
+      :class:`ccjax.lm_train.LMConfig`).
+    input_shape: the shape of one example, ``[...features]`` (an LM: ``[context]``).
+    num_classes: output logits (an LM: 256 bytes).
     results: the run's ``results.json``.
     step: the checkpoint step the parameters come from (``results.json``'s ``steps``).
+    task: the run's task (:data:`ccjax.tasks.TASKS`: ``classify`` | ``lm``).
   """
   module: nn.Module
   params: Any
-  config: config_lib.ExperimentConfig
+  config: run_config.RunConfig
   input_shape: tuple[int, ...]
   num_classes: int
   results: dict[str, Any]
   step: int | None = None
+  task: str = config_lib.ExperimentConfig.TASK
 
 
 def load_run(workdir: str) -> Run:
@@ -51,15 +62,15 @@ def load_run(workdir: str) -> Run:
   (the state is read onto this process's first device, then to host memory).
 
   Args:
-    workdir: the ``--workdir`` of a classifier run that finished (it wrote
+    workdir: the ``--workdir`` of a run of any task that finished (it wrote
       ``results.json``).
 
   Returns:
     a :class:`Run`.
 
   Raises:
-    RunError: one line naming the directory: it is missing, holds no checkpoint, holds a
-      language-model run, its run did not finish, its newest checkpoint is not the step
+    RunError: one line naming the directory: it is missing, holds no checkpoint, its
+      run did not finish, its newest checkpoint is not the step
       its ``results.json`` describes (a longer run was started on it and not finished),
       or the checkpoint's metadata does not fit its parameters.
   """
@@ -81,12 +92,7 @@ def load_run(workdir: str) -> Run:
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, read_only=True)
   try:
     step = _finished_step(checkpointer, results, workdir)
-    meta = checkpointer.read_meta(step)
-    if is_language_model(meta):
-      raise RunError(f"--workdir {workdir} holds a language-model run (experiments.lm); "
-                     "load_run, experiments.predict, --init_from and --distill_from read "
-                     "classifier runs (experiments.condnet); use experiments.lm --sample or "
-                     "experiments.bench_lm_decode on it")
+    meta = resume.read_meta(checkpointer, step)
     state = checkpointer.restore_raw(step)
   finally:
     checkpointer.close()
@@ -99,14 +105,7 @@ def load_run(workdir: str) -> Run:
     raise RunError(f"--workdir {workdir}: the checkpoint's metadata does not fit its "
                    f"parameters ({error})") from None
   return Run(module=module, params=params, config=config, input_shape=input_shape,
-             num_classes=num_classes, results=results, step=step)
-
-
-def is_language_model(meta: dict[str, Any]) -> bool:
-  """Whether checkpoint metadata ``meta`` belongs to a language-model run (experiments.lm)."""
-  architecture = meta.get("architecture")
-  return meta.get("kind") == "lm" or (isinstance(architecture, dict)
-                                      and "d_model" in architecture)
+             num_classes=num_classes, results=results, step=step, task=meta["task"])
 
 
 def _finished_step(checkpointer: checkpoint_lib.Checkpointer, results: dict[str, Any],
@@ -131,14 +130,12 @@ def _finished_step(checkpointer: checkpoint_lib.Checkpointer, results: dict[str,
 def _model_from_meta(meta: dict[str, Any], workdir: str, step: int):
   """``(config, input_shape, num_classes, module)`` from a checkpoint's metadata."""
   try:
-    architecture = meta["architecture"]
-    config = config_lib.ExperimentConfig.from_dict(meta.get("config") or {})
-    input_shape = tuple(int(d) for d in architecture["input_shape"])
-    num_classes = int(architecture["num_classes"])
-    if any(d <= 0 for d in input_shape):
-      raise ValueError(f"input_shape {list(input_shape)}")
-    return config, input_shape, num_classes, config_lib.build_model(config, input_shape,
-                                                                    num_classes)
+    config_type = CONFIG_TYPES.get(meta["task"])
+    if config_type is None:
+      raise ValueError(f"task {meta['task']!r}")
+    config = config_type.from_dict(meta.get("config") or {})
+    module, input_shape, num_classes = config.model_for(meta["architecture"])
+    return config, input_shape, num_classes, module
   except (KeyError, TypeError, ValueError) as error:
     missing = f"no {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
     raise RunError(f"--workdir {workdir}: the metadata of checkpoint step {step} does not "

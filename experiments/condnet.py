@@ -4,9 +4,9 @@ r"""Trains a conditional-computation network (or its dense baseline) from flags.
   python -m experiments.condnet --workdir=runs/mnist --dataset=mnist --hidden=1024,1024 \
       --block_size=64 --tau=0.25
 
-All logic lives in :mod:`ccjax.loop`; the flags shared with ``experiments.sweep`` are
-defined in :mod:`experiments.shared_flags`. Bad flags or data exit with status 2 and a one-line
-message; nothing is written.
+All logic lives in :mod:`ccjax.tasks` (the one driver, task ``classify``); the flags
+shared with ``experiments.sweep`` are defined in :mod:`experiments.shared_flags`. Bad
+flags or data exit with status 2 and a one-line message; nothing is written.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from absl import app
 from absl import flags
 
 from ccjax import config as config_lib
-from ccjax import loop
 from ccjax import parallel
+from ccjax import progress
+from ccjax import tasks
 from experiments import cli
 from experiments import shared_flags as shared
 from experiments import named_configs
@@ -39,12 +40,12 @@ def config_from_flags() -> config_lib.ExperimentConfig:
 
 def main(argv):
   cli.reject_extra_args(argv)
-  loop.quiet_library_logs()
+  progress.quiet_library_logs()
   with cli.one_line_errors():
     config = config_from_flags()
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    loop.train_and_evaluate(config, shared.WORKDIR.value,
-                            flag_values=shared.experiment_flag_values())
+    tasks.train_and_evaluate(tasks.TASKS[config.TASK], config, shared.WORKDIR.value,
+                             flag_values=shared.experiment_flag_values())
 
 
 if __name__ == "__main__":

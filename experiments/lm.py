@@ -11,10 +11,10 @@ The shared flags of ``experiments.condnet`` (recipes, ``--eval_policy``, ``--num
 ``--steps=1000``; the test policy is ``threshold``, or ``top_k`` for the router, unless
 ``--eval_policy`` is given: ``threshold`` | ``top_k`` | ``capped``). The classifier-only
 flags (``--arch``, ``--hidden``, ``--init_from``, ...: :data:`CLASSIFIER_ONLY_FLAGS`) are
-refused when given. All logic lives in :mod:`ccjax.lm_train`; bad flags or data exit with
-status 2 and a one-line message, and nothing is written. Running again on the same
-workdir resumes (changed training settings are refused; a changed corpus too, unless
-``--allow_data_change``).
+refused when given. All logic lives in :mod:`ccjax.tasks` (the one driver, task ``lm``);
+bad flags or data exit with status 2 and a one-line message, and nothing is written.
+Running again on the same workdir resumes (changed training settings are refused; a
+changed corpus too, unless ``--allow_data_change``).
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ import jax
 
 from ccjax import lm_decode
 from ccjax import lm_train
-from ccjax import loop
+from ccjax import progress
 from ccjax import step as step_lib
+from ccjax import tasks
 from experiments import cli
 from experiments import shared_flags as shared
 
 _DEFAULT = lm_train.LMConfig()
 # The shared flags keep their names (--dataset, --steps, --batch_size, --block_size, ...)
 # with this entrypoint's defaults.
-for _name, _value in (("dataset", _DEFAULT.dataset), ("steps", _DEFAULT.steps),
+for _name, _value in (("dataset", _DEFAULT.dataset), ("steps", _DEFAULT.DEFAULT_STEPS),
                       ("batch_size", _DEFAULT.batch_size), ("block_size", _DEFAULT.block_size),
                       ("eval_every", _DEFAULT.eval_every), ("log_every", _DEFAULT.log_every),
                       ("checkpoint_every", _DEFAULT.checkpoint_every),
@@ -131,7 +132,7 @@ def sample(config: lm_train.LMConfig, workdir: str, num_bytes: int) -> bytes:
 
 def main(argv):
   cli.reject_extra_args(argv)
-  loop.quiet_library_logs()
+  progress.quiet_library_logs()
   with cli.one_line_errors():
     config = config_from_flags()
     if not SAMPLE.present:
@@ -140,8 +141,8 @@ def main(argv):
       generated = sample(config, shared.WORKDIR.value, SAMPLE.value)
       sys.stdout.write(PROMPT.value + generated.decode("utf-8", errors="replace") + "\n")
       return
-    lm_train.train_and_evaluate_lm(config, shared.WORKDIR.value,
-                                   flag_values=shared.experiment_flag_values())
+    tasks.train_and_evaluate(tasks.TASKS[config.TASK], config, shared.WORKDIR.value,
+                             flag_values=shared.experiment_flag_values())
 
 
 if __name__ == "__main__":

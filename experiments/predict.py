@@ -1,7 +1,9 @@
-r"""Evaluates a finished run with real skipping: accuracy, compute, latency, overflow.
+r"""Evaluates a finished run of any task: a classifier with real skipping (accuracy,
+compute, latency, overflow), a language model by bits per byte on its test split.
 
   python -m experiments.predict --workdir=runs/digits
   python -m experiments.predict --workdir=runs/digits --batch_size=128 --json
+  python -m experiments.predict --workdir=runs/lm
 
 Loads the run (:func:`ccjax.load_run`), runs its test split through
 :func:`ccjax.make_inference` (blocks that do not run are never computed) and reports
@@ -11,6 +13,12 @@ medians), ``overflow_rate``, ``backend`` and ``checkpoint_step`` (the step evalu
 the one ``results.json`` describes); writes them to ``<workdir>/predict.json``.
 With the run's own test-time policy and no overflow, ``test_error`` equals the run's
 ``results.json`` at any batch size.
+
+A language-model run (``experiments.lm``) reports ``bits_per_byte`` on the test split of
+its corpus (or ``--dataset``), ``active_fraction`` and ``macs_per_token`` with its own
+test-time policy (or ``--eval_policy``); with the run's policy ``bits_per_byte`` equals
+its ``results.json``. ``--batch_size``, ``--repeats`` and ``--data_dir`` are the
+classifier's and refused for an LM.
 
 Reads the run without writing into its checkpoints (a run training there is not
 harmed). Before any work it checks that ``predict.json`` can be written and that
@@ -27,12 +35,19 @@ from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
+import jax
+
 import ccjax
 from ccjax import atomic
 from ccjax import data as data_lib
-from ccjax import loop
+from ccjax import lm_config
+from ccjax import progress
 from ccjax import runs
+from ccjax import step as step_lib
+from ccjax import text
 from ccjax import timing
+from ccjax import transformer
+from ccjax.tasks import language_model
 from experiments import cli
 
 PREDICT_FILE = "predict.json"
@@ -92,6 +107,34 @@ def evaluate(run: runs.Run, dataset: data_lib.Dataset, batch_size: int, mode: st
   }
 
 
+def evaluate_lm(run: runs.Run, dataset: str, mode: str | None) -> dict:
+  """The predict report of the language-model ``run`` on the test split of ``dataset``
+  (``mode``: the test-time policy; ``None``: the run's)."""
+  config: lm_config.LMConfig = run.config
+  mode = mode or config.eval_mode()
+  capacity = None if mode == "threshold" else config.layer_capacities()
+  splits = text.load_text(dataset, config.context)
+  eval_fn = jax.jit(step_lib.make_eval_step(run.module, mode, capacity))
+  test = language_model.evaluate_lm(eval_fn, run.params, splits.test, config.context)
+  return {
+      "workdir": os.path.abspath(_WORKDIR.value), "task": run.task, "dataset": dataset,
+      "eval_policy": mode, "bits_per_byte": test["bits_per_byte"],
+      "active_fraction": test["active_fraction"],
+      "macs_per_token": transformer.macs_per_token(run.module,
+                                                   test["active_fraction"] or None),
+      "dense_macs_per_token": transformer.macs_per_token(run.module.clone(gated=False)),
+      "checkpoint_step": run.step, "machine": timing.machine_info(),
+  }
+
+
+def reject_classifier_flags() -> None:
+  """Raises ``ValueError`` for a classifier-only flag given for a language-model run."""
+  for holder in (_BATCH_SIZE, _REPEATS, _DATA_DIR):
+    if holder.present:
+      raise ValueError(f"--{holder.name} is a flag of classifier runs; --workdir "
+                       f"{_WORKDIR.value} holds a language-model run: remove it")
+
+
 def check_writable(workdir: str) -> None:
   """Raises ``ValueError`` unless ``<workdir>/predict.json`` can be written (an existing
   directory only: a missing one is reported by :func:`ccjax.load_run`)."""
@@ -114,27 +157,36 @@ def check_batch_size(batch_size: int, dataset: data_lib.Dataset) -> None:
                      f"{dataset.name} has {num_test} examples), got {batch_size}")
 
 
+def _evaluate_classifier(run: runs.Run) -> dict:
+  """The predict report of the classifier ``run`` (flags: dataset, batch size, policy)."""
+  if not run.module.gated:
+    raise ValueError(f"--workdir {_WORKDIR.value} holds a dense run (--model=dense): there "
+                     "is nothing to skip; predict evaluates condnet runs")
+  config = run.config
+  dataset = data_lib.load_dataset(
+      _DATASET.value or config.dataset, data_dir=_DATA_DIR.value or config.data_dir,
+      valid_fraction=config.valid_fraction, seed=config.seed, num_classes=run.num_classes)
+  if tuple(dataset.input_shape) != run.input_shape:
+    raise ValueError(f"--dataset {dataset.name} has examples of shape "
+                     f"{list(dataset.input_shape)}, the run was trained on "
+                     f"{list(run.input_shape)}")
+  check_batch_size(_BATCH_SIZE.value, dataset)
+  mode = _EVAL_POLICY.value or (run.config.eval_policy
+                                if run.config.eval_policy in INFERENCE_POLICIES else "threshold")
+  return evaluate(run, dataset, _BATCH_SIZE.value, mode, _REPEATS.value)
+
+
 def main(argv):
   cli.reject_extra_args(argv)
-  loop.quiet_library_logs()
+  progress.quiet_library_logs()
   try:
     check_writable(_WORKDIR.value)
     run = runs.load_run(_WORKDIR.value)
-    if not run.module.gated:
-      raise ValueError(f"--workdir {_WORKDIR.value} holds a dense run (--model=dense): there "
-                       "is nothing to skip; predict evaluates condnet runs")
-    config = run.config
-    dataset = data_lib.load_dataset(
-        _DATASET.value or config.dataset, data_dir=_DATA_DIR.value or config.data_dir,
-        valid_fraction=config.valid_fraction, seed=config.seed, num_classes=run.num_classes)
-    if tuple(dataset.input_shape) != run.input_shape:
-      raise ValueError(f"--dataset {dataset.name} has examples of shape "
-                       f"{list(dataset.input_shape)}, the run was trained on "
-                       f"{list(run.input_shape)}")
-    check_batch_size(_BATCH_SIZE.value, dataset)
-    mode = _EVAL_POLICY.value or (run.config.eval_policy
-                                  if run.config.eval_policy in INFERENCE_POLICIES else "threshold")
-    report = evaluate(run, dataset, _BATCH_SIZE.value, mode, _REPEATS.value)
+    if run.task == lm_config.LMConfig.TASK:
+      reject_classifier_flags()
+      report = evaluate_lm(run, _DATASET.value or run.config.dataset, _EVAL_POLICY.value)
+    else:
+      report = _evaluate_classifier(run)
   except (ValueError, OSError) as error:
     cli.fail(error)
   except KeyboardInterrupt:
@@ -146,6 +198,12 @@ def main(argv):
     cli.fail(f"cannot write {os.path.join(_WORKDIR.value, PREDICT_FILE)} ({error.strerror})")
   if _JSON.value:
     print(atomic.dumps(report))
+  elif "bits_per_byte" in report:
+    print(f"test bits/byte {report['bits_per_byte']:.4f}  active "
+          f"{np.round(report['active_fraction'], 3).tolist()}  MACs/token "
+          f"{report['macs_per_token']['total']:.0f} (dense "
+          f"{report['dense_macs_per_token']['total']:.0f})  policy {report['eval_policy']}  "
+          f"checkpoint step {report['checkpoint_step']}")
   else:
     print(f"test error {report['test_error']:.4f}  active {np.round(report['active_fraction'], 3).tolist()}  "
           f"MACs/example {report['macs_per_example']:.0f} (dense {report['dense_macs_per_example']:.0f})  "

@@ -74,14 +74,11 @@ def test_build_model_gated_and_dense():
   assert condnet.policy_init_prob == (0.25, 0.25)
 
 
-def test_resume_compatibility_messages():
-  config = config_lib.ExperimentConfig()
-  saved = {"architecture": config_lib.architecture_meta(config, (8, 8, 1), 10),
-           "config": config.as_dict()}
-  config_lib.check_resume_compatible(saved, create(steps=99), (8, 8, 1), 10)
-  with pytest.raises(ValueError, match="input dimension 100"):
-    config_lib.check_resume_compatible(saved, config, (100,), 10)
-  with pytest.raises(ValueError, match=r"different architecture \(hidden"):
-    config_lib.check_resume_compatible(saved, create(hidden=(64,)), (8, 8, 1), 10)
-  with pytest.raises(ValueError, match="--lr=0.001"):
-    config_lib.check_resume_compatible(saved, create(lr=0.01), (8, 8, 1), 10)
+def test_model_for_rebuilds_the_checkpointed_model():
+  config = create(hidden=(32, 32), block_size=8)
+  module, input_shape, num_classes = config.model_for(config.architecture_for((8, 8, 1), 10))
+  assert module == config_lib.build_model(config, (8, 8, 1), 10)
+  assert input_shape == (8, 8, 1) and num_classes == 10
+  with pytest.raises(ValueError, match="input_shape"):
+    config.model_for(config.architecture_for((0, 8), 10))
+

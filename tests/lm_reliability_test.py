@@ -10,7 +10,6 @@ import shutil
 import pytest
 
 import ccjax
-from ccjax import runs
 from ccjax import text
 from tests import experiment_utils
 
@@ -56,16 +55,25 @@ def test_a_layer_with_no_active_block_still_writes_results(idle_run):
   assert results["capacity_active_fraction"] == [0.25]   # one block of 4
 
 
-def test_classifier_readers_refuse_an_lm_run_in_one_line(idle_run, tmp_path):
-  workdir, _ = idle_run
-  with pytest.raises(runs.RunError, match="holds a language-model run"):
-    ccjax.load_run(workdir)
-  predict = experiment_utils.run_module("experiments.predict", f"--workdir={workdir}")
-  assert "holds a language-model run (experiments.lm)" in _error_line(predict)
+def test_readers_load_an_lm_run_and_classifier_sources_refuse_it(idle_run, tmp_path):
+  workdir, dataset = idle_run
+  run = ccjax.load_run(workdir)   # any task's run loads
+  assert run.task == "lm" and isinstance(run.module, ccjax.GatedTransformer)
+  with open(os.path.join(workdir, "results.json")) as stream:
+    results = json.load(stream)
+  predict = experiment_utils.run_module("experiments.predict", f"--workdir={workdir}",
+                                        dataset, "--json")
+  assert predict.returncode == 0, predict.stderr[-3000:]
+  report = json.loads(predict.stdout.strip().splitlines()[-1])
+  assert report["bits_per_byte"] == results["bits_per_byte"]   # the run's own test number
+  refused = experiment_utils.run_module("experiments.predict", f"--workdir={workdir}",
+                                        dataset, "--batch_size=4")
+  assert "--batch_size is a flag of classifier runs" in _error_line(refused)
   init = experiment_utils.run_module(
       "experiments.condnet", f"--workdir={tmp_path}/new", f"--init_from={workdir}",
       *experiment_utils.TINY_FLAGS)
   assert "--init_from: --workdir" in _error_line(init)
+  assert "holds a run of task 'lm'" in _error_line(init)
   assert not os.path.exists(tmp_path / "new")
 
 
@@ -108,7 +116,7 @@ def test_classifier_flags_are_refused(tmp_path, flag):
 def test_huge_batches_are_refused_before_the_workdir_exists(tmp_path):
   windows = experiment_utils.run_module("experiments.lm", f"--workdir={tmp_path}/a",
                                         "--batch_size=4000000")
-  assert "--batch_size=4000000 is more than the" in _error_line(windows)
+  assert "--batch_size must be in [1, " in _error_line(windows)   # as the classifier says
   memory = experiment_utils.run_module("experiments.lm", f"--workdir={tmp_path}/b",
                                        "--batch_size=300000")
   assert "GiB per training step" in _error_line(memory)
@@ -126,7 +134,7 @@ def test_resume_on_a_changed_corpus_needs_allow_data_change(tmp_path):
   _corpus(corpus, seed=1)   # the same path, other bytes
   refused = experiment_utils.run_module("experiments.lm", workdir, dataset, *flags)
   line = _error_line(refused)
-  assert "holds a different corpus" in line and "--allow_data_change" in line
+  assert "holds different data than the checkpoint" in line and "--allow_data_change" in line
   allowed = experiment_utils.run_module("experiments.lm", workdir, dataset, *flags,
                                         "--allow_data_change")
   assert allowed.returncode == 0, allowed.stderr[-3000:]

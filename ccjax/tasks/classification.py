@@ -1,0 +1,176 @@
+"""Classification: gated MLPs and CNNs on a dataset of :mod:`ccjax.data` (task ``classify``).
+
+Batches are :func:`ccjax.data.train_batch_indices` rows of the training split; validation
+and the final test report the error rate, the loss and the active fraction per gated
+layer; ``results.json`` adds MACs per example, batch-1 latency (dense vs sparse) and the
+plots (block probabilities, class x block map, learning curves).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccjax import config as config_lib
+from ccjax import costs
+from ccjax import data as data_lib
+from ccjax import metrics_log as metrics_log_lib
+from ccjax import progress
+from ccjax import run_loop
+from ccjax import step as step_lib
+from ccjax.tasks import base
+from ccjax.tasks import sources as sources_lib
+
+EVAL_BATCH_SIZE = 512
+
+
+def evaluate(eval_fn: Callable, params, x: np.ndarray, y: np.ndarray, *, mode: str,
+             key: jax.Array, keep_gates: bool = False) -> dict[str, Any]:
+  """Runs ``eval_fn`` over ``(x, y)`` in padded batches and aggregates.
+
+  Returns:
+    dict with ``error``, ``loss``, ``active_fraction`` (list per gated layer, mean over
+    examples) and, with ``keep_gates``, ``probs``/``mask``: lists per layer of
+    ``[examples, blocks]`` arrays, and ``prediction [examples]``.
+  """
+  if x.shape[0] == 0:  # e.g. --valid_fraction=0 on a dataset without a validation split.
+    return {"error": None, "loss": None, "active_fraction": []}
+  totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  active, probs, masks, predictions = [], [], [], []
+  for index, batch in enumerate(data_lib.eval_batches(x, y, EVAL_BATCH_SIZE)):
+    weight = batch.pop("weight")
+    valid = weight > 0
+    if mode == "sample":
+      batch["rng"] = jax.random.fold_in(key, index)
+    out = jax.device_get(eval_fn(params, batch))
+    totals["loss"] += float(np.sum(out["loss"] * weight))
+    totals["correct"] += float(np.sum(out["correct"] * weight))
+    totals["count"] += float(np.sum(weight))
+    predictions.append(out["prediction"][valid])
+    if "active_fraction" in out:
+      active.append(out["active_fraction"][:, valid])
+      if keep_gates:
+        probs.append([p[valid] for p in out["probs"]])
+        masks.append([m[valid] for m in out["mask"]])
+  result = {"error": 1.0 - totals["correct"] / totals["count"],
+            "loss": totals["loss"] / totals["count"],
+            "active_fraction": (np.concatenate(active, axis=1).mean(axis=1).tolist()
+                                if active else [])}
+  if keep_gates:
+    result["prediction"] = np.concatenate(predictions)
+    result["probs"] = [np.concatenate(layer) for layer in zip(*probs)] if probs else []
+    result["mask"] = [np.concatenate(layer) for layer in zip(*masks)] if masks else []
+  return result
+
+
+def eval_key(config: config_lib.ExperimentConfig) -> jax.Array:
+  """The key of ``sample``-policy evaluations (validation; the final test and valid)."""
+  return jax.random.fold_in(run_loop.seed_key(config.seed), 2**31 - 1)
+
+
+class ClassificationRun:
+  """One classifier run (:class:`ccjax.tasks.base.TaskRun`)."""
+
+  def __init__(self, config: config_lib.ExperimentConfig):
+    self.config = config
+    self.dataset = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                                         valid_fraction=config.valid_fraction,
+                                         seed=config.seed, num_classes=config.num_classes)
+    dataset = self.dataset
+    num_train = dataset.x_train.shape[0]
+    base.check_batch_size(config, num_train, "examples")
+    self.module = config_lib.build_model(config, dataset.input_shape, dataset.num_classes)
+    self.sources = sources_lib.load_sources(config, self.module, dataset)
+    self.description = (f"{config.model} {config.arch} on {config.dataset} ({num_train} "
+                         f"train / {dataset.x_valid.shape[0]} valid / "
+                         f"{dataset.x_test.shape[0]} test examples)")
+    self.architecture = config.architecture_for(dataset.input_shape, dataset.num_classes)
+    self.data_fingerprint = data_lib.fingerprint(dataset)
+    self.total_steps = config.total_steps(num_train)
+    self.eval_key = eval_key(config)
+
+  def init_state(self, key) -> step_lib.TrainState:
+    state = step_lib.init_train_state(self.module, self.config.train, key,
+                                      jnp.asarray(self.dataset.x_train[:1]))
+    if self.sources.init_run is not None:  # a resumed run restores over it
+      state = sources_lib.init_from_run(state, self.sources.init_run, self.config.train)
+    return state
+
+  def make_train_step(self) -> Callable:
+    return step_lib.make_train_step(self.module, self.config.train,
+                                    teacher=sources_lib.teacher_fn(self.sources.teacher_run))
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    indices = data_lib.train_batch_indices(self.dataset.x_train.shape[0],
+                                           self.config.batch_size, self.config.seed, step - 1)
+    return {"x": self.dataset.x_train[indices], "y": self.dataset.y_train[indices]}
+
+  def validate(self, eval_fn: Callable, params, step: int) -> tuple[dict[str, Any], str]:
+    del step  # the validation split is the same at every step
+    valid = evaluate(eval_fn, params, self.dataset.x_valid, self.dataset.y_valid,
+                     mode=self.config.eval_policy, key=self.eval_key)
+    fields = {"valid_error": valid["error"], "valid_loss": valid["loss"],
+              "valid_active_fraction": valid["active_fraction"]}
+    return fields, (f"valid error {progress.format_error(valid['error'])}  active "
+                    f"{np.round(valid['active_fraction'], 3).tolist()}")
+
+  def describe(self, record: dict[str, Any]) -> str:
+    return f"loss {record['loss']:.4f}  error {record['error']:.4f}"
+
+  def finalize(self, eval_fn: Callable, params, *, workdir: str,
+               metrics_log: metrics_log_lib.MetricsLog, total_steps: int,
+               primary: bool) -> dict[str, Any]:
+    """Final evaluation, MAC counts, latency and plots; returns the results payload."""
+    config, dataset = self.config, self.dataset
+    logging.info("final evaluation on %d test and %d validation examples",
+                 dataset.x_test.shape[0], dataset.x_valid.shape[0])
+    test = evaluate(eval_fn, params, dataset.x_test, dataset.y_test, mode=config.eval_policy,
+                    key=self.eval_key, keep_gates=True)
+    valid = evaluate(eval_fn, params, dataset.x_valid, dataset.y_valid,
+                     mode=config.eval_policy, key=jax.random.fold_in(self.eval_key, 1))
+    metrics_log.write({"step": total_steps, "kind": "final", "valid_error": valid["error"],
+                       "test_error": test["error"],
+                       "test_active_fraction": test["active_fraction"]})
+    logging.info("final: test error %s  valid error %s  active %s",
+                 progress.format_error(test["error"]), progress.format_error(valid["error"]),
+                 np.round(test["active_fraction"], 3).tolist())
+    if config.measure_latency:
+      logging.info("measuring batch-1 latency, dense vs sparse (kernel backend %s)",
+                   progress.kernel_backend())
+    results = {
+        "model": config.model, "arch": config.arch, "dataset": config.dataset,
+        "seed": config.seed, "steps": total_steps, "test_error": test["error"],
+        "valid_error": valid["error"], "active_fraction": test["active_fraction"],
+        "eval_policy": config.eval_policy,
+    }
+    results.update(costs.model_costs(self.module, params, dataset, test,
+                                     measure_latency=config.measure_latency,
+                                     mode=config.eval_policy, top_k=config.eval_capacity()))
+    if primary and config.plots:
+      logging.info("writing plots to %s", os.path.join(workdir, "plots"))
+      write_plots(os.path.join(workdir, "plots"), test, dataset, metrics_log.read())
+    return results
+
+
+def write_plots(plot_dir: str, test: dict[str, Any], dataset, records) -> list[str]:
+  """Activation-probability, class x block and learning-curve figures."""
+  from ccjax import plots  # pylint: disable=g-import-not-at-top
+  os.makedirs(plot_dir, exist_ok=True)
+  paths = [plots.plot_learning_curves(records, os.path.join(plot_dir, "learning_curves.png"))]
+  if test.get("probs"):
+    paths.append(plots.plot_block_probabilities(
+        test["probs"], os.path.join(plot_dir, "block_probabilities.png"),
+        labels=dataset.y_test))
+    paths.append(plots.plot_class_block_map(
+        test["mask"], dataset.y_test, dataset.num_classes,
+        os.path.join(plot_dir, "class_block_map.png")))
+  return paths
+
+
+# Task ``classify``.
+TASK = base.RunTask(config_lib.ExperimentConfig, ClassificationRun)
