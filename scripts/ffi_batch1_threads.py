@@ -21,7 +21,7 @@ on a busy one the helper is rarely offered work and the medians are noise.
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import json
 import os
 import time
@@ -34,6 +34,7 @@ import numpy as np
 import ccjax
 from ccjax import timing
 from ccjax.inference.kernels import ffi_cpu
+from ccjax.inference.kernels import ffi_cpu_helper
 from experiments import bench_inference
 
 # --hidden, --block_size and --tau are experiments.bench_inference's flags (same defaults).
@@ -41,24 +42,6 @@ FLAGS = flags.FLAGS
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "Alternating runs of 16 calls per function.",
                                lower_bound=1)
 _INPUTS = 16
-
-
-class HelperHooks:
-  """The extension's batch-1 helper hooks (see ``Batch1Helper`` in ``csrc/gated_mlp.cc``)."""
-
-  def __init__(self):
-    self.library = ctypes.CDLL(str(ffi_cpu.library_path()))
-    self.library.CcjaxBatch1HelperTestMode.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    self.library.CcjaxBatch1HelperStats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
-
-  def stats(self) -> np.ndarray:
-    counters = (ctypes.c_int64 * 4)()
-    self.library.CcjaxBatch1HelperStats(counters)
-    return np.array(counters)
-
-  def force(self, on: bool) -> None:
-    """Offers every job to the helper (waiting up to 1 us for it to join) when ``on``."""
-    self.library.CcjaxBatch1HelperTestMode(0, 1 if on else 0)
 
 
 def main(argv):
@@ -81,7 +64,7 @@ def main(argv):
       jax.block_until_ready(sparse[name](x))
   del os.environ[ffi_cpu.THREADS_ENV]
   dense = ccjax.make_dense_inference(module, params)
-  hooks = HelperHooks()
+  hooks = ffi_cpu_helper.HelperHooks()
   load_at_start = list(os.getloadavg())
 
   def timed(fn, inputs):
@@ -96,7 +79,7 @@ def main(argv):
   times = {name: [] for names in phases.values() for name in names}
   counters = {}
   for phase, names in phases.items():
-    hooks.force(phase == "forced")
+    hooks.test_mode(join_wait_us=1 if phase == "forced" else 0)
     before = hooks.stats()
     for _ in range(_ROUNDS.value):
       for name in names:
@@ -104,9 +87,8 @@ def main(argv):
         times[name] += timed(fn, xs if name != "dense" else xs[:4])
       if phase == "forced":  # alternate with one thread here too
         times.setdefault("one_thread_during_forced", []).extend(timed(sparse["one_thread"], xs))
-    counters[phase] = dict(zip(("shared", "run_alone", "helper_tasks", "stalls"),
-                               (hooks.stats() - before).tolist()))
-  hooks.force(False)
+    counters[phase] = dataclasses.asdict(hooks.stats() - before)
+  hooks.test_mode()
   result = {name: {"p10_ms": float(np.percentile(values, 10)),
                    "median_ms": float(np.median(values))} for name, values in times.items()}
   print(json.dumps({"hidden": config["hidden"], "block_size": config["block_size"],

@@ -2,7 +2,6 @@
 its logits equal masked-dense inference with the masks it used."""
 
 import concurrent.futures
-import ctypes
 import dataclasses
 import os
 import warnings
@@ -18,6 +17,7 @@ from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import mlp
 from ccjax.inference.kernels import ffi_cpu
+from ccjax.inference.kernels import ffi_cpu_helper
 
 INPUT_DIM, CLASSES = 37, 7
 FFI = jax.jit(ffi_cpu.gated_mlp_forward, static_argnums=2)
@@ -321,25 +321,6 @@ def test_batch1_two_threads_equal_one(monkeypatch):
   np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
 
 
-class _Batch1Helper:
-  """The extension's test hooks of its batch-1 helper thread (ctypes)."""
-
-  def __init__(self):
-    self.library = ctypes.CDLL(str(ffi_cpu.library_path()))
-    self.library.CcjaxBatch1HelperTestMode.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    self.library.CcjaxBatch1HelperStats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
-
-  def stats(self) -> np.ndarray:
-    """Jobs shared with the helper, jobs offered to it but run alone, tasks the helper ran,
-    stalls (waits for it that paused the sharing)."""
-    counters = (ctypes.c_int64 * 4)()
-    assert self.library.CcjaxBatch1HelperStats(counters) == 1
-    return np.array(counters)
-
-  def mode(self, pause: bool, join_wait_us: int) -> None:
-    assert self.library.CcjaxBatch1HelperTestMode(int(pause), join_wait_us) == 1
-
-
 @needs_extension
 def test_batch1_helper_thread_shares_the_work_and_falls_back(monkeypatch):
   """The two-thread batch-1 path really runs tasks on the helper thread (a test hook
@@ -355,23 +336,23 @@ def test_batch1_helper_thread_shares_the_work_and_falls_back(monkeypatch):
   _check(module, params, x, config)
   config = dataclasses.replace(config, backend="ffi-cpu")
   alone = _run_with_threads(monkeypatch, 1, model, x, config)
-  helper = _Batch1Helper()
+  helper = ffi_cpu_helper.HelperHooks()
   try:
     for pause, join_wait_us in ((False, 1_000_000), (True, 1_000)):
-      helper.mode(pause, join_wait_us)
+      helper.test_mode(pause, join_wait_us)
       before = helper.stats()
       for _ in range(3):
         logits, traces = _run_with_threads(monkeypatch, 2, model, x, config)
         np.testing.assert_array_equal(logits, alone[0])
         for trace, alone_trace in zip(traces, alone[1]):
           np.testing.assert_array_equal(trace.kept, alone_trace.kept)
-      shared, solo, helper_tasks, _ = helper.stats() - before
+      counts = helper.stats() - before
       if pause:
-        assert shared == 0 and helper_tasks == 0 and solo >= 3
+        assert counts.shared == 0 and counts.helper_tasks == 0 and counts.run_alone >= 3
       else:
-        assert shared >= 3 and helper_tasks > 0
+        assert counts.shared >= 3 and counts.helper_tasks > 0
   finally:
-    helper.mode(False, 0)
+    helper.test_mode()
 
 
 @needs_extension
