@@ -50,12 +50,12 @@ def command(workdir: str, steps: int, seed: int) -> list[str]:
           f"--steps={steps}", f"--seed={seed}", *RUN_FLAGS]
 
 
-def _checkpointer(workdir: str) -> checkpoint_lib.Checkpointer:
-  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+def _checkpointer(workdir: str, *, read_only: bool) -> checkpoint_lib.Checkpointer:
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=read_only)
 
 
 def final_state(workdir: str) -> dict:
-  checkpointer = _checkpointer(workdir)
+  checkpointer = _checkpointer(workdir, read_only=True)   # a reader never cleans up or writes
   try:
     return checkpointer.restore_raw()
   finally:
@@ -63,7 +63,7 @@ def final_state(workdir: str) -> dict:
 
 
 def latest_intact_step(workdir: str) -> int | None:
-  checkpointer = _checkpointer(workdir)
+  checkpointer = _checkpointer(workdir, read_only=True)
   try:
     return checkpointer.latest_intact_step().step
   finally:
@@ -127,14 +127,14 @@ def kill_after_save(workdir: str, process: subprocess.Popen, saves: int, rng: ra
 def zero_optimizer_state(workdir: str, step: int) -> None:
   """The negative control's damage: the checkpoint at ``step`` with zeroed optimizer state,
   re-saved as a valid checkpoint (new checksums)."""
-  checkpointer = _checkpointer(workdir)
+  checkpointer = _checkpointer(workdir, read_only=False)  # re-saves the damaged step
   try:
     state = checkpointer.restore_raw(step)
     meta = checkpointer.read_meta(step)
     state["opt_state"] = jax.tree_util.tree_map(np.zeros_like, state["opt_state"])
     shutil.rmtree(checkpointer.step_dir(step))
     checkpointer.close()
-    checkpointer = _checkpointer(workdir)
+    checkpointer = _checkpointer(workdir, read_only=False)
     checkpointer.save(step, state, meta)
   finally:
     checkpointer.close()
