@@ -17,7 +17,7 @@ globally average-pooled layer input ``mean_{height, width} x`` under ``stop_grad
 Both return ``(y, aux)`` with ``aux`` a :class:`ccjax.layers.GateAux` (``None`` when
 ungated), and keep their policy parameters under a sub-module named ``policy``, so
 :func:`ccjax.make_train_step` trains them unchanged (REINFORCE + ``L_b``, ``L_e``,
-``L_v``). Training computes dense-then-mask; :mod:`ccjax.conv_sparse` really skips.
+``L_v``). Training computes dense-then-mask; :mod:`ccjax.inference.cnn` really skips.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ccjax import flops
 from ccjax import gate_settings as gate_settings_lib
 from ccjax import gating
 from ccjax import layers
+from ccjax import modes
 from ccjax import validation
 
 CHANNEL_GATE = "channel"
@@ -177,7 +178,7 @@ class GatedResidualBlock(gate_settings_lib.GateFields):
     branch = residual_branch(convs, inputs)
     if not self.gated:
       return inputs + branch, None
-    if mode in ("top_k", "capped"):
+    if modes.get(mode).needs_capacity:
       # One gate: a fixed top-1 would always run the block, so both keep the threshold.
       mode, capacity = "threshold", None
     aux = layers.gate(self, pooled_policy_input(inputs), 1, mode, capacity, block_mask)
@@ -380,8 +381,3 @@ class GatedCNN(gate_settings_lib.GateFields):
     features = jnp.mean(nn.relu(hidden), axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name=_OUTPUT_NAME)(features)
     return logits, tuple(aux)
-
-
-def num_gate_layers(model: GatedCNN) -> int:
-  """Number of gated layers (= entries of ``aux``)."""
-  return len(model.gate_layers())

@@ -82,7 +82,7 @@ def expected_gated_mlp_macs(input_dim: int, hidden: Sequence[int], block_size: i
 
 # --- Convolutional networks -------------------------------------------------------------
 #
-# Accounting for :mod:`ccjax.conv` / :mod:`ccjax.conv_sparse` (one-sided: a layer always
+# Accounting for :mod:`ccjax.conv` / :mod:`ccjax.inference.cnn` (one-sided: a layer always
 # reads all channels of its input; only a layer's own gated outputs are skipped). A
 # ``SAME``-padded conv of an ``H x W x C_in`` input with stride ``s`` costs
 # ``ceil(H / s) * ceil(W / s) * k * k * C_in * C_out`` MACs. A channel-gated conv with

@@ -27,7 +27,8 @@ from ccjax.inference import kernels
 
 
 # The fast backend of each JAX platform (the one a user expects to be in use there).
-FAST_BACKEND = {"cpu": "ffi-cpu", "gpu": "pallas-gpu"}
+FAST_BACKEND = {backend.platform: backend.name for backend in kernels.REGISTRY
+                if backend.platform is not None}
 
 
 def _device_summary(devices) -> list[str]:
@@ -40,20 +41,9 @@ def _device_summary(devices) -> list[str]:
 
 def unavailable_reasons(available: tuple[str, ...]) -> dict[str, str]:
   """Why each backend of :data:`ccjax.BACKENDS` that is not in ``available`` cannot run."""
-  platform_name = jax.default_backend()
-  reasons = {}
-  for name in kernels.BACKENDS:
-    if name in available:
-      continue
-    if name == "ffi-cpu" and platform_name == "cpu":
-      reasons[name] = kernels.ffi_cpu.unavailable_reason() or "not available"
-    elif name == "ffi-cpu":
-      reasons[name] = f"runs on CPU only; the default JAX backend is {platform_name}"
-    elif name == "pallas-gpu":
-      reasons[name] = f"needs a GPU; the default JAX backend is {platform_name}"
-    else:
-      reasons[name] = "not available"
-  return reasons
+  reasons = kernels.unavailable_reasons()
+  return {name: reasons.get(name, "not available") for name in kernels.BACKENDS
+          if name not in available}
 
 
 def describe() -> dict[str, Any]:
@@ -87,9 +77,9 @@ def headline(info: dict[str, Any]) -> str:
   default = info["default_backend"]
   if default is None:
     return f"kernel backend: none usable ({info['default_error']})"
-  if default != "xla":
-    return f"kernel backend: {default} (fast kernel in use)"
   fast = FAST_BACKEND.get(info["platform"])
+  if default != kernels.xla.BACKEND.name:
+    return f"kernel backend: {default} (fast kernel in use)"
   if fast in info["available_backends"]:
     return (f"kernel backend: xla (forced by ${kernels.BACKEND_ENV}; the fast kernel {fast} "
             "is available)")

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from ccjax import estimators
 from ccjax import gate_settings as gate_settings_lib
 from ccjax import gating
+from ccjax import modes
 from ccjax import policy as policy_lib
 from ccjax import validation
 
@@ -63,14 +64,13 @@ class GateAux(NamedTuple):
 # Training-free masks chosen from the layer's own activations (TEAL-style): per
 # example/position, the ``capacity`` blocks with the largest activation norm run. Works
 # on gated and dense layers alike (the policy, if any, is not consulted).
-ACTIVATION_TOP_K = "activation_top_k"
-LAYER_MODES = policy_lib.POLICY_MODES + (ACTIVATION_TOP_K,)
+ACTIVATION_TOP_K = modes.get("activation_top_k").name
+LAYER_MODES = modes.LAYER_MODES
 
 
 def validate_layer_mode(mode: str, allowed: Sequence[str] = policy_lib.POLICY_MODES) -> str:
-  if mode not in allowed:
-    raise ValueError(f"mode must be one of {'|'.join(allowed)}, got {mode!r}")
-  return mode
+  """``mode`` if it is one of ``allowed``, else a one-line ValueError listing them."""
+  return modes.check(mode, tuple(allowed))
 
 
 def activation_top_k_mask(activations: jax.Array, num_blocks: int,

@@ -91,7 +91,8 @@ def _make_dense_decode(model: transformer.GatedTransformer, params) -> DecodeFns
                                        mode="all", decode=True, mutable=["cache"])
     return logits[:, -1], mutated["cache"]
 
-  return _decode_fns(dense, layers.strip_policy_params(params), dense_step, dense_mlp, "xla")
+  return _decode_fns(dense, layers.strip_policy_params(params), dense_step, dense_mlp,
+                     kernels.xla.BACKEND.name)
 
 
 def make_decode(model: transformer.GatedTransformer, params, *, sparse: bool,
@@ -125,9 +126,7 @@ def make_decode(model: transformer.GatedTransformer, params, *, sparse: bool,
       active_fraction=None if active_fraction is None else tuple(active_fraction),
       num_buckets=num_buckets, top_k=top_k)
   api.check_mode(mode, capacities)
-  block_majors = inference_transformer.layer_block_majors(model, params)
-  backend = kernels.select_backend(
-      backend, float32=all(kernels.ffi_cpu.supports(bm) for bm in block_majors))
+  backend, block_majors = inference_transformer.backend_and_layout(model, params, backend)
   configs = api.layer_sparse_configs(block_majors, 1, mode=mode, capacities=capacities,
                                      backend=backend)
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccjax import modes
+
 DEFAULT_EPS = 0.01
 
 # A block runs at test time when its probability exceeds this (``threshold`` mode).
 THRESHOLD = 0.5
-# Every way a gate can choose its mask; all but ``sample`` are deterministic. ``top_k``
-# runs exactly ``capacity`` blocks per example (fixed compute); ``capped`` runs the
-# blocks above the threshold, at most ``capacity`` of them.
-POLICY_MODES = ("sample", "threshold", "top_k", "capped", "all")
-DETERMINISTIC_MODES = POLICY_MODES[1:]
+# Every way a gate's policy can choose its mask (listed once, in :mod:`ccjax.modes`); all
+# but ``sample`` are deterministic. ``top_k`` runs exactly ``capacity`` blocks per example
+# (fixed compute); ``capped`` runs the blocks above the threshold, at most ``capacity``.
+POLICY_MODES = modes.POLICY_MODES
+DETERMINISTIC_MODES = modes.DETERMINISTIC_MODES
 
 
 def validate_eps(eps: float) -> float:

@@ -24,7 +24,7 @@ import numpy as np
 from ccjax import conv
 from ccjax import flops
 from ccjax import layers
-from ccjax import policy as policy_lib
+from ccjax import modes
 from ccjax import timing
 from ccjax import transformer as transformer_lib
 from ccjax import validation
@@ -35,10 +35,11 @@ from ccjax.inference import layout
 from ccjax.inference import mlp
 from ccjax.inference import transformer as inference_transformer
 
-# The test-time policies the sparse paths implement ("all" is the dense network):
-# ``threshold`` (p > 0.5), ``top_k`` (exactly ``Capacities.top_k`` most probable blocks per
-# example, no threshold: fixed compute), ``capped`` (threshold, at most ``Capacities.top_k``).
-INFERENCE_MODES = tuple(mode for mode in policy_lib.DETERMINISTIC_MODES if mode != "all")
+# The test-time policies the sparse paths implement (:mod:`ccjax.modes`; "all" is the dense
+# network): ``threshold`` (p > 0.5), ``top_k`` (exactly ``Capacities.top_k`` most probable
+# blocks per example, no threshold: fixed compute), ``capped`` (threshold, at most
+# ``Capacities.top_k``).
+INFERENCE_MODES = modes.INFERENCE_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +100,8 @@ class Capacities:
 
 def check_mode(mode: str, capacities: Capacities) -> None:
   """Raises a ValueError unless ``mode`` is an inference mode that ``capacities`` serves."""
-  if mode not in INFERENCE_MODES:
-    raise ValueError(f"mode must be one of {'|'.join(INFERENCE_MODES)}, got {mode!r}")
-  if mode in ("top_k", "capped") and capacities.top_k is None:
+  modes.check(mode, INFERENCE_MODES)
+  if modes.get(mode).needs_capacity and capacities.top_k is None:
     raise ValueError(f"mode {mode!r} needs Capacities(top_k=...)")
 
 
@@ -154,10 +154,6 @@ def layer_sparse_configs(block_majors: Sequence[layout.BlockMajorMLP], rows: int
                for index, block_major in enumerate(block_majors))
 
 
-def _all_float32(params) -> bool:
-  return all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Built:
   """What a family adapter prepares once per :func:`make_inference` call.
@@ -190,8 +186,10 @@ class _MLPFamily:
   @staticmethod
   def build(module: layers.GatedMLP, params, mode: str, capacities: Capacities,
             backend: str | None) -> _Built:
-    backend = kernels.select_backend(backend, float32=_all_float32(params))
-    block_major = layout.to_block_major(module, params, pallas_tiles=backend == "pallas-gpu")
+    backend = kernels.select_backend(backend, float32=layout.all_float32(params),
+                                     family=kernels.base.MLP)
+    block_major = layout.to_block_major(module, params,
+                                        pallas_tiles=kernels.get(backend).layout_tiles)
     capacities.check(len(module.hidden))
 
     def forward_for(shape):
@@ -233,7 +231,8 @@ class _CNNFamily:
   @staticmethod
   def build(module: conv.GatedCNN, params, mode: str, capacities: Capacities,
             backend: str | None) -> _Built:
-    kernels.select_backend(backend)  # Rejects an unknown or unavailable forced backend.
+    backend = kernels.select_backend(backend, float32=layout.all_float32(params),
+                                     family=kernels.base.CNN)
     num_layers = len(module.gate_layers())
     fractions = capacities.fractions(num_layers)
 
@@ -248,8 +247,8 @@ class _CNNFamily:
       return cnn.make_cnn_inference(module, mode=mode, capacity=capacities.top_k,
                                     example_capacity=example_capacity(shape[0]))
 
-    # The CNN path has XLA kernels only, whichever backend the MLP uses.
-    return _Built("xla", params, forward_for)
+    # Only backends that run CNNs are selected (today: xla, stock XLA ops).
+    return _Built(backend, params, forward_for)
 
   @staticmethod
   def dense_macs(module: conv.GatedCNN, input_shape: Sequence[int]) -> int:
@@ -281,10 +280,8 @@ class _TransformerFamily:
   @staticmethod
   def build(module: transformer_lib.GatedTransformer, params, mode: str,
             capacities: Capacities, backend: str | None) -> _Built:
-    backend = kernels.select_backend(backend, float32=_all_float32(params))
     capacities.check(module.num_layers)
-    block_majors = inference_transformer.layer_block_majors(
-        module, params, pallas_tiles=backend == "pallas-gpu")
+    backend, block_majors = inference_transformer.backend_and_layout(module, params, backend)
 
     def forward_for(shape):
       configs = layer_sparse_configs(block_majors, math.prod(shape), mode=mode,

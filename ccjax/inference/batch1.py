@@ -5,7 +5,6 @@ See :mod:`ccjax.inference.mlp` for the rules (which blocks run) and the bucketin
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -13,7 +12,6 @@ import jax.numpy as jnp
 
 from ccjax import policy as policy_lib
 from ccjax.inference.capacity import SparseConfig
-from ccjax.inference.kernels import pallas_gpu_gemv
 from ccjax.inference.layout import BlockMajorMLP
 from ccjax.inference.layout import LayerTrace
 
@@ -128,55 +126,3 @@ def sparse_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConf
                              config.candidates(probs[None], capacity), out_count, probs[None]))
     index, count, in_sizes = out_index, out_count, out_sizes
   return logits + model.output_bias, tuple(traces)
-
-
-def fused_forward_single(model: BlockMajorMLP, x: jax.Array, config: SparseConfig, *,
-                         interpret: bool = False):
-  """Batch-1 path of the ``pallas-gpu`` backend: ``x [in]`` -> ``logits [classes]``, traces.
-
-  Per hidden layer three Pallas launches (:mod:`~ccjax.inference.kernels.pallas_gpu_gemv`):
-  the policy as a split-K gather GEMV over the active input blocks (the dense input for
-  the first layer), :func:`~ccjax.inference.kernels.pallas_gpu_gemv.select_blocks` (the
-  policy epilogue, threshold / top-``k`` and the trace), and the block product reading
-  only the ``c_out * c_in`` selected weight blocks; the output layer is one more GEMV.
-  A layer's output stays as split-K partial sums of its pre-activations; its bias and
-  ReLU are applied by the two kernels that read it. Loops follow the real active counts,
-  so ``config.buckets`` (an XLA batch-1 device) is not needed and not used. The blocks
-  that run and the traces are those of :func:`sparse_forward_single`.
-
-  Args:
-    model: block-major parameters (any dtype; products accumulate in float32).
-    x: ``[in]`` one example.
-    config: static capacities (``example_capacity`` and ``exact_k`` are used).
-    interpret: run the kernels in the Pallas interpreter (off a GPU).
-
-  Returns:
-    ``(logits [classes]`` in ``x.dtype``, one :class:`LayerTrace` per hidden layer).
-  """
-  gemv = functools.partial(pallas_gpu_gemv.gather_gemv, interpret=interpret)
-  one = jnp.ones((1,), jnp.int32)
-  block_zero = jnp.zeros((1,), jnp.int32)      # one slot holding block 0
-  h_parts, in_index, in_count, in_bias = x[None, None, :], block_zero, one, None
-  logit_parts = gemv(h_parts, block_zero, one, block_zero, one,
-                     model.layers[0].policy_kernel[None], in_stride=0)
-  traces = []
-  num_layers = len(model.layers)
-  for position, (layer, capacity) in enumerate(zip(model.layers, config.example_capacity)):
-    selection = pallas_gpu_gemv.select_blocks(logit_parts, layer.policy_bias, capacity=capacity,
-                                              eps=model.policy_eps, exact_k=config.exact_k,
-                                              interpret=interpret)
-    if layer.input_gated:
-      weights, stride = layer.kernel, layer.kernel.shape[0] // layer.num_blocks
-    else:
-      weights, stride = layer.grouped_kernel, 1
-    h_parts = gemv(h_parts, in_index, in_count, selection.index, selection.counts, weights,
-                   in_bias, in_stride=stride, in_relu=in_bias is not None)
-    next_weights = (model.layers[position + 1].policy_kernel if position + 1 < num_layers
-                    else model.output_kernel)                      # [nb, bs, width]
-    logit_parts = gemv(h_parts, selection.index, selection.counts, block_zero, one,
-                       next_weights, layer.bias, in_stride=0, in_relu=True)
-    traces.append(LayerTrace(selection.index[None], selection.kept[None].astype(bool),
-                             selection.counts[1], selection.counts[0], selection.probs[None]))
-    in_index, in_count, in_bias = selection.index, selection.counts, layer.bias
-  logits = jnp.sum(logit_parts, axis=(0, 1)) + model.output_bias
-  return logits.astype(x.dtype), tuple(traces)

@@ -75,11 +75,9 @@ class SparseConfig:
             or sizes[-1] != capacity):
           raise ValueError(f"buckets must ascend from >= 1 to the capacity {capacity}, "
                            f"got {sizes!r}")
-    if self.backend not in kernels.BACKENDS:
-      raise ValueError(f"backend must be one of {'|'.join(kernels.BACKENDS)}, "
-                       f"got {self.backend!r}")
-    if self.backend == "ffi-cpu" and not kernels.ffi_cpu.supports(model):
-      raise ValueError("backend ffi-cpu runs float32 models only; use backend='xla'")
+    backend = kernels.get(self.backend)
+    if backend.float32_only and not model.float32:
+      raise ValueError(f"backend {backend.name} runs float32 models only; use backend='xla'")
     return self
 
 
@@ -91,7 +89,7 @@ def poisson_capacity(mean: float, limit: int) -> int:
 def make_sparse_config(model: BlockMajorMLP, batch_size: int,
                        active_fraction: float | Sequence[float] | None = None, *,
                        example_slack: float = 2.0, num_buckets: int = 1,
-                       backend: str = "xla") -> SparseConfig:
+                       backend: str | None = "xla") -> SparseConfig:
   """Capacities for a batch size and an expected active fraction.
 
   Args:
@@ -101,7 +99,8 @@ def make_sparse_config(model: BlockMajorMLP, batch_size: int,
       one per layer); ``None`` gives exact capacities (nothing can overflow).
     example_slack: ``k = ceil(example_slack * fraction * nb)``.
     num_buckets: batch-1 bucket count per layer (sizes ``k / n, 2k / n, ..., k``).
-    backend: kernel backend; ``None``: :func:`ccjax.inference.kernels.select_backend`.
+    backend: the kernel backend already chosen for the model (a registered name, not
+      selected again); ``None``: :func:`ccjax.inference.kernels.select_backend`.
 
   Returns:
     a validated :class:`SparseConfig`. ``C`` and ``C2`` are Poisson-style margins
@@ -129,9 +128,9 @@ def make_sparse_config(model: BlockMajorMLP, batch_size: int,
   if num_buckets > 1:
     buckets = tuple(tuple(sorted({max(1, math.ceil(k * (b + 1) / num_buckets))
                                   for b in range(num_buckets)})) for k in example)
-  return SparseConfig(example, block, pair, buckets,
-                      kernels.select_backend(backend, float32=kernels.ffi_cpu.supports(model))
-                      ).validate(model)
+  if backend is None:
+    backend = kernels.select_backend(float32=model.float32)
+  return SparseConfig(example, block, pair, buckets, backend).validate(model)
 
 
 def trace_masks(traces: Sequence[LayerTrace], num_blocks: Sequence[int]) -> tuple[jax.Array, ...]:

@@ -44,6 +44,7 @@ import numpy as np
 
 from ccjax import conv
 from ccjax import layers
+from ccjax import modes
 from ccjax import policy as policy_lib
 from ccjax import validation
 from ccjax.inference.info import InferenceInfo
@@ -206,7 +207,7 @@ def skip_residual(inputs: jax.Array, branch_weights: Sequence[layers.LayerWeight
 
 def _layer_capacities(model: conv.GatedCNN, mode: str, capacity) -> tuple:
   gate_layers = model.gate_layers()
-  if mode not in ("top_k", "capped"):
+  if not modes.get(mode).needs_capacity:
     return (None,) * len(gate_layers)
   if capacity is None:
     raise ValueError(f"mode {mode!r} needs a capacity (blocks per example)")
@@ -235,9 +236,7 @@ def make_cnn_inference(model: conv.GatedCNN, *, mode: str = "threshold",
   """
   if not isinstance(model, conv.GatedCNN) or not model.gated:
     raise ValueError("make_cnn_inference needs a GatedCNN with gated=True")
-  if mode not in policy_lib.DETERMINISTIC_MODES:
-    raise ValueError(f"mode must be one of {'|'.join(policy_lib.DETERMINISTIC_MODES)}, "
-                     f"got {mode!r}")
+  modes.check(mode, modes.DETERMINISTIC_MODES)
   if example_capacity is not None:
     example_buckets(example_capacity)
   capacities = _layer_capacities(model, mode, capacity)
@@ -256,8 +255,8 @@ def make_cnn_inference(model: conv.GatedCNN, *, mode: str = "threshold",
       probs = policy_lib.policy_probs(
           conv.pooled_policy_input(hidden) @ policy.kernel + policy.bias, model.policy_eps)
       # Skip gates (one block) keep the threshold under top_k / capped, as in GatedSkip.
-      layer_mode = mode if layer_capacity is not None or mode not in ("top_k", "capped") \
-          else "threshold"
+      layer_mode = (mode if layer_capacity is not None or not modes.get(mode).needs_capacity
+                    else "threshold")
       block_mask = policy_lib.deterministic_mask(probs, layer_mode, layer_capacity)
       requested.append(jnp.sum(block_mask > 0).astype(jnp.int32))
       if layer.kind == conv.CHANNEL_GATE:

@@ -90,6 +90,16 @@ class BlockMajorMLP:
   def input_dim(self) -> int:
     return self.layers[0].kernel.shape[2]
 
+  @property
+  def float32(self) -> bool:
+    """Every weight is float32 (what a float32-only backend runs)."""
+    return all_float32(self)
+
+
+def all_float32(tree) -> bool:
+  """Whether every array leaf of ``tree`` (parameters, a layout) is float32."""
+  return all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(tree))
+
 
 class LayerTrace(NamedTuple):
   """Which blocks one layer ran.

@@ -113,14 +113,12 @@ def _grouped_product(rows: jax.Array, weights: jax.Array, tiles: jax.Array | Non
                      group_sizes: Callable[[], jax.Array], backend: str) -> jax.Array:
   """``rows [G, C, k] @ weights [G, k, n]`` per group on ``backend``.
 
-  ``group_sizes`` is called (``[G]`` slots in use, a prefix) only for the Pallas kernel,
-  which skips the empty slots and reads no weights for empty groups.
+  ``group_sizes`` is called (``[G]`` slots in use, a prefix) only for a backend with a
+  grouped-matmul kernel of its own (Pallas: it skips the empty slots and reads no weights
+  for empty groups); ``tiles`` are the weights its layout padded for it.
   """
-  if backend != "pallas-gpu":
-    return kernels.grouped_matmul(rows, weights, backend="xla")
-  if tiles is None:
-    raise ValueError("the pallas-gpu backend needs a layout made with "
-                     "to_block_major(..., pallas_tiles=True)")
+  if kernels.get(backend).grouped_matmul is None:
+    return kernels.grouped_matmul(rows, weights, backend=backend)
   return kernels.grouped_matmul(rows, weights, None, group_sizes(), tiles=tiles,
                                 backend=backend)
 

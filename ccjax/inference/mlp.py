@@ -43,27 +43,26 @@ the result. The minibatch path
 groups (example, block) pairs by block (examples per output block for the first layer
 and for policies / the output layer; triples per weight block for hidden->hidden
 layers) into static ``[groups, capacity, ...]`` arrays and runs one grouped matmul
-(:func:`ccjax.kernels.grouped_matmul`, Pallas on GPU).
+(:func:`ccjax.inference.kernels.grouped_matmul`, Pallas on GPU).
 
-Backends: ``ffi-cpu`` runs the whole network as one FFI call; ``pallas-gpu`` runs batch 1
-as Pallas kernels that fuse policy, selection and block products
-(:func:`~ccjax.inference.batch1.fused_forward_single`: three launches per hidden layer,
-loops that follow the real active counts, no buckets) and minibatches through the
-grouped-matmul kernel; ``xla`` runs the paths above with stock XLA ops. Every backend
-runs the same blocks and returns the same traces.
+Backends (:mod:`ccjax.inference.kernels`, chosen once: ``SparseConfig.backend``) plug
+in where they have a kernel: ``ffi-cpu`` runs the whole network as one FFI call
+(``Backend.network_forward``); ``pallas-gpu`` runs batch 1 as Pallas kernels that fuse
+policy, selection and block products
+(:func:`~ccjax.inference.kernels.pallas_gpu_gemv.fused_forward_single`, its
+``Backend.batch1_forward``: three launches per hidden layer, loops that follow the real
+active counts, no buckets) and minibatches through its grouped-matmul kernel
+(``Backend.grouped_matmul``); ``xla`` runs the paths above with stock XLA ops. Every
+backend runs the same blocks and returns the same traces.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import jax
 
-from ccjax.inference.batch1 import fused_forward_single
+from ccjax.inference import kernels
 from ccjax.inference.batch1 import sparse_forward_single
 from ccjax.inference.capacity import SparseConfig
-from ccjax.inference.kernels import ffi_cpu
-from ccjax.inference.kernels import pallas_gpu
 from ccjax.inference.layout import BlockMajorMLP
 from ccjax.inference.layout import LayerTrace
 from ccjax.inference.minibatch import sparse_forward_batch
@@ -73,14 +72,13 @@ def sparse_forward(model: BlockMajorMLP, x: jax.Array, config: SparseConfig
                    ) -> tuple[jax.Array, tuple[LayerTrace, ...]]:
   """Sparse inference that computes only the blocks that run.
 
-  Jit it with ``config`` static: ``jax.jit(sparse_forward, static_argnums=2)``. With
-  ``config.backend == 'ffi-cpu'`` the whole network is one XLA FFI call
-  (:func:`ccjax.inference.kernels.ffi_cpu.gated_mlp_forward`, same blocks and traces).
-  Otherwise a batch of one example takes the batch-1 path (gathers of the active weight
-  blocks, optionally bucketed; with ``config.backend == 'pallas-gpu'`` the fused Pallas
-  kernels of :func:`~ccjax.inference.batch1.fused_forward_single`), larger batches the
-  grouped minibatch path. See the
-  module docstring for which blocks run and what happens on overflow.
+  Jit it with ``config`` static: ``jax.jit(sparse_forward, static_argnums=2)``. The
+  backend ``config.backend`` runs the whole network when it has a kernel for it
+  (``ffi-cpu``: one XLA FFI call, same blocks and traces). Otherwise a batch of one
+  example takes the batch-1 path (the backend's own, e.g. the fused Pallas kernels of
+  ``pallas-gpu``, else gathers of the active weight blocks, optionally bucketed), larger
+  batches the grouped minibatch path (on the backend's grouped matmul). See the module
+  docstring for which blocks run and what happens on overflow.
 
   Args:
     model: block-major parameters from :func:`to_block_major`.
@@ -93,26 +91,10 @@ def sparse_forward(model: BlockMajorMLP, x: jax.Array, config: SparseConfig
   x = x.reshape(x.shape[0], -1)
   if x.shape[1] != model.input_dim:
     raise ValueError(f"x has {x.shape[1]} features, the model expects {model.input_dim}")
-  if config.backend == "ffi-cpu":
-    return ffi_cpu.gated_mlp_forward(model, x, config)
-  if config.backend == "pallas-gpu" and x.shape[0] == 1:
-    logits, traces = fused_forward_single(model, x[0], config,
-                                          interpret=pallas_gpu.interpret_default())
-    return logits[None], traces
+  backend = kernels.get(config.backend)
+  if backend.network_forward is not None:
+    return backend.network_forward(model, x, config)
   if x.shape[0] == 1:
-    logits, traces = sparse_forward_single(model, x[0], config)
+    logits, traces = (backend.batch1_forward or sparse_forward_single)(model, x[0], config)
     return logits[None], traces
   return sparse_forward_batch(model, x, config)
-
-
-def make_sparse_forward(config: SparseConfig, *, with_traces: bool = True
-                        ) -> Callable[[BlockMajorMLP, jax.Array], Any]:
-  """A jitted ``(model, x) -> (logits, traces)`` (or ``logits``) with ``config`` bound.
-
-  Binding the config in a closure instead of passing it as a static argument saves the
-  per-call hashing of the static argument (tens of microseconds, which matters at batch
-  1). Dropping the traces saves their output buffers.
-  """
-  if with_traces:
-    return jax.jit(lambda model, x: sparse_forward(model, x, config))
-  return jax.jit(lambda model, x: sparse_forward(model, x, config)[0])

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 
 from ccjax import transformer as transformer_lib
+from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import mlp
 from ccjax.inference.capacity import SparseConfig
@@ -37,6 +38,25 @@ def layer_block_majors(model: transformer_lib.GatedTransformer, params, *,
   return tuple(layout.to_block_major(model.mlp_module(index), mlp_params,
                                      pallas_tiles=pallas_tiles)
                for index, mlp_params in enumerate(model.mlp_params(params)))
+
+
+def backend_and_layout(model: transformer_lib.GatedTransformer, params, backend: str | None
+                       ) -> tuple[str, tuple[layout.BlockMajorMLP, ...]]:
+  """The kernel backend chosen once for this model, and the MLPs' layout made for it.
+
+  Args:
+    model: a gated transformer.
+    params: its parameters.
+    backend: a forced backend name, or ``None`` (see
+      :func:`ccjax.inference.kernels.select_backend`).
+
+  Returns:
+    ``(backend name, layer_block_majors(...))``.
+  """
+  backend = kernels.select_backend(backend, float32=layout.all_float32(params),
+                                   family=kernels.base.TRANSFORMER)
+  return backend, layer_block_majors(model, params,
+                                     pallas_tiles=kernels.get(backend).layout_tiles)
 
 
 def sparse_mlp(block_major: layout.BlockMajorMLP, config: SparseConfig, hidden: jax.Array

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccjax.inference import layout
+from ccjax.inference.kernels import base
 from ccjax.inference.kernels import build_stamp
 
 TARGET_NAME = "ccjax_gated_mlp_forward"
@@ -219,3 +220,16 @@ def gated_mlp_forward(model: layout.BlockMajorMLP, x: jax.Array, config
       layout.LayerTrace(block_index, kept, counts[0], counts[1], probs)
       for block_index, kept, counts, probs in zip(*(outputs[1 + i::4] for i in range(4))))
   return outputs[0], traces
+
+
+def _backend_unavailable_reason(platform: str) -> str | None:
+  if platform != "cpu":
+    return f"runs on CPU only; the default JAX backend is {platform}"
+  return unavailable_reason()
+
+
+# The whole float32 MLP forward pass as one XLA FFI call on CPU.
+BACKEND = base.Backend(
+    name="ffi-cpu", unavailable_reason=_backend_unavailable_reason, platform="cpu",
+    families=(base.MLP, base.TRANSFORMER), float32_only=True,
+    network_forward=gated_mlp_forward)

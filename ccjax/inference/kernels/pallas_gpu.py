@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -45,7 +46,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
+from ccjax.inference.kernels import base
+from ccjax.inference.kernels import pallas_gpu_gemv
+
 # tl.dot needs every tile side to be a power of two and at least this.
+INTERPRET_ENV = "CCJAX_PALLAS_INTERPRET"   # "1": available off a GPU, in the interpreter
 MIN_TILE = 16
 MAX_ROW_TILE = 64
 MAX_COL_TILE = 64
@@ -213,3 +218,35 @@ def grouped_matmul(x: jax.Array, tiles: jax.Array, weight_index: jax.Array | Non
       interpret=interpret,
       name="ccjax_grouped_matmul",
   )(weight_index.astype(jnp.int32), group_sizes.astype(jnp.int32), x, tiles)
+
+
+def _unavailable_reason(platform: str) -> str | None:
+  if platform == "gpu" or os.environ.get(INTERPRET_ENV) == "1":
+    return None
+  return (f"needs a GPU (the default JAX backend is {platform}), or {INTERPRET_ENV}=1 for "
+          "the interpreter")
+
+
+def _grouped_matmul(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None,
+                    group_sizes: jax.Array | None, *, tiles: jax.Array | None,
+                    transpose_rhs: bool = False) -> jax.Array:
+  """The :class:`~ccjax.inference.kernels.base.Backend` grouped matmul: :func:`grouped_matmul`
+  on the ``tiles`` made at layout time (the empty rows and groups are skipped)."""
+  if transpose_rhs:
+    raise ValueError("the Pallas grouped matmul takes untransposed [weights, k, n] blocks")
+  if tiles is None:
+    raise ValueError("the pallas-gpu backend needs tiles=pad_weight_tiles(weights), made "
+                     "once at layout time (to_block_major(..., pallas_tiles=True))")
+  return grouped_matmul(x, tiles, weight_index, group_sizes, width=weights.shape[2],
+                        interpret=interpret_default())
+
+
+def _batch1_forward(model, x: jax.Array, config):
+  return pallas_gpu_gemv.fused_forward_single(model, x, config, interpret=interpret_default())
+
+
+# Pallas (Triton) on GPU: the minibatch path's grouped matmul and the fused batch-1 path.
+BACKEND = base.Backend(
+    name="pallas-gpu", unavailable_reason=_unavailable_reason, platform="gpu",
+    families=(base.MLP, base.TRANSFORMER), layout_tiles=True,
+    grouped_matmul=_grouped_matmul, batch1_forward=_batch1_forward)

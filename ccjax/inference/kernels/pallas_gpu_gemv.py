@@ -39,7 +39,7 @@ with the threshold / exact-``k`` rule of :class:`~ccjax.inference.capacity.Spars
 the policy, the selection and the trace of a layer in one launch.
 
 A hidden layer at batch 1 is then three launches (policy GEMV, selection, block GEMV)
-and the output layer one; see :func:`ccjax.inference.batch1.fused_forward_single`.
+and the output layer one; see :func:`fused_forward_single`.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
 from ccjax import policy as policy_lib
+from ccjax.inference import layout
 
 # Triton block shapes are powers of two; keep every side at least this.
 MIN_TILE = 16
@@ -318,3 +319,58 @@ def select_blocks(logit_parts: jax.Array, bias: jax.Array, *, capacity: int, eps
       name="ccjax_select_blocks",
   )(logit_parts.reshape(logit_parts.shape[0], -1).astype(jnp.float32), bias)
   return Selection(index, kept, counts, probs)
+
+
+def fused_forward_single(model: layout.BlockMajorMLP, x: jax.Array, config, *,
+                         interpret: bool = False):
+  """Batch-1 path of the ``pallas-gpu`` backend: ``x [in]`` -> ``logits [classes]``, traces.
+
+  Per hidden layer three Pallas launches of this module: the policy as a split-K gather
+  GEMV (:func:`gather_gemv`) over the active input blocks (the dense input for the first
+  layer), :func:`select_blocks` (the
+  policy epilogue, threshold / top-``k`` and the trace), and the block product reading
+  only the ``c_out * c_in`` selected weight blocks; the output layer is one more GEMV.
+  A layer's output stays as split-K partial sums of its pre-activations; its bias and
+  ReLU are applied by the two kernels that read it. Loops follow the real active counts,
+  so ``config.buckets`` (an XLA batch-1 device) is not needed and not used. The blocks
+  that run and the traces are those of
+  :func:`ccjax.inference.batch1.sparse_forward_single`.
+
+  Args:
+    model: block-major parameters (any dtype; products accumulate in float32).
+    x: ``[in]`` one example.
+    config: a :class:`ccjax.inference.capacity.SparseConfig` (``example_capacity`` and
+      ``exact_k`` are used).
+    interpret: run the kernels in the Pallas interpreter (off a GPU).
+
+  Returns:
+    ``(logits [classes]`` in ``x.dtype``, one :class:`~ccjax.inference.layout.LayerTrace`
+    per hidden layer).
+  """
+  gemv = functools.partial(gather_gemv, interpret=interpret)
+  one = jnp.ones((1,), jnp.int32)
+  block_zero = jnp.zeros((1,), jnp.int32)      # one slot holding block 0
+  h_parts, in_index, in_count, in_bias = x[None, None, :], block_zero, one, None
+  logit_parts = gemv(h_parts, block_zero, one, block_zero, one,
+                     model.layers[0].policy_kernel[None], in_stride=0)
+  traces = []
+  num_layers = len(model.layers)
+  for position, (layer, capacity) in enumerate(zip(model.layers, config.example_capacity)):
+    selection = select_blocks(logit_parts, layer.policy_bias, capacity=capacity,
+                                              eps=model.policy_eps, exact_k=config.exact_k,
+                                              interpret=interpret)
+    if layer.input_gated:
+      weights, stride = layer.kernel, layer.kernel.shape[0] // layer.num_blocks
+    else:
+      weights, stride = layer.grouped_kernel, 1
+    h_parts = gemv(h_parts, in_index, in_count, selection.index, selection.counts, weights,
+                   in_bias, in_stride=stride, in_relu=in_bias is not None)
+    next_weights = (model.layers[position + 1].policy_kernel if position + 1 < num_layers
+                    else model.output_kernel)                      # [nb, bs, width]
+    logit_parts = gemv(h_parts, selection.index, selection.counts, block_zero, one,
+                       next_weights, layer.bias, in_stride=0, in_relu=True)
+    traces.append(layout.LayerTrace(selection.index[None], selection.kept[None].astype(bool),
+                             selection.counts[1], selection.counts[0], selection.probs[None]))
+    in_index, in_count, in_bias = selection.index, selection.counts, layer.bias
+  logits = jnp.sum(logit_parts, axis=(0, 1)) + model.output_bias
+  return logits.astype(x.dtype), tuple(traces)

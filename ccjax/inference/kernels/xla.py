@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccjax.inference.kernels import base
+
 def grouped_matmul_xla(x: jax.Array, weights: jax.Array, weight_index: jax.Array | None = None,
                        transpose_rhs: bool = False) -> jax.Array:
   """XLA path of :func:`grouped_matmul`.
@@ -60,3 +62,7 @@ def take_blocks(blocks: jax.Array, index: jax.Array) -> jax.Array:
       collapsed_slice_dims=(0,), start_index_map=(0,))
   return jax.lax.gather(blocks, index[..., None], dims, (1, *blocks.shape[1:]),
                         mode=jax.lax.GatherScatterMode.CLIP)
+
+
+# The reference backend: every family, every dtype, every machine; the generic paths.
+BACKEND = base.Backend(name="xla", unavailable_reason=lambda platform: None)
