@@ -1,0 +1,237 @@
+r"""Probe (issue 19): dense-then-sparsify on MNIST-1D 50k, outside the training loop.
+
+A seed-level probe, not a ccjax recipe yet. It asks whether a 512-512 MLP trained dense,
+then cut into blocks and gated at tau = 1/4 by a learned linear policy, beats the dense
+net of the same MACs (width 128) trained for the same number of steps:
+
+1. train dense 512-512 for ``--dense_steps`` (Adam, lr 0.001, batch 64);
+2. optionally regroup the hidden units into blocks of co-active units (balanced k-means
+   on the units' binary activation patterns over 8,000 train examples; MoEfication,
+   Zhang et al. 2022) -- a permutation, so the dense function is unchanged;
+3. ``--imitate_steps`` of training only the per-layer linear policies
+   ``sigmoid(h Z + d)`` towards the oracle mask (the top k blocks by the L2 norm of the
+   layer's own activations) with a binary cross-entropy, the network frozen;
+4. ``--finetune_steps`` of joint training: the network on the task loss through the
+   policy's top-k masks, the policies still imitating the oracle.
+
+Baselines in the same process and data order: dense 128-128 (the MACs of 4 of 16 blocks
+of 32) for ``--dense_steps`` and for the pipeline's total steps; dense 512-512.
+
+  python scripts/probe_dense_to_sparse.py --seeds=0 --json=/tmp/probe.json
+
+The network is plain JAX here (same data, splits and batch order as ``experiments.condnet``
+through ``ccjax.data``), so its numbers are not those of ``experiments.condnet``'s dense
+rows (different initialisation); compare rows within one output only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ccjax import data
+
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (network init and batch order).")
+_DATASET = flags.DEFINE_string("dataset", "mnist1d:50000", "Classification dataset spec.")
+_DENSE_STEPS = flags.DEFINE_integer("dense_steps", 4000, "Dense training steps.", lower_bound=1)
+_IMITATE_STEPS = flags.DEFINE_integer("imitate_steps", 1000, "Policy-only steps.", lower_bound=0)
+_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 1000, "Joint steps.", lower_bound=0)
+_BLOCK_SIZES = flags.DEFINE_list("block_sizes", ["8", "32"], "Units per block.")
+_JSON = flags.DEFINE_string("json", None, "Write the results here.")
+
+WIDTH = 512
+TAU = 0.25
+BATCH = 64
+LR = 1e-3
+
+
+def init_mlp(key, widths, input_dim, num_classes):
+  """He-initialised ``[(kernel [in, out], bias [out]), ...]``."""
+  dims = [input_dim, *widths, num_classes]
+  return [(jax.random.normal(jax.random.fold_in(key, i), (a, b)) * np.sqrt(2.0 / a),
+           jnp.zeros(b)) for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))]
+
+
+def dense_logits(params, x):
+  """``x [batch, features] -> logits [batch, classes]``."""
+  hidden = x
+  for kernel, bias in params[:-1]:
+    hidden = jax.nn.relu(hidden @ kernel + bias)
+  return hidden @ params[-1][0] + params[-1][1]
+
+
+def top_k_blocks(scores, k):
+  """``scores [batch, blocks] -> {0, 1} [batch, blocks]``, the k largest per row."""
+  threshold = jnp.sort(scores, axis=-1)[:, -k][:, None]
+  return (scores >= threshold).astype(jnp.float32)
+
+
+def gated_logits(params, policies, x, block_size):
+  """Masked forward pass; returns logits, policy logits and oracle masks per layer."""
+  hidden, policy_logits, oracle_masks = x, [], []
+  blocks = WIDTH // block_size
+  k = round(TAU * blocks)
+  for (kernel, bias), (z, d) in zip(params[:-1], policies):
+    activation = jax.nn.relu(hidden @ kernel + bias)
+    block_norms = (activation.reshape(len(x), blocks, block_size) ** 2).sum(-1)
+    oracle = jax.lax.stop_gradient(top_k_blocks(block_norms, k))
+    logits = jax.lax.stop_gradient(hidden) @ z + d
+    block_mask = jax.lax.stop_gradient(top_k_blocks(logits, k))
+    policy_logits.append(logits)
+    oracle_masks.append(oracle)
+    hidden = activation * jnp.repeat(block_mask, block_size, axis=1)
+  return hidden @ params[-1][0] + params[-1][1], policy_logits, oracle_masks
+
+
+def batches(dataset, seed, steps):
+  for step in range(steps):
+    batch = data.train_batch(dataset.x_train, dataset.y_train, BATCH, seed, step)
+    yield (jnp.asarray(batch["x"].reshape(BATCH, -1), jnp.float32), jnp.asarray(batch["y"]))
+
+
+def train(params, loss_fn, dataset, seed, steps):
+  """Adam on ``loss_fn(params, x, y)`` over the run's batch order."""
+  optimizer = optax.adam(LR)
+  state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for x, y in batches(dataset, seed, steps):
+    params, state = step(params, state, x, y)
+  return params
+
+
+def task_loss(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def error(logits_fn, x, y) -> float:
+  """Test/valid error in %."""
+  logits = logits_fn(jnp.asarray(x.reshape(len(x), -1), jnp.float32))
+  return float(np.mean(np.asarray(logits).argmax(-1) != y) * 100)
+
+
+def co_activation_permutation(activations: np.ndarray, block_size: int, seed: int,
+                              iterations: int = 20) -> np.ndarray:
+  """Balanced k-means of units on their binary activation patterns.
+
+  Args:
+    activations: ``[examples, units]`` post-ReLU activations.
+    block_size: units per cluster.
+
+  Returns:
+    ``[units]`` permutation that puts each cluster's units next to each other.
+  """
+  patterns = (activations > 0).astype(np.float32).T
+  patterns /= np.linalg.norm(patterns, axis=1, keepdims=True) + 1e-6
+  units, clusters = patterns.shape[0], patterns.shape[0] // block_size
+  # Farthest-point initialisation: a random first centroid, then each next one the unit
+  # least similar to those chosen so far.
+  chosen = [int(np.random.default_rng(seed).integers(units))]
+  for _ in range(clusters - 1):
+    chosen.append(int(np.argmin((patterns @ patterns[chosen].T).max(axis=1))))
+  centroids = patterns[chosen].copy()
+  assignment = np.zeros(units, int)
+  for _ in range(iterations):
+    similarity = patterns @ centroids.T
+    assignment[:] = -1
+    counts = np.zeros(clusters, int)
+    for flat in np.argsort(-similarity, axis=None, kind="stable"):   # greedy, each cluster holds block_size
+      unit, cluster = divmod(int(flat), clusters)
+      if assignment[unit] < 0 and counts[cluster] < block_size:
+        assignment[unit] = cluster
+        counts[cluster] += 1
+    for cluster in range(clusters):
+      centroid = patterns[assignment == cluster].mean(0)
+      centroids[cluster] = centroid / (np.linalg.norm(centroid) + 1e-6)
+  return np.argsort(assignment, kind="stable")
+
+
+def permute_units(params, x, block_size, seed):
+  """The same function with each hidden layer's units regrouped by co-activation."""
+  params = [list(layer) for layer in params]
+  hidden = x
+  for i in range(len(params) - 1):
+    activation = jax.nn.relu(hidden @ params[i][0] + params[i][1])
+    order = co_activation_permutation(np.asarray(activation), block_size, seed)
+    params[i][0], params[i][1] = params[i][0][:, order], params[i][1][order]
+    params[i + 1][0] = params[i + 1][0][order, :]
+    hidden = activation[:, order]
+  return [tuple(layer) for layer in params]
+
+
+def run_seed(dataset, seed: int) -> dict:
+  key = jax.random.PRNGKey(seed)
+  input_dim = int(np.prod(dataset.x_train.shape[1:]))
+  classes = int(dataset.num_classes)
+  sets = {"valid": (dataset.x_valid, dataset.y_valid), "test": (dataset.x_test, dataset.y_test)}
+  total = _DENSE_STEPS.value + _IMITATE_STEPS.value + _FINETUNE_STEPS.value
+  rows = {}
+
+  def record(name, logits_fn):
+    rows[name] = {split: error(logits_fn, *xy) for split, xy in sets.items()}
+    print(seed, name, rows[name], flush=True)
+
+  dense_loss = lambda p, x, y: task_loss(dense_logits(p, x), y)
+  wide = train(init_mlp(key, [WIDTH, WIDTH], input_dim, classes), dense_loss, dataset, seed,
+               _DENSE_STEPS.value)
+  record(f"dense {WIDTH} ({_DENSE_STEPS.value} steps)", lambda x: dense_logits(wide, x))
+  for steps in sorted({_DENSE_STEPS.value, total}):
+    narrow = train(init_mlp(key, [128, 128], input_dim, classes), dense_loss, dataset, seed, steps)
+    record(f"dense 128, same MACs ({steps} steps)", lambda x, p=narrow: dense_logits(p, x))
+  sample = dataset.x_train[:8000]
+  sample = jnp.asarray(sample.reshape(len(sample), -1), jnp.float32)
+  for block_size in map(int, _BLOCK_SIZES.value):
+    blocks = WIDTH // block_size
+    for clustered in (False, True):
+      params = permute_units(wide, sample, block_size, seed) if clustered else wide
+      policies = [(jnp.zeros((input_dim, blocks)), jnp.zeros(blocks)),
+                  (jnp.zeros((WIDTH, blocks)), jnp.zeros(blocks))]
+
+      def loss(both, x, y, train_network, block_size=block_size):
+        network, policy = both
+        logits, policy_logits, oracle = gated_logits(network, policy, x, block_size)
+        imitation = sum(optax.sigmoid_binary_cross_entropy(p, o).mean()
+                        for p, o in zip(policy_logits, oracle))
+        task = task_loss(logits, y)
+        return imitation + (task if train_network else jax.lax.stop_gradient(task))
+
+      both = (params, policies)
+      both = train(both, lambda b, x, y: loss(b, x, y, False), dataset, seed + 1000,
+                   _IMITATE_STEPS.value)
+      both = train(both, lambda b, x, y: loss(b, x, y, True), dataset, seed + 2000,
+                   _FINETUNE_STEPS.value)
+      name = (f"gated blocks of {block_size}, {'co-activation' if clustered else 'contiguous'}"
+              f" blocks ({total} steps)")
+      record(name, lambda x, b=both, s=block_size: gated_logits(b[0], b[1], x, s)[0])
+  return rows
+
+
+def main(argv):
+  del argv
+  dataset = data.load_dataset(_DATASET.value, valid_fraction=0.1, seed=0)
+  started = time.time()
+  results = {"dataset": _DATASET.value, "tau": TAU, "width": WIDTH,
+             "dense_steps": _DENSE_STEPS.value, "imitate_steps": _IMITATE_STEPS.value,
+             "finetune_steps": _FINETUNE_STEPS.value,
+             "seeds": {seed: run_seed(dataset, int(seed)) for seed in _SEEDS.value}}
+  results["seconds"] = time.time() - started
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=1)
+  print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
