@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from ccjax import data
+from ccjax import stats
 
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (network init and batch order).")
 _DATASET = flags.DEFINE_string("dataset", "mnist1d:50000", "Classification dataset spec.")
@@ -218,6 +219,31 @@ def run_seed(dataset, seed: int) -> dict:
   return rows
 
 
+def summary(results: dict) -> str:
+  """Markdown table: mean ± sample std per row, paired test-error differences of every
+  gated row to the dense net of the same MACs trained for the same steps (95 % t)."""
+  seeds = list(results["seeds"])
+  names = list(results["seeds"][seeds[0]])
+  total = results["dense_steps"] + results["imitate_steps"] + results["finetune_steps"]
+  same_macs = f"dense 128, same MACs ({total} steps)"
+  lines = ["| configuration | valid error (%) | test error (%) | − dense same MACs, same steps "
+           "(points, 95 % CI) |", "|---|---|---|---|"]
+  for name in names:
+    cells = []
+    for split in ("valid", "test"):
+      summary_stats = stats.mean_std([results["seeds"][seed][name][split] for seed in seeds])
+      std = "" if summary_stats.std is None else f" ± {summary_stats.std:.2f}"
+      cells.append(f"{summary_stats.mean:.2f}{std}")
+    difference = ""
+    if name.startswith("gated"):
+      paired = stats.paired_difference([results["seeds"][seed][name]["test"] for seed in seeds],
+                                       [results["seeds"][seed][same_macs]["test"] for seed in seeds])
+      half = "" if paired.ci95 is None else f" ± {paired.ci95:.2f}"
+      difference = f"{paired.mean:+.2f}{half}"
+    lines.append(f"| {name} | {cells[0]} | {cells[1]} | {difference} |")
+  return "\n".join(lines) + f"\n\n{len(seeds)} seeds: {', '.join(seeds)}."
+
+
 def main(argv):
   del argv
   dataset = data.load_dataset(_DATASET.value, valid_fraction=0.1, seed=0)
@@ -230,7 +256,7 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump(results, f, indent=1)
-  print(json.dumps(results, indent=1))
+  print(summary(results))
 
 
 if __name__ == "__main__":

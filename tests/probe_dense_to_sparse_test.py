@@ -74,3 +74,15 @@ def test_tiny_run_writes_every_row(tmp_path):
                        "gated blocks of 128, contiguous blocks (30 steps)",
                        "gated blocks of 128, co-activation blocks (30 steps)"}
   assert all(0 <= row["test"] <= 100 for row in rows.values())
+  assert "| gated blocks of 128, co-activation blocks (30 steps) |" in process.stdout
+
+
+def test_summary_pairs_gated_rows_with_dense_of_the_same_steps():
+  probe = _probe()
+  rows = lambda gated, dense: {"dense 128, same MACs (3 steps)": {"valid": 1.0, "test": dense},
+                               "gated b (3 steps)": {"valid": 1.0, "test": gated}}
+  results = {"dense_steps": 1, "imitate_steps": 1, "finetune_steps": 1,
+             "seeds": {"0": rows(10.0, 12.0), "1": rows(11.0, 12.0)}}
+  table = probe.summary(results)
+  # Differences -2 and -1: mean -1.5, sample std 0.707, t(0.975, 1) = 12.71 -> ±6.35.
+  assert "| gated b (3 steps) | 1.00 ± 0.00 | 10.50 ± 0.71 | -1.50 ± 6.35 |" in table
