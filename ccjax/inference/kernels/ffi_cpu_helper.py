@@ -3,7 +3,7 @@
 At batch 1 the handler splits each layer's products into small matrix-vector tasks that
 the calling thread and one persistent helper thread take from the two ends of a list
 (``Batch1Helper`` in ``csrc/gated_mlp.cc``). A job is offered to the helper only when the
-call may use two threads (``CCJAX_FFI_THREADS``), the job reads at least 128 KB, a core is
+call may use two threads (``CCJAX_FFI_THREADS``), the job reads at least 512 KB, a core is
 idle (``/proc/loadavg``) and the caller did not just wait long for the helper (a stall);
 the caller never waits for the helper to start. :class:`HelperHooks` reads the counters
 and sets the test mode through ``ctypes``.

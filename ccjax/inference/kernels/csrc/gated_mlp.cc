@@ -212,6 +212,18 @@ inline void Prefetch(const float* data, int64_t floats) {
   for (int64_t f = 0; f < floats; f += 64 / sizeof(float)) __builtin_prefetch(data + f, 0, 2);
 }
 
+// acc[:kCols] += in[d] * tile row d for d in [begin, end) (rows `stride` apart), also
+// prefetching row d of `next` when kPrefetch.
+template <int64_t kCols, bool kPrefetch>
+void RowPanelRows(const float* in, const float* tile, int64_t begin, int64_t end,
+                  int64_t stride, const float* next, float* acc) {
+  for (int64_t d = begin; d < end; ++d) {
+    const float* w = tile + d * stride;
+    if (kPrefetch) Prefetch(next + d * stride, kCols);
+    for (int64_t c = 0; c < kCols; ++c) acc[c] += in[d] * w[c];
+  }
+}
+
 // out[:kCols] += in[:depth] @ tile[:, :kCols] for one row (tile rows `stride` apart).
 // kChains partial sums over interleaved depths keep 64 multiply-adds in flight whatever
 // the panel width. When `next` (a tile with the same row stride, read after this one) is
@@ -222,21 +234,32 @@ void RowPanel(const float* in, float* out, const float* tile, int64_t depth, int
               const float* next, int64_t next_depth) {
   constexpr int64_t kChains = kCols >= 64 ? 1 : 64 / kCols;
   float acc[kChains][kCols] = {};
-  if (next == nullptr) next_depth = 0;
+  // Rows [0, ahead) also prefetch the next tile's row; whole groups of kChains rows first.
+  const int64_t ahead = next == nullptr ? 0 : std::min(depth, next_depth);
+  const int64_t grouped = depth / kChains * kChains;
   int64_t d = 0;
-  for (; d + kChains <= depth; d += kChains) {
+  for (; d + kChains <= std::min(ahead, grouped); d += kChains) {
     for (int64_t chain = 0; chain < kChains; ++chain) {
       const float* w = tile + (d + chain) * stride;
-      if (d + chain < next_depth) Prefetch(next + (d + chain) * stride, kCols);
+      Prefetch(next + (d + chain) * stride, kCols);
       const float a = in[d + chain];
       for (int64_t c = 0; c < kCols; ++c) acc[chain][c] += a * w[c];
     }
   }
-  for (; d < depth; ++d) {
-    const float* w = tile + d * stride;
-    if (d < next_depth) Prefetch(next + d * stride, kCols);
-    for (int64_t c = 0; c < kCols; ++c) acc[0][c] += in[d] * w[c];
+  for (; d < grouped; d += kChains) {
+    if (d < ahead) {  // the group that crosses `ahead`
+      for (int64_t chain = 0; chain < kChains; ++chain) {
+        if (d + chain < ahead) Prefetch(next + (d + chain) * stride, kCols);
+      }
+    }
+    for (int64_t chain = 0; chain < kChains; ++chain) {
+      const float* w = tile + (d + chain) * stride;
+      const float a = in[d + chain];
+      for (int64_t c = 0; c < kCols; ++c) acc[chain][c] += a * w[c];
+    }
   }
+  RowPanelRows<kCols, true>(in, tile, d, std::max(d, ahead), stride, next, acc[0]);
+  RowPanelRows<kCols, false>(in, tile, std::max(d, ahead), depth, stride, nullptr, acc[0]);
   for (int64_t c = 0; c < kCols; ++c) {
     float sum = acc[0][c];
     for (int64_t chain = 1; chain < kChains; ++chain) sum += acc[chain][c];
@@ -273,56 +296,77 @@ void RowTimesTile(const float* in, float* out, const float* tile, int64_t depth,
 // another call leaves every task to the caller. Each task writes its own partial sum and
 // the caller adds them in task order, so the result does not depend on who ran what.
 
-// One task: partial[:width] = in[:depth] @ tile[:depth, :width] (row stride `width`).
+// One task: in[:depth] @ tile[:depth, :width] (row stride `width`), added to its group's
+// output.
 struct Gemv {
   const float* in;
   const float* tile;
   int64_t depth;
+  int64_t group;
 };
 
-// A list of tasks of the same width, grouped: group g owns tasks [end[g - 1], end[g]).
+// The matrix-vector tasks of one product, all of the same width, in groups: group g's
+// tasks add up to its output row `out[g]` [width]. Run alone, each task adds into its
+// group's row in task order; shared, each task writes its own partial sum and the
+// caller adds the partial sums in task order: the same float operations either way
+// (0 + s1 + s2 + ... for a group's task sums s1, s2, ...), so the same bits.
 struct GemvJob {
   std::vector<Gemv> tasks;
-  std::vector<int64_t> group_end;
+  std::vector<float*> out;        // per group
   int64_t width = 0;
   int64_t stride = 0;             // floats between partial sums (width rounded up to 16)
-  std::vector<float> partials;    // [tasks, stride]
+  std::vector<float> partials;    // [tasks, stride] when shared
   int64_t bytes = 0;              // weight bytes the tasks read
 
   void Reset(int64_t new_width) {
     tasks.clear();
-    group_end.clear();
+    out.clear();
     width = new_width;
     stride = (new_width + 15) / 16 * 16;
     bytes = 0;
   }
-  // Appends in[:depth] @ tile to the current group, in tasks of about kTaskBytes of tile.
+  // Adds in[:depth] @ tile to the current group, in tasks of about kTaskBytes of tile.
   void Add(const float* in, const float* tile, int64_t depth) {
     const int64_t rows = std::max<int64_t>(1, kTaskBytes / (4 * width));
+    const int64_t group = static_cast<int64_t>(out.size());
     for (int64_t d = 0; d < depth; d += rows) {
-      tasks.push_back({in + d, tile + d * width, std::min(rows, depth - d)});
+      tasks.push_back({in + d, tile + d * width, std::min(rows, depth - d), group});
     }
     bytes += 4 * depth * width;
   }
-  void EndGroup() { group_end.push_back(static_cast<int64_t>(tasks.size())); }
+  // Closes the current group; its tasks add up to `row` [width].
+  void EndGroup(float* row) { out.push_back(row); }
   int64_t size() const { return static_cast<int64_t>(tasks.size()); }
 
-  // Runs task t, prefetching task `next` (a guess at what this thread runs next; -1: none).
-  void Run(int64_t t, int64_t next) {
-    float* out = partials.data() + t * stride;
-    std::fill(out, out + width, 0.0f);
+  // Adds task t into `into` [width], prefetching task `next` (a guess at what this
+  // thread runs next; none when out of range).
+  void Run(int64_t t, int64_t next, float* into) const {
     const Gemv& task = tasks[t];
     const bool ahead = next >= 0 && next < size();
-    RowTimesTile(task.in, out, task.tile, task.depth, width,
+    RowTimesTile(task.in, into, task.tile, task.depth, width,
                  ahead ? tasks[next].tile : nullptr, ahead ? tasks[next].depth : 0);
   }
-  // out_g[:width] = sum of group g's partial sums, in task order.
-  void Sum(int64_t group, float* out) const {
-    const int64_t begin = group == 0 ? 0 : group_end[group - 1];
-    std::fill(out, out + width, 0.0f);
-    for (int64_t t = begin; t < group_end[group]; ++t) {
+  // Task t into its own zeroed partial sum (shared jobs).
+  void RunPartial(int64_t t, int64_t next) {
+    float* partial = partials.data() + t * stride;
+    std::fill(partial, partial + width, 0.0f);
+    Run(t, next, partial);
+  }
+  void ZeroOutputs() {
+    for (float* row : out) std::fill(row, row + width, 0.0f);
+  }
+  // Every task on the calling thread, in order, straight into the group rows.
+  void RunAlone() {
+    ZeroOutputs();
+    for (int64_t t = 0; t < size(); ++t) Run(t, t + 1, out[tasks[t].group]);
+  }
+  // The group rows from the partial sums of a shared run, in task order.
+  void AddPartials() {
+    ZeroOutputs();
+    for (int64_t t = 0; t < size(); ++t) {
       const float* partial = partials.data() + t * stride;
-      for (int64_t c = 0; c < width; ++c) out[c] += partial[c];
+      float* row = out[tasks[t].group];
+      for (int64_t c = 0; c < width; ++c) row[c] += partial[c];
     }
   }
 
@@ -365,10 +409,12 @@ class Batch1Helper {
     return helper;
   }
 
-  // Runs every task of `job` (partials resized by the caller), with the helper taking
-  // tasks from the back if it is free and wakes up in time. Returns when all are done.
-  void RunShared(GemvJob& job) {
-    if (busy_.exchange(true, std::memory_order_acquire)) return RunAlone(job);
+  // Runs every task of `job` into its partial sums, with the helper taking tasks from
+  // the back if it wakes up in time, and returns true when all are done; returns false,
+  // having run nothing, when another call holds the helper.
+  bool RunShared(GemvJob& job) {
+    if (busy_.exchange(true, std::memory_order_acquire)) return false;
+    job.partials.resize(job.size() * job.stride);
     const int64_t n = job.size();
     job_ = &job;
     claims_.store(0, std::memory_order_relaxed);
@@ -380,7 +426,7 @@ class Batch1Helper {
       const uint64_t old = claims_.fetch_add(1, std::memory_order_relaxed);
       const int64_t front = static_cast<int64_t>(old & 0xffffffffu);
       if (front + static_cast<int64_t>(old >> 32) >= n) break;
-      job.Run(front, front + 1);
+      job.RunPartial(front, front + 1);
     }
     uint32_t open = (epoch << 2) | kOpen;
     if (word_.compare_exchange_strong(open, (epoch << 2) | kClosed,
@@ -405,6 +451,7 @@ class Batch1Helper {
       shared_jobs_.fetch_add(1, std::memory_order_relaxed);
     }
     busy_.store(false, std::memory_order_release);
+    return true;
   }
 
   // Whether the next job may be offered to the helper: not for a while after the caller
@@ -419,11 +466,6 @@ class Batch1Helper {
       return false;
     }
     return CoreIdle();
-  }
-
-  // All tasks on the calling thread, in order (the next one prefetched).
-  static void RunAlone(GemvJob& job) {
-    for (int64_t t = 0; t < job.size(); ++t) job.Run(t, t + 1);
   }
 
   // Test hooks: `join_wait_us` > 0 offers every job to the helper (whatever the backoff
@@ -556,7 +598,7 @@ class Batch1Helper {
         const uint64_t old = claims_.fetch_add(uint64_t{1} << 32, std::memory_order_relaxed);
         const int64_t back = static_cast<int64_t>(old >> 32);
         if (static_cast<int64_t>(old & 0xffffffffu) + back >= n) break;
-        job.Run(n - 1 - back, n - 2 - back);
+        job.RunPartial(n - 1 - back, n - 2 - back);
         ++ran;
       }
       helper_tasks_.fetch_add(ran, std::memory_order_relaxed);
@@ -580,22 +622,22 @@ class Batch1Helper {
   std::atomic<int64_t> shared_jobs_{0}, solo_jobs_{0}, helper_tasks_{0}, stalls_{0};
 };
 
-// Below this many weight bytes a job stays on the calling thread (the hand-off costs
-// about a microsecond; 128 KB take 10 - 30 us to read).
-constexpr int64_t kMinSharedBytes = 128 << 10;
+// Below this many weight bytes a job stays on the calling thread: the hand-off costs a
+// few microseconds (a futex wake-up when the helper sleeps), and 512 KB take about 13 us
+// to read from cache (e.g. a decoding step's MLP, read every token), 30 - 50 us from DRAM.
+constexpr int64_t kMinSharedBytes = 512 << 10;
 
 // Runs a batch-1 job: on two threads when it reads enough bytes to pay for the hand-off
 // and the call may use two, else on the calling thread.
 void RunBatch1Job(GemvJob& job, int64_t max_threads) {
-  job.partials.resize(job.size() * job.stride);
   Batch1Helper* helper = nullptr;
   if (max_threads >= 2 && job.size() >= 2 && job.bytes >= kMinSharedBytes) {
     helper = Batch1Helper::Get();
   }
-  if (helper != nullptr && helper->Offer()) {
-    helper->RunShared(job);
+  if (helper != nullptr && helper->Offer() && helper->RunShared(job)) {
+    job.AddPartials();
   } else {
-    Batch1Helper::RunAlone(job);
+    job.RunAlone();
   }
 }
 
@@ -764,13 +806,13 @@ void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
     for (int64_t s = 0; s < input->slots; ++s) {
       if (!input->kept[s]) continue;
       inputs.push_back(s);
-      job.Add(input->hidden.data() + s * bs, layer.policy_kernel + input->block[s] * bs * nb, bs);
+      job.Add(input->hidden.data() + s * bs, layer.policy_kernel + input->block[s] * bs * nb,
+              bs);
     }
   }
-  job.EndGroup();
   scratch.logits.resize(nb);
+  job.EndGroup(scratch.logits.data());
   RunBatch1Job(job, workers.max_threads());
-  job.Sum(0, scratch.logits.data());
 
   output.slots = k;
   output.block.resize(k);
@@ -799,13 +841,11 @@ void RunLayerBatch1(const Layer& layer, const float* x, const Compact* input,
                 layer.kernel + (j * layer.in_blocks + input->block[t]) * bs * bs, bs);
       }
     }
-    job.EndGroup();
+    job.EndGroup(output.hidden.data() + s * bs);
   }
   RunBatch1Job(job, workers.max_threads());
-  for (size_t r = 0; r < ran.size(); ++r) {
-    float* out = output.hidden.data() + ran[r] * bs;
-    job.Sum(static_cast<int64_t>(r), out);
-    BiasRelu(layer.bias + output.block[ran[r]] * bs, bs, out);
+  for (int64_t s : ran) {
+    BiasRelu(layer.bias + output.block[s] * bs, bs, output.hidden.data() + s * bs);
   }
 }
 
