@@ -13,6 +13,10 @@ prints ``{"config": {...}, "machine": {...}, "backend": "...", "results": [{"mod
 "overflow_rate", "roofline"}, ...], "rates": {...}}`` with ``ratio = dense_ms / sparse_ms``
 and ``mac_ratio = dense_macs / sparse_macs`` (MACs per example, policies included).
 
+With the ``ffi-cpu`` backend, batch-1 entries hold ``batch1_helper``: what the kernel's
+batch-1 helper thread did while the case was timed (jobs shared with it, jobs offered
+but run alone, tasks it ran, stalls; :mod:`ccjax.inference.kernels.ffi_cpu_helper`).
+
 Roofline (float32 MLP cases, unless ``--noroofline``): ``rates`` holds the measured read
 bandwidth (:func:`ccjax.inference.roofline.stream_read_gbs`) and matmul rate
 (:func:`~ccjax.inference.roofline.matmul_gmacs`); each case's ``roofline`` holds, for the
@@ -24,6 +28,7 @@ bound the measured median reaches (:meth:`~ccjax.inference.roofline.CallCost.rep
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -42,6 +47,7 @@ from ccjax import loop
 from ccjax import memory
 from ccjax import timing
 from ccjax.inference import roofline
+from ccjax.inference.kernels import ffi_cpu_helper
 from experiments import cli
 
 MODELS = ("mlp", "cnn")
@@ -283,6 +289,8 @@ def bench_family(config: dict[str, Any], family: str, progress: Progress,
     inputs = [x.astype(jnp.dtype(config["dtype"])) for x in jax.random.normal(
         data_key, (num_batches, batch_size, *example_shape))]
     progress.starting(f"{family} batch {batch_size}")
+    helper = ffi_cpu_helper.HelperHooks() if traced.backend == "ffi-cpu" else None
+    before = helper.stats() if helper is not None else None
     latency = ccjax.measure_latency(module, params, inputs, repeats=config["repeats"],
                                     inference=timed)
     infos = [traced(x)[1] for x in inputs]
@@ -294,6 +302,8 @@ def bench_family(config: dict[str, Any], family: str, progress: Progress,
         "dense_macs": float(dense_macs), "sparse_macs": sparse_macs,
         "mac_ratio": float(dense_macs) / max(sparse_macs, 1.0),
         "overflow_rate": ccjax.overflow_rate(infos), "backend": traced.backend})
+    if helper is not None and batch_size == 1:  # did the batch-1 helper thread take part?
+      entries[-1]["batch1_helper"] = dataclasses.asdict(helper.stats() - before)
     if rates is not None and family == "mlp":
       entries[-1]["roofline"] = roofline_entry(
           config, module, [[np.asarray(mask) for mask in info.masks] for info in infos],

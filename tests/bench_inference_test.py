@@ -62,6 +62,10 @@ def test_tiny_benchmark_prints_json_with_schema():
       assert call["roofline_ms"] == pytest.approx(bound)
       assert call["fraction_of_bound"] == pytest.approx(bound / call["measured_ms"])
   assert "roofline: dense" in result.stderr
+  if report["backend"] == "ffi-cpu":  # the batch-1 helper's counters during the timing
+    helper = report["results"][0]["batch1_helper"]
+    assert set(helper) == {"shared", "run_alone", "helper_tasks", "stalls"}
+    assert min(helper.values()) >= 0 and "batch1_helper" not in report["results"][1]
 
 
 def test_noroofline_measures_no_rates():
