@@ -19,6 +19,9 @@ def _run(args, out_dir, **env):
                         env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
 
 
+# Slow tier: three timed phases, each compiling Pallas kernels for the interpreter (about
+# 45 s of CPU); the refusals below keep the script in the fast tier.
+@pytest.mark.slow
 def test_tiny_run_writes_named_json_with_roofline_and_train_step(tmp_path):
   result = _run(["--tiny", "--runs=pallas_float32"], tmp_path, CCJAX_PALLAS_INTERPRET="1")
   assert result.returncode == 0, result.stderr[-3000:]
