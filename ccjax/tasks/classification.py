@@ -106,6 +106,7 @@ class ClassificationRun:
                                     teacher=sources_lib.teacher_fn(self.sources.teacher_run))
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
+    """``{"x": [batch_size, *input_shape], "y": [batch_size]}`` training examples."""
     indices = data_lib.train_batch_indices(self.dataset.x_train.shape[0],
                                            self.config.batch_size, self.config.seed, step - 1)
     return {"x": self.dataset.x_train[indices], "y": self.dataset.y_train[indices]}

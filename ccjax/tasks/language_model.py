@@ -61,7 +61,6 @@ def evaluate_lm(eval_fn, params, data: np.ndarray, context: int, *, keep_gates: 
   return result
 
 
-
 class LanguageModelRun:
   """One language-model run (:class:`ccjax.tasks.base.TaskRun`)."""
 
@@ -87,6 +86,7 @@ class LanguageModelRun:
     return step_lib.make_train_step(self.module, self.config.train)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
+    """``{"x", "y": [batch_size, context]}`` byte windows and their next bytes."""
     return text.train_batch(self.splits.train, self.config.batch_size, self.config.context,
                             self.config.seed, step - 1)
 
