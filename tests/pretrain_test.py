@@ -3,8 +3,11 @@ exact resume across the switch from dense to gated, composed with the other meth
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+from ccjax import checkpoint as checkpoint_lib
 from ccjax import config as config_lib
 from ccjax import flops
 from ccjax import loop
@@ -24,6 +27,14 @@ def _config(**changes) -> config_lib.ExperimentConfig:
   return condnet_test.tiny_config(**values)
 
 
+def _checkpoint(workdir: str, step: int):
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return checkpointer.restore_raw(step)
+  finally:
+    checkpointer.close()
+
+
 def test_resume_across_the_switch_is_exact(tmp_path):
   straight = str(tmp_path / "straight")
   results = loop.train_and_evaluate(_config(steps=12), straight)
@@ -34,15 +45,13 @@ def test_resume_across_the_switch_is_exact(tmp_path):
   for crash in (WARM_STEPS - 2, WARM_STEPS + 2):  # "killed" before and after the switch
     resumed = str(tmp_path / f"resumed_{crash}")
     loop.train_and_evaluate(_config(steps=crash), resumed)
+    if crash > WARM_STEPS:  # the snapshot is the network after the dense steps
+      experiment_utils.assert_trees_equal(_checkpoint(resumed, WARM_STEPS)["params"],
+                                          final["distill_snapshot"])
     resumed_results = loop.train_and_evaluate(_config(steps=12), resumed)
     experiment_utils.assert_trees_equal(final, condnet_test.final_state(resumed))
     for key in ("test_error", "valid_error", "active_fraction", "macs_per_example"):
       assert results[key] == resumed_results[key], (crash, key)
-  # The snapshot is the network after the dense steps.
-  warm_only = str(tmp_path / "warm_only")
-  loop.train_and_evaluate(_config(steps=WARM_STEPS), warm_only)
-  experiment_utils.assert_trees_equal(condnet_test.final_state(warm_only)["params"],
-                                      final["distill_snapshot"])
   records = condnet_test.read_metrics(straight)
   distill = {r["step"]: r["distill"] for r in records if r["kind"] == "train"}
   assert distill[WARM_STEPS] == 0.0 and distill[12] > 0.0  # logged after steps 4 and 12
