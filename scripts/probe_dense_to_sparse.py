@@ -14,8 +14,11 @@ net of the same MACs (width 128) trained for the same number of steps:
 4. ``--finetune_steps`` of joint training: the network on the task loss through the
    policy's top-k masks, the policies still imitating the oracle.
 
-Baselines in the same process and data order: dense 128-128 (the MACs of 4 of 16 blocks
-of 32) for ``--dense_steps`` and for the pipeline's total steps; dense 512-512.
+Baselines in the same process and data order: dense 128-128 (the MACs of the active
+blocks, without the policies) for ``--dense_steps`` and for the pipeline's total steps;
+for each block size, the dense net of the gated net's whole MACs (active blocks plus both
+policies, ``ccjax.flops``; width by ``ccjax.sweep.matched_dense_width``) for the total
+steps; dense 512-512.
 
   python scripts/probe_dense_to_sparse.py --seeds=0 --json=/tmp/probe.json
 
@@ -37,7 +40,9 @@ import numpy as np
 import optax
 
 from ccjax import data
+from ccjax import flops
 from ccjax import stats
+from ccjax import sweep
 
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (network init and batch order).")
 _DATASET = flags.DEFINE_string("dataset", "mnist1d:50000", "Classification dataset spec.")
@@ -172,7 +177,16 @@ def permute_units(params, x, block_size, seed):
   return [tuple(layer) for layer in params]
 
 
-def run_seed(dataset, seed: int) -> dict:
+def gated_macs(input_dim: int, num_classes: int, block_size: int) -> int:
+  """MACs of one example through the gated net: the active blocks (top_k: tau of each
+  layer) and both linear policies (the second reads the active units only)."""
+  active = round(TAU * WIDTH)
+  blocks = WIDTH // block_size
+  return (flops.dense_mlp_macs(input_dim, [active, active], num_classes)
+          + flops.policy_macs(input_dim, blocks) + flops.policy_macs(active, blocks))
+
+
+def run_seed(dataset, seed: int, matched: dict) -> dict:
   key = jax.random.PRNGKey(seed)
   input_dim = int(np.prod(dataset.x_train.shape[1:]))
   classes = int(dataset.num_classes)
@@ -195,6 +209,13 @@ def run_seed(dataset, seed: int) -> dict:
   sample = jnp.asarray(sample.reshape(len(sample), -1), jnp.float32)
   for block_size in map(int, _BLOCK_SIZES.value):
     blocks = WIDTH // block_size
+    width = sweep.matched_dense_width(input_dim, 2, classes,
+                                      gated_macs(input_dim, classes, block_size), 8)
+    matched_name = f"dense {width}, MACs of the gated net with blocks of {block_size} ({total} steps)"
+    if matched_name not in rows:
+      same_cost = train(init_mlp(key, [width, width], input_dim, classes), dense_loss, dataset,
+                        seed, total)
+      record(matched_name, lambda x, p=same_cost: dense_logits(p, x))
     for clustered in (False, True):
       params = permute_units(wide, sample, block_size, seed) if clustered else wide
       policies = [(jnp.zeros((input_dim, blocks)), jnp.zeros(blocks)),
@@ -216,6 +237,7 @@ def run_seed(dataset, seed: int) -> dict:
       name = (f"gated blocks of {block_size}, {'co-activation' if clustered else 'contiguous'}"
               f" blocks ({total} steps)")
       record(name, lambda x, b=both, s=block_size: gated_logits(b[0], b[1], x, s)[0])
+      matched[name] = matched_name
   return rows
 
 
@@ -226,21 +248,27 @@ def summary(results: dict) -> str:
   names = list(results["seeds"][seeds[0]])
   total = results["dense_steps"] + results["imitate_steps"] + results["finetune_steps"]
   same_macs = f"dense 128, same MACs ({total} steps)"
-  lines = ["| configuration | valid error (%) | test error (%) | − dense same MACs, same steps "
-           "(points, 95 % CI) |", "|---|---|---|---|"]
+  lines = ["| configuration | valid error (%) | test error (%) | − dense 128, same steps "
+           "(points, 95 % CI) | − dense of its MACs incl. policies, same steps |",
+           "|---|---|---|---|---|"]
+
+  def paired(name, baseline):
+    difference = stats.paired_difference(
+        [results["seeds"][seed][name]["test"] for seed in seeds],
+        [results["seeds"][seed][baseline]["test"] for seed in seeds])
+    half = "" if difference.ci95 is None else f" ± {difference.ci95:.2f}"
+    return f"{difference.mean:+.2f}{half}"
+
   for name in names:
     cells = []
     for split in ("valid", "test"):
       summary_stats = stats.mean_std([results["seeds"][seed][name][split] for seed in seeds])
       std = "" if summary_stats.std is None else f" ± {summary_stats.std:.2f}"
       cells.append(f"{summary_stats.mean:.2f}{std}")
-    difference = ""
-    if name.startswith("gated"):
-      paired = stats.paired_difference([results["seeds"][seed][name]["test"] for seed in seeds],
-                                       [results["seeds"][seed][same_macs]["test"] for seed in seeds])
-      half = "" if paired.ci95 is None else f" ± {paired.ci95:.2f}"
-      difference = f"{paired.mean:+.2f}{half}"
-    lines.append(f"| {name} | {cells[0]} | {cells[1]} | {difference} |")
+    differences = ["", ""]
+    if name in results["matched_dense"]:
+      differences = [paired(name, same_macs), paired(name, results["matched_dense"][name])]
+    lines.append(f"| {name} | {cells[0]} | {cells[1]} | {differences[0]} | {differences[1]} |")
   return "\n".join(lines) + f"\n\n{len(seeds)} seeds: {', '.join(seeds)}."
 
 
@@ -251,7 +279,9 @@ def main(argv):
   results = {"dataset": _DATASET.value, "tau": TAU, "width": WIDTH,
              "dense_steps": _DENSE_STEPS.value, "imitate_steps": _IMITATE_STEPS.value,
              "finetune_steps": _FINETUNE_STEPS.value,
-             "seeds": {seed: run_seed(dataset, int(seed)) for seed in _SEEDS.value}}
+             "matched_dense": {}}
+  results["seeds"] = {seed: run_seed(dataset, int(seed), results["matched_dense"])
+                      for seed in _SEEDS.value}
   results["seconds"] = time.time() - started
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -71,6 +71,7 @@ def test_tiny_run_writes_every_row(tmp_path):
   rows = json.loads(out.read_text())["seeds"]["0"]
   assert set(rows) == {"dense 512 (20 steps)", "dense 128, same MACs (20 steps)",
                        "dense 128, same MACs (30 steps)",
+                       "dense 128, MACs of the gated net with blocks of 128 (30 steps)",
                        "gated blocks of 128, contiguous blocks (30 steps)",
                        "gated blocks of 128, co-activation blocks (30 steps)"}
   assert all(0 <= row["test"] <= 100 for row in rows.values())
@@ -80,9 +81,20 @@ def test_tiny_run_writes_every_row(tmp_path):
 def test_summary_pairs_gated_rows_with_dense_of_the_same_steps():
   probe = _probe()
   rows = lambda gated, dense: {"dense 128, same MACs (3 steps)": {"valid": 1.0, "test": dense},
+                               "dense 160 (3 steps)": {"valid": 1.0, "test": 10.0},
                                "gated b (3 steps)": {"valid": 1.0, "test": gated}}
   results = {"dense_steps": 1, "imitate_steps": 1, "finetune_steps": 1,
+             "matched_dense": {"gated b (3 steps)": "dense 160 (3 steps)"},
              "seeds": {"0": rows(10.0, 12.0), "1": rows(11.0, 12.0)}}
   table = probe.summary(results)
-  # Differences -2 and -1: mean -1.5, sample std 0.707, t(0.975, 1) = 12.71 -> ±6.35.
-  assert "| gated b (3 steps) | 1.00 ± 0.00 | 10.50 ± 0.71 | -1.50 ± 6.35 |" in table
+  # Differences -2 and -1: mean -1.5, sample std 0.707, t(0.975, 1) = 12.71 -> ±6.35;
+  # against dense 160: 0 and +1.
+  assert ("| gated b (3 steps) | 1.00 ± 0.00 | 10.50 ± 0.71 | -1.50 ± 6.35 | +0.50 ± 6.35 |"
+          in table)
+
+
+def test_gated_macs_count_the_active_blocks_and_both_policies():
+  probe = _probe()
+  # 40 inputs, 10 classes, 512 units at tau 1/4 (128 active), blocks of 8 (64 blocks):
+  # 40*128 + 128*128 + 128*10 + (40 + 128) * 64.
+  assert probe.gated_macs(40, 10, 8) == 22784 + 10752
