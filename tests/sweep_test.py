@@ -66,6 +66,8 @@ def test_sweep_bad_flag_is_one_line(tmp_path):
   assert not os.path.exists(f"{tmp_path}/s")
 
 
+# Slow tier: six trainings on two more data sources (about 35 s of CPU).
+@pytest.mark.slow
 def test_sweep_on_npz_and_mocked_tfds(tmp_path):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import pytest  # pylint: disable=g-import-not-at-top
@@ -189,6 +191,9 @@ def test_run_sweep_lr_grid_needs_validation_errors(tmp_path):
     sweep.run_sweep(base, str(tmp_path), grid, no_validation, input_dim=64, num_classes=10)
 
 
+# Slow tier: eight CLI trainings (about 30 s of CPU); validate_grid's capacity rules
+# stay in the fast tier below.
+@pytest.mark.slow
 def test_sweep_cli_capacity_regime_holds_active_macs(tmp_path):
   workdir = str(tmp_path / "capacity")
   process = experiment_utils.run_module(
