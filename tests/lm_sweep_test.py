@@ -188,6 +188,8 @@ def test_bad_capacity_widths_exit_2_before_anything_is_written(tmp_path):
   assert not (tmp_path / "s").exists()
 
 
+# Slow tier: five LM trainings through the CLI; the capacity rules above stay fast.
+@pytest.mark.slow
 def test_capacity_sweep_end_to_end(tmp_path):
   """Tiny LMs, 2 steps: the base MLP 16 in blocks of 8 at tau 1/2 runs 1 block (8 units);
   widths 16 (tau 1/2: the plain sweep's runs) and 32 (tau 1/4)."""
