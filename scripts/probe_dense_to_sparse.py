@@ -50,6 +50,12 @@ _DENSE_STEPS = flags.DEFINE_integer("dense_steps", 4000, "Dense training steps."
 _IMITATE_STEPS = flags.DEFINE_integer("imitate_steps", 1000, "Policy-only steps.", lower_bound=0)
 _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 1000, "Joint steps.", lower_bound=0)
 _BLOCK_SIZES = flags.DEFINE_list("block_sizes", ["8", "32"], "Units per block.")
+_GROUPINGS = flags.DEFINE_multi_enum("grouping", ["contiguous", "co_activation"],
+                                     ["contiguous", "co_activation"],
+                                     "How units are grouped into blocks (repeat the flag for both).")
+_POLICY_RANK = flags.DEFINE_integer(
+    "policy_rank", 0, "0: the paper's linear policy sigmoid(h Z + d); r > 0: Z = A B of rank r "
+    "(h A is r MACs per input feature), a cheaper policy for small blocks.", lower_bound=0)
 _JSON = flags.DEFINE_string("json", None, "Write the results here.")
 
 WIDTH = 512
@@ -79,16 +85,31 @@ def top_k_blocks(scores, k):
   return (scores >= threshold).astype(jnp.float32)
 
 
+def init_policy(key, input_dim: int, blocks: int, rank: int):
+  """Linear policy ``(Z [in, blocks], d [blocks])``, or ``(A [in, r], B [r, blocks], d)``."""
+  if rank == 0:
+    return (jnp.zeros((input_dim, blocks)), jnp.zeros(blocks))
+  return (jax.random.normal(key, (input_dim, rank)) / np.sqrt(input_dim),
+          jnp.zeros((rank, blocks)), jnp.zeros(blocks))
+
+
+def policy_logits_of(policy, hidden):
+  """``hidden [batch, in] -> [batch, blocks]``: ``h Z + d`` or ``(h A) B + d``."""
+  if len(policy) == 2:
+    return hidden @ policy[0] + policy[1]
+  return (hidden @ policy[0]) @ policy[1] + policy[2]
+
+
 def gated_logits(params, policies, x, block_size):
   """Masked forward pass; returns logits, policy logits and oracle masks per layer."""
   hidden, policy_logits, oracle_masks = x, [], []
   blocks = WIDTH // block_size
   k = round(TAU * blocks)
-  for (kernel, bias), (z, d) in zip(params[:-1], policies):
+  for (kernel, bias), policy in zip(params[:-1], policies):
     activation = jax.nn.relu(hidden @ kernel + bias)
     block_norms = (activation.reshape(len(x), blocks, block_size) ** 2).sum(-1)
     oracle = jax.lax.stop_gradient(top_k_blocks(block_norms, k))
-    logits = jax.lax.stop_gradient(hidden) @ z + d
+    logits = policy_logits_of(policy, jax.lax.stop_gradient(hidden))
     block_mask = jax.lax.stop_gradient(top_k_blocks(logits, k))
     policy_logits.append(logits)
     oracle_masks.append(oracle)
@@ -177,13 +198,14 @@ def permute_units(params, x, block_size, seed):
   return [tuple(layer) for layer in params]
 
 
-def gated_macs(input_dim: int, num_classes: int, block_size: int) -> int:
+def gated_macs(input_dim: int, num_classes: int, block_size: int, rank: int = 0) -> int:
   """MACs of one example through the gated net: the active blocks (top_k: tau of each
-  layer) and both linear policies (the second reads the active units only)."""
+  layer) and both policies (the second reads the active units only); a rank-r policy
+  costs ``in * r + r * blocks``."""
   active = round(TAU * WIDTH)
   blocks = WIDTH // block_size
   return (flops.dense_mlp_macs(input_dim, [active, active], num_classes)
-          + flops.policy_macs(input_dim, blocks) + flops.policy_macs(active, blocks))
+          + flops.policy_macs(input_dim, blocks, rank) + flops.policy_macs(active, blocks, rank))
 
 
 def run_seed(dataset, seed: int, matched: dict) -> dict:
@@ -207,19 +229,21 @@ def run_seed(dataset, seed: int, matched: dict) -> dict:
     record(f"dense 128, same MACs ({steps} steps)", lambda x, p=narrow: dense_logits(p, x))
   sample = dataset.x_train[:8000]
   sample = jnp.asarray(sample.reshape(len(sample), -1), jnp.float32)
+  rank = _POLICY_RANK.value
+  policy = "" if rank == 0 else f", rank-{rank} policy"
   for block_size in map(int, _BLOCK_SIZES.value):
     blocks = WIDTH // block_size
     width = sweep.matched_dense_width(input_dim, 2, classes,
-                                      gated_macs(input_dim, classes, block_size), 8)
+                                      gated_macs(input_dim, classes, block_size, rank), 8)
     matched_name = f"dense {width}, MACs of the gated net with blocks of {block_size} ({total} steps)"
     if matched_name not in rows:
       same_cost = train(init_mlp(key, [width, width], input_dim, classes), dense_loss, dataset,
                         seed, total)
       record(matched_name, lambda x, p=same_cost: dense_logits(p, x))
-    for clustered in (False, True):
+    for clustered in [grouping == "co_activation" for grouping in _GROUPINGS.value]:
       params = permute_units(wide, sample, block_size, seed) if clustered else wide
-      policies = [(jnp.zeros((input_dim, blocks)), jnp.zeros(blocks)),
-                  (jnp.zeros((WIDTH, blocks)), jnp.zeros(blocks))]
+      policies = [init_policy(jax.random.fold_in(key, 7), input_dim, blocks, rank),
+                  init_policy(jax.random.fold_in(key, 8), WIDTH, blocks, rank)]
 
       def loss(both, x, y, train_network, block_size=block_size):
         network, policy = both
@@ -235,7 +259,7 @@ def run_seed(dataset, seed: int, matched: dict) -> dict:
       both = train(both, lambda b, x, y: loss(b, x, y, True), dataset, seed + 2000,
                    _FINETUNE_STEPS.value)
       name = (f"gated blocks of {block_size}, {'co-activation' if clustered else 'contiguous'}"
-              f" blocks ({total} steps)")
+              f" blocks{policy} ({total} steps)")
       record(name, lambda x, b=both, s=block_size: gated_logits(b[0], b[1], x, s)[0])
       matched[name] = matched_name
   return rows
@@ -277,6 +301,7 @@ def main(argv):
   dataset = data.load_dataset(_DATASET.value, valid_fraction=0.1, seed=0)
   started = time.time()
   results = {"dataset": _DATASET.value, "tau": TAU, "width": WIDTH,
+             "policy_rank": _POLICY_RANK.value,
              "dense_steps": _DENSE_STEPS.value, "imitate_steps": _IMITATE_STEPS.value,
              "finetune_steps": _FINETUNE_STEPS.value,
              "matched_dense": {}}

@@ -98,3 +98,14 @@ def test_gated_macs_count_the_active_blocks_and_both_policies():
   # 40 inputs, 10 classes, 512 units at tau 1/4 (128 active), blocks of 8 (64 blocks):
   # 40*128 + 128*128 + 128*10 + (40 + 128) * 64.
   assert probe.gated_macs(40, 10, 8) == 22784 + 10752
+
+
+def test_low_rank_policy_is_the_product_and_costs_its_rank():
+  probe = _probe()
+  policy = probe.init_policy(jax.random.PRNGKey(0), 12, 4, rank=3)
+  policy = (policy[0], jax.random.normal(jax.random.PRNGKey(1), (3, 4)), jnp.ones(4))
+  hidden = jax.random.normal(jax.random.PRNGKey(2), (5, 12))
+  np.testing.assert_allclose(probe.policy_logits_of(policy, hidden),
+                             hidden @ (policy[0] @ policy[1]) + 1.0, rtol=1e-5, atol=1e-5)
+  # Rank 16 on blocks of 8: 40*16 + 16*64 and 128*16 + 16*64 instead of (40 + 128) * 64.
+  assert probe.gated_macs(40, 10, 8, rank=16) == 22784 + 40 * 16 + 128 * 16 + 2 * 16 * 64
