@@ -1,5 +1,7 @@
 """The one-hidden-layer block policy (``policy_hidden``) in every gated family."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,18 +85,20 @@ def test_cnn_and_transformer_pass_it_through():
   images = jax.random.normal(jax.random.key(5), (2, 8, 8, 1))
   cnn = ccjax.GatedCNN(num_classes=3, stem_features=4, stage_features=(8,), residual_blocks=1,
                        block_size=4, policy_hidden=3)
-  params = cnn.init(KEYS, images)["params"]
+  # Jitted: one compile per call instead of one per operation (op by op, the CNN and the
+  # transformer cost ~25 s of CPU here).
+  params = jax.jit(cnn.init)(KEYS, images)["params"]
   for layer in cnn.gate_layers():
     assert params[layer.name]["policy"]["hidden"]["kernel"].shape[-1] == 3
-  _, aux = cnn.apply({"params": params}, images, mode="threshold")
+  _, aux = jax.jit(functools.partial(cnn.apply, mode="threshold"))({"params": params}, images)
   assert [a.probs.shape for a in aux] == [(2, 2), (2, 1)]
   lm = ccjax.GatedTransformer(vocab_size=11, max_len=6, num_layers=2, d_model=8, num_heads=2,
                               mlp_width=16, block_size=4, policy_hidden=3)
   tokens = jnp.zeros((2, 6), jnp.int32)
-  params = lm.init(KEYS, tokens)["params"]
+  params = jax.jit(lm.init)(KEYS, tokens)["params"]
   for mlp_params in lm.mlp_params(params):
     assert mlp_params["hidden_0"]["policy"]["hidden"]["kernel"].shape == (8, 3)
-  _, aux = lm.apply({"params": params}, tokens, mode="threshold")
+  _, aux = jax.jit(functools.partial(lm.apply, mode="threshold"))({"params": params}, tokens)
   assert aux[0].probs.shape == (2, 6, 4)
   # Per token: d * h + h * blocks policy MACs per layer.
   linear = transformer.macs_per_token(lm.clone(policy_hidden=0))["policy"]
