@@ -136,6 +136,9 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
+# Slow tier (multi-process): two workers joined over gloo, then a restore (~22 s of CPU);
+# the eight-device run above keeps sharding in the fast tier.
+@pytest.mark.slow
 def test_two_processes_match_single_process(trained):
   workdir, arrays, _, _ = trained
   out = str(workdir / "two_process.npz")
