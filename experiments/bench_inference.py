@@ -120,7 +120,13 @@ def read_config() -> dict[str, Any]:
   for model in _MODELS.value:
     if model not in MODELS:
       raise ValueError(f"--models must list entries of {'|'.join(MODELS)}, got {model!r}")
-  ccjax.select_backend(_BACKEND.value)
+  float32 = _DTYPE.value == "float32"
+  for model in _MODELS.value:   # a forced backend must run every family asked for
+    try:
+      ccjax.select_backend(_BACKEND.value, float32=float32, family=model)
+    except ValueError as error:
+      hint = " (or list only the --models it runs)" if _BACKEND.value else ""
+      raise ValueError(f"--models={model}: {error}{hint}") from None
   config = {"models": list(_MODELS.value), "input_dim": _INPUT_DIM.value, "hidden": list(hidden),
           "block_size": _BLOCK_SIZE.value, "num_classes": _NUM_CLASSES.value,
           "tau": _TAU.value, "cnn_stages": list(cnn_stages),

@@ -107,3 +107,12 @@ def test_bad_flags_exit_2_with_one_line(flag, message):
   assert result.returncode == 2
   lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
   assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_forced_backend_must_run_every_model_asked_for():
+  """ffi-cpu runs MLPs only: asking it for the CNN too is one line naming --models, exit 2
+  (without the compiled kernel, the MLP is refused first, with the same flag named)."""
+  result = _run(*TINY, "--models=mlp,cnn", "--backend=ffi-cpu")
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
+  assert len(lines) == 1 and lines[0].startswith("error: --models="), result.stderr
