@@ -44,19 +44,25 @@ from ccjax import flops
 from ccjax import stats
 from ccjax import sweep
 
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (network init and batch order).")
-_DATASET = flags.DEFINE_string("dataset", "mnist1d:50000", "Classification dataset spec.")
-_DENSE_STEPS = flags.DEFINE_integer("dense_steps", 4000, "Dense training steps.", lower_bound=1)
-_IMITATE_STEPS = flags.DEFINE_integer("imitate_steps", 1000, "Policy-only steps.", lower_bound=0)
-_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 1000, "Joint steps.", lower_bound=0)
-_BLOCK_SIZES = flags.DEFINE_list("block_sizes", ["8", "32"], "Units per block.")
-_GROUPINGS = flags.DEFINE_multi_enum("grouping", ["contiguous", "co_activation"],
-                                     ["contiguous", "co_activation"],
-                                     "How units are grouped into blocks (repeat the flag for both).")
-_POLICY_RANK = flags.DEFINE_integer(
-    "policy_rank", 0, "0: the paper's linear policy sigmoid(h Z + d); r > 0: Z = A B of rank r "
-    "(h A is r MACs per input feature), a cheaper policy for small blocks.", lower_bound=0)
-_JSON = flags.DEFINE_string("json", None, "Write the results here.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The script's flags, defined only when it runs as a program (tests import its
+  functions next to other entrypoints' flags of the same names)."""
+  flags.DEFINE_list("seeds", ["0"], "Seeds (network init and batch order).")
+  flags.DEFINE_string("dataset", "mnist1d:50000", "Classification dataset spec.")
+  flags.DEFINE_integer("dense_steps", 4000, "Dense training steps.", lower_bound=1)
+  flags.DEFINE_integer("imitate_steps", 1000, "Policy-only steps.", lower_bound=0)
+  flags.DEFINE_integer("finetune_steps", 1000, "Joint steps.", lower_bound=0)
+  flags.DEFINE_list("block_sizes", ["8", "32"], "Units per block.")
+  flags.DEFINE_multi_enum("grouping", ["contiguous", "co_activation"],
+                          ["contiguous", "co_activation"],
+                          "How units are grouped into blocks (repeat the flag for both).")
+  flags.DEFINE_integer(
+      "policy_rank", 0, "0: the paper's linear policy sigmoid(h Z + d); r > 0: Z = A B of rank r "
+      "(h A is r MACs per input feature), a cheaper policy for small blocks.", lower_bound=0)
+  flags.DEFINE_string("json", None, "Write the results here.")
 
 WIDTH = 512
 TAU = 0.25
@@ -213,7 +219,7 @@ def run_seed(dataset, seed: int, matched: dict) -> dict:
   input_dim = int(np.prod(dataset.x_train.shape[1:]))
   classes = int(dataset.num_classes)
   sets = {"valid": (dataset.x_valid, dataset.y_valid), "test": (dataset.x_test, dataset.y_test)}
-  total = _DENSE_STEPS.value + _IMITATE_STEPS.value + _FINETUNE_STEPS.value
+  total = FLAGS.dense_steps + FLAGS.imitate_steps + FLAGS.finetune_steps
   rows = {}
 
   def record(name, logits_fn):
@@ -222,16 +228,16 @@ def run_seed(dataset, seed: int, matched: dict) -> dict:
 
   dense_loss = lambda p, x, y: task_loss(dense_logits(p, x), y)
   wide = train(init_mlp(key, [WIDTH, WIDTH], input_dim, classes), dense_loss, dataset, seed,
-               _DENSE_STEPS.value)
-  record(f"dense {WIDTH} ({_DENSE_STEPS.value} steps)", lambda x: dense_logits(wide, x))
-  for steps in sorted({_DENSE_STEPS.value, total}):
+               FLAGS.dense_steps)
+  record(f"dense {WIDTH} ({FLAGS.dense_steps} steps)", lambda x: dense_logits(wide, x))
+  for steps in sorted({FLAGS.dense_steps, total}):
     narrow = train(init_mlp(key, [128, 128], input_dim, classes), dense_loss, dataset, seed, steps)
     record(f"dense 128, same MACs ({steps} steps)", lambda x, p=narrow: dense_logits(p, x))
   sample = dataset.x_train[:8000]
   sample = jnp.asarray(sample.reshape(len(sample), -1), jnp.float32)
-  rank = _POLICY_RANK.value
+  rank = FLAGS.policy_rank
   policy = "" if rank == 0 else f", rank-{rank} policy"
-  for block_size in map(int, _BLOCK_SIZES.value):
+  for block_size in map(int, FLAGS.block_sizes):
     blocks = WIDTH // block_size
     width = sweep.matched_dense_width(input_dim, 2, classes,
                                       gated_macs(input_dim, classes, block_size, rank), 8)
@@ -240,7 +246,7 @@ def run_seed(dataset, seed: int, matched: dict) -> dict:
       same_cost = train(init_mlp(key, [width, width], input_dim, classes), dense_loss, dataset,
                         seed, total)
       record(matched_name, lambda x, p=same_cost: dense_logits(p, x))
-    for clustered in [grouping == "co_activation" for grouping in _GROUPINGS.value]:
+    for clustered in [grouping == "co_activation" for grouping in FLAGS.grouping]:
       params = permute_units(wide, sample, block_size, seed) if clustered else wide
       policies = [init_policy(jax.random.fold_in(key, 7), input_dim, blocks, rank),
                   init_policy(jax.random.fold_in(key, 8), WIDTH, blocks, rank)]
@@ -255,9 +261,9 @@ def run_seed(dataset, seed: int, matched: dict) -> dict:
 
       both = (params, policies)
       both = train(both, lambda b, x, y: loss(b, x, y, False), dataset, seed + 1000,
-                   _IMITATE_STEPS.value)
+                   FLAGS.imitate_steps)
       both = train(both, lambda b, x, y: loss(b, x, y, True), dataset, seed + 2000,
-                   _FINETUNE_STEPS.value)
+                   FLAGS.finetune_steps)
       name = (f"gated blocks of {block_size}, {'co-activation' if clustered else 'contiguous'}"
               f" blocks{policy} ({total} steps)")
       record(name, lambda x, b=both, s=block_size: gated_logits(b[0], b[1], x, s)[0])
@@ -298,21 +304,22 @@ def summary(results: dict) -> str:
 
 def main(argv):
   del argv
-  dataset = data.load_dataset(_DATASET.value, valid_fraction=0.1, seed=0)
+  dataset = data.load_dataset(FLAGS.dataset, valid_fraction=0.1, seed=0)
   started = time.time()
-  results = {"dataset": _DATASET.value, "tau": TAU, "width": WIDTH,
-             "policy_rank": _POLICY_RANK.value,
-             "dense_steps": _DENSE_STEPS.value, "imitate_steps": _IMITATE_STEPS.value,
-             "finetune_steps": _FINETUNE_STEPS.value,
+  results = {"dataset": FLAGS.dataset, "tau": TAU, "width": WIDTH,
+             "policy_rank": FLAGS.policy_rank,
+             "dense_steps": FLAGS.dense_steps, "imitate_steps": FLAGS.imitate_steps,
+             "finetune_steps": FLAGS.finetune_steps,
              "matched_dense": {}}
   results["seeds"] = {seed: run_seed(dataset, int(seed), results["matched_dense"])
-                      for seed in _SEEDS.value}
+                      for seed in FLAGS.seeds}
   results["seconds"] = time.time() - started
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump(results, f, indent=1)
   print(summary(results))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -25,6 +25,13 @@ def _probe():
   return module
 
 
+def test_imports_beside_an_entrypoint_with_flags_of_the_same_names():
+  """The script defines its flags only when run, so a test process that also imports
+  experiments.sweep (--seeds, --dataset, --json ...) can import its functions."""
+  import experiments.sweep  # pylint: disable=g-import-not-at-top,unused-import
+  assert callable(_probe().summary)
+
+
 def test_co_activation_permutation_is_a_balanced_grouping():
   probe = _probe()
   rng = np.random.default_rng(0)
