@@ -68,12 +68,12 @@ class LMConfig(run_config.RunConfig):
   # lambda_s = 4 (not the classifiers' 2): chosen on validation, the smallest weight that
   # keeps every layer of every seed within 0.03 of tau (docs/lm.md).
   train: step_lib.TrainConfig = step_lib.TrainConfig(reinforce_cost="position", lambda_s=4.0)
-  # Its own fields.
-  num_layers: int = 2
-  d_model: int = 128
-  num_heads: int = 4
-  mlp_width: int = 512
-  context: int = 64
+  # Its own fields; the model's shape defaults are the module's (one place).
+  num_layers: int = transformer.GatedTransformer.num_layers
+  d_model: int = transformer.GatedTransformer.d_model
+  num_heads: int = transformer.GatedTransformer.num_heads
+  mlp_width: int = transformer.GatedTransformer.mlp_width
+  context: int = transformer.GatedTransformer.max_len
   policy_init_prob: float = 0.5
   decode_benchmark: bool = True
 
