@@ -26,10 +26,17 @@ def _probe():
 
 
 def test_imports_beside_an_entrypoint_with_flags_of_the_same_names():
-  """The script defines its flags only when run, so a test process that also imports
-  experiments.sweep (--seeds, --dataset, --json ...) can import its functions."""
-  import experiments.sweep  # pylint: disable=g-import-not-at-top,unused-import
-  assert callable(_probe().summary)
+  """The script defines its flags only when run, so a process that also imports
+  experiments.sweep (--seeds, --dataset, --json ...) can import its functions. A fresh
+  process: a test worker may already hold another entrypoint's --seeds."""
+  code = ("import importlib.util, sys; import experiments.sweep; "
+          f"spec = importlib.util.spec_from_file_location('probe', {str(SCRIPT)!r}); "
+          "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+          "print(callable(module.summary))")
+  process = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert process.returncode == 0, process.stderr[-2000:]
+  assert process.stdout.strip() == "True"
 
 
 def test_co_activation_permutation_is_a_balanced_grouping():
