@@ -249,7 +249,7 @@ def test_eight_simulated_devices_match_one_device(tmp_path, monkeypatch, cli_run
   one_device_dir, one_device_process = cli_run
   assert "on 1 device(s)" in one_device_process.stderr
   workdir = str(tmp_path / "devices8")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  monkeypatch.setenv("XLA_FLAGS", experiment_utils.xla_flags_env(8)["XLA_FLAGS"])
   process = experiment_utils.run_module(
       "experiments.condnet", f"--workdir={workdir}", *experiment_utils.TINY_FLAGS,
       "--num_devices=8", "--plots=false")

@@ -10,6 +10,9 @@ number is bit-identical to a fresh compile (``tests/condnet_test.py`` compares r
 bit for bit, and a CLI run compiled fresh against one from the cache). Set
 ``JAX_COMPILATION_CACHE_DIR`` yourself to keep a cache across sessions, or
 ``CCJAX_TEST_COMPILATION_CACHE=0`` to run without one.
+
+Compile speed: XLA's backend optimizations are off in every test process
+(``experiment_utils.FAST_COMPILE_FLAG``; ``CCJAX_TEST_XLA_OPT=1`` keeps XLA's default).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import jax
 import pytest
 
 CACHE_SWITCH = "CCJAX_TEST_COMPILATION_CACHE"
+FAST_COMPILE_SWITCH = "CCJAX_TEST_XLA_OPT"
 _SESSION_CACHE = "CCJAX_TEST_SESSION_CACHE_DIR"  # set by the controller, read by workers
 _CACHE_ENV = {
     # Every compilation is cached (JAX's defaults keep only those over 1 s).
@@ -41,7 +45,18 @@ def _use_cache(directory: str) -> None:
                     int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
+def _compile_fast() -> None:
+  """XLA's backend optimizations off for this process and the ones it starts (read when
+  the CPU backend is created, which no test has done yet); see experiment_utils."""
+  from tests import experiment_utils  # pylint: disable=g-import-not-at-top
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  if not any(flag.startswith("--xla_backend_optimization_level") for flag in flags):
+    os.environ["XLA_FLAGS"] = " ".join(flags + [experiment_utils.FAST_COMPILE_FLAG])
+
+
 def pytest_configure(config):
+  if os.environ.get(FAST_COMPILE_SWITCH, "0") != "1":
+    _compile_fast()
   if os.environ.get(CACHE_SWITCH, "1") == "0":
     return
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # the user's own, kept

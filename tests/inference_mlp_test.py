@@ -18,6 +18,7 @@ from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import minibatch
 from ccjax.inference import mlp
+from tests import experiment_utils
 
 # References at full float32 precision (XLA:GPU would use TF32 by default).
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
@@ -304,8 +305,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_batch_equals_unsharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = experiment_utils.xla_flags_env(8)
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True,
                           text=True, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

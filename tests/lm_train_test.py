@@ -18,6 +18,7 @@ from ccjax import lm_train
 from ccjax import lock
 from ccjax import step as step_lib
 from ccjax import validation
+from tests import experiment_utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,8 +129,7 @@ class LmTrainTest(absltest.TestCase):
     self.assertEqual(_config(model="router").eval_mode(), "top_k")
 
   def test_two_devices_match_one_device(self):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = experiment_utils.xla_flags_env(2)
     results = {}
     for num_devices in (1, 2):
       workdir = os.path.join(self._tempdir(), "run")

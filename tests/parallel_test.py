@@ -23,6 +23,7 @@ import pytest
 
 import ccjax
 from ccjax import parallel
+from tests import experiment_utils
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_scripts", "worker.py")
 TIMEOUT_S = 240
@@ -30,17 +31,7 @@ TOL = 1e-5
 
 
 def _env(num_devices: int | None) -> dict[str, str]:
-  env = dict(os.environ)
-  env["JAX_PLATFORMS"] = "cpu"
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  if num_devices is not None:
-    flags.append(f"--xla_force_host_platform_device_count={num_devices}")
-  # Halves the CPU compile time of the train step; the SPMD partitioning under test
-  # happens before the backend's code generation and is unaffected.
-  flags.append("--xla_backend_optimization_level=0")
-  env["XLA_FLAGS"] = " ".join(flags)
-  return env
+  return experiment_utils.xla_flags_env(num_devices)
 
 
 def _run_worker(args: list[str], num_devices: int | None) -> None:
