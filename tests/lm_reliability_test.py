@@ -152,12 +152,13 @@ def test_resume_on_a_changed_corpus_needs_allow_data_change(tmp_path):
 @pytest.mark.parametrize("module,flag,message", [
     ("experiments.lm", "--prompt=Hi", "--prompt is the prompt of --sample, and --sample is "
                                       "not given"),
-    ("experiments.lm_sweep", "--seed=3", "--seed is one run's seed; the sweep takes --seeds"),
-    ("experiments.lm_sweep", "--model=dense", "--model is one run's model; the sweep takes "
-                                              "--variants"),
+    ("experiments.sweep", "--task=lm --seed=3", "--seed is one run's seed; the sweep takes "
+                                                "--seeds"),
+    ("experiments.sweep", "--task=lm --model=dense", "--model is one run's model; the sweep "
+                                                     "takes --variants"),
     ("experiments.bench_lm_decode", "--sample=5", "--sample samples from a trained run"),
 ])
 def test_flags_an_lm_entrypoint_would_ignore_are_refused(tmp_path, module, flag, message):
-  process = experiment_utils.run_module(module, f"--workdir={tmp_path}/run", flag, *TINY)
+  process = experiment_utils.run_module(module, f"--workdir={tmp_path}/run", *flag.split(), *TINY)
   assert message in _error_line(process)
   assert not os.path.exists(tmp_path / "run")
