@@ -18,6 +18,7 @@ from ccjax.inference import layout
 from ccjax.inference import mlp
 from ccjax.inference.kernels import ffi_cpu
 from ccjax.inference.kernels import ffi_cpu_helper
+from tests import tiers
 
 INPUT_DIM, CLASSES = 37, 7
 FFI = jax.jit(ffi_cpu.gated_mlp_forward, static_argnums=2)
@@ -91,9 +92,10 @@ def _check(module, params, x, config):
   return [np.asarray(mask) for mask in masks], traces
 
 
+# Fast tier: every block size and every batch once; the other combinations are slow.
 @needs_extension
-@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
-@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("batch,block_size", tiers.split_product(
+    ([1, 3, 17], [16, 32, 64, 128]), fast=[(1, 32), (3, 64), (17, 16), (17, 128)]))
 def test_random_ragged_masks_exact_capacities(block_size, batch):
   widths = (4 * block_size, 3 * block_size, 5 * block_size)
   module, params = _module(block_size, widths), _params(block_size, widths, seed=batch)
@@ -106,8 +108,8 @@ def test_random_ragged_masks_exact_capacities(block_size, batch):
 
 
 @needs_extension
-@pytest.mark.parametrize("batch", [1, 6, 33])
-@pytest.mark.parametrize("tight", [False, True])
+@pytest.mark.parametrize("tight,batch", tiers.split_product(
+    ([False, True], [1, 6, 33]), fast=[(False, 6), (True, 1), (True, 33)]))
 def test_exact_top_k_policy(batch, tight):
   """The ``top_k`` test policy (exact_k): k blocks per example whatever their probability,
   with exact and with overflowing per-block / per-tile capacities."""
@@ -126,8 +128,8 @@ def test_exact_top_k_policy(batch, tight):
 
 
 @needs_extension
-@pytest.mark.parametrize("block_size", [16, 64])
-@pytest.mark.parametrize("batch", [1, 9, 40])
+@pytest.mark.parametrize("batch,block_size", tiers.split_product(
+    ([1, 9, 40], [16, 64]), fast=[(1, 64), (9, 16), (40, 64)]))
 def test_overflowing_capacities(block_size, batch):
   widths = (6 * block_size, 6 * block_size, 4 * block_size)
   module, params = _module(block_size, widths), _params(block_size, widths, 0.5, seed=batch)
@@ -292,8 +294,8 @@ def test_kernel_names_a_mismatched_buffer():
 
 
 @needs_extension
-@pytest.mark.parametrize("block_size", [24, 48])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch,block_size", tiers.split_product(
+    ([1, 4], [24, 48]), fast=[(1, 48), (4, 24)]))
 def test_block_sizes_off_the_vector_panels(block_size, batch):
   """Block sizes that are no panel width of the kernel (16, 32, 64): the generic product,
   at batch 1 (its own path) and in a minibatch."""
