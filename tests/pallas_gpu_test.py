@@ -32,6 +32,7 @@ from ccjax.inference.kernels import pallas_gpu
 from ccjax.inference.kernels import pallas_gpu_gemv
 from ccjax.inference.kernels import xla
 from tests import inference_mlp_test as mlp_cases
+from tests import tiers
 
 ON_GPU = jax.default_backend() == "gpu"
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
@@ -186,15 +187,23 @@ def _gemv_case(seed, h_splits, in_slots, depth, width, out_slots, in_blocks, out
   return h, weights, bias, in_index, out_index
 
 
-@pytest.mark.parametrize("h_splits,in_slots,depth,width,out_slots,in_count,out_count", [
+GEMV_SHAPES = [
     (1, 1, 100, 16, 4, 1, 3),       # dense first layer: depth not a tile multiple
     (3, 5, 16, 16, 6, 5, 6),        # block size 16, all slots active
     (4, 6, 32, 10, 5, 2, 5),        # ragged input count, 10 columns (output layer shape)
     (2, 4, 64, 128, 3, 3, 1),       # block size 64, two column tiles, one output slot
     (5, 3, 24, 40, 4, 0, 4),        # no active input block: every output is zero
     (2, 3, 24, 40, 4, 3, 0),        # no active output block: nothing is read
-])
-@pytest.mark.parametrize("splits", [None, 1, 3])
+]
+GEMV_SPLITS = [None, 1, 3]
+
+
+# Fast tier: every shape once, the split counts in turn (each twice); the rest slow.
+@pytest.mark.parametrize("splits,h_splits,in_slots,depth,width,out_slots,in_count,out_count",
+                         tiers.split([(splits, *shape) for splits in GEMV_SPLITS
+                                      for shape in GEMV_SHAPES],
+                                     fast=[(GEMV_SPLITS[i % 3], *shape)
+                                           for i, shape in enumerate(GEMV_SHAPES)]))
 def test_gather_gemv_matches_numpy(h_splits, in_slots, depth, width, out_slots, in_count,
                                    out_count, splits):
   in_blocks, out_blocks = 7, 8
@@ -292,10 +301,14 @@ def test_gather_gemv_rejects_mismatched_shapes():
 # ------------------------------------------------------------------- batch-1 selection
 
 
-@pytest.mark.parametrize("num_blocks,capacity_,exact_k", [
-    (10, 4, False), (10, 4, True), (48, 12, False), (7, 7, False), (5, 1, False),
-    (64, 16, True)])
-@pytest.mark.parametrize("seed", range(3))
+SELECT_CASES = [(10, 4, False), (10, 4, True), (48, 12, False), (7, 7, False), (5, 1, False),
+                (64, 16, True)]
+
+
+# Fast tier: every case once, the seeds in turn; the rest slow.
+@pytest.mark.parametrize("seed,num_blocks,capacity_,exact_k", tiers.split(
+    [(seed, *case) for seed in range(3) for case in SELECT_CASES],
+    fast=[(i % 3, *case) for i, case in enumerate(SELECT_CASES)]))
 def test_select_blocks_matches_top_k_and_config_rules(num_blocks, capacity_, exact_k, seed):
   rng = np.random.default_rng(seed)
   parts = rng.normal(size=(3, 1, num_blocks)).astype(np.float32)
@@ -363,8 +376,8 @@ def _assert_pallas_equals_xla_and_masked_dense(params, x, config):
   return masks, traces
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("seed,batch", tiers.split_product(
+    (range(2), [1, 5]), fast=[(0, 5), (1, 1)]))
 def test_pallas_backend_random_masks_equal_masked_dense(seed, batch):
   params, x = mlp_cases._params(seed), mlp_cases._inputs(seed, batch)
   config = capacity.SparseConfig(mlp_cases.NUM_BLOCKS, (batch,) * 3, (batch,) * 3,
@@ -387,8 +400,9 @@ def test_pallas_backend_all_blocks_off_or_on(shift, expected, batch):
     np.testing.assert_array_equal(mask, expected)
 
 
-@pytest.mark.parametrize("seed,exact_k,batch", [
-    (0, False, 1), (1, False, 1), (0, False, 9), (1, False, 9), (2, True, 1), (2, True, 9)])
+@pytest.mark.parametrize("seed,exact_k,batch", tiers.split(
+    [(0, False, 1), (1, False, 1), (0, False, 9), (1, False, 9), (2, True, 1), (2, True, 9)],
+    fast=[(0, False, 1), (1, False, 9), (2, True, 9)]))
 def test_pallas_backend_overflow_follows_documented_rules(seed, exact_k, batch):
   """Capacities that overflow (per example at batch 1; per block and per weight block
   in a minibatch) drop the same blocks as the documented rules and the XLA path."""
