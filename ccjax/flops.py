@@ -25,6 +25,15 @@ def dense_mlp_macs(input_dim: int, hidden: Sequence[int], num_classes: int) -> i
   return int(sum(a * b for a, b in zip(widths[:-1], widths[1:])))
 
 
+def matched_dense_width(input_dim: int, num_layers: int, num_classes: int, target_macs: float,
+                        multiple: int) -> int:
+  """The width (a multiple of ``multiple``) whose dense MLP of ``num_layers`` equal hidden
+  layers has the MACs per example closest to ``target_macs`` (:func:`dense_mlp_macs`)."""
+  candidates = range(multiple, 64 * 1024 + multiple, multiple)
+  return min((abs(dense_mlp_macs(input_dim, [width] * num_layers, num_classes) - target_macs),
+              width) for width in candidates)[1]
+
+
 def policy_macs(inputs, num_blocks: int, policy_hidden: int = 0):
   """MACs of one block policy reading ``inputs`` features (a number or an array of them):
   ``inputs * num_blocks`` (linear), or ``inputs * h + h * num_blocks`` with a hidden

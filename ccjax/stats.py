@@ -1,7 +1,7 @@
 """Statistics over seeds for the sweeps' tables: mean ± sample std and paired differences.
 
 Pure functions on plain sequences (one value per seed), shared by the classifier sweep
-(:mod:`ccjax.sweep`) and the LM sweep. The std is the sample standard deviation
+(:mod:`ccjax.sweep`, every task). The std is the sample standard deviation
 (``ddof = 1``); it and the interval are ``None`` where they are undefined (fewer than two
 values). A paired difference compares two configurations seed by seed (gated − dense on
 the same seed), and its 95 % interval is the Student t interval of the mean difference:

@@ -18,7 +18,7 @@ GROUP_OF_FLAG = {
     "model": "model", "arch": "model", "hidden": "model", "block_size": "model",
     "tau": "model", "taus": "model", "num_layers": "model", "d_model": "model",
     "num_heads": "model", "mlp_width": "model", "context": "model",
-    "policy_init_prob": "model", "variants": "model", "input_dim": "model",
+    "policy_init_prob": "model", "variants": "model", "task": "model", "input_dim": "model",
     "cnn_stages": "model", "cnn_block_size": "model", "cnn_tau": "model", "dtype": "model",
     "policy_hidden": "model", "capacity_widths": "model",
     # training

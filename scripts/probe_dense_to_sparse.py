@@ -17,7 +17,7 @@ net of the same MACs (width 128) trained for the same number of steps:
 Baselines in the same process and data order: dense 128-128 (the MACs of the active
 blocks, without the policies) for ``--dense_steps`` and for the pipeline's total steps;
 for each block size, the dense net of the gated net's whole MACs (active blocks plus both
-policies, ``ccjax.flops``; width by ``ccjax.sweep.matched_dense_width``) for the total
+policies, ``ccjax.flops``; width by ``ccjax.flops.matched_dense_width``) for the total
 steps; dense 512-512.
 
   python scripts/probe_dense_to_sparse.py --seeds=0 --json=/tmp/probe.json
@@ -42,7 +42,6 @@ import optax
 from ccjax import data
 from ccjax import flops
 from ccjax import stats
-from ccjax import sweep
 
 FLAGS = flags.FLAGS
 
@@ -239,7 +238,7 @@ def run_seed(dataset, seed: int, matched: dict) -> dict:
   policy = "" if rank == 0 else f", rank-{rank} policy"
   for block_size in map(int, FLAGS.block_sizes):
     blocks = WIDTH // block_size
-    width = sweep.matched_dense_width(input_dim, 2, classes,
+    width = flops.matched_dense_width(input_dim, 2, classes,
                                       gated_macs(input_dim, classes, block_size, rank), 8)
     matched_name = f"dense {width}, MACs of the gated net with blocks of {block_size} ({total} steps)"
     if matched_name not in rows:

@@ -14,10 +14,11 @@ from experiments import cli
 from experiments import flag_groups
 from tests import experiment_utils
 
-ENTRYPOINTS = ("condnet", "sweep", "lm", "lm_sweep", "predict", "bench_inference",
+# Entrypoints, with the arguments that decide their flags (the sweep's --task).
+ENTRYPOINTS = ("condnet", "sweep", "lm", "sweep --task=lm", "predict", "bench_inference",
                "bench_lm_decode")
 REQUIRED = {"condnet": {"workdir"}, "sweep": {"workdir"}, "lm": {"workdir"},
-            "lm_sweep": {"workdir"}, "predict": {"workdir"}, "bench_lm_decode": {"workdir"}}
+            "predict": {"workdir"}, "bench_lm_decode": {"workdir"}}
 
 # Runs the entrypoint as ``python -m`` would, with --help, then prints (after the help
 # text) the flags that the entrypoint and the experiments package define, found from
@@ -26,7 +27,7 @@ _PROBE = r"""
 import importlib.util, json, os, runpy, sys
 from absl import flags
 module = sys.argv[1]
-sys.argv = [module, "--help"]
+sys.argv = [module, *sys.argv[2:], "--help"]
 try:
   runpy.run_module(module, run_name="__main__", alter_sys=True)
   code = None
@@ -43,10 +44,12 @@ print("\n" + json.dumps({"code": code, "own": own, "required": required}))
 
 @pytest.mark.parametrize("entrypoint", ENTRYPOINTS)
 def test_help_lists_every_own_flag_by_concern(entrypoint):
+  entrypoint, *arguments = entrypoint.split()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([experiment_utils.REPO_ROOT,
                                          os.environ.get("PYTHONPATH", "")]))
-  process = subprocess.run([sys.executable, "-c", _PROBE, f"experiments.{entrypoint}"],
+  process = subprocess.run([sys.executable, "-c", _PROBE, f"experiments.{entrypoint}",
+                            *arguments],
                            cwd=experiment_utils.REPO_ROOT, env=env, capture_output=True,
                            text=True, timeout=300)
   assert process.returncode == 0, process.stderr[-3000:]

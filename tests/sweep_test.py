@@ -14,8 +14,8 @@ from tests import experiment_utils
 
 def test_matched_dense_width_matches_macs():
   target = flops.dense_mlp_macs(64, [96, 96], 10)
-  assert sweep.matched_dense_width(64, 2, 10, target, 32) == 96
-  assert sweep.matched_dense_width(64, 2, 10, target + 10, 32) == 96
+  assert flops.matched_dense_width(64, 2, 10, target, 32) == 96
+  assert flops.matched_dense_width(64, 2, 10, target + 10, 32) == 96
 
 
 def test_aggregate_reports_mean_and_std_over_seeds():
@@ -43,7 +43,7 @@ def test_sweep_cli_writes_tables_and_pareto(tmp_path):
     rows = list(csv.DictReader(stream))
   labels = [row["label"] for row in rows]
   assert labels[0] == "dense (same width)" and labels[1] == "condnet tau=0.25"
-  assert labels[2].startswith("dense (MACs of tau=0.25, width ")
+  assert labels[2].startswith("dense (MACs of condnet tau=0.25, width ")
   assert all(row["seeds"] == "2" for row in rows)
   condnet_macs = float(rows[1]["macs_mean"])
   assert condnet_macs < float(rows[0]["macs_mean"])
@@ -79,16 +79,14 @@ def test_sweep_on_npz_and_mocked_tfds(tmp_path):
   tiny = dict(hidden=(16, 16), block_size=8, batch_size=16, steps=4, log_every=2,
               eval_every=2, checkpoint_every=2, measure_latency=False, plots=False)
   rows = sweep.run_sweep(config_lib.ExperimentConfig.create(dataset=f"npz:{path}", **tiny),
-                         str(tmp_path / "npz"), sweep.Grid((0,), (0.5,)), loop.train_and_evaluate,
-                         input_dim=6, num_classes=3)
+                         str(tmp_path / "npz"), sweep.Grid((0,), (0.5,)), loop.train_and_evaluate)
   assert [row["model"] for row in rows] == ["dense", "condnet", "dense"]
   assert all(np.isfinite(row["test_error_mean"]) for row in rows)
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=64):
     rows = sweep.run_sweep(
         config_lib.ExperimentConfig.create(dataset="mnist", data_dir=str(tmp_path / "tfds"), **tiny),
-        str(tmp_path / "mnist"), sweep.Grid((0,), (0.5,)), loop.train_and_evaluate, input_dim=784,
-        num_classes=10)
+        str(tmp_path / "mnist"), sweep.Grid((0,), (0.5,)), loop.train_and_evaluate)
   assert rows[1]["macs_mean"] < rows[0]["macs_mean"]
 
 
@@ -133,7 +131,7 @@ class _RecordingTrainer:
     test = valid + 0.001 * width + 0.03 * config.seed * gated
     return {"test_error": test, "valid_error": valid, "active_fraction": [0.5] if gated else [],
             "macs_per_example": flops.dense_mlp_macs(64, [width // (2 if gated else 1)] * 2, 10),
-            "train_time_s": 1.0}
+            "train_time_s": 1.0, "input_dim": 64, "num_classes": 10}
 
 
 def test_run_sweep_lr_grid_trains_every_configuration_at_every_lr(tmp_path):
@@ -144,12 +142,12 @@ def test_run_sweep_lr_grid_trains_every_configuration_at_every_lr(tmp_path):
   grid = sweep.validate_grid(base, seeds=(0, 1, 2), taus=(0.5,), lrs=(0.001, 0.01))
   trainer = _RecordingTrainer()
   trainer.root = str(tmp_path)
-  rows = sweep.run_sweep(base, str(tmp_path), grid, trainer, input_dim=64, num_classes=10)
+  rows = sweep.run_sweep(base, str(tmp_path), grid, trainer)
   matched = rows[2]["hidden"][0]
   assert matched == 16   # the width whose dense MACs match the chosen condnet's
   expected_dirs = {os.path.join(configuration, f"lr{lr}", f"seed{seed}")
                    for configuration in ("dense_same_width", "condnet_tau0.5",
-                                         f"dense_matched_tau0.5_width{matched}")
+                                         f"dense_width{matched}")
                    for lr in ("0.001", "0.01") for seed in (0, 1, 2)}
   assert {directory for directory, _ in trainer.calls} == expected_dirs
   for directory, config in trainer.calls:
@@ -187,8 +185,8 @@ def test_run_sweep_lr_grid_needs_validation_errors(tmp_path):
     del config, workdir
     return {"test_error": 0.1, "valid_error": None, "active_fraction": [],
             "macs_per_example": 1.0}
-  with pytest.raises(ValueError, match="needs a validation error"):
-    sweep.run_sweep(base, str(tmp_path), grid, no_validation, input_dim=64, num_classes=10)
+  with pytest.raises(ValueError, match="needs a validation metric"):
+    sweep.run_sweep(base, str(tmp_path), grid, no_validation)
 
 
 # Slow tier: eight CLI trainings (about 30 s of CPU); validate_grid's capacity rules
@@ -202,17 +200,17 @@ def test_sweep_cli_capacity_regime_holds_active_macs(tmp_path):
   assert process.returncode == 0, process.stderr[-3000:]
   csv_rows, payload, table = _read_sweep(workdir)
   assert [row["label"] for row in csv_rows] == [
-      "dense (width 16: the active MACs)", "condnet width=32 tau=0.5",
-      "condnet width=64 tau=0.25", "dense (width 64: the widest condnet)"]
-  assert [row["hidden"] for row in csv_rows] == ["16x16", "32x32", "64x64", "64x64"]
+      "dense (width 16: the active MACs)", "condnet width=32 tau=0.5", "dense (width 32)",
+      "condnet width=64 tau=0.25", "dense (width 64)"]
+  assert [row["hidden"] for row in csv_rows] == ["16x16", "32x32", "32x32", "64x64", "64x64"]
   dense_active = flops.dense_mlp_macs(64, [16, 16], 10)
   assert float(csv_rows[0]["macs_mean"]) == dense_active
-  for row, width in ((csv_rows[1], 32), (csv_rows[2], 64)):
+  for row, width in ((csv_rows[1], 32), (csv_rows[3], 64)):
     # top_k runs exactly w / block_size blocks of W / block_size: the MACs of dense w plus
     # the two policies (64 inputs, then 16 active units, onto W / 8 blocks each).
     assert float(row["macs_mean"]) == dense_active + (64 + 16) * width // 8
     assert float(row["active_fraction_mean"]) == 16 / width
-  for name, baseline in (("dense_width", "dense_width64"), ("dense_macs", "dense_width16")):
+  for name, baseline in (("dense_width", "dense_width32"), ("dense_macs", "dense_width16")):
     gated = [_results(os.path.join(workdir, "condnet_width32_tau0.5", f"seed{seed}"))
              for seed in (0, 1)]
     dense = [_results(os.path.join(workdir, baseline, f"seed{seed}")) for seed in (0, 1)]
@@ -221,7 +219,7 @@ def test_sweep_cli_capacity_regime_holds_active_macs(tmp_path):
   assert payload["grid"]["capacity_widths"] == [64, 32]
   assert payload["command"].startswith("python -m experiments.sweep --workdir=")
   assert "--capacity_widths=64,32" in payload["command"] and "Command: `python -m" in table
-  assert "Capacity regime" in table and "widest dense" in table.splitlines()[0]
+  assert "Capacity regime" in table and "'dense same width' is dense W" in table
 
 
 @pytest.mark.parametrize("args, message", [
@@ -243,11 +241,11 @@ def test_sweep_bad_grid_is_one_line_and_writes_nothing(tmp_path, args, message):
     (dict(lrs=(0.001, 0.001)), "--lrs values [0.001, 0.001] give the same run directory"),
     (dict(lrs=(0.001, -1.0)), "--lrs must be"),
     (dict(capacity_widths=(64,), recipes=("topk",)), "--capacity_widths runs the flags as"),
-    (dict(capacity_widths=(64, 64)), "--capacity_widths lists a width twice"),
+    (dict(capacity_widths=(64, 64)), "--capacity_widths lists a value twice"),
     (dict(capacity_widths=(64,), hidden=(32, 16)), "--capacity_widths needs one --hidden width"),
     (dict(capacity_widths=(20,)), "--capacity_widths must be multiples of --block_size=8"),
     (dict(capacity_widths=(8,)), "--capacity_widths must be multiples of --block_size=8 and at "
-                                 "least w = --hidden = 16, got 8"),
+                                 "least the active width w = 16, got 8"),
     (dict(capacity_widths=(64,), arch="cnn"), "--capacity_widths needs --arch=mlp"),
 ])
 def test_validate_grid_rejects_bad_lrs_and_capacity_widths(grid, message):

@@ -19,10 +19,13 @@ import numpy as np
 from ccjax import config as config_lib
 from ccjax import costs
 from ccjax import data as data_lib
+from ccjax import flops
 from ccjax import metrics_log as metrics_log_lib
 from ccjax import progress
 from ccjax import run_loop
+from ccjax import stats
 from ccjax import step as step_lib
+from ccjax import validation
 from ccjax.tasks import base
 from ccjax.tasks import sources as sources_lib
 
@@ -147,7 +150,8 @@ class ClassificationRun:
         "model": config.model, "arch": config.arch, "dataset": config.dataset,
         "seed": config.seed, "steps": total_steps, "test_error": test["error"],
         "valid_error": valid["error"], "active_fraction": test["active_fraction"],
-        "eval_policy": config.eval_policy,
+        "eval_policy": config.eval_policy, "input_dim": dataset.input_dim,
+        "num_classes": dataset.num_classes,
     }
     results.update(costs.model_costs(self.module, params, dataset, test,
                                      measure_latency=config.measure_latency,
@@ -173,5 +177,45 @@ def write_plots(plot_dir: str, test: dict[str, Any], dataset, records) -> list[s
   return paths
 
 
+def _same_macs_width(config: config_lib.ExperimentConfig, runs) -> int:
+  """The dense MLP width whose MACs per example are closest to the gated runs' mean
+  measured MACs (policies included); a multiple of the block size."""
+  target = stats.mean_std([run["macs_per_example"] for run in runs]).mean
+  return flops.matched_dense_width(runs[0]["input_dim"], len(config.hidden),
+                                   runs[0]["num_classes"], target, config.block_size)
+
+
+def _active_width(config: config_lib.ExperimentConfig) -> int:
+  """The capacity regime's ``w``: the one ``hidden`` width of an MLP."""
+  if config.arch != "mlp":
+    raise validation.ConfigError("capacity_widths", f"needs --arch=mlp, got {config.arch}")
+  if len(set(config.hidden)) != 1:
+    raise validation.ConfigError(
+        "capacity_widths", f"needs one --hidden width for every layer (the dense width w "
+        f"whose MACs the condnets match), got {','.join(map(str, config.hidden))}")
+  return config.hidden[0]
+
+
+def _latency(result: dict[str, Any]) -> float | None:
+  """The batch-1 latency: sparse for a gated run, dense for a dense one."""
+  latency = result.get("latency_ms")
+  if not latency:
+    return None
+  return latency.get("sparse", latency.get("dense"))
+
+
+SWEEP = base.SweepSpec(
+    metric="test_error", valid_metric="valid_error", metric_title="error (%)",
+    metric_scale=100.0, metric_digits=2, difference_unit="points", gated_model="condnet",
+    variants={"condnet": {}}, default_variants=("condnet",),
+    columns=(
+        base.Column("active_fraction", "active fraction", base.mean_active_fraction, 1, 3),
+        base.Column("macs", "MACs / example (k)", lambda r: r["macs_per_example"], 1e-3, 1),
+        base.Column("latency_ms", "batch-1 latency (ms)", _latency, 1, 3),
+        base.Column("train_time_s", "train time (s)", base.train_time, 1, 1)),
+    hidden=lambda config: tuple(config.hidden),
+    at_width=lambda config, width: config.replace(hidden=(width,) * len(config.hidden)),
+    active_width=_active_width, same_macs_width=_same_macs_width)
+
 # Task ``classify``.
-TASK = base.RunTask(config_lib.ExperimentConfig, ClassificationRun)
+TASK = base.RunTask(config_lib.ExperimentConfig, ClassificationRun, SWEEP)

@@ -26,6 +26,7 @@ from ccjax import parallel
 from ccjax import step as step_lib
 from ccjax import text
 from ccjax import transformer
+from ccjax import validation
 from ccjax.tasks import base
 
 EVAL_BATCH = 64
@@ -159,5 +160,61 @@ def write_lm_plots(plot_dir: str, test: dict[str, Any], records) -> list[str]:
   return paths
 
 
+def _active_width(config: lm_config.LMConfig) -> int:
+  """MLP units a gated LM of ``config`` runs per token: ``k * block_size``, ``k =
+  round(tau * blocks)`` (the same in every layer; the capacity regime's ``w``)."""
+  if len(set(config.layer_capacities())) != 1:
+    raise validation.ConfigError(
+        "capacity_widths", "needs the same active blocks in every layer (one --tau), got "
+        f"{list(config.layer_capacities())} blocks per layer")
+  return config.top_k_capacity() * config.block_size
+
+
+def _same_macs_width(config: lm_config.LMConfig, runs) -> int:
+  """The dense MLP width of the gated model's active MLP MACs per token: its ``k`` blocks
+  (``round(tau * blocks)``, what ``top_k`` and the router run; the first layer's)."""
+  del runs  # set by the config: the blocks every token may run
+  return config.top_k_capacity() * config.block_size
+
+
+def _teal_rows(config: lm_config.LMConfig, runs) -> list:
+  """TEAL-style training-free thresholding of the dense runs at the fraction ``tau``."""
+  if not runs or "teal_bits_per_byte" not in runs[0]:
+    return []
+  return [(f"teal (dense, top-{config.top_k_capacity()} activations)", "teal",
+           [{"bits_per_byte": run["teal_bits_per_byte"], "seed": run.get("seed"),
+             "active_fraction": [run["teal_active_fraction"]]} for run in runs])]
+
+
+def _per_token(key: str, kind: str) -> Callable[[dict[str, Any]], float | None]:
+  return lambda result: result.get(key, {}).get(kind)
+
+
+SWEEP = base.SweepSpec(
+    metric="bits_per_byte", valid_metric="valid_bits_per_byte", metric_title="bits/byte",
+    metric_scale=1.0, metric_digits=4, difference_unit="bits/byte", gated_model="gated",
+    variants={"gated": {},
+              # REINFORCE trained at the test-time budget: exact k-subsets, top_k at test.
+              "gated_top_k": {"estimator": "reinforce_top_k", "eval_policy": "top_k"},
+              # An MoE-style top-k router over the same blocks (straight-through).
+              "router": {"model": "router"}},
+    default_variants=("gated", "gated_top_k", "router"),
+    columns=(
+        base.Column("active_fraction", "active fraction", base.mean_active_fraction, 1, 3),
+        base.Column("macs", "MACs / token", lambda r: r.get("macs_per_token", {}).get("total"),
+                    1, 0),
+        base.Column("mlp_ms_dense", "MLP ms/token dense", _per_token("mlp_ms_per_token", "dense"),
+                    1, 4),
+        base.Column("mlp_ms_sparse", "MLP ms/token sparse",
+                    _per_token("mlp_ms_per_token", "sparse"), 1, 4),
+        base.Column("decode_ms_dense", "step ms/token dense",
+                    _per_token("decode_ms_per_token", "dense"), 1, 4),
+        base.Column("decode_ms_sparse", "step ms/token sparse",
+                    _per_token("decode_ms_per_token", "sparse"), 1, 4),
+        base.Column("train_time_s", "train time (s)", base.train_time, 1, 1)),
+    hidden=lambda config: (config.mlp_width,) * config.num_layers,
+    at_width=lambda config, width: config.replace(mlp_width=width),
+    active_width=_active_width, same_macs_width=_same_macs_width, derived_rows=_teal_rows)
+
 # Task ``lm``.
-TASK = base.RunTask(lm_config.LMConfig, LanguageModelRun)
+TASK = base.RunTask(lm_config.LMConfig, LanguageModelRun, SWEEP)
