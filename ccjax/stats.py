@@ -1,6 +1,6 @@
 """Statistics over seeds for the sweeps' tables: mean ± sample std and paired differences.
 
-Pure functions on plain sequences (one value per seed), shared by the classifier sweep
+Pure functions on plain sequences (one value per seed), shared by the one sweep
 (:mod:`ccjax.sweep`, every task). The std is the sample standard deviation
 (``ddof = 1``); it and the interval are ``None`` where they are undefined (fewer than two
 values). A paired difference compares two configurations seed by seed (gated − dense on
