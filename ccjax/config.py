@@ -204,24 +204,24 @@ class ExperimentConfig(run_config.RunConfig):
     return super().total_steps(num_train_examples)
 
 
-def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int
-                ) -> nn.Module:
-  """The module the config asks for; ``model='dense'`` is the same net with gates off."""
+def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int,
+                **module_fields) -> nn.Module:
+  """The module the config asks for; ``model='dense'`` is the same net with gates off.
+
+  ``module_fields`` set module fields the config does not hold (a benchmark's ``dtype``,
+  the CNN's ``residual_blocks`` / ``stem_features``)."""
   gated = config.model == "condnet"
   # With a tau curriculum the policies start at the curriculum's first target.
   init_probs = tuple(min(tau, MAX_INIT_PROB)
                      for tau in config.train.initial_taus(config.num_gated_layers))
+  fields = {"num_classes": num_classes, "block_size": config.block_size, "gated": gated,
+            "estimator": config.train.estimator, "policy_init_prob": init_probs,
+            "policy_hidden": config.policy_hidden}
   if config.arch == "mlp":
-    return layers.GatedMLP(
-        hidden=tuple(config.hidden), num_classes=num_classes, block_size=config.block_size,
-        gated=gated, estimator=config.train.estimator, policy_init_prob=init_probs,
-        policy_hidden=config.policy_hidden)
+    return layers.GatedMLP(hidden=tuple(config.hidden), **{**fields, **module_fields})
   if len(input_shape) != 3:
     raise validation.ConfigError(
         "arch", f"=cnn needs image inputs [height, width, channels], got examples of shape "
         f"{tuple(input_shape)}")
-  return conv.GatedCNN(
-      num_classes=num_classes, stage_features=tuple(config.hidden),
-      residual_blocks=CNN_RESIDUAL_BLOCKS, block_size=config.block_size, gated=gated,
-      estimator=config.train.estimator, policy_init_prob=init_probs,
-      policy_hidden=config.policy_hidden)
+  return conv.GatedCNN(stage_features=tuple(config.hidden), **{
+      **fields, "residual_blocks": CNN_RESIDUAL_BLOCKS, **module_fields})

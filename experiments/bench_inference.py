@@ -43,6 +43,7 @@ import numpy as np
 
 import ccjax
 from ccjax import atomic
+from ccjax import config as config_lib
 from ccjax import loop
 from ccjax import memory
 from ccjax import timing
@@ -140,16 +141,32 @@ def read_config() -> dict[str, Any]:
   return config
 
 
+def run_config(config: dict[str, Any], family: str) -> config_lib.ExperimentConfig:
+  """One family's benchmark model as a run config: the training entrypoints' config, so
+  the model is built by the same :func:`ccjax.config.build_model`."""
+  if family == "mlp":
+    return config_lib.ExperimentConfig.create(
+        arch="mlp", hidden=tuple(config["hidden"]), block_size=config["block_size"],
+        tau=(config["tau"],))
+  return config_lib.ExperimentConfig.create(
+      arch="cnn", hidden=tuple(config["cnn_stages"]), block_size=config["cnn_block_size"],
+      tau=(config["cnn_tau"],))
+
+
 def _module(config: dict[str, Any], family: str):
   """``(module, example_shape, active_fraction, widest activation per example)``."""
   dtype = jnp.dtype(config["dtype"])
+  model_config = run_config(config, family)
   if family == "mlp":
-    module = ccjax.GatedMLP(hidden=tuple(config["hidden"]), num_classes=config["num_classes"],
-                            block_size=config["block_size"], dtype=dtype)
+    module = config_lib.build_model(model_config, (config["input_dim"],), config["num_classes"],
+                                    dtype=dtype)
     return module, (config["input_dim"],), config["tau"], max(config["hidden"])
-  module = ccjax.GatedCNN(config["num_classes"], stem_features=config["cnn_stages"][0],
-                          stage_features=tuple(config["cnn_stages"]), residual_blocks=2,
-                          block_size=config["cnn_block_size"], dtype=dtype)
+  # Deeper than the trained CNN: two residual blocks per stage, the stem as wide as the
+  # first stage (a benchmark of the skipping, not of a trained net).
+  module = config_lib.build_model(model_config, CNN_IMAGE_SHAPE, config["num_classes"],
+                                  dtype=dtype, residual_blocks=2,
+                                  stem_features=config["cnn_stages"][0],
+                                  policy_init_prob=min(config["cnn_tau"], config_lib.MAX_INIT_PROB))
   widest = CNN_IMAGE_SHAPE[0] * CNN_IMAGE_SHAPE[1] * max(config["cnn_stages"])
   return module, CNN_IMAGE_SHAPE, config["cnn_tau"], widest
 
