@@ -27,6 +27,7 @@ import jax
 
 from ccjax import lm_decode
 from ccjax import lm_train
+from ccjax import modes
 from ccjax import progress
 from ccjax import step as step_lib
 from ccjax import tasks
@@ -45,10 +46,11 @@ for _name, _value in (("dataset", _DEFAULT.dataset), ("steps", _DEFAULT.DEFAULT_
   flags.FLAGS.set_default(_name, _value)
 # The LM's test policies (the classifiers' list has sample, which the LM cannot serve).
 flags.FLAGS["eval_policy"].parser = flags.EnumParser(list(lm_train.LM_EVAL_POLICIES))
+flags.FLAGS.set_default("eval_policy", None)   # the model's own (config.eval_mode())
 flags.FLAGS["eval_policy"].help = (
-    f"<{'|'.join(lm_train.LM_EVAL_POLICIES)}>: test-time masks: threshold (p > 0.5) | top_k "
-    "(exactly round(tau * blocks) blocks per token and layer) | capped (threshold, at most "
-    "that many); default threshold, top_k for --model=router.")
+    f"<{'|'.join(lm_train.LM_EVAL_POLICIES)}>: test-time masks: "
+    f"{modes.help_text(lm_train.LM_EVAL_POLICIES)}; k = round(tau * blocks) per token and "
+    "layer; default threshold, top_k for --model=router.")
 # Shared flags of the classifier entrypoints that no LM entrypoint uses: given, refused.
 CLASSIFIER_ONLY_FLAGS = (shared.DATA_DIR, shared.ARCH, shared.HIDDEN, shared.EPOCHS,
                          shared.VALID_FRACTION, shared.NUM_CLASSES, shared.MEASURE_LATENCY,

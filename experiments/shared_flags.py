@@ -16,6 +16,7 @@ from ccjax import budget as budget_lib
 from ccjax import config as config_lib
 from ccjax import distill as distill_lib
 from ccjax import estimators
+from ccjax import modes
 from ccjax import schedules
 from ccjax import step as step_lib
 from ccjax import validation
@@ -102,8 +103,8 @@ LOG_EVERY = flags.DEFINE_integer("log_every", _DEFAULT.log_every,
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", _DEFAULT.checkpoint_every,
                                         "Checkpoint every this many steps.")
 EVAL_POLICY = flags.DEFINE_enum("eval_policy", _DEFAULT.eval_policy, config_lib.EVAL_POLICIES,
-                                "Test-time masks: threshold (p > 0.5) | sample | top_k "
-                                "(exactly round(tau * blocks) blocks per example and layer).")
+                                "Test-time masks: " + modes.help_text(config_lib.EVAL_POLICIES)
+                                + "; k = round(tau * blocks) per example and layer.")
 # Training recipes (see ccjax.recipes); each sets the TrainConfig field of its name.
 WARM_STEPS = flags.DEFINE_integer(
     "warm_steps", _DEFAULT_TRAIN.warm_steps, "Dense warm start: this many first steps run "
