@@ -14,6 +14,7 @@ import flax.linen as nn
 
 from ccjax import conv
 from ccjax import data as data_lib
+from ccjax import datasets
 from ccjax import layers
 from ccjax import policy as policy_lib
 from ccjax import run_config
@@ -26,7 +27,6 @@ MODELS = ("condnet", "dense")
 # ``sample`` (Bernoulli draws), ``top_k`` (exactly round(tau * blocks) most probable blocks
 # per example and layer).
 EVAL_POLICIES = ("threshold", "sample", "top_k")
-TFDS_DATASETS = ("mnist", "cifar10", "svhn_cropped")
 DEFAULT_STEPS = 4000
 CNN_RESIDUAL_BLOCKS = 1
 # Architecture-dependent defaults of ``hidden`` / ``block_size`` (used when they are None).
@@ -95,18 +95,12 @@ class ExperimentConfig(run_config.RunConfig):
     object.__setattr__(self, "hidden", tuple(self.hidden))
     validation.check_choice("eval_policy", self.eval_policy, EVAL_POLICIES)
     super().__post_init__()
-    if not (self.dataset in ("digits", "mnist1d") or self.dataset in TFDS_DATASETS
-            or self.dataset.startswith(data_lib.MNIST1D_PREFIX)
-            or (self.dataset.startswith("npz:") and len(self.dataset) > 4)):
+    try:   # the data-source registry (ccjax.datasets) knows every name and spec
+      datasets.parse(self.dataset, datasets.CLASSIFICATION)
+    except datasets.DataError as error:
+      detail = str(error).removeprefix("dataset ")
       raise validation.ConfigError(
-          "dataset", f"must be one of digits|mnist1d|mnist1d:N|{'|'.join(TFDS_DATASETS)}|"
-          f"npz:PATH, got {self.dataset!r}")
-    if self.dataset.startswith(data_lib.MNIST1D_PREFIX):
-      try:
-        data_lib.mnist1d_num_samples(self.dataset)
-      except data_lib.DataError:
-        raise validation.ConfigError(
-            "dataset", f"={self.dataset}: {data_lib.MNIST1D_SAMPLES_RULE}") from None
+          "dataset", "=" + detail if detail.startswith(f"{self.dataset}:") else detail) from None
     if not self.hidden:
       raise validation.ConfigError("hidden", "must list at least one width, e.g. 512,512")
     for width in self.hidden:

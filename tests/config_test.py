@@ -40,7 +40,7 @@ def test_one_set_of_defaults():
     (dict(lr=float("inf")), "lr must be a finite number"),
     (dict(policy_lr=0.0), "policy_lr must be > 0"),
     (dict(dataset="svhn"), "dataset must be one of"),
-    (dict(dataset="npz:"), "dataset must be one of"),
+    (dict(dataset="npz:"), "dataset npz:PATH needs a file path after 'npz:'"),
     (dict(steps=5, epochs=1), "steps and --epochs: give one, not both"),
     (dict(arch="rnn"), "arch must be one of mlp|cnn"),
     (dict(eval_policy="capped"), "eval_policy must be one of threshold|sample|top_k"),
