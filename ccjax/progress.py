@@ -29,17 +29,18 @@ def quiet_library_logs() -> None:
     handler.addFilter(_keep_log_record)
 
 
-def kernel_backend() -> str:
-  """The inference kernel backend this process's runs use (:func:`ccjax.select_backend`),
-  for progress lines; an unusable ``$CCJAX_BACKEND`` is described, not raised (whatever
-  needs the backend raises it)."""
+def kernel_backend(family: str = "mlp") -> str:
+  """The inference kernel backend this process's ``family`` models use
+  (:func:`ccjax.select_backend`: ``mlp``, ``cnn``, ``transformer``), for progress lines;
+  an unusable ``$CCJAX_BACKEND`` is described, not raised (whatever needs the backend
+  raises it)."""
   try:
-    return kernels.select_backend()
+    return kernels.select_backend(family=family)
   except ValueError as error:
     return f"none ({error})"
 
 
-def log_run_start(what: str, workdir: str, start_step: int | None) -> str:
+def log_run_start(what: str, workdir: str, start_step: int | None, family: str = "mlp") -> str:
   """The first progress line of a run, once its inputs are validated (so that a bad flag,
   dataset or workdir stays a one-line error): what runs, where, from which step, and the
   kernel backend.
@@ -49,11 +50,12 @@ def log_run_start(what: str, workdir: str, start_step: int | None) -> str:
       359 test examples)``.
     workdir: the run's directory.
     start_step: the checkpoint step it resumes from (``None``: a fresh run).
+    family: the model's inference family (the backend is chosen per family).
 
   Returns:
     the backend name (:func:`kernel_backend`).
   """
-  backend = kernel_backend()
+  backend = kernel_backend(family)
   start = f"resuming from step {start_step}" if start_step else "starting"
   logging.info("%s in %s: %s; kernel backend %s (details: python -m ccjax.info); building "
                "the train state", what, os.path.abspath(workdir), start, backend)

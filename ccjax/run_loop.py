@@ -20,7 +20,6 @@ import numpy as np
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import metrics_log as metrics_log_lib
 from ccjax import parallel
-from ccjax import progress
 from ccjax import step as step_lib
 
 # With --skip_nonfinite, a run that skips more than this fraction of its steps fails.
@@ -141,8 +140,9 @@ def run_train_steps(train_step: Callable, state: step_lib.TrainState, hooks: Ste
   if start_step >= total_steps:
     logging.info("Checkpoint step %d >= %d steps: nothing left to train", start_step, total_steps)
   else:
-    logging.info("compiling the train step for steps %d..%d on %d device(s) (kernel backend "
-                 "%s)", start_step + 1, total_steps, mesh.size, progress.kernel_backend())
+    # Training runs masked dense XLA; the kernel backend serves inference (first line).
+    logging.info("compiling the train step for steps %d..%d on %d device(s)", start_step + 1,
+                 total_steps, mesh.size)
   pending_finite = []  # (step, device bool) not yet checked on the host.
   window_start, window_steps = time.time(), 0
   step = start_step

@@ -31,9 +31,12 @@ class TaskRun(Protocol):
     architecture: the resume key: what the parameters' shapes depend on.
     data_fingerprint: ``{"sha256": ..., ...}`` of the data (resume checks it).
     total_steps: training steps of the whole run.
+    family: the model's inference family (``mlp``, ``cnn``, ``transformer``: the kernel
+      backend is chosen per family).
   """
   module: Any
   description: str
+  family: str
   architecture: dict[str, Any]
   data_fingerprint: dict[str, Any]
   total_steps: int

@@ -96,6 +96,7 @@ class ClassificationRun:
     self.data_fingerprint = data_lib.fingerprint(dataset)
     self.total_steps = config.total_steps(num_train)
     self.eval_key = eval_key(config)
+    self.family = config.arch   # the inference family: mlp | cnn
 
   def init_state(self, key) -> step_lib.TrainState:
     state = step_lib.init_train_state(self.module, self.config.train, key,
@@ -145,7 +146,7 @@ class ClassificationRun:
                  np.round(test["active_fraction"], 3).tolist())
     if config.measure_latency:
       logging.info("measuring batch-1 latency, dense vs sparse (kernel backend %s)",
-                   progress.kernel_backend())
+                   progress.kernel_backend(config.arch))
     results = {
         "model": config.model, "arch": config.arch, "dataset": config.dataset,
         "seed": config.seed, "steps": total_steps, "test_error": test["error"],

@@ -82,7 +82,7 @@ def _train_locked(task, config, run, workdir, mesh, flag_values, primary, start_
   meta = resume_lib.checkpoint_meta(task.name, run.architecture, config, run.data_fingerprint)
   try:
     resume = resume_lib.find_resume_point(checkpointer, meta, config)
-    progress.log_run_start(run.description, workdir, resume.step)
+    progress.log_run_start(run.description, workdir, resume.step, run.family)
     state = parallel.place_state(run.init_state(run_loop.seed_key(config.seed)), mesh)
     state, start_step = resume_lib.restore_resume_point(checkpointer, resume, state, primary)
     metrics_log = metrics_log_lib.MetricsLog(

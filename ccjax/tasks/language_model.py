@@ -77,6 +77,7 @@ class LanguageModelRun:
     self.architecture = config.architecture()
     self.data_fingerprint = {"sha256": self.splits.sha256}
     self.total_steps = config.total_steps(len(self.splits.train))
+    self.family = "transformer"   # the inference family (kernel backend per family)
 
   def init_state(self, key) -> step_lib.TrainState:
     sample = text.train_batch(self.splits.train, 1, self.config.context, self.config.seed, 0)
