@@ -32,6 +32,7 @@ from ccjax import progress
 from ccjax import step as step_lib
 from ccjax import tasks
 from experiments import cli
+from experiments import named_configs
 from experiments import shared_flags as shared
 
 _DEFAULT = lm_train.LMConfig()
@@ -148,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=named_configs.parse_flags)

@@ -9,6 +9,7 @@ from absl import flags
 import pytest
 
 from ccjax import config as config_lib
+from ccjax import lm_config
 from ccjax import sweep
 from ccjax import validation
 from experiments import shared_flags as shared
@@ -30,9 +31,12 @@ def test_available_lists_the_config_modules():
 def test_every_config_is_a_valid_run_of_its_entrypoint(name):
   values = named_configs.load(name)
   shared_names = {holder.name for holder in shared.SHARED_FLAGS}
-  assert set(values) <= shared_names | _SWEEP_ONLY, set(values) - shared_names - _SWEEP_ONLY
-  base = config_lib.ExperimentConfig.create(
-      **{key: value for key, value in values.items() if key in shared_names})
+  # A config with LM fields is one of experiments.lm / experiments.sweep --task=lm.
+  lm_only = set(values) - shared_names - _SWEEP_ONLY
+  config_type = lm_config.LMConfig if lm_only else config_lib.ExperimentConfig
+  run_fields = shared_names | set(config_type.own_fields())
+  assert set(values) <= run_fields | _SWEEP_ONLY, set(values) - run_fields - _SWEEP_ONLY
+  base = config_type.create(**{key: value for key, value in values.items() if key in run_fields})
   sweep_values = {key: value for key, value in values.items() if key in _SWEEP_ONLY}
   if sweep_values:   # a sweep config: its grid validates too
     capacity = sweep_values.get("capacity_widths", ())
