@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ccjax
+from tests import tiers
 
 # References at full float32 precision (XLA:GPU would use TF32 by default).
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
@@ -34,7 +35,10 @@ def trained(request):
   return module, params, x
 
 
-@pytest.mark.parametrize("batch", [1, 7, 16])
+# Fast tier: batch 1 (its own path) and a minibatch of each family; the rest slow.
+@pytest.mark.parametrize("trained,batch", tiers.split_product(
+    (["mlp", "cnn"], [1, 7, 16]), fast=[("mlp", 1), ("mlp", 7), ("cnn", 1), ("cnn", 16)]),
+                         indirect=["trained"])
 def test_sparse_equals_module_with_effective_masks(trained, batch):
   module, params, x = trained
   inference = ccjax.make_inference(module, params)
