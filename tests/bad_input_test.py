@@ -1,8 +1,10 @@
 """The bad-input catalogue: each mistake gives a one-line error, exit 2, nothing written.
 
-Every case runs ``python -m experiments.condnet`` in a subprocess exactly as a user
-would, then checks: exit status 2, stderr is one line ``error: ...`` naming the flag or
-field, and the workdir holds no file it did not hold before.
+Every case runs ``python -m experiments.condnet`` (or the sweep, or bench_inference) as a
+user would, then checks: exit status 2, stderr is one line ``error: ...`` naming the flag
+or field, and the workdir holds no file it did not hold before. The catalogues of flags,
+npz files, sweep and bench inputs run in one subprocess per catalogue (a forked child per
+case, ``experiment_utils.run_module_cases``); the other cases each start their own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ TINY = experiment_utils.TINY_FLAGS
 def assert_clean_failure(workdir: str, args, expected: str) -> str:
   before = experiment_utils.listing(workdir)
   process = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}", *args)
+  return check_clean_failure(process, workdir, before, expected)
+
+
+def check_clean_failure(process, workdir: str, before: set[str], expected: str) -> str:
+  """Exit 2, one ``error:`` line holding ``expected``, ``workdir`` as it was (``before``);
+  returns the line."""
   lines = [line for line in process.stderr.splitlines() if line.strip()]
   assert process.returncode == 2, process.stderr[-2000:]
   assert len(lines) == 1, process.stderr[-2000:]
@@ -54,10 +62,27 @@ FLAG_CASES = [
 ]
 
 
+def run_condnet_cases(root, args_by_name):
+  """``experiments.condnet`` on each ``{name: args}`` in one batch, each with a fresh
+  workdir ``root/name/run``; returns ``{name: (process, workdir)}``."""
+  workdirs = {name: str(root / name / "run") for name in args_by_name}
+  processes = experiment_utils.run_module_cases(
+      "experiments.condnet",
+      [[f"--workdir={workdirs[name]}", *args] for name, args in args_by_name.items()])
+  return {name: (process, workdirs[name]) for name, process in zip(args_by_name, processes)}
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(tmp_path_factory):
+  return run_condnet_cases(tmp_path_factory.mktemp("flags"),
+                           {name: [*TINY, *args] for name, args, _ in FLAG_CASES})
+
+
 @pytest.mark.parametrize("name,args,expected", FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
-def test_bad_flags(tmp_path, name, args, expected):
-  del name
-  assert_clean_failure(str(tmp_path / "run"), [*TINY, *args], expected)
+def test_bad_flags(bad_flag_runs, name, args, expected):
+  del args
+  process, workdir = bad_flag_runs[name]
+  check_clean_failure(process, workdir, set(), expected)
 
 
 # More values for validators that FLAG_CASES already drive through the CLI (whose wiring,
@@ -126,11 +151,21 @@ NPZ_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_npz_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("npz")
+  args_by_name = {}
+  for name, overrides, _ in NPZ_CASES:
+    (root / name).mkdir()
+    args_by_name[name] = [*TINY, _npz_case(root / name, **overrides)]
+  return run_condnet_cases(root, args_by_name)
+
+
 @pytest.mark.parametrize("name,overrides,expected", NPZ_CASES, ids=[c[0] for c in NPZ_CASES])
-def test_bad_npz(tmp_path, name, overrides, expected):
-  del name
-  assert_clean_failure(str(tmp_path / "run"), [*TINY, _npz_case(tmp_path, **overrides)],
-                       expected)
+def test_bad_npz(bad_npz_runs, name, overrides, expected):
+  del overrides
+  process, workdir = bad_npz_runs[name]
+  check_clean_failure(process, workdir, set(), expected)
 
 
 @pytest.fixture(scope="module")
@@ -222,12 +257,21 @@ SWEEP_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_sweep_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sweeps")
+  workdirs = [str(root / name / "sweep") for name, _, _ in SWEEP_CASES]
+  processes = experiment_utils.run_module_cases(
+      "experiments.sweep", [[f"--workdir={workdir}", *TINY, *args]
+                            for workdir, (_, args, _) in zip(workdirs, SWEEP_CASES)])
+  return {case[0]: run for case, run in zip(SWEEP_CASES, zip(processes, workdirs))}
+
+
 @pytest.mark.parametrize("name,args,expected", SWEEP_CASES, ids=[c[0] for c in SWEEP_CASES])
-def test_sweep_validates_everything_before_the_first_run(tmp_path, name, args, expected):
-  del name
-  workdir = str(tmp_path / "sweep")
-  process = experiment_utils.run_module("experiments.sweep", f"--workdir={workdir}", *TINY,
-                                        *args)
+def test_sweep_validates_everything_before_the_first_run(bad_sweep_runs, name, args,
+                                                         expected):
+  del args
+  process, workdir = bad_sweep_runs[name]
   lines = [line for line in process.stderr.splitlines() if line.strip()]
   assert process.returncode == 2, process.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
@@ -242,10 +286,17 @@ BENCH_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_bench_runs():
+  processes = experiment_utils.run_module_cases(
+      "experiments.bench_inference", [["--models=mlp", *args] for _, args, _ in BENCH_CASES])
+  return {case[0]: process for case, process in zip(BENCH_CASES, processes)}
+
+
 @pytest.mark.parametrize("name,args,expected", BENCH_CASES, ids=[c[0] for c in BENCH_CASES])
-def test_bench_inference_refuses_before_allocating(name, args, expected):
-  del name
-  process = experiment_utils.run_module("experiments.bench_inference", "--models=mlp", *args)
+def test_bench_inference_refuses_before_allocating(bad_bench_runs, name, args, expected):
+  del args
+  process = bad_bench_runs[name]
   lines = [line for line in process.stderr.splitlines() if line.strip()]
   assert process.returncode == 2, process.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines

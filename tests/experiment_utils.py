@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
+from typing import Sequence
 
 import numpy as np
 
@@ -34,13 +37,45 @@ def xla_flags_env(num_devices: int | None = None,
   return env
 
 
-def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-  """Runs ``python -m module args`` from the repo root; returns the completed process."""
+def _module_env() -> dict[str, str]:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
   env.setdefault("JAX_PLATFORMS", "cpu")
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return env
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs ``python -m module args`` from the repo root; returns the completed process."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT,
+                        env=_module_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_module_cases(module: str, cases: Sequence[Sequence[str]],
+                     timeout: float = 300) -> list[subprocess.CompletedProcess]:
+  """:func:`run_module` for each argument list of ``cases``, in one subprocess that
+  imports the module's dependencies once and forks a child per case (``tests/cli_batch``).
+
+  Each child runs the module as ``__main__`` with a fresh ``sys.argv``, as ``python -m``
+  does: same flags parsing, exit status and output as a process of its own, without the
+  2-3 s of interpreter start and imports per case. Tests of the CLI's wiring itself keep
+  :func:`run_module`.
+
+  Returns:
+    One completed process per case, in order (``args`` holds the case's arguments).
+  """
+  with tempfile.TemporaryDirectory(prefix="cli-cases-") as scratch:
+    cases_path = os.path.join(scratch, "cases.json")
+    results_path = os.path.join(scratch, "results.json")
+    with open(cases_path, "w", encoding="utf-8") as stream:
+      json.dump([list(case) for case in cases], stream)
+    driver = subprocess.run(
+        [sys.executable, "-m", "tests.cli_batch", module, cases_path, results_path],
+        cwd=REPO_ROOT, env=_module_env(), capture_output=True, text=True, timeout=timeout)
+    assert driver.returncode == 0, driver.stderr[-2000:]
+    with open(results_path, encoding="utf-8") as stream:
+      results = json.load(stream)
+  return [subprocess.CompletedProcess([module, *case], **result)
+          for case, result in zip(cases, results)]
 
 
 def listing(path: str) -> set[str]:
