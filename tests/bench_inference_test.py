@@ -75,6 +75,7 @@ def test_noroofline_measures_no_rates():
   assert report["rates"] is None and "roofline" not in report["results"][0]
 
 
+@pytest.mark.slow  # a CNN benchmark case, 12 s
 def test_cnn_case_reports_dense_and_skipping_time():
   # One stage: the residual-block skipping and channel blocks of the batch-1 and minibatch
   # paths, at a third less compile time than two.

@@ -144,6 +144,7 @@ def test_npz_dataset_and_dense_model(tmp_path):
   assert dense["active_fraction"] == []
 
 
+@pytest.mark.slow  # a CLI run on mocked TFDS, 10 s
 def test_mocked_tfds_dataset(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=80):
@@ -219,6 +220,7 @@ def test_epochs_flag_sets_steps():
   assert tiny_config(steps=None).total_steps(100) == config_lib.DEFAULT_STEPS
 
 
+@pytest.mark.slow  # a CNN CLI run, 11 s
 def test_cnn_arch_trains_and_reports_costs(tmp_path):
   # One stage (a channel-gated conv and a skippable residual block): multi-stage CNNs are
   # covered by tests/conv_test.py and tests/inference_cnn_test.py.
@@ -241,6 +243,7 @@ def test_cnn_arch_needs_images(tmp_path):
   assert not os.path.exists(str(tmp_path / "run"))
 
 
+@pytest.mark.slow  # eight-device CLI run, 16 s
 def test_eight_simulated_devices_match_one_device(tmp_path, monkeypatch, cli_run):
   """The CLI's data-parallel path: 8 CPU devices give the 1-device parameters (1e-5).
 

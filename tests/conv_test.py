@@ -173,6 +173,7 @@ def test_cnn_trains_on_digit_images_toward_tau():
   assert np.all(np.abs(last - 0.3) < np.abs(first - 0.3))
 
 
+@pytest.mark.slow  # CNN training on mocked TFDS, 8 s
 def test_cnn_trains_on_mocked_tfds_cifar10():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=16):

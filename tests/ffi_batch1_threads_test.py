@@ -13,6 +13,7 @@ from ccjax.inference.kernels import ffi_cpu
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # the timing script end to end
 @pytest.mark.skipif(not ffi_cpu.available(), reason="ffi-cpu extension not built")
 def test_script_times_both_paths_and_the_helper_shares_when_forced():
   # 784-2048-2048-10, blocks of 64, tau 1/8: 4 blocks per layer, 200 KB first-layer blocks

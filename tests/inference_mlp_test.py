@@ -304,6 +304,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow  # a multi-device subprocess, 13 s
 def test_sharded_batch_equals_unsharded():
   env = experiment_utils.xla_flags_env(8)
   result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True,

@@ -32,6 +32,7 @@ def _run_script(trials: int, steps: int) -> str:
   return process.stdout
 
 
+@pytest.mark.slow  # a kill/resume script run, 30 s; resume_test.py covers resume in the fast tier
 def test_kill_resume_script_one_trial_and_negative_control():
   _run_script(trials=1, steps=20)
 

@@ -11,6 +11,7 @@ from unittest import mock
 from absl.testing import absltest
 import jax
 import numpy as np
+import pytest
 
 import ccjax
 from ccjax import lm_decode
@@ -120,6 +121,7 @@ class LmDecodeTest(absltest.TestCase):
                                 repeats=2, num_inputs=2, scan_length=4, mode="top_k", top_k=1)
     self.assertGreater(top_k["mlp_ms_per_token"]["sparse"], 0.0)
 
+  @pytest.mark.slow  # the probe script end to end
   def test_batch1_probe_script_prints_its_json(self):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(

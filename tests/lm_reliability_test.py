@@ -59,6 +59,7 @@ def test_a_layer_with_no_active_block_still_writes_results(idle_run):
   assert results["flags"]["seed"] == 0
 
 
+@pytest.mark.slow  # LM readers end to end, 12 s
 def test_readers_load_an_lm_run_and_classifier_sources_refuse_it(idle_run, tmp_path):
   workdir, dataset = idle_run
   run = ccjax.load_run(workdir)   # any task's run loads
@@ -129,6 +130,7 @@ def test_huge_batches_are_refused_before_the_workdir_exists(tmp_path):
   assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
+@pytest.mark.slow  # three LM CLI runs, 20 s
 def test_resume_on_a_changed_corpus_needs_allow_data_change(tmp_path):
   corpus = tmp_path / "corpus.txt"
   dataset = _corpus(corpus)

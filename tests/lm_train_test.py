@@ -12,6 +12,7 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import lm_train
@@ -128,6 +129,7 @@ class LmTrainTest(absltest.TestCase):
     self.assertEqual(_config().eval_mode(), "threshold")
     self.assertEqual(_config(model="router").eval_mode(), "top_k")
 
+  @pytest.mark.slow  # two-device LM run, 30 s
   def test_two_devices_match_one_device(self):
     env = experiment_utils.xla_flags_env(2)
     results = {}

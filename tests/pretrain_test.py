@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from ccjax import checkpoint as checkpoint_lib
 from ccjax import config as config_lib
@@ -35,6 +36,7 @@ def _checkpoint(workdir: str, step: int):
     checkpointer.close()
 
 
+@pytest.mark.slow  # interrupted and straight pretrain runs, 20 s
 def test_resume_across_the_switch_is_exact(tmp_path):
   straight = str(tmp_path / "straight")
   results = loop.train_and_evaluate(_config(steps=12), straight)

@@ -4,6 +4,7 @@
 import os
 
 import numpy as np
+import pytest
 
 from ccjax import loop
 from tests import condnet_test
@@ -31,6 +32,7 @@ def test_resume_mid_schedule_is_exact_with_every_recipe(tmp_path):
   assert straight_results["active_fraction"] == [0.25, 0.25]
 
 
+@pytest.mark.slow  # two whole CLI runs, 18 s
 def test_cli_smoke_on_digits_with_recipes_and_init_from(tmp_path):
   # The source run: the same tiny dense net, trained in-process (what the CLI reads of it
   # is its workdir).

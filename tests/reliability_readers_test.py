@@ -88,6 +88,7 @@ def test_readers_leave_a_save_in_progress_alone(finished_run, tmp_path):
     assert ccjax.load_run(workdir).step == 8
 
 
+@pytest.mark.slow  # a resumed CLI run, 12 s
 def test_checkpoint_newer_than_results_is_refused(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
   with open(os.path.join(workdir, "results.json")) as stream:

@@ -67,6 +67,7 @@ def trained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow  # two CLI runs and a Ctrl-C, 14 s
 def test_second_run_on_a_busy_workdir_is_refused_and_ctrl_c_exits_130(tmp_path):
   # One long run serves both faults: a second run on its workdir, then Ctrl-C.
   workdir = str(tmp_path / "run")

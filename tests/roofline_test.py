@@ -61,6 +61,7 @@ def test_measured_rates_are_positive():
   assert roofline.matmul_gmacs(rows=8, size=64, repeats=1) > 0
 
 
+@pytest.mark.slow  # the roofline script end to end
 def test_cpu_roofline_script_reports_its_accounting():
   """scripts/cpu_roofline.py (the module's accounting against measured rates), small net."""
   repo = pathlib.Path(__file__).resolve().parent.parent
