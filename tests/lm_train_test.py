@@ -158,12 +158,13 @@ class LmTrainTest(absltest.TestCase):
 
   def test_entrypoint_bad_input_writes_nothing(self):
     workdir = os.path.join(self._tempdir(), "run")
-    for args, message in ((["--num_heads=3"], "--num_heads=3 must divide"),
-                          (["--dataset=text:/no/such/file"], "not a readable file"),
-                          (["--tau=1.5"], "--tau"),
-                          (["--sample=5"], "no checkpoints")):
-      proc = subprocess.run([sys.executable, "-m", "experiments.lm", f"--workdir={workdir}"] +
-                            args, cwd=REPO, capture_output=True, text=True, check=False)
+    cases = ((["--num_heads=3"], "--num_heads=3 must divide"),
+             (["--dataset=text:/no/such/file"], "not a readable file"),
+             (["--tau=1.5"], "--tau"),
+             (["--sample=5"], "no checkpoints"))
+    processes = experiment_utils.run_module_cases(
+        "experiments.lm", [[f"--workdir={workdir}", *args] for args, _ in cases])
+    for proc, (_, message) in zip(processes, cases):
       self.assertEqual(proc.returncode, 2, proc.stderr)
       lines = proc.stderr.strip().splitlines()
       self.assertLen(lines, 1)

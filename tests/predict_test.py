@@ -59,14 +59,14 @@ def _assert_one_line_exit_2(process, expected):
 
 
 def test_wrong_and_unfinished_workdirs_exit_2(tmp_path, finished_run):
-  missing = experiment_utils.run_module("experiments.predict", f"--workdir={tmp_path}/nope")
-  _assert_one_line_exit_2(missing, "is not a directory")
-  empty = experiment_utils.run_module("experiments.predict", f"--workdir={tmp_path}")
-  _assert_one_line_exit_2(empty, "holds no checkpoints/")
   unfinished = str(tmp_path / "unfinished")
   os.makedirs(unfinished)
   os.symlink(os.path.join(finished_run, "checkpoints"), os.path.join(unfinished, "checkpoints"))
-  process = experiment_utils.run_module("experiments.predict", f"--workdir={unfinished}")
-  _assert_one_line_exit_2(process, "unfinished run")
-  required = experiment_utils.run_module("experiments.predict")
-  _assert_one_line_exit_2(required, "--workdir")
+  cases = [([f"--workdir={tmp_path}/nope"], "is not a directory"),
+           ([f"--workdir={tmp_path}"], "holds no checkpoints/"),
+           ([f"--workdir={unfinished}"], "unfinished run"),
+           ([], "--workdir")]
+  processes = experiment_utils.run_module_cases("experiments.predict",
+                                                [args for args, _ in cases])
+  for process, (_, expected) in zip(processes, cases):
+    _assert_one_line_exit_2(process, expected)
