@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import experiment_utils
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--hidden=128,128", "--block_size=16", "--batch_sizes=1,8", "--repeats=2", "--models=mlp",
         "--bandwidth_mb=8", "--matmul_size=256"]
@@ -94,7 +96,7 @@ def test_cnn_case_reports_dense_and_skipping_time():
   assert report["rates"] is None
 
 
-@pytest.mark.parametrize("flag,message", [
+BAD_FLAGS = [
     ("--models=mlp,rnn", "--models"),
     ("--tau=1.5", "--tau"),
     ("--example_slack=inf", "--example_slack"),
@@ -102,9 +104,20 @@ def test_cnn_case_reports_dense_and_skipping_time():
     ("--hidden=128,100", "--block_size"),
     ("--batch_sizes=0", "--batch_sizes"),
     ("--hidden=a,b", "--hidden"),
-])
-def test_bad_flags_exit_2_with_one_line(flag, message):
-  result = _run(*TINY, flag)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs():
+  """``{flag: process}``: every case of BAD_FLAGS in one batch (run_module_cases)."""
+  processes = experiment_utils.run_module_cases(
+      "experiments.bench_inference", [[*TINY, flag] for flag, _ in BAD_FLAGS])
+  return {flag: process for (flag, _), process in zip(BAD_FLAGS, processes)}
+
+
+@pytest.mark.parametrize("flag,message", BAD_FLAGS)
+def test_bad_flags_exit_2_with_one_line(bad_flag_runs, flag, message):
+  result = bad_flag_runs[flag]
   assert result.returncode == 2
   lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
   assert len(lines) == 1 and message in lines[0], result.stderr

@@ -120,11 +120,10 @@ def test_classifier_flags_are_refused(tmp_path):
 
 
 def test_huge_batches_are_refused_before_the_workdir_exists(tmp_path):
-  windows = experiment_utils.run_module("experiments.lm", f"--workdir={tmp_path}/a",
-                                        "--batch_size=4000000")
+  windows, memory = experiment_utils.run_module_cases(
+      "experiments.lm", [[f"--workdir={tmp_path}/a", "--batch_size=4000000"],
+                         [f"--workdir={tmp_path}/b", "--batch_size=300000"]])
   assert "--batch_size must be in [1, " in _error_line(windows)   # as the classifier says
-  memory = experiment_utils.run_module("experiments.lm", f"--workdir={tmp_path}/b",
-                                       "--batch_size=300000")
   assert "GiB per training step" in _error_line(memory)
   assert "use a smaller --batch_size" in _error_line(memory)
   assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")

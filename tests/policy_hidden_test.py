@@ -153,15 +153,28 @@ def test_config_validates_and_builds_it():
   assert isinstance(cnn, conv.GatedCNN) and cnn.policy_hidden == 8
 
 
-@pytest.mark.parametrize("args, expected", [
+CLI_CASES = [
     (["--policy_hidden=8", "--measure_latency=true"],
      "--policy_hidden=8: sparse inference runs only the linear policy"),
     (["--policy_hidden=-1", "--measure_latency=false"], "--policy_hidden must be an integer >= 0"),
     (["--distill_teacher=snapshot", "--distill_weight=1"],
      "--distill_teacher=snapshot distils from the network at the end of the dense warm start"),
     (["--batch_shaping_weight=-1"], "--batch_shaping_weight must be >= 0"),
-])
-def test_cli_rejects_in_one_line_and_writes_nothing(tmp_path, args, expected):
+]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+  """``{case index: (process, workdir)}``: every CLI_CASES case in one batch."""
   from tests import bad_input_test  # pylint: disable=g-import-not-at-top
-  bad_input_test.assert_clean_failure(str(tmp_path / "run"), [*bad_input_test.TINY, *args],
-                                      expected)
+  return bad_input_test.run_condnet_cases(
+      tmp_path_factory.mktemp("cli"),
+      {str(index): [*bad_input_test.TINY, *args] for index, (args, _) in enumerate(CLI_CASES)})
+
+
+@pytest.mark.parametrize("index", range(len(CLI_CASES)),
+                         ids=[args[0] for args, _ in CLI_CASES])
+def test_cli_rejects_in_one_line_and_writes_nothing(cli_runs, index):
+  from tests import bad_input_test  # pylint: disable=g-import-not-at-top
+  process, workdir = cli_runs[str(index)]
+  bad_input_test.check_clean_failure(process, workdir, set(), CLI_CASES[index][1])
