@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import ccjax
+from tests import tiers
 
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
@@ -37,7 +38,8 @@ def _with_nonfinite_rows(x):
   return flat.reshape(x.shape)
 
 
-@pytest.mark.parametrize("family", ["mlp", "cnn"])
+# Fast tier: the MLP on every backend and mode; the CNN (11 s) runs in the slow tier.
+@pytest.mark.parametrize("family", tiers.split([("mlp",), ("cnn",)], fast=[("mlp",)]))
 def test_nonfinite_inputs_give_nan_logits_like_masked_dense(family):
   module = MLP if family == "mlp" else CNN
   params, x = _init(module, SHAPES[family])

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from sklearn.datasets import load_digits
 
 import ccjax
@@ -330,6 +331,7 @@ def digits_split():
 
 class DigitsTest(absltest.TestCase):
 
+  @pytest.mark.slow  # 300 training steps on digits, 9 s
   def test_training_lowers_loss_and_reaches_tau(self):
     (x_train, y_train), (x_test, y_test) = digits_split()
     tau, batch_size, num_steps = 0.25, 64, 300
