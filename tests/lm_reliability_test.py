@@ -47,6 +47,7 @@ def idle_run(tmp_path_factory):
   return workdir, dataset
 
 
+@pytest.mark.slow  # an LM CLI run (idle_run, 14 s) read by further CLI runs
 def test_a_layer_with_no_active_block_still_writes_results(idle_run):
   workdir, _ = idle_run
   with open(os.path.join(workdir, "results.json")) as stream:
@@ -82,6 +83,7 @@ def test_readers_load_an_lm_run_and_classifier_sources_refuse_it(idle_run, tmp_p
   assert not os.path.exists(tmp_path / "new")
 
 
+@pytest.mark.slow  # an LM CLI run (idle_run, 14 s) read by further CLI runs
 def test_sample_leaves_a_save_in_progress_alone(idle_run, tmp_path):
   workdir = str(tmp_path / "copy")
   shutil.copytree(idle_run[0], workdir)
@@ -94,6 +96,7 @@ def test_sample_leaves_a_save_in_progress_alone(idle_run, tmp_path):
   assert experiment_utils.listing(os.path.join(workdir, "checkpoints")) == before
 
 
+@pytest.mark.slow  # an LM CLI run (idle_run, 14 s) read by further CLI runs
 def test_eval_policy_lists_what_the_lm_serves(idle_run, tmp_path):
   refused = experiment_utils.run_module("experiments.lm", f"--workdir={tmp_path}/x",
                                         "--eval_policy=sample")
