@@ -9,8 +9,11 @@ resumed run ends exactly where an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from absl import logging
 import jax
@@ -66,6 +69,24 @@ def state_is_finite(state: step_lib.TrainState) -> bool:
 
 class Interrupted(KeyboardInterrupt):
   """Ctrl-C during training; the message names the last checkpoint, which is intact."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+  """Holds Ctrl-C (SIGINT) back until the block ends, then raises it: a checkpoint save
+  is never cut between orbax's files and the checksum file (a step without checksums
+  would be a damaged checkpoint). Outside the main thread, a plain block."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:   # None: a handler not installed from Python; restore Python's default
+    signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+  if received:
+    raise KeyboardInterrupt
 
 
 def _last_good(last_saved: int | None, checkpoint_dir: str) -> str:
@@ -193,8 +214,9 @@ def run_train_steps(train_step: Callable, state: step_lib.TrainState, hooks: Ste
           raise NonFiniteError(
               f"non-finite parameters or optimizer state at step {step}; not saved, training "
               f"stopped. Last good checkpoint: {_last_good(last_saved, checkpoint_dir)}")
-        checkpointer.save(step, state, dict(meta, skipped_nonfinite=skipped))
-        last_saved = step
+        with deferred_interrupt():
+          checkpointer.save(step, state, dict(meta, skipped_nonfinite=skipped))
+          last_saved = step
   except KeyboardInterrupt:
     raise Interrupted(f"interrupted at step {step}; last checkpoint: "
                       f"{_last_good(last_saved, checkpoint_dir)}; rerun the same command to "
