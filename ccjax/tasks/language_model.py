@@ -168,6 +168,11 @@ def _active_width(config: lm_config.LMConfig) -> int:
     raise validation.ConfigError(
         "capacity_widths", "needs the same active blocks in every layer (one --tau), got "
         f"{list(config.layer_capacities())} blocks per layer")
+  return _k_blocks_width(config)
+
+
+def _k_blocks_width(config: lm_config.LMConfig) -> int:
+  """MLP units of the first layer's ``k = round(tau * blocks)`` blocks."""
   return config.top_k_capacity() * config.block_size
 
 
@@ -175,7 +180,7 @@ def _same_macs_width(config: lm_config.LMConfig, runs) -> int:
   """The dense MLP width of the gated model's active MLP MACs per token: its ``k`` blocks
   (``round(tau * blocks)``, what ``top_k`` and the router run; the first layer's)."""
   del runs  # set by the config: the blocks every token may run
-  return config.top_k_capacity() * config.block_size
+  return _k_blocks_width(config)
 
 
 def _teal_rows(config: lm_config.LMConfig, runs) -> list:
