@@ -59,7 +59,11 @@ class ExperimentConfig(run_config.RunConfig):
   ``[2, 100000]``. ``allow_data_change`` lets a resumed run continue on data that differ
   from the checkpoint's. ``policy_hidden`` (>= 0) gives every block policy a hidden layer
   of that many ReLU units (0: the linear policy); sparse inference runs only the linear
-  policy, so it needs ``measure_latency=False``.
+  policy, so it needs ``measure_latency=False``. ``policy_rank`` (>= 0) factorises every
+  linear policy ``Z = A B`` at that rank (0: the full matrix; :class:`ccjax.BlockPolicy`).
+  ``regroup_step`` (>= 0; MLP condnets): after that update, within the dense warm start
+  (``<= warm_steps``), every hidden layer's units are regrouped into blocks of co-active
+  units (:mod:`ccjax.regroup`; the function is unchanged); 0: never.
   """
   TASK = "classify"
   MODELS = MODELS
@@ -84,6 +88,8 @@ class ExperimentConfig(run_config.RunConfig):
   init_from: str | None = None
   distill_from: str | None = None
   policy_hidden: int = 0
+  policy_rank: int = 0
+  regroup_step: int = 0
 
   def __post_init__(self):
     validation.check_choice("arch", self.arch, ARCHS)
@@ -135,6 +141,22 @@ class ExperimentConfig(run_config.RunConfig):
       raise validation.ConfigError(
           "policy_hidden", f"={self.policy_hidden}: sparse inference runs only the linear "
           "policy, so the batch-1 latency cannot be measured; add --measure_latency=false")
+    layers.validate_policy_rank(self.policy_rank, self.policy_hidden)
+    validation.check_int("regroup_step", self.regroup_step, minimum=0)
+    if self.regroup_step:
+      if self.arch != "mlp" or self.model != "condnet":
+        raise validation.ConfigError(
+            "regroup_step", f"={self.regroup_step} regroups a gated MLP's hidden units: needs "
+            f"--arch=mlp --model=condnet, got arch={self.arch}, model={self.model}")
+      if self.regroup_step > self.train.warm_steps:
+        raise validation.ConfigError(
+            "regroup_step", f"={self.regroup_step} must fall in the dense warm start (the "
+            f"activations of every block are read): needs --warm_steps >= {self.regroup_step}, "
+            f"got warm_steps={self.train.warm_steps}")
+    if self.train.imitation_weight > 0 and self.model == "condnet" and self.arch != "mlp":
+      raise validation.ConfigError(
+          "imitation_weight", f"={self.train.imitation_weight} imitates the blocks of largest "
+          "activation norm, which only MLP layers report: needs --arch=mlp")
     if self.distill_from is not None and self.train.distill_teacher == "snapshot":
       raise validation.ConfigError(
           "distill_teacher", "=snapshot distils from this run's own warm-start snapshot; "
@@ -210,7 +232,7 @@ def build_model(config: ExperimentConfig, input_shape: Sequence[int], num_classe
                      for tau in config.train.initial_taus(config.num_gated_layers))
   fields = {"num_classes": num_classes, "block_size": config.block_size, "gated": gated,
             "estimator": config.train.estimator, "policy_init_prob": init_probs,
-            "policy_hidden": config.policy_hidden}
+            "policy_hidden": config.policy_hidden, "policy_rank": config.policy_rank}
   if config.arch == "mlp":
     return layers.GatedMLP(hidden=tuple(config.hidden), **{**fields, **module_fields})
   if len(input_shape) != 3:

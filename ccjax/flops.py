@@ -37,7 +37,8 @@ def matched_dense_width(input_dim: int, num_layers: int, num_classes: int, targe
 def policy_macs(inputs, num_blocks: int, policy_hidden: int = 0):
   """MACs of one block policy reading ``inputs`` features (a number or an array of them):
   ``inputs * num_blocks`` (linear), or ``inputs * h + h * num_blocks`` with a hidden
-  layer of ``h = policy_hidden`` units."""
+  layer of ``h = policy_hidden`` units (a factorised linear policy of rank ``h``,
+  ``policy_rank``, costs the same)."""
   if not policy_hidden:
     return inputs * num_blocks
   return inputs * policy_hidden + policy_hidden * num_blocks

@@ -34,6 +34,17 @@ def validate_policy_hidden(policy_hidden: Any) -> int:
   return validation.check_int("policy_hidden", policy_hidden, minimum=0)
 
 
+def validate_policy_rank(policy_rank: Any, policy_hidden: int = 0) -> int:
+  """``policy_rank`` if it is an integer >= 0 (0: the full ``[in, blocks]`` policy matrix)
+  and not combined with a hidden layer."""
+  rank = validation.check_int("policy_rank", policy_rank, minimum=0)
+  if rank and policy_hidden:
+    raise validation.ConfigError(
+        "policy_rank", f"={rank} factorises the linear policy; it cannot be combined with "
+        f"policy_hidden={policy_hidden} (a hidden layer): give one of them")
+  return rank
+
+
 def validate_gate_settings(estimator: str, policy_eps: float, policy_init_prob) -> None:
   """Checks a gated module's policy settings (one init prob or a sequence of them)."""
   estimators.get(estimator)  # raises, naming the registered estimators
@@ -57,6 +68,9 @@ class GateSettings:
       layer of a model.
     policy_eps: probability bound of the policies (:func:`ccjax.policy_probs`).
     policy_hidden: hidden units of every policy (:class:`ccjax.BlockPolicy`), 0: linear.
+    policy_rank: rank ``r`` of a factorised linear policy ``Z = A B`` (``A [in, r]``,
+      ``B [r, blocks]``; ``in * r + r * blocks`` MACs instead of ``in * blocks``), 0: the
+      full matrix. Sparse inference folds ``A B`` into one matrix (the same function).
     gumbel_temperature: temperature of the ``gumbel`` estimator.
     dtype: computation dtype of the gated products (``None``: from the inputs); the
       policies always run in float32.
@@ -67,6 +81,7 @@ class GateSettings:
   policy_init_prob: float | Sequence[float] = 0.5
   policy_eps: float = policy_lib.DEFAULT_EPS
   policy_hidden: int = 0
+  policy_rank: int = 0
   gumbel_temperature: float = 0.5
   dtype: Any = None
 
@@ -83,6 +98,7 @@ class GateSettings:
       init_probs = validation.per_layer_values(init_probs, num_gated_layers, "policy_init_prob")
     validate_gate_settings(self.estimator, self.policy_eps, init_probs)
     validate_policy_hidden(self.policy_hidden)
+    validate_policy_rank(self.policy_rank, self.policy_hidden)
     return self
 
   def layer(self, index: int, num_gated_layers: int) -> "GateSettings":

@@ -39,10 +39,12 @@ from ccjax import validation
 POLICY_MODULE_NAME = "policy"
 _POLICY_DENSE_NAME = "logits"   # the Dense inside BlockPolicy
 _POLICY_HIDDEN_NAME = "hidden"  # BlockPolicy's optional hidden layer
+_POLICY_FACTOR_NAME = "factor"  # BlockPolicy's optional rank factor A of Z = A B
 
 GateSettings = gate_settings_lib.GateSettings
 validate_gate_settings = gate_settings_lib.validate_gate_settings
 validate_policy_hidden = gate_settings_lib.validate_policy_hidden
+validate_policy_rank = gate_settings_lib.validate_policy_rank
 
 
 class GateAux(NamedTuple):
@@ -55,10 +57,14 @@ class GateAux(NamedTuple):
       estimator's own training distribution (what its REINFORCE term differentiates, e.g.
       the count-conditioned policy of ``reinforce_top_k``), otherwise under the factorised
       Bernoulli policy (summed over blocks); see :func:`gate_log_prob`.
+    block_norms: ``[batch, blocks]`` squared L2 norm of each block's activations before
+      the mask, under ``stop_gradient`` (what the policy-imitation loss reads), or
+      ``None`` for layers that do not report them (only :class:`GatedDense` does).
   """
   probs: jax.Array
   mask: jax.Array
   log_prob: jax.Array
+  block_norms: jax.Array | None = None
 
 
 # Training-free masks chosen from the layer's own activations (TEAL-style): per
@@ -88,10 +94,14 @@ def activation_top_k_mask(activations: jax.Array, num_blocks: int,
   if capacity is None or not 1 <= capacity <= num_blocks:
     raise ValueError(f"mode {ACTIVATION_TOP_K!r} needs a capacity in [1, {num_blocks}], "
                      f"got {capacity!r}")
+  return policy_lib.top_k_mask(activation_block_norms(activations, num_blocks), capacity)
+
+
+def activation_block_norms(activations: jax.Array, num_blocks: int) -> jax.Array:
+  """``[..., units]`` -> ``[..., blocks]`` float32 squared L2 norm of each block (no
+  gradient)."""
   blocked = activations.reshape(*activations.shape[:-1], num_blocks, -1).astype(jnp.float32)
-  norms = jnp.sum(jnp.square(jax.lax.stop_gradient(blocked)), axis=-1)
-  _, top_idx = jax.lax.top_k(norms, capacity)
-  return jnp.sum(jax.nn.one_hot(top_idx, num_blocks, dtype=jnp.float32), axis=-2)
+  return jnp.sum(jnp.square(jax.lax.stop_gradient(blocked)), axis=-1)
 
 
 def _logit(prob: float) -> float:
@@ -174,6 +184,7 @@ def gate(module: nn.Module, policy_input: jax.Array, num_blocks: int, mode: str,
   """
   probs = BlockPolicy(num_blocks, eps=module.policy_eps, init_prob=module.policy_init_prob,
                       hidden_units=getattr(module, "policy_hidden", 0),
+                      rank=getattr(module, "policy_rank", 0),
                       name=POLICY_MODULE_NAME)(jax.lax.stop_gradient(policy_input))
   draws = (block_mask is None and mode == "sample"
            and estimators.get(module.estimator).needs_rng)
@@ -223,7 +234,9 @@ class BlockPolicy(nn.Module):
 
   With ``hidden_units > 0`` the policy is a one-hidden-layer MLP, ``h`` replaced by
   ``relu(h @ V + c)`` (``hidden_units`` units): a cheap non-linear policy where the
-  linear one reads raw inputs. Its parameters stay under the same ``policy`` sub-module
+  linear one reads raw inputs. With ``rank > 0`` the policy stays linear but ``Z = A B``
+  is factorised (``h A``: ``rank`` features, no bias), ``in * rank + rank * blocks`` MACs
+  instead of ``in * blocks``. Its parameters stay under the same ``policy`` sub-module
   (so :func:`is_policy_path` gives them to the policy optimizer).
 
   Attributes:
@@ -232,17 +245,24 @@ class BlockPolicy(nn.Module):
     init_prob: initial probability of every block (sets the bias ``d``).
     kernel_scale: variance scale of the initial ``Z``.
     hidden_units: width of the hidden layer, >= 0 (0: the linear policy).
+    rank: rank of the factorised ``Z``, >= 0 (0: the full matrix); not with ``hidden_units``.
   """
   num_blocks: int
   eps: float = policy_lib.DEFAULT_EPS
   init_prob: float = 0.5
   kernel_scale: float = 0.1
   hidden_units: int = 0
+  rank: int = 0
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     """Maps ``inputs [batch, in]`` to ``probs [batch, blocks]`` (float32)."""
     validate_policy_hidden(self.hidden_units)
+    validate_policy_rank(self.rank, self.hidden_units)
+    if self.rank:
+      inputs = nn.Dense(self.rank, use_bias=False, name=_POLICY_FACTOR_NAME, dtype=jnp.float32,
+                        kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"))(
+                            inputs.astype(jnp.float32))
     if self.hidden_units:
       inputs = nn.relu(nn.Dense(self.hidden_units, name=_POLICY_HIDDEN_NAME,
                                 dtype=jnp.float32)(inputs.astype(jnp.float32)))
@@ -301,7 +321,8 @@ def layer_weights(dense_params) -> LayerWeights:
 
 
 def policy_weights(gated_layer_params) -> LayerWeights:
-  """The policy's :class:`LayerWeights` inside one gated layer's parameters.
+  """The policy's :class:`LayerWeights` inside one gated layer's parameters; a factorised
+  policy (``policy_rank > 0``) is folded into one ``kernel [in, blocks] = A B``.
 
   Raises:
     ValueError: the policy has a hidden layer (it is not one linear map).
@@ -310,7 +331,10 @@ def policy_weights(gated_layer_params) -> LayerWeights:
   if _POLICY_HIDDEN_NAME in policy:
     raise ValueError("this policy has a hidden layer (policy_hidden > 0): it is not one "
                      "linear map, and sparse inference supports only the linear policy")
-  return layer_weights(policy[_POLICY_DENSE_NAME])
+  weights = layer_weights(policy[_POLICY_DENSE_NAME])
+  if _POLICY_FACTOR_NAME in policy:
+    return weights._replace(kernel=policy[_POLICY_FACTOR_NAME]["kernel"] @ weights.kernel)
+  return weights
 
 
 def with_policy_bias(params, layer_name: str, bias: jax.Array):
@@ -373,6 +397,7 @@ class GatedDense(gate_settings_lib.GateFields):
     if not self.gated:
       return outputs, None
     aux = gate(self, inputs, self.num_blocks, mode, capacity, block_mask)
+    aux = aux._replace(block_norms=activation_block_norms(outputs, self.num_blocks))
     return gating.apply_block_mask(outputs, aux.mask), aux
 
 

@@ -20,7 +20,8 @@ _WARM = {"warm_steps": 1000}
 _DISTILL = {"distill_weight": 1.0, "distill_temperature": 2.0}
 
 # Values were set once before the study (not tuned on its results); see docs/recipes.md
-# and, for batchshape / mlp_policy / pretrain, docs/methods.md.
+# and, for batchshape / mlp_policy / pretrain, docs/methods.md; regroup: the probe of
+# docs/studies/mnist1d_dense_to_sparse.md.
 RECIPES: Mapping[str, Mapping[str, Any]] = {
     "baseline": {},
     # Dense warm start: 1,000 steps with every block on, policy learns only L_b/L_e/L_v.
@@ -54,6 +55,12 @@ RECIPES: Mapping[str, Mapping[str, Any]] = {
     # Pretrain-then-gate: the warm start's 1,000 dense steps on the same weights, then
     # gates with distillation from the network frozen at the switch.
     "pretrain": {**_WARM, **_DISTILL, "distill_teacher": "snapshot"},
+    # Dense-to-sparse (docs/studies/mnist1d_dense_to_sparse.md): 4,000 dense steps, the
+    # hidden units regrouped into blocks of 8 co-active units, 1,000 more dense steps in
+    # which the rank-16 policies learn to imitate the blocks of largest activation, then
+    # gates (the policies keep imitating). Meant for runs of > 5,000 steps.
+    "regroup": {"warm_steps": 5000, "regroup_step": 4000, "imitation_weight": 1.0,
+                "block_size": 8, "policy_rank": 16},
 }
 
 

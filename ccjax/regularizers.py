@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ccjax import policy as policy_lib
+
 
 def _rows(probs: jax.Array) -> jax.Array:
   """``[..., blocks]`` -> ``[x, blocks]``: every leading index is one x."""
@@ -136,3 +138,23 @@ def load_balance_loss(probs: jax.Array, block_mask: jax.Array) -> jax.Array:
   routed_share = routed / jnp.maximum(jnp.sum(routed), 1e-12)
   prob_share = mean_probs / jnp.maximum(jnp.sum(mean_probs), 1e-12)
   return rows.shape[-1] * jnp.sum(routed_share * prob_share)
+
+
+def imitation_loss(probs: jax.Array, block_norms: jax.Array, capacity: int) -> jax.Array:
+  """Policy imitation of the activation oracle (dense-to-sparse, MoEfication-style).
+
+  The oracle mask of an example is its ``capacity`` blocks of largest activation norm
+  (the blocks a policy at that budget would ideally run); the loss is the binary
+  cross-entropy of the policy's probabilities towards it, mean over every (x, block).
+
+  Args:
+    probs: ``[..., blocks]`` block probabilities (in ``(0, 1)``: the policy's eps bound).
+    block_norms: ``[..., blocks]`` squared L2 norm of each block's activations (no gradient).
+    capacity: oracle blocks per x, in ``[1, blocks]``.
+
+  Returns:
+    scalar float32.
+  """
+  oracle = policy_lib.top_k_mask(jax.lax.stop_gradient(block_norms), capacity)
+  probs = probs.astype(jnp.float32)
+  return -jnp.mean(oracle * jnp.log(probs) + (1.0 - oracle) * jnp.log1p(-probs))

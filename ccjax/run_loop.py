@@ -114,10 +114,15 @@ class StepHooks(NamedTuple):
       the ``eval`` record.
     describe: ``train record -> str``: the metrics part of the progress line; may add
       derived fields to the record before it is written.
+    after_update: optional ``(state, step) -> state``, called after update ``step``
+      (before that step's validation and checkpoint): a deterministic host-side change of
+      the state at a given step (e.g. regrouping units, :mod:`ccjax.regroup`), so that a
+      resumed run makes it at the same step.
   """
   batch: Callable[[int], dict[str, np.ndarray]]
   validate: Callable[[Any, int], None]
   describe: Callable[[dict[str, Any]], str]
+  after_update: Callable[[step_lib.TrainState, int], step_lib.TrainState] | None = None
 
 
 class Intervals(NamedTuple):
@@ -171,6 +176,8 @@ def run_train_steps(train_step: Callable, state: step_lib.TrainState, hooks: Ste
     for step in range(start_step + 1, total_steps + 1):
       batch = parallel.shard_batch(hooks.batch(step), mesh)
       state, metrics = train_step(state, batch)
+      if hooks.after_update is not None:
+        state = hooks.after_update(state, step)
       window_steps += 1
       pending_finite.append((step, metrics["finite"]))
       # Step 1 is logged too: a progress line within seconds, whatever the model.

@@ -107,6 +107,12 @@ class TrainConfig:
       blocks' shares of the masks and of the probability), >= 0; 0 turns it off. Meant for
       the top-k estimators (``router``, ...): ``L_b`` balances each block's mean
       probability, this how often each block actually runs.
+    imitation_weight: weight of the policy-imitation loss of every gated layer
+      (:func:`ccjax.regularizers.imitation_loss`: the policy's probabilities towards the
+      layer's ``round(tau * blocks)`` blocks of largest activation norm), in every phase,
+      the dense warm start included (dense-to-sparse); >= 0, 0: off. Needs layers that
+      report their activations' block norms (:class:`ccjax.GatedDense`: MLPs and the
+      transformer's MLPs).
   """
   tau: float | Sequence[float] = 0.25
   lambda_s: float = 2.0
@@ -136,6 +142,7 @@ class TrainConfig:
   batch_shaping_concentration: float = regularizers.BATCH_SHAPING_CONCENTRATION
   distill_teacher: str = "all_on"
   load_balance_weight: float = 0.0
+  imitation_weight: float = 0.0
 
   def __post_init__(self):
     taus = (self.tau,) if isinstance(self.tau, (int, float)) else tuple(self.tau)
@@ -170,6 +177,7 @@ class TrainConfig:
                            low=0.0, low_open=True)
     validation.check_choice("distill_teacher", self.distill_teacher, distill.TEACHERS)
     validation.check_float("load_balance_weight", self.load_balance_weight, low=0.0)
+    validation.check_float("imitation_weight", self.imitation_weight, low=0.0)
     if self.distill_teacher == "snapshot" and (self.warm_steps == 0 or self.distill_weight == 0):
       raise validation.ConfigError(
           "distill_teacher", "=snapshot distils from the network at the end of the dense "
@@ -405,6 +413,15 @@ def policy_objective(gate_aux: Sequence[layers.GateAux], per_example_loss: jax.A
                for aux, tau in zip(gate_aux, taus))
     objective = objective + config.batch_shaping_weight * batch_shaping_scale * l_bs
     terms["l_bs"] = l_bs
+  if config.imitation_weight > 0:
+    if any(aux.block_norms is None for aux in gate_aux):
+      raise ValueError("imitation_weight > 0 needs gated layers that report their "
+                       "activations' block norms (GatedDense: MLPs, transformer MLPs)")
+    l_im = sum(regularizers.imitation_loss(
+        aux.probs, aux.block_norms, policy_lib.top_k_capacity(tau, aux.probs.shape[-1]))
+               for aux, tau in zip(gate_aux, config.taus(len(gate_aux))))
+    objective = objective + config.imitation_weight * l_im
+    terms["l_im"] = l_im
   if config.load_balance_weight > 0:
     l_lb = sum(regularizers.load_balance_loss(aux.probs, aux.mask) for aux in gate_aux)
     objective = objective + config.load_balance_weight * l_lb

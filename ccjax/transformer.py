@@ -249,7 +249,8 @@ def macs_per_token(model: GatedTransformer, active_fraction: Sequence[float] | N
   fractions = ((1.0,) * model.num_layers if active_fraction is None
                else tuple(float(f) for f in active_fraction))
   mlp = sum(2 * d * width * f for f in fractions)
-  policy = (model.num_layers * flops.policy_macs(d, model.num_blocks, model.policy_hidden)
+  policy_width = model.policy_hidden or model.policy_rank
+  policy = (model.num_layers * flops.policy_macs(d, model.num_blocks, policy_width)
             if model.gated else 0)
   attention = model.num_layers * (4 * d * d + 2 * context * d)
   head = d * model.vocab_size

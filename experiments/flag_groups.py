@@ -20,7 +20,7 @@ GROUP_OF_FLAG = {
     "num_heads": "model", "mlp_width": "model", "context": "model",
     "policy_init_prob": "model", "variants": "model", "task": "model", "input_dim": "model",
     "cnn_stages": "model", "cnn_block_size": "model", "cnn_tau": "model", "dtype": "model",
-    "policy_hidden": "model", "capacity_widths": "model",
+    "policy_hidden": "model", "capacity_widths": "model", "policy_rank": "model",
     # training
     "seed": "training", "seeds": "training", "steps": "training", "epochs": "training",
     "batch_size": "training", "lr": "training", "policy_lr": "training",
@@ -35,7 +35,7 @@ GROUP_OF_FLAG = {
     "entropy_weight": "recipes", "entropy_ramp_steps": "recipes", "budget": "recipes",
     "dual_lr": "recipes", "advantage": "recipes", "distill_teacher": "recipes",
     "batch_shaping_weight": "recipes", "batch_shaping_concentration": "recipes",
-    "batch_shaping_steps": "recipes",
+    "batch_shaping_steps": "recipes", "regroup_step": "recipes", "imitation_weight": "recipes",
     # inference (test-time policy, latency, benchmarks, sampling)
     "eval_policy": "inference", "measure_latency": "inference",
     "decode_benchmark": "inference", "backend": "inference", "batch_sizes": "inference",

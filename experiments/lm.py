@@ -55,7 +55,8 @@ flags.FLAGS["eval_policy"].help = (
 # Shared flags of the classifier entrypoints that no LM entrypoint uses: given, refused.
 CLASSIFIER_ONLY_FLAGS = (shared.DATA_DIR, shared.ARCH, shared.HIDDEN, shared.EPOCHS,
                          shared.VALID_FRACTION, shared.NUM_CLASSES, shared.MEASURE_LATENCY,
-                         shared.DISTILL_FROM, shared.INIT_FROM, shared.POLICY_HIDDEN)
+                         shared.DISTILL_FROM, shared.INIT_FROM, shared.POLICY_HIDDEN,
+                         shared.POLICY_RANK, shared.REGROUP_STEP)
 MODEL = flags.DEFINE_enum("model", _DEFAULT.model, lm_train.LM_MODELS,
                            "gated (per-token gated MLPs, policies trained by --estimator) | "
                            "dense (baseline) | router (MoE-style top-k router over the same "

@@ -197,6 +197,21 @@ LOAD_BALANCE_WEIGHT = flags.DEFINE_float(
 SHARED_FLAGS += (LOAD_BALANCE_WEIGHT,)
 TRAIN_FLAGS += (LOAD_BALANCE_WEIGHT,)
 
+# Dense-to-sparse (issue 19): co-activation regrouping at the end of the dense warm start,
+# policy imitation of the activation oracle, a cheap factorised policy.
+POLICY_RANK = flags.DEFINE_integer(
+    "policy_rank", _DEFAULT.policy_rank, "Rank r of every factorised linear policy Z = A B "
+    "(in * r + r * blocks MACs instead of in * blocks); 0: the full matrix.")
+REGROUP_STEP = flags.DEFINE_integer(
+    "regroup_step", _DEFAULT.regroup_step, "After this update (within --warm_steps), regroup "
+    "every hidden layer's units into blocks of co-active units (MLP condnets); 0: never.")
+IMITATION_WEIGHT = flags.DEFINE_float(
+    "imitation_weight", _DEFAULT_TRAIN.imitation_weight, "Weight of the policy-imitation "
+    "loss: each policy towards its layer's round(tau * blocks) blocks of largest activation "
+    "norm, from step 1 (the dense warm start included); 0: off.")
+SHARED_FLAGS += (POLICY_RANK, REGROUP_STEP, IMITATION_WEIGHT)
+TRAIN_FLAGS += (IMITATION_WEIGHT,)
+
 
 def train_config_from_flags(**fields) -> step_lib.TrainConfig:
   """The :class:`ccjax.TrainConfig` of :data:`TRAIN_FLAGS`, with ``fields`` on top.

@@ -211,7 +211,8 @@ class _MLPFamily:
   def gated_macs(module: layers.GatedMLP, input_shape: Sequence[int],
                  masks: Sequence[np.ndarray]) -> np.ndarray:
     return flops.gated_mlp_macs(math.prod(input_shape), masks, module.block_size,
-                                module.num_classes, policy_hidden=module.policy_hidden)
+                                module.num_classes,
+                                policy_hidden=module.policy_hidden or module.policy_rank)
 
 
 class _CNNFamily:
@@ -259,7 +260,8 @@ class _CNNFamily:
   def gated_macs(module: conv.GatedCNN, input_shape: Sequence[int],
                  masks: Sequence[np.ndarray]) -> np.ndarray:
     return flops.gated_cnn_macs(module.layer_specs(_image_shape(module, input_shape)), masks,
-                                module.num_classes, policy_hidden=module.policy_hidden)
+                                module.num_classes,
+                                policy_hidden=module.policy_hidden or module.policy_rank)
 
 
 class _TransformerFamily:

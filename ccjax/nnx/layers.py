@@ -41,9 +41,10 @@ def _settings(settings: gate_settings_lib.GateSettings | None, gate_fields: dict
   if not isinstance(settings.policy_init_prob, (int, float)):
     settings = settings.replace(policy_init_prob=tuple(settings.policy_init_prob))
   settings.validate(num_gated_layers)
-  if settings.policy_hidden:
-    raise ValueError(f"policy_hidden must be 0 for the ccjax.nnx modules (linear policies), "
-                     f"got {settings.policy_hidden!r}")
+  for name in ("policy_hidden", "policy_rank"):
+    if getattr(settings, name):
+      raise ValueError(f"{name} must be 0 for the ccjax.nnx modules (full linear policies), "
+                       f"got {getattr(settings, name)!r}")
   return settings
 
 

@@ -33,6 +33,9 @@ class TaskRun(Protocol):
     total_steps: training steps of the whole run.
     family: the model's inference family (``mlp``, ``cnn``, ``transformer``: the kernel
       backend is chosen per family).
+
+  A run may also define ``after_update(state, step) -> state`` (see
+  :class:`ccjax.run_loop.StepHooks`); the classifier regroups units with it.
   """
   module: Any
   description: str

@@ -22,6 +22,7 @@ from ccjax import data as data_lib
 from ccjax import flops
 from ccjax import metrics_log as metrics_log_lib
 from ccjax import progress
+from ccjax import regroup
 from ccjax import run_loop
 from ccjax import stats
 from ccjax import step as step_lib
@@ -108,6 +109,18 @@ class ClassificationRun:
   def make_train_step(self) -> Callable:
     return step_lib.make_train_step(self.module, self.config.train,
                                     teacher=sources_lib.teacher_fn(self.sources.teacher_run))
+
+  def after_update(self, state: step_lib.TrainState, step: int) -> step_lib.TrainState:
+    """At ``config.regroup_step``: the state with every hidden layer's units regrouped
+    into blocks of co-active units (:func:`ccjax.regroup.regroup_mlp_state`, on the first
+    :data:`ccjax.regroup.REGROUP_EXAMPLES` training examples); else ``state``."""
+    if step != self.config.regroup_step:
+      return state
+    sample = self.dataset.x_train[:regroup.REGROUP_EXAMPLES]
+    state, _ = regroup.regroup_mlp_state(self.module, state, sample, self.config.seed)
+    logging.info("step %d: hidden units regrouped into blocks of %d co-active units "
+                 "(%d training examples)", step, self.config.block_size, len(sample))
+    return state
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """``{"x": [batch_size, *input_shape], "y": [batch_size]}`` training examples."""

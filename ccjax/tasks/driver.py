@@ -99,7 +99,8 @@ def _train_locked(task, config, run, workdir, mesh, flag_values, primary, start_
       metrics_log.write({"step": step, "kind": "eval", **fields})
       logging.info("step %d  %s", step, line)
 
-    hooks = run_loop.StepHooks(run.batch, validate, run.describe)
+    hooks = run_loop.StepHooks(run.batch, validate, run.describe,
+                               getattr(run, "after_update", None))
     intervals = run_loop.Intervals(config.log_every, config.eval_every,
                                    config.checkpoint_every, config.train.skip_nonfinite)
     train_start = time.time()

@@ -1,0 +1,128 @@
+"""Regrouping hidden units into blocks of co-active units (ccjax.regroup, regroup_step)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ccjax
+from ccjax import config as config_lib
+from ccjax import loop
+from ccjax import regroup
+from ccjax import step as step_lib
+from ccjax import validation
+from tests import condnet_test
+from tests import experiment_utils
+
+pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
+
+
+def test_co_activation_permutation_puts_units_that_fire_together_in_one_block():
+  rng = np.random.default_rng(0)
+  groups, block_size, examples = 4, 5, 200
+  patterns = rng.random((examples, groups)) < 0.5          # when each group fires
+  # Every unit of group g fires exactly when pattern g does (scaled), units shuffled.
+  group_of_unit = rng.permutation(np.repeat(np.arange(groups), block_size))
+  activations = patterns[:, group_of_unit] * rng.uniform(0.5, 2.0, group_of_unit.size)
+  order = regroup.co_activation_permutation(activations, block_size, seed=0)
+  assert sorted(order.tolist()) == list(range(groups * block_size))   # a permutation
+  blocks = group_of_unit[order].reshape(groups, block_size)
+  assert all(len(set(block)) == 1 for block in blocks.tolist()), blocks
+  with pytest.raises(ValueError, match="block_size=3"):
+    regroup.co_activation_permutation(activations, 3, seed=0)
+
+
+@pytest.mark.parametrize("policy", [{}, {"policy_rank": 2}, {"policy_hidden": 3}])
+def test_permuted_units_keep_the_function_and_the_next_policy(policy):
+  module = ccjax.GatedMLP(hidden=(16, 24), num_classes=3, block_size=4, **policy)
+  key = jax.random.PRNGKey(1)
+  x = jax.random.normal(key, (10, 7))
+  params = module.init({"params": key, "gate": key}, x, mode="all")["params"]
+  rng = np.random.default_rng(2)
+  permutations = [rng.permutation(16), rng.permutation(24)]
+  permuted = regroup.permute_mlp_units(module, params, permutations)
+  logits, aux = module.apply({"params": params}, x, mode="all")
+  new_logits, new_aux = module.apply({"params": permuted}, x, mode="all")
+  np.testing.assert_allclose(new_logits, logits, atol=1e-5)
+  for layer_aux, new_layer_aux in zip(aux, new_aux):   # policies read permuted inputs alike
+    np.testing.assert_allclose(new_layer_aux.probs, layer_aux.probs, atol=1e-6)
+  activations = regroup.mlp_hidden_activations(module, params, x)
+  new_activations = regroup.mlp_hidden_activations(module, permuted, x)
+  for acts, new_acts, order in zip(activations, new_activations, permutations):
+    np.testing.assert_allclose(new_acts, acts[:, order], atol=1e-6)
+  assert not np.allclose(permuted["hidden_0"]["dense"]["kernel"],
+                         params["hidden_0"]["dense"]["kernel"])
+
+
+def test_a_regrouped_state_trains_exactly_like_the_original():
+  """One Adam step after regrouping = the regrouped step of the original state: the
+  optimizer's moments are permuted with the parameters."""
+  module = ccjax.GatedMLP(hidden=(16, 16), num_classes=3, block_size=4, estimator="reinforce")
+  config = step_lib.TrainConfig(warm_steps=100, distill_weight=1.0, distill_teacher="snapshot")
+  x = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0)
+  state = step_lib.init_train_state(module, config, jax.random.PRNGKey(0), jnp.asarray(x[:1]))
+  train_step = jax.jit(step_lib.make_train_step(module, config))
+  def batch(index):
+    rows = slice(index * 16, (index + 1) * 16)
+    return {"x": jnp.asarray(x[rows]), "y": jnp.asarray(y[rows])}
+  for i in range(3):
+    state, _ = train_step(state, batch(i))
+  regrouped, permutations = regroup.regroup_mlp_state(module, state, x, seed=0)
+  assert any(not np.array_equal(order, np.arange(16)) for order in permutations)
+  after, _ = train_step(state, batch(3))
+  regrouped_after, _ = train_step(regrouped, batch(3))
+  expected = regroup.permute_mlp_units(module, after.params, permutations)
+  chex.assert_trees_all_close(regrouped_after.params, expected, atol=1e-6)
+  np.testing.assert_allclose(
+      regrouped_after.distill_snapshot["output"]["kernel"],
+      np.asarray(after.distill_snapshot["output"]["kernel"])[np.asarray(permutations[1])],
+      atol=1e-6)
+
+
+def _config(**changes):
+  values = dict(warm_steps=6, regroup_step=4, imitation_weight=1.0, policy_rank=2)
+  values.update(changes)
+  return condnet_test.tiny_config(**values)
+
+
+def test_resume_across_the_regroup_step_is_exact(tmp_path):
+  straight = str(tmp_path / "straight")
+  results = loop.train_and_evaluate(_config(), straight)
+  final = condnet_test.final_state(straight)
+  unregrouped = str(tmp_path / "unregrouped")
+  loop.train_and_evaluate(_config(regroup_step=0), unregrouped)
+  assert not np.array_equal(condnet_test.final_state(unregrouped)["params"]["output"]["kernel"],
+                            final["params"]["output"]["kernel"])
+  resumed = str(tmp_path / "resumed")
+  loop.train_and_evaluate(_config(steps=3), resumed)      # "killed" before the regrouping
+  resumed_results = loop.train_and_evaluate(_config(), resumed)
+  experiment_utils.assert_trees_equal(final, condnet_test.final_state(resumed))
+  for key in ("test_error", "valid_error", "active_fraction", "macs_per_example"):
+    assert results[key] == resumed_results[key], key
+  records = condnet_test.read_metrics(straight)
+  assert all(r["l_im"] > 0 for r in records if r["kind"] == "train")
+
+
+def test_regroup_and_imitation_options_are_checked_in_one_line():
+  with pytest.raises(validation.ConfigError, match="regroup_step.*warm_steps >= 5"):
+    config_lib.ExperimentConfig.create(regroup_step=5, warm_steps=4)
+  with pytest.raises(validation.ConfigError, match="regroup_step.*--arch=mlp --model=condnet"):
+    config_lib.ExperimentConfig.create(regroup_step=2, warm_steps=4, model="dense")
+  with pytest.raises(validation.ConfigError, match="regroup_step.*--arch=mlp"):
+    config_lib.ExperimentConfig.create(regroup_step=2, warm_steps=4, arch="cnn")
+  with pytest.raises(validation.ConfigError, match="regroup_step"):
+    config_lib.ExperimentConfig.create(regroup_step=-1)
+  with pytest.raises(validation.ConfigError, match="imitation_weight.*--arch=mlp"):
+    config_lib.ExperimentConfig.create(imitation_weight=1.0, arch="cnn")
+  with pytest.raises(validation.ConfigError, match="imitation_weight"):
+    config_lib.ExperimentConfig.create(imitation_weight=-1.0)
+
+
+def test_the_regroup_recipe_sets_the_probe_pipeline():
+  config = config_lib.ExperimentConfig.create(**ccjax.recipe_fields("regroup"), steps=6000)
+  assert (config.train.warm_steps, config.regroup_step, config.block_size,
+          config.policy_rank, config.train.imitation_weight) == (5000, 4000, 8, 16, 1.0)
