@@ -51,7 +51,7 @@ def co_activation_permutation(activations: np.ndarray, block_size: int, seed: in
   if activations.ndim != 2 or activations.shape[1] % block_size:
     raise ValueError(f"activations must be [examples, units] with units a multiple of "
                      f"block_size={block_size}, got shape {activations.shape}")
-  patterns = (activations > 0).astype(np.float64).T
+  patterns = (activations > 0).astype(np.float32).T
   patterns /= np.linalg.norm(patterns, axis=1, keepdims=True) + 1e-6
   units, clusters = patterns.shape[0], patterns.shape[0] // block_size
   chosen = [int(np.random.default_rng(seed).integers(units))]

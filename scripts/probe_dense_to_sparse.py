@@ -42,6 +42,7 @@ import optax
 from ccjax import data
 from ccjax import flops
 from ccjax import stats
+from ccjax.regroup import co_activation_permutation  # the same clustering as the recipe
 
 FLAGS = flags.FLAGS
 
@@ -152,42 +153,6 @@ def error(logits_fn, x, y) -> float:
   """Test/valid error in %."""
   logits = logits_fn(jnp.asarray(x.reshape(len(x), -1), jnp.float32))
   return float(np.mean(np.asarray(logits).argmax(-1) != y) * 100)
-
-
-def co_activation_permutation(activations: np.ndarray, block_size: int, seed: int,
-                              iterations: int = 20) -> np.ndarray:
-  """Balanced k-means of units on their binary activation patterns.
-
-  Args:
-    activations: ``[examples, units]`` post-ReLU activations.
-    block_size: units per cluster.
-
-  Returns:
-    ``[units]`` permutation that puts each cluster's units next to each other.
-  """
-  patterns = (activations > 0).astype(np.float32).T
-  patterns /= np.linalg.norm(patterns, axis=1, keepdims=True) + 1e-6
-  units, clusters = patterns.shape[0], patterns.shape[0] // block_size
-  # Farthest-point initialisation: a random first centroid, then each next one the unit
-  # least similar to those chosen so far.
-  chosen = [int(np.random.default_rng(seed).integers(units))]
-  for _ in range(clusters - 1):
-    chosen.append(int(np.argmin((patterns @ patterns[chosen].T).max(axis=1))))
-  centroids = patterns[chosen].copy()
-  assignment = np.zeros(units, int)
-  for _ in range(iterations):
-    similarity = patterns @ centroids.T
-    assignment[:] = -1
-    counts = np.zeros(clusters, int)
-    for flat in np.argsort(-similarity, axis=None, kind="stable"):   # greedy, each cluster holds block_size
-      unit, cluster = divmod(int(flat), clusters)
-      if assignment[unit] < 0 and counts[cluster] < block_size:
-        assignment[unit] = cluster
-        counts[cluster] += 1
-    for cluster in range(clusters):
-      centroid = patterns[assignment == cluster].mean(0)
-      centroids[cluster] = centroid / (np.linalg.norm(centroid) + 1e-6)
-  return np.argsort(assignment, kind="stable")
 
 
 def permute_units(params, x, block_size, seed):
