@@ -55,14 +55,14 @@ RECIPES: Mapping[str, Mapping[str, Any]] = {
     # Pretrain-then-gate: the warm start's 1,000 dense steps on the same weights, then
     # gates with distillation from the network frozen at the switch.
     "pretrain": {**_WARM, **_DISTILL, "distill_teacher": "snapshot"},
-    # Dense-to-sparse (docs/studies/mnist1d_dense_to_sparse.md): 4,000 dense steps, the
+    # Dense-to-sparse (docs/studies/mnist1d_dense_to_sparse.md): 3,000 dense steps, the
     # hidden units regrouped into blocks of 8 co-active units, 1,000 more dense steps in
     # which the rank-16 policies learn to imitate the blocks of largest activation, then
     # gates (the policies keep imitating). The imitation sets the budget (exactly
     # round(tau * blocks) oracle blocks), so the paper's L_b / L_e / L_v are off: L_v, summed
     # over blocks, outweighs the imitation and fights it (seed-0 screen in the study).
-    # Meant for runs of > 5,000 steps; compose with an estimator (router, reinforce_topk).
-    "regroup": {"warm_steps": 5000, "regroup_step": 4000, "imitation_weight": 1.0,
+    # Meant for runs of > 4,000 steps; compose with an estimator (router, reinforce_topk).
+    "regroup": {"warm_steps": 4000, "regroup_step": 3000, "imitation_weight": 1.0,
                 "block_size": 8, "policy_rank": 16, "lambda_s": 0.0, "lambda_v": 0.0},
     # The MoE-style router: every example runs exactly its round(tau * blocks) most probable
     # blocks in training and at test (straight-through gradient to the probabilities).

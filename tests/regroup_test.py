@@ -125,7 +125,7 @@ def test_regroup_and_imitation_options_are_checked_in_one_line():
 def test_the_regroup_recipe_sets_the_probe_pipeline():
   config = config_lib.ExperimentConfig.create(**ccjax.recipe_fields("regroup"), steps=6000)
   assert (config.train.warm_steps, config.regroup_step, config.block_size,
-          config.policy_rank, config.train.imitation_weight) == (5000, 4000, 8, 16, 1.0)
+          config.policy_rank, config.train.imitation_weight) == (4000, 3000, 8, 16, 1.0)
   assert config.train.lambda_s == config.train.lambda_v == 0.0   # the imitation sets the budget
   router = config_lib.ExperimentConfig.create(**ccjax.recipe_fields("regroup+router"))
   assert (router.train.estimator, router.eval_policy) == ("router", "top_k")
