@@ -189,7 +189,8 @@ def _gated_config(base, spec: tasks_base.SweepSpec, variant: str, recipe: str, t
 
 def _dense_config(base, spec: tasks_base.SweepSpec, width: int | None = None):
   """The dense baseline of ``base`` (at ``width``, if given)."""
-  return (spec.at_width(base, width) if width else base).replace(model="dense")
+  dense = base.replace(model="dense")
+  return spec.at_width(dense, width) if width else dense
 
 
 def validate_grid(base, *, seeds: Sequence[int], taus: Sequence[float],

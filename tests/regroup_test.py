@@ -129,3 +129,16 @@ def test_the_regroup_recipe_sets_the_probe_pipeline():
   assert config.train.lambda_s == config.train.lambda_v == 0.0   # the imitation sets the budget
   router = config_lib.ExperimentConfig.create(**ccjax.recipe_fields("regroup+router"))
   assert (router.train.estimator, router.eval_policy) == ("router", "top_k")
+
+
+def test_a_sweep_matches_the_regroup_recipe_with_a_dense_net_of_finer_width():
+  """The recipe's blocks of 8 make its same-MACs width a multiple of 8 (e.g. 144), which
+  the base's blocks of 32 do not divide: the dense baseline, which has no blocks, runs."""
+  from ccjax import sweep   # pylint: disable=g-import-not-at-top
+  from ccjax.tasks import classification   # pylint: disable=g-import-not-at-top
+  base = config_lib.ExperimentConfig.create(block_size=32)
+  dense = sweep._dense_config(base, classification.SWEEP, 144)
+  assert dense.model == "dense" and dense.hidden == (144, 144) and 144 % dense.block_size == 0
+  assert sweep._dense_config(base, classification.SWEEP, 256).block_size == 32
+  with pytest.raises(validation.ConfigError, match="block_size"):   # gated nets keep the check
+    classification.SWEEP.at_width(base, 144)

@@ -8,6 +8,7 @@ plots (block probabilities, class x block map, learning curves).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -199,6 +200,16 @@ def _same_macs_width(config: config_lib.ExperimentConfig, runs) -> int:
                                    runs[0]["num_classes"], target, config.block_size)
 
 
+def _at_width(config: config_lib.ExperimentConfig, width: int) -> config_lib.ExperimentConfig:
+  """``config`` with every hidden layer ``width`` wide. A dense net has no blocks: its
+  ``block_size`` becomes one that divides ``width`` (a same-MACs width is a multiple of
+  the gated net's block size, which may be smaller than the base's)."""
+  block_size = config.block_size
+  if config.model == "dense" and width % block_size:
+    block_size = math.gcd(width, block_size)
+  return config.replace(hidden=(width,) * len(config.hidden), block_size=block_size)
+
+
 def _active_width(config: config_lib.ExperimentConfig) -> int:
   """The capacity regime's ``w``: the one ``hidden`` width of an MLP."""
   if config.arch != "mlp":
@@ -228,7 +239,7 @@ SWEEP = base.SweepSpec(
         base.Column("latency_ms", "batch-1 latency (ms)", _latency, 1, 3),
         base.Column("train_time_s", "train time (s)", base.train_time, 1, 1)),
     hidden=lambda config: tuple(config.hidden),
-    at_width=lambda config, width: config.replace(hidden=(width,) * len(config.hidden)),
+    at_width=_at_width,
     active_width=_active_width, same_macs_width=_same_macs_width)
 
 # Task ``classify``.
