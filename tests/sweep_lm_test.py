@@ -142,17 +142,31 @@ def _error_line(process) -> str:
   return errors[0]
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--seeds=0,0", "--seeds lists a value twice: [0, 0]"),
-    ("--variants=gated,gated", "--variants lists a value twice"),
-    ("--capacity_widths=32,36", "--capacity_widths must be multiples of --block_size=8"),
-    ("--recipes=mlp_policy", "--recipes sets a field a lm run does not have"),
-])
-def test_bad_grids_are_refused_before_anything_is_written(tmp_path, flag, message):
-  process = experiment_utils.run_module("experiments.sweep", f"--workdir={tmp_path}/s",
-                                        *SWEEP_FLAGS, flag)
-  assert message in _error_line(process)
-  assert not (tmp_path / "s").exists()
+BAD_GRIDS = {
+    "--seeds=0,0": "--seeds lists a value twice: [0, 0]",
+    "--variants=gated,gated": "--variants lists a value twice",
+    "--capacity_widths=32,36": "--capacity_widths must be multiples of --block_size=8",
+    "--recipes=mlp_policy": "--recipes sets a field a lm run does not have",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_grid_runs(tmp_path_factory):
+  """``{flag: (process, workdir)}``: each :data:`BAD_GRIDS` flag through the CLI, in one
+  batch (tests/cli_batch: one interpreter start for all of them)."""
+  root = tmp_path_factory.mktemp("bad_lm_grids")
+  workdirs = {flag: root / str(index) / "s" for index, flag in enumerate(BAD_GRIDS)}
+  processes = experiment_utils.run_module_cases(
+      "experiments.sweep", [[f"--workdir={workdirs[flag]}", *SWEEP_FLAGS, flag]
+                            for flag in BAD_GRIDS])
+  return {flag: (process, workdirs[flag]) for flag, process in zip(BAD_GRIDS, processes)}
+
+
+@pytest.mark.parametrize("flag", list(BAD_GRIDS))
+def test_bad_grids_are_refused_before_anything_is_written(bad_grid_runs, flag):
+  process, workdir = bad_grid_runs[flag]
+  assert BAD_GRIDS[flag] in _error_line(process)
+  assert not workdir.exists()
 
 
 def test_a_second_sweep_with_other_settings_does_not_reuse_the_first(tmp_path):

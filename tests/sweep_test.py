@@ -58,12 +58,25 @@ def test_sweep_cli_writes_tables_and_pareto(tmp_path):
   assert os.path.exists(os.path.join(workdir, "condnet_tau0.25", "seed1", "results.json"))
 
 
-def test_sweep_bad_flag_is_one_line(tmp_path):
-  process = experiment_utils.run_module("experiments.sweep", f"--workdir={tmp_path}/s",
-                                        "--taus=0.25,2")
-  assert process.returncode == 2
-  assert process.stderr.strip().startswith("error: --taus must be in (0, 1]")
-  assert not os.path.exists(f"{tmp_path}/s")
+BAD_GRIDS = [
+    (["--taus=0.25,2"], "error: --taus must be in (0, 1]"),
+    (["--num_devices=4"], "error: --num_devices must be in [1, "),
+    (["--lrs=0.001,0.003", "--lr=0.01"], "error: --lr and --lrs: give one"),
+    (["--lrs=0.001,0.003", "--valid_fraction=0"], "error: --lrs chooses the lr on the validation"),
+    (["--capacity_widths=64", "--taus=0.5"], "error: --capacity_widths sets each tau to w/W"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_grid_runs(tmp_path_factory):
+  """``{case index: (process, workdir)}``: every :data:`BAD_GRIDS` case through the CLI,
+  in one batch (tests/cli_batch: one interpreter start for all of them)."""
+  root = tmp_path_factory.mktemp("bad_grids")
+  workdirs = [str(root / str(index) / "s") for index in range(len(BAD_GRIDS))]
+  processes = experiment_utils.run_module_cases(
+      "experiments.sweep", [[f"--workdir={workdir}", *args]
+                            for workdir, (args, _) in zip(workdirs, BAD_GRIDS)])
+  return dict(enumerate(zip(processes, workdirs)))
 
 
 # Slow tier: six trainings on two more data sources (about 35 s of CPU).
@@ -222,15 +235,11 @@ def test_sweep_cli_capacity_regime_holds_active_macs(tmp_path):
   assert "Capacity regime" in table and "'dense same width' is dense W" in table
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num_devices=4"], "error: --num_devices must be in [1, "),
-    (["--lrs=0.001,0.003", "--lr=0.01"], "error: --lr and --lrs: give one"),
-    (["--lrs=0.001,0.003", "--valid_fraction=0"], "error: --lrs chooses the lr on the validation"),
-    (["--capacity_widths=64", "--taus=0.5"], "error: --capacity_widths sets each tau to w/W"),
-])
-def test_sweep_bad_grid_is_one_line_and_writes_nothing(tmp_path, args, message):
-  workdir = str(tmp_path / "s")
-  process = experiment_utils.run_module("experiments.sweep", f"--workdir={workdir}", *args)
+@pytest.mark.parametrize("index", range(len(BAD_GRIDS)),
+                         ids=[" ".join(args) for args, _ in BAD_GRIDS])
+def test_sweep_bad_grid_is_one_line_and_writes_nothing(bad_grid_runs, index):
+  process, workdir = bad_grid_runs[index]
+  message = BAD_GRIDS[index][1]
   assert process.returncode == 2, process.stderr[-2000:]
   assert process.stderr.strip().startswith(message), process.stderr[-2000:]
   assert len(process.stderr.strip().splitlines()) == 1
