@@ -16,6 +16,9 @@ EVERY_RECIPE = dict(warm_steps=4, tau_schedule="linear", tau_schedule_steps=6,
                     advantage="standardized", eval_policy="top_k")
 
 
+# Slow tier: three in-process runs with every recipe on, ~20 s; condnet_test keeps resume
+# exactness in the fast tier and recipes_test each recipe's mechanics.
+@pytest.mark.slow
 def test_resume_mid_schedule_is_exact_with_every_recipe(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   config = condnet_test.tiny_config(steps=12, **EVERY_RECIPE)

@@ -117,6 +117,7 @@ def _flip_one_bit(step_dir: str) -> str:
   return target
 
 
+@pytest.mark.slow  # a resumed CLI run, ~12 s; the exit-2 case below stays fast
 def test_flipped_bit_falls_back_to_the_previous_checkpoint(trained, tmp_path):
   reference = final_state(trained)
   workdir = str(tmp_path / "run")

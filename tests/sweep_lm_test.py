@@ -169,6 +169,9 @@ def test_bad_grids_are_refused_before_anything_is_written(bad_grid_runs, flag):
   assert not workdir.exists()
 
 
+# Slow tier: a whole LM sweep through the CLI (four trainings) and a second sweep, ~20 s;
+# the bad-grid refusals above keep the LM sweep CLI in the fast tier.
+@pytest.mark.slow
 def test_a_second_sweep_with_other_settings_does_not_reuse_the_first(tmp_path):
   workdir = f"--workdir={tmp_path}/s"
   first = experiment_utils.run_module("experiments.sweep", workdir, *SWEEP_FLAGS, "--seeds=0")
