@@ -75,7 +75,7 @@ def test_train_step_trains_the_hidden_layer_with_the_policy_only():
   def policy_only(params):
     _, aux = model.apply({"params": params}, X, mode="sample", rngs={"gate": jax.random.key(4)})
     return sum(jnp.sum(a.probs) for a in aux)
-  grads = jax.grad(policy_only)(state.params)
+  grads = jax.jit(jax.grad(policy_only))(state.params)
   for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
     if not layers.is_policy_path(path):
       np.testing.assert_array_equal(leaf, 0.0)
@@ -117,12 +117,13 @@ def test_sparse_inference_refuses_in_one_line():
   images = jnp.zeros((1, 8, 8, 1))
   cnn = ccjax.GatedCNN(num_classes=3, stem_features=4, stage_features=(8,), block_size=4,
                        policy_hidden=3)
+  # Parameters by jitted init: one compile instead of one per operation (see above).
   with pytest.raises(ValueError, match="only the linear policy"):
-    ccjax.make_inference(cnn, cnn.init(KEYS, images)["params"])
+    ccjax.make_inference(cnn, jax.jit(cnn.init)(KEYS, images)["params"])
   lm = ccjax.GatedTransformer(vocab_size=11, max_len=6, num_layers=1, d_model=8, num_heads=2,
                               mlp_width=16, block_size=4, policy_hidden=3)
   with pytest.raises(ValueError, match="only the linear policy"):
-    ccjax.make_inference(lm, lm.init(KEYS, jnp.zeros((1, 6), jnp.int32))["params"])
+    ccjax.make_inference(lm, jax.jit(lm.init)(KEYS, jnp.zeros((1, 6), jnp.int32))["params"])
 
 
 def test_macs_count_the_hidden_layer():
