@@ -18,13 +18,16 @@ CASES = {
     "capped": ("capped", ccjax.Capacities(top_k=(1, 2))),
     "overflow": ("threshold", ccjax.Capacities(active_fraction=0.1, example_slack=1.0)),
 }
+# The references, jitted: one compile per mode instead of one per operation (op by op, the
+# transformer costs seconds of CPU per call).
+APPLY = jax.jit(MODEL.apply, static_argnames=("mode", "capacity"))
 
 
 @pytest.fixture(scope="module")
 def trained():
   tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 12), 0, 256)
-  params = MODEL.init({"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)},
-                      tokens)["params"]
+  params = jax.jit(MODEL.init)({"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)},
+                               tokens)["params"]
   return params, tokens
 
 
@@ -41,15 +44,14 @@ def test_sparse_equals_masked_dense(trained, backend, case):
   assert len(info.masks) == len(info.probs) == MODEL.num_layers
   for mask, probs in zip(info.masks, info.probs):
     assert mask.shape == probs.shape == (3, 12, MODEL.num_blocks)
-  masked_dense, aux = MODEL.apply({"params": params}, tokens, mode="all",
-                                  block_masks=info.masks)
+  masked_dense, aux = APPLY({"params": params}, tokens, mode="all", block_masks=info.masks)
   np.testing.assert_allclose(logits, masked_dense, atol=1e-5, rtol=1e-5)
   for probs, layer_aux in zip(info.probs, aux):  # the policies saw the same inputs
     np.testing.assert_allclose(probs, layer_aux.probs, atol=1e-6)
   dropped = int(np.sum(info.dropped))
   if case == "threshold":
     assert dropped == 0
-    reference, aux = MODEL.apply({"params": params}, tokens, mode="threshold")
+    reference, aux = APPLY({"params": params}, tokens, mode="threshold")
     np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
     fractions = [float(np.mean(np.asarray(m))) for m in info.masks]
     assert all(0.0 < f < 1.0 for f in fractions)  # really skips, really runs
@@ -58,7 +60,7 @@ def test_sparse_equals_masked_dense(trained, backend, case):
     assert dropped > 0 and ccjax.overflow_rate(info) > 0.0
   else:
     k = capacities.top_k
-    reference, aux = MODEL.apply({"params": params}, tokens, mode=mode, capacity=k)
+    reference, aux = APPLY({"params": params}, tokens, mode=mode, capacity=k)
     np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
     for mask, layer_aux in zip(info.masks, aux):
       np.testing.assert_array_equal(mask, layer_aux.mask)
@@ -71,19 +73,19 @@ def test_sparse_equals_masked_dense(trained, backend, case):
 def test_batch_one_and_without_info(trained):
   params, tokens = trained
   logits, info = ccjax.make_inference(MODEL, params)(tokens[:1, :5])
-  reference, _ = MODEL.apply({"params": params}, tokens[:1, :5], mode="threshold")
+  reference, _ = APPLY({"params": params}, tokens[:1, :5], mode="threshold")
   np.testing.assert_allclose(logits, reference, atol=1e-5, rtol=1e-5)
   assert info.masks[0].shape == (1, 5, MODEL.num_blocks)
   only_logits = ccjax.make_inference(MODEL, params, with_info=False)(tokens)
-  np.testing.assert_allclose(only_logits, MODEL.apply({"params": params}, tokens,
-                                                      mode="threshold")[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(only_logits, APPLY({"params": params}, tokens,
+                                                mode="threshold")[0], atol=1e-5, rtol=1e-5)
 
 
 def test_dense_inference_and_macs(trained):
   params, tokens = trained
   dense = ccjax.make_dense_inference(MODEL, params)(tokens)
-  reference, _ = MODEL.clone(gated=False).apply(
-      {"params": ccjax.strip_policy_params(params)}, tokens, mode="all")
+  dense_apply = jax.jit(MODEL.clone(gated=False).apply, static_argnames="mode")
+  reference, _ = dense_apply({"params": ccjax.strip_policy_params(params)}, tokens, mode="all")
   np.testing.assert_allclose(dense, reference, atol=1e-5, rtol=1e-5)
   _, info = ccjax.make_inference(MODEL, params)(tokens)
   dense_macs = ccjax.dense_macs_per_example(MODEL, (12,))
