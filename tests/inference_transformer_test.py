@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import ccjax
+from tests import param_utils
 
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
@@ -20,7 +21,7 @@ CASES = {
 }
 # The references, jitted: one compile per mode instead of one per operation (op by op, the
 # transformer costs seconds of CPU per call).
-APPLY = jax.jit(MODEL.apply, static_argnames=("mode", "capacity"))
+APPLY = param_utils.jitted_apply(MODEL)
 
 
 @pytest.fixture(scope="module")

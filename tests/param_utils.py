@@ -1,6 +1,10 @@
-"""Test helper: model parameters drawn with numpy (no XLA compile of the initialisers)."""
+"""Test helpers: model parameters drawn with numpy (no XLA compile of the initialisers), and
+a module's ``init``/``apply`` jitted (one compile instead of one per operation: op by op, a
+small model's first call costs seconds of CPU compiling each operation on its own)."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -32,3 +36,15 @@ def numpy_params(model, x, seed: int = 0, *, policy_kernel_scale: float = 1.0,
     return jnp.asarray(rng.normal(size=shape.shape) * bias_scale, jnp.float32)
 
   return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_init(module):
+  """``module.init`` jitted, ``mode`` static; cached per module (modules hash by fields)."""
+  return jax.jit(module.init, static_argnames=("mode",))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(module):
+  """``module.apply`` jitted, ``mode`` and ``capacity`` static; cached per module."""
+  return jax.jit(module.apply, static_argnames=("mode", "capacity"))
