@@ -19,6 +19,7 @@ from ccjax.inference import layout
 from ccjax.inference import minibatch
 from ccjax.inference import mlp
 from tests import experiment_utils
+from tests import param_utils
 
 # References at full float32 precision (XLA:GPU would use TF32 by default).
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
@@ -101,7 +102,7 @@ def test_exact_capacity_equals_threshold_mode(seed, batch, backend):
   model = _block_major(params)
   logits, masks, traces = _check_against_masked_dense(
       params, x, capacity.make_sparse_config(model, batch, backend=backend))
-  ref_logits, aux = _model().apply({"params": params}, x, mode="threshold")
+  ref_logits, aux = param_utils.jitted_apply(_model())({"params": params}, x, mode="threshold")
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
   for mask, layer_aux in zip(masks, aux):
     np.testing.assert_array_equal(mask, layer_aux.mask)
@@ -187,7 +188,7 @@ def test_overflow_rate_counts_dropped_candidates():
   model = _block_major(params)
   config = capacity.SparseConfig((1, 1, 1), (8, 8, 8), (8, 8, 8)).validate(model)
   _, traces = FORWARD(model, x, config)
-  _, aux = _model().apply({"params": params}, x, mode="threshold")
+  _, aux = param_utils.jitted_apply(_model())({"params": params}, x, mode="threshold")
   candidates = np.asarray(aux[0].mask).sum()
   kept = np.asarray(traces[0].kept).sum()
   assert int(traces[0].num_candidates) == candidates
@@ -240,7 +241,8 @@ def test_trained_digits_model_sparse_predictions_match_masked_dense(backend):
     batch = slice(32 * (index % 8), 32 * (index % 8 + 1))
     state, _ = step(state, {"x": x[batch], "y": y[batch]})
   block_model = layout.to_block_major(model, state.params)
-  ref_logits, aux = model.apply({"params": state.params}, x, mode="threshold")
+  ref_logits, aux = param_utils.jitted_apply(model)({"params": state.params}, x,
+                                                    mode="threshold")
   ref_masks = [layer_aux.mask for layer_aux in aux]
   for batch, starts in ((1, (0, 37, 101)), (128, (0, 128))):
     cfg = capacity.make_sparse_config(block_model, batch, backend=backend)
@@ -251,8 +253,8 @@ def test_trained_digits_model_sparse_predictions_match_masked_dense(backend):
       chunk_masks = [ref[start:start + batch] for ref in ref_masks]
       for mask, ref in zip(masks, chunk_masks):
         np.testing.assert_array_equal(mask, ref)
-      masked_dense = model.apply({"params": state.params}, chunk, mode="all",
-                                 block_masks=chunk_masks)[0]
+      masked_dense = param_utils.jitted_apply(model)({"params": state.params}, chunk,
+                                                     mode="all", block_masks=chunk_masks)[0]
       np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(masked_dense, -1))
       np.testing.assert_allclose(logits, ref_logits[start:start + batch], atol=1e-5)
 
