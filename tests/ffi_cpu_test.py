@@ -18,6 +18,7 @@ from ccjax.inference import layout
 from ccjax.inference import mlp
 from ccjax.inference.kernels import ffi_cpu
 from ccjax.inference.kernels import ffi_cpu_helper
+from tests import param_utils
 from tests import tiers
 
 INPUT_DIM, CLASSES = 37, 7
@@ -86,7 +87,8 @@ def _check(module, params, x, config):
     assert int(trace.num_kept) == int(xla_trace.num_kept)
     np.testing.assert_allclose(trace.probs, xla_trace.probs, atol=1e-6)
   masks = TRACE_MASKS(traces, model.num_blocks)
-  masked_dense = module.apply({"params": params}, x, mode="all", block_masks=masks)[0]
+  masked_dense = param_utils.jitted_apply(module)({"params": params}, x, mode="all",
+                                                  block_masks=masks)[0]
   np.testing.assert_allclose(logits, masked_dense, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(logits, xla_logits, atol=1e-5, rtol=1e-5)
   return [np.asarray(mask) for mask in masks], traces
@@ -264,7 +266,8 @@ def test_make_inference_reports_and_runs_ffi_cpu(monkeypatch):
   assert infer.backend == "ffi-cpu"
   x = _inputs(6, 9)
   logits, info = infer(x)
-  masked_dense = module.apply({"params": params}, x, mode="all", block_masks=info.masks)[0]
+  masked_dense = param_utils.jitted_apply(module)({"params": params}, x, mode="all",
+                                                  block_masks=info.masks)[0]
   np.testing.assert_allclose(logits, masked_dense, atol=1e-5, rtol=1e-5)
   half = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
   with pytest.raises(ValueError, match="ffi-cpu is not available for this model's dtype"):
