@@ -15,6 +15,7 @@ import pytest
 
 import ccjax
 from ccjax import lm_decode
+from tests import param_utils
 
 BACKENDS = [b for b in ("xla", "ffi-cpu") if b in ccjax.available_backends()]
 
@@ -26,16 +27,19 @@ class LmDecodeTest(absltest.TestCase):
     self.model = ccjax.GatedTransformer(max_len=12, num_layers=2, d_model=16, num_heads=2,
                                         mlp_width=64, block_size=16)
     self.tokens = jax.random.randint(jax.random.PRNGKey(0), (1, 12), 0, 256)
-    self.params = self.model.init({"params": jax.random.PRNGKey(1),
-                                   "gate": jax.random.PRNGKey(2)}, self.tokens)["params"]
+    # Jitted init and references (tests/param_utils): one compile each instead of one per
+    # operation.
+    self.params = param_utils.jitted_init(self.model)(
+        {"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)}, self.tokens)["params"]
+    self.apply = param_utils.jitted_apply(self.model)
 
   def test_sparse_and_dense_steps_match_their_references(self):
-    masked, aux = self.model.apply({"params": self.params}, self.tokens, mode="threshold")
+    masked, aux = self.apply({"params": self.params}, self.tokens, mode="threshold")
     active = [float(a.mask.mean()) for a in aux]
     self.assertTrue(all(0.0 < f < 1.0 for f in active))  # really skips, really runs
     dense_model = self.model.clone(gated=False)
-    dense, _ = dense_model.apply({"params": ccjax.strip_policy_params(self.params)},
-                                 self.tokens)
+    dense, _ = param_utils.jitted_apply(dense_model)(
+        {"params": ccjax.strip_policy_params(self.params)}, self.tokens)
     fns = lm_decode.make_decode(self.model, self.params, sparse=False)
     self.assertEqual(fns.backend, "xla")
     self._assert_decodes(fns, dense)
@@ -45,13 +49,13 @@ class LmDecodeTest(absltest.TestCase):
     for backend in BACKENDS:
       for mode, top_k in (("threshold", None), ("top_k", 2), ("top_k", (1, 3))):
         with self.subTest(backend=backend, mode=mode, top_k=top_k):
-          reference, aux = self.model.apply({"params": self.params}, self.tokens, mode=mode,
-                                            capacity=top_k)
+          reference, aux = self.apply({"params": self.params}, self.tokens, mode=mode,
+                                      capacity=top_k)
           if top_k is not None:  # a top-k router decodes exactly k blocks per token
             for mask, k in zip((a.mask for a in aux), np.broadcast_to(top_k, (2,))):
               np.testing.assert_array_equal(np.sum(np.asarray(mask), -1), k)
-          masked, _ = self.model.apply({"params": self.params}, self.tokens, mode="all",
-                                       block_masks=[a.mask for a in aux])
+          masked, _ = self.apply({"params": self.params}, self.tokens, mode="all",
+                                 block_masks=[a.mask for a in aux])
           np.testing.assert_allclose(masked, reference, rtol=1e-5, atol=1e-6)
           fns = lm_decode.make_decode(self.model, self.params, sparse=True, mode=mode,
                                       top_k=top_k, backend=backend)
@@ -88,9 +92,10 @@ class LmDecodeTest(absltest.TestCase):
           for layer in range(2):
             mlp = self.model.mlp_module(layer)
             mlp_params = self.model.mlp_params(self.params)[layer]
-            _, mlp_aux = mlp.apply({"params": mlp_params}, scan_hidden[:, layer], mode=mode,
+            mlp_apply = param_utils.jitted_apply(mlp)
+            _, mlp_aux = mlp_apply({"params": mlp_params}, scan_hidden[:, layer], mode=mode,
                                    capacity=top_k)
-            masked, _ = mlp.apply({"params": mlp_params}, scan_hidden[:, layer], mode="all",
+            masked, _ = mlp_apply({"params": mlp_params}, scan_hidden[:, layer], mode="all",
                                   block_masks=[mlp_aux[0].mask])
             np.testing.assert_allclose(out[:, layer], masked, rtol=1e-5, atol=1e-5)
           np.testing.assert_allclose(np.asarray(fns.mlp(fns.weights, scan_hidden[3])), out[3],
