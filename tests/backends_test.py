@@ -14,6 +14,7 @@ from ccjax.inference import kernels
 from ccjax.inference import layout
 from ccjax.inference import mlp
 from ccjax.inference.kernels import base
+from tests import param_utils
 
 pytestmark = pytest.mark.usefixtures("full_float32_matmuls")
 
@@ -68,8 +69,8 @@ def _cnn():
   module = ccjax.GatedCNN(num_classes=3, stem_features=4, stage_features=(8,),
                           residual_blocks=1, block_size=4)
   x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1))
-  params = module.init({"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)}, x,
-                       mode="all")["params"]
+  params = param_utils.jitted_init(module)(
+      {"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)}, x, mode="all")["params"]
   return module, params, x
 
 
@@ -78,7 +79,8 @@ def test_cnn_honours_the_chosen_backend():
   infer = ccjax.make_inference(module, params, backend="xla")
   assert infer.backend == "xla"
   logits, info = infer(x)
-  masked = module.apply({"params": params}, x, mode="threshold", block_masks=info.masks)[0]
+  masked = param_utils.jitted_apply(module)({"params": params}, x, mode="threshold",
+                                            block_masks=info.masks)[0]
   np.testing.assert_allclose(logits, masked, atol=1e-5, rtol=1e-5)
   for name in kernels.BACKENDS:
     if base.CNN not in kernels.get(name).families:
@@ -97,8 +99,8 @@ def test_cnn_rejects_a_forced_environment_backend_it_cannot_use(monkeypatch):
 def _mlp():
   module = ccjax.GatedMLP(hidden=(16, 16), num_classes=3, block_size=4)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
-  params = module.init({"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)}, x,
-                       mode="all")["params"]
+  params = param_utils.jitted_init(module)(
+      {"params": jax.random.PRNGKey(1), "gate": jax.random.PRNGKey(2)}, x, mode="all")["params"]
   return module, params, x
 
 
