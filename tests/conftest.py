@@ -82,3 +82,21 @@ def full_float32_matmuls():
   references agree with float32 kernels to 1e-5 on a GPU host too."""
   with jax.default_matmul_precision("highest"):
     yield
+
+
+# Test modules whose module- or session-scoped fixtures train a run: each runs on one
+# xdist worker (``--dist loadgroup``, setup.cfg), so its fixture trains once, not once per
+# worker that picks up one of its tests.
+TRAINED_FIXTURE_MODULES = (
+    "bad_input_test", "bench_inference_test", "condnet_test", "lm_reliability_test",
+    "parallel_test", "predict_test", "reliability_readers_test", "reliability_test",
+    "sweep_lm_test", "sweep_test", "tasks_test")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+    if module in TRAINED_FIXTURE_MODULES:
+      item.add_marker(pytest.mark.xdist_group(name=module))
