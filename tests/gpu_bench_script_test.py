@@ -45,6 +45,7 @@ def test_tiny_run_writes_named_json_with_roofline_and_train_step(tmp_path):
   assert train["gated_ms"] > 0 and train["dense_ms"] > 0
 
 
+@pytest.mark.slow  # a whole script run; the fast tier checks its flags and refusals
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the refusal off a GPU")
 def test_full_run_needs_a_gpu_and_writes_nothing(tmp_path):
   out_dir = tmp_path / "out"

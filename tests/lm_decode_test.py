@@ -114,6 +114,7 @@ class LmDecodeTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "non-empty prompt"):
       lm_decode.generate(fns, b"", 3, jax.random.PRNGKey(0))
 
+  @pytest.mark.slow  # the decode benchmark end to end; decode exactness stays fast
   def test_benchmark_reports_both(self):
     result = lm_decode.benchmark(self.model, self.params, np.asarray(self.tokens), [0.5, 0.5],
                                  repeats=4, num_inputs=4)

@@ -149,6 +149,7 @@ class LmTrainTest(absltest.TestCase):
     np.testing.assert_allclose(results[2]["active_fraction"], results[1]["active_fraction"],
                                atol=1e-6)
 
+  @pytest.mark.slow  # a dense LM run with TEAL rows; the gated LM runs stay fast
   def test_dense_run_reports_teal(self):
     result = lm_train.train_and_evaluate_lm(_config(model="dense", steps=2),
                                             self._tempdir())

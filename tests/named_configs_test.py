@@ -136,6 +136,7 @@ def test_cli_command_line_flags_override_the_config(tmp_path):
   assert recorded["steps"] == 4 and recorded["batch_size"] == 32
 
 
+@pytest.mark.slow  # a sweep CLI run; the condnet CLI case stays fast
 def test_cli_sweep_command_line_choices_win_over_the_config(tmp_path):
   # mnist1d_capacity sets capacity_widths and lrs; the command line's --taus and --lr win, so
   # the sweep gets past its grid checks and stops at the (missing) data, having written nothing.

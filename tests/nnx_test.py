@@ -3,6 +3,7 @@
 import shutil
 import tempfile
 
+import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -145,6 +146,7 @@ class NNXTwinTest(parameterized.TestCase):
     self.assertTrue(bool(metrics["finite"]))
     self.assertEqual(metrics["active_fraction"].shape, (1,))
 
+  @pytest.mark.slow  # NNX checkpoint round trip; the NNX/Linen equality tests stay fast
   def test_checkpoint_round_trip(self):
     from ccjax import checkpoint  # pylint: disable=g-import-not-at-top
     model, _, params = _models()

@@ -68,6 +68,7 @@ def trained(tmp_path_factory):
   return workdir, arrays, report, checkpoint
 
 
+@pytest.mark.slow  # eight simulated devices (the trained fixture); the sharding unit tests stay fast
 def test_eight_devices_match_one_device(trained):
   _, arrays, report, _ = trained
   assert report["device_count"] == 8
@@ -100,6 +101,7 @@ def test_batch_statistics_are_not_per_shard_means():
   assert float(jnp.max(jnp.abs(global_baseline - shard_baseline))) > 1e-3
 
 
+@pytest.mark.slow  # uses the eight-device fixture
 def test_checkpoint_moves_between_device_counts(trained):
   workdir, arrays, _, checkpoint_8 = trained
   # Written sharded on 8 devices -> restored on 1 device (a fresh 1-device process).

@@ -33,7 +33,7 @@ def test_load_run_rebuilds_module_params_and_config(finished_run):
   assert logits.shape == (2, 10)
 
 
-@pytest.mark.parametrize("batch_size", [1, 32])
+@pytest.mark.parametrize("batch_size", [1, pytest.param(32, marks=pytest.mark.slow)])
 def test_predict_error_equals_results_json(finished_run, batch_size):
   process = experiment_utils.run_module("experiments.predict", f"--workdir={finished_run}",
                                         f"--batch_size={batch_size}", "--repeats=2", "--json")

@@ -2,6 +2,7 @@
 
 import functools
 
+import pytest
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
@@ -209,6 +210,7 @@ class BatchShapingTest(absltest.TestCase):
       policy_part = metrics["objective"] - metrics["loss"] - metrics["l2"]
       np.testing.assert_allclose(policy_part, scale * metrics["l_bs"], rtol=1e-4, atol=1e-6)
 
+  @pytest.mark.slow  # batch shaping under every estimator; the prior-loss test stays fast
   def test_estimators_of_both_kinds_and_per_token_gates(self):
     # L_bs reads only the probabilities (ccjax.step.policy_objective never branches on the
     # estimator for it), so two estimators stand for the registry: one with a score

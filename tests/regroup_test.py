@@ -89,6 +89,7 @@ def _config(**changes):
   return condnet_test.tiny_config(**values)
 
 
+@pytest.mark.slow  # three tiny runs; the permuted-train-step equality stays fast
 def test_resume_across_the_regroup_step_is_exact(tmp_path):
   straight = str(tmp_path / "straight")
   results = loop.train_and_evaluate(_config(), straight)

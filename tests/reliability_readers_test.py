@@ -67,6 +67,7 @@ def _immutable(path: str):
     subprocess.run(["chattr", "-i", path], check=True)
 
 
+@pytest.mark.slow  # uses the trained finished_run fixture (a CLI run); the failed-save check stays fast
 def test_readers_leave_a_save_in_progress_alone(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -88,6 +89,7 @@ def test_readers_leave_a_save_in_progress_alone(finished_run, tmp_path):
     assert ccjax.load_run(workdir).step == 8
 
 
+@pytest.mark.slow  # uses the trained finished_run fixture (a CLI run); the failed-save check stays fast
 @pytest.mark.slow  # a resumed CLI run, 12 s
 def test_checkpoint_newer_than_results_is_refused(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
@@ -107,6 +109,7 @@ def test_checkpoint_newer_than_results_is_refused(finished_run, tmp_path):
   assert not os.path.exists(os.path.join(workdir, "predict.json"))
 
 
+@pytest.mark.slow  # uses the trained finished_run fixture (a CLI run); the failed-save check stays fast
 def test_predict_refuses_an_unwritable_workdir_before_any_work(finished_run, tmp_path):
   workdir = _copy(finished_run, tmp_path)
   os.makedirs(os.path.join(workdir, "predict.json"))
@@ -119,6 +122,7 @@ def test_predict_refuses_an_unwritable_workdir_before_any_work(finished_run, tmp
   assert not os.path.exists(os.path.join(workdir, "predict.json"))
 
 
+@pytest.mark.slow  # uses the trained finished_run fixture (a CLI run); the failed-save check stays fast
 def test_predict_caps_batch_size_at_the_test_split(finished_run):
   process = experiment_utils.run_module("experiments.predict", f"--workdir={finished_run}",
                                         "--batch_size=1000000000")
@@ -166,6 +170,7 @@ def _rewrite_meta(workdir: str, step: int, edit) -> None:
      r"does not fit its parameters .*policy/logits/bias has shape \[2\], the module "
      r"expects \[4\]"),
 ])
+@pytest.mark.slow  # uses the trained finished_run fixture (a CLI run); the failed-save check stays fast
 def test_metadata_that_does_not_fit_is_one_line(finished_run, tmp_path, edit, expected):
   workdir = _copy(finished_run, tmp_path)
   _rewrite_meta(workdir, 8, edit)

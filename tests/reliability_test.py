@@ -187,6 +187,7 @@ def test_nonfinite_run_saves_and_reports_nothing_nonfinite(tmp_path, skip):
     assert any(r["kind"] == "train" and r["loss"] is None for r in records), records
 
 
+@pytest.mark.slow  # two CLI runs
 def test_high_seed_does_not_alias_its_low_bits(tmp_path):
   # A learning rate far below float32 resolution: the final parameters are the initial
   # ones, drawn from the seed's key (loop.seed_key: the full seed; test_seed_key shows that

@@ -179,6 +179,7 @@ class GradientSeparationTest(parameterized.TestCase):
     expected = split(jax.grad(objective)(state.params))[1]
     chex.assert_trees_all_close(split(grads)[1], expected, rtol=1e-5, atol=1e-6)
 
+  @pytest.mark.slow  # op-by-op gradients of every config; the gradient-separation cases stay fast
   def test_l2_reaches_kernels_of_both_parameter_sets(self):
     without, state, _ = step_gradients(REGULARIZED_CONFIGS[0])
     with_l2, _, _ = step_gradients(sgd_config(lambda_s=2.0, lambda_v=0.5, baseline="none",

@@ -32,6 +32,7 @@ def test_aggregate_reports_mean_and_std_over_seeds():
   assert row["macs_mean"] == 200.0 and row["latency_ms_mean"] == 2.0
 
 
+@pytest.mark.slow  # a whole sweep CLI run; the library sweep tests stay fast
 def test_sweep_cli_writes_tables_and_pareto(tmp_path):
   workdir = str(tmp_path / "sweep")
   process = experiment_utils.run_module(

@@ -55,6 +55,7 @@ def _records(workdir):
     return [json.loads(line) for line in stream]
 
 
+@pytest.mark.slow  # trains both tasks (the module fixture)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_the_driver_runs_both_tasks_with_the_same_outputs(finished, name):
   workdir, results = finished[name]
@@ -70,6 +71,7 @@ def test_the_driver_runs_both_tasks_with_the_same_outputs(finished, name):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
 
+@pytest.mark.slow  # uses the trained fixture
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_a_finished_run_is_only_re_evaluated(finished, name, tmp_path):
   workdir, results = finished[name]
@@ -81,6 +83,7 @@ def test_a_finished_run_is_only_re_evaluated(finished, name, tmp_path):
   assert again[score] == results[score]
 
 
+@pytest.mark.slow  # uses the trained fixture
 def test_load_run_loads_an_lm_run(finished):
   workdir, results = finished["lm"]
   run = ccjax.load_run(workdir)
@@ -96,6 +99,7 @@ def test_load_run_loads_an_lm_run(finished):
   assert classifier.task == "classify" and isinstance(classifier.module, ccjax.GatedMLP)
 
 
+@pytest.mark.slow  # uses the trained fixture
 def test_predict_reports_an_lm_run_s_test_bits_per_byte(finished):
   workdir, results = finished["lm"]
   process = experiment_utils.run_module("experiments.predict", f"--workdir={workdir}",
@@ -107,6 +111,7 @@ def test_predict_reports_an_lm_run_s_test_bits_per_byte(finished):
   assert report["active_fraction"] == results["active_fraction"]
 
 
+@pytest.mark.slow  # uses the trained fixture
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_the_same_mistake_raises_the_same_error_in_both_tasks(finished, name, tmp_path):
   make = CONFIGS[name]
