@@ -232,6 +232,7 @@ def test_checkpoints_is_a_regular_file(tmp_path):
   assert_clean_failure(str(workdir), TINY, "checkpoints exists and is not a directory")
 
 
+@pytest.mark.slow  # two CLI runs; the other resume refusals (architecture, input dimension) stay fast
 def test_changed_data_on_resume_is_refused_unless_allowed(tmp_path):
   path = str(tmp_path / "user.npz")
   write_npz(path)

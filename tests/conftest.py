@@ -84,13 +84,14 @@ def full_float32_matmuls():
     yield
 
 
-# Test modules whose module- or session-scoped fixtures train a run: each runs on one
-# xdist worker (``--dist loadgroup``, setup.cfg), so its fixture trains once, not once per
-# worker that picks up one of its tests.
+# Test modules whose module-, class- or session-scoped fixtures train a run or build a
+# calibrated model: each runs on one xdist worker (``--dist loadgroup``, setup.cfg), so
+# its fixture is built once, not once per worker that picks up one of its tests.
 TRAINED_FIXTURE_MODULES = (
     "bad_input_test", "bench_inference_test", "condnet_test", "lm_reliability_test",
     "parallel_test", "predict_test", "reliability_readers_test", "reliability_test",
-    "sweep_lm_test", "sweep_test", "tasks_test")
+    "sweep_lm_test", "sweep_test", "tasks_test", "lm_train_test", "inference_api_test",
+    "inference_cnn_test", "inference_transformer_test", "policy_hidden_test")
 
 
 @pytest.hookimpl(tryfirst=True)

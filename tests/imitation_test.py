@@ -76,10 +76,9 @@ def test_imitation_trains_only_the_policies_towards_the_oracle():
 
 
 def test_layers_without_block_norms_are_refused():
-  module = ccjax.GatedCNN(3, stem_features=4, stage_features=(8,), strides=(1,),
-                          residual_blocks=0, block_size=4, estimator="straight_through")
+  probs = jnp.full((4, 2), 0.5)
+  no_norms = ccjax.GateAux(probs=probs, mask=jnp.ones((4, 2)), log_prob=jnp.zeros(4))
   config = step_lib.TrainConfig(estimator="straight_through", imitation_weight=1.0)
-  x = jnp.zeros((4, 6, 6, 1))
-  state = step_lib.init_train_state(module, config, jax.random.PRNGKey(0), x[:1])
   with pytest.raises(ValueError, match="imitation_weight > 0 needs gated layers"):
-    step_lib.make_train_step(module, config)(state, {"x": x, "y": jnp.zeros(4, jnp.int32)})
+    step_lib.policy_objective([no_norms], jnp.zeros(4), config,
+                              ccjax.estimators.init_baseline_state())

@@ -86,7 +86,8 @@ def _gated_mlp_params(model, x):
       lambda path, v: v * 30.0 if ccjax.is_policy_path(path) else v, params)
 
 
-@pytest.mark.parametrize("capacities", [None, ((2, 2), (3, 3), (1, 2))])
+@pytest.mark.parametrize("capacities", [pytest.param(None, marks=pytest.mark.slow),
+                                        ((2, 2), (3, 3), (1, 2))])
 def test_sparse_forward_with_pallas_kernel_equals_xla_path(capacities):
   """Exact and overflowing capacities (empty, partial and full groups; padded policy and
   output weights)."""

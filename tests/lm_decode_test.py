@@ -77,6 +77,7 @@ class LmDecodeTest(absltest.TestCase):
       logits, cache = fns.step(fns.weights, cache, self.tokens[:, position:position + 1])
       np.testing.assert_allclose(logits, reference[:, position], rtol=1e-4, atol=1e-5)
 
+  @pytest.mark.slow  # the scan path; the per-step sparse decode equality stays fast
   def test_mlp_scan_equals_masked_dense_and_times(self):
     hidden = lm_decode.mlp_inputs(self.model, self.params, np.asarray(self.tokens))
     scan_hidden = lm_decode.scan_inputs(hidden, 16)  # 12 positions, cycled

@@ -119,6 +119,7 @@ def test_cli_sweep_config_is_refused_by_condnet(tmp_path):
   assert not os.path.exists(workdir)
 
 
+@pytest.mark.slow  # a CLI run; the config-loading and override rules are tested in-process here
 def test_cli_command_line_flags_override_the_config(tmp_path):
   workdir = str(tmp_path / "run")
   process = experiment_utils.run_module(
