@@ -288,8 +288,10 @@ def require_linear_policy(module: nn.Module) -> None:
                      "with module.apply (masked dense)")
 
 
-_DENSE_NAME = "dense"         # the Dense inside GatedDense
-_OUTPUT_NAME = "output"       # GatedMLP's output layer
+DENSE_MODULE_NAME = "dense"     # the Dense inside GatedDense
+OUTPUT_MODULE_NAME = "output"   # GatedMLP's output layer
+_DENSE_NAME = DENSE_MODULE_NAME
+_OUTPUT_NAME = OUTPUT_MODULE_NAME
 
 
 class LayerWeights(NamedTuple):
@@ -335,6 +337,19 @@ def policy_weights(gated_layer_params) -> LayerWeights:
   if _POLICY_FACTOR_NAME in policy:
     return weights._replace(kernel=policy[_POLICY_FACTOR_NAME]["kernel"] @ weights.kernel)
   return weights
+
+
+def policy_input_kernel_path(gated_layer_params) -> tuple[str, ...] | None:
+  """Path, inside one gated layer's parameters, of the policy matrix whose rows are the
+  layer's input features (the rank factor ``A``, the hidden layer, or ``Z``); ``None``
+  for an ungated layer."""
+  policy = gated_layer_params.get(POLICY_MODULE_NAME)
+  if policy is None:
+    return None
+  for name in (_POLICY_FACTOR_NAME, _POLICY_HIDDEN_NAME, _POLICY_DENSE_NAME):
+    if name in policy:
+      return (POLICY_MODULE_NAME, name, "kernel")
+  return None
 
 
 def with_policy_bias(params, layer_name: str, bias: jax.Array):

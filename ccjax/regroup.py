@@ -105,18 +105,6 @@ def _map_at(tree: Mapping, path: Sequence[str], fn: Callable) -> Mapping:
   return {**tree, path[0]: _map_at(tree[path[0]], path[1:], fn)}
 
 
-def _policy_input_path(layer_params: Mapping) -> tuple[str, ...] | None:
-  """Path of the policy matrix whose rows are the layer's input features."""
-  policy = layer_params.get(layers.POLICY_MODULE_NAME)
-  if policy is None:
-    return None
-  for name in (layers._POLICY_FACTOR_NAME, layers._POLICY_HIDDEN_NAME,
-               layers._POLICY_DENSE_NAME):
-    if name in policy:
-      return (layers.POLICY_MODULE_NAME, name, "kernel")
-  return None
-
-
 def permute_mlp_units(module: layers.GatedMLP, tree: Mapping,
                       permutations: Sequence[np.ndarray], reference: Mapping | None = None
                       ) -> Mapping:
@@ -139,7 +127,7 @@ def permute_mlp_units(module: layers.GatedMLP, tree: Mapping,
   if len(permutations) != len(names):
     raise ValueError(f"need one permutation per hidden layer ({len(names)}), "
                      f"got {len(permutations)}")
-  dense = layers._DENSE_NAME
+  dense = layers.DENSE_MODULE_NAME
   for index, (name, order) in enumerate(zip(names, permutations)):
     order = jnp.asarray(order)
     columns = lambda leaf, order=order: jnp.take(leaf, order, axis=-1)
@@ -149,11 +137,11 @@ def permute_mlp_units(module: layers.GatedMLP, tree: Mapping,
     if index + 1 < len(names):
       following = names[index + 1]
       tree = _map_at(tree, (following, dense, "kernel"), rows)
-      policy_path = _policy_input_path(reference[following])
+      policy_path = layers.policy_input_kernel_path(reference[following])
       if policy_path is not None:
         tree = _map_at(tree, (following, *policy_path), rows)
     else:
-      tree = _map_at(tree, (layers._OUTPUT_NAME, "kernel"), rows)
+      tree = _map_at(tree, (layers.OUTPUT_MODULE_NAME, "kernel"), rows)
   return tree
 
 
