@@ -290,8 +290,6 @@ def require_linear_policy(module: nn.Module) -> None:
 
 DENSE_MODULE_NAME = "dense"     # the Dense inside GatedDense
 OUTPUT_MODULE_NAME = "output"   # GatedMLP's output layer
-_DENSE_NAME = DENSE_MODULE_NAME
-_OUTPUT_NAME = OUTPUT_MODULE_NAME
 
 
 class LayerWeights(NamedTuple):
@@ -403,7 +401,8 @@ class GatedDense(gate_settings_lib.GateFields):
       ``(y [..., units], aux)``; ``aux`` is ``None`` for an ungated layer.
     """
     validate_layer_mode(mode, LAYER_MODES)
-    outputs = self.activation(nn.Dense(self.features, name=_DENSE_NAME, dtype=self.dtype)(inputs))
+    outputs = self.activation(
+        nn.Dense(self.features, name=DENSE_MODULE_NAME, dtype=self.dtype)(inputs))
     if mode == ACTIVATION_TOP_K and block_mask is None:
       block_mask = activation_top_k_mask(outputs, self.num_blocks, capacity)
       if not self.gated:
@@ -455,13 +454,13 @@ class GatedMLP(gate_settings_lib.GateFields):
   def hidden_weights(self, params) -> tuple[GatedDenseWeights, ...]:
     """The hidden layers' weights (``policy=None`` when ungated), in forward order."""
     return tuple(GatedDenseWeights(
-        dense=layer_weights(params[name][_DENSE_NAME]),
+        dense=layer_weights(params[name][DENSE_MODULE_NAME]),
         policy=policy_weights(params[name]) if POLICY_MODULE_NAME in params[name] else None)
                  for name in self.gate_names())
 
   def output_weights(self, params) -> LayerWeights:
     """The output layer's weights (``kernel [hidden[-1], num_classes]``)."""
-    return layer_weights(params[_OUTPUT_NAME])
+    return layer_weights(params[OUTPUT_MODULE_NAME])
 
   @nn.compact
   def __call__(self, inputs: jax.Array, *, mode: str = "sample",
@@ -494,7 +493,7 @@ class GatedMLP(gate_settings_lib.GateFields):
           width, name=name, **self.gate_settings.layer(index, num_layers).as_kwargs())(hidden, mode=mode, capacity=capacities[index],
                      block_mask=None if block_masks is None else block_masks[index])
       aux.append(layer_aux)
-    logits = nn.Dense(self.num_classes, name=_OUTPUT_NAME, dtype=self.dtype)(hidden)
+    logits = nn.Dense(self.num_classes, name=OUTPUT_MODULE_NAME, dtype=self.dtype)(hidden)
     return logits, tuple(aux)
 
 
