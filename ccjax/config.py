@@ -61,9 +61,7 @@ class ExperimentConfig(run_config.RunConfig):
   of that many ReLU units (0: the linear policy); sparse inference runs only the linear
   policy, so it needs ``measure_latency=False``. ``policy_rank`` (>= 0) factorises every
   linear policy ``Z = A B`` at that rank (0: the full matrix; :class:`ccjax.BlockPolicy`).
-  ``regroup_step`` (>= 0; MLP condnets): after that update, within the dense warm start
-  (``<= warm_steps``), every hidden layer's units are regrouped into blocks of co-active
-  units (:mod:`ccjax.regroup`; the function is unchanged); 0: never.
+  ``regroup_step`` (:class:`ccjax.run_config.RunConfig`) needs MLP condnets here.
   """
   TASK = "classify"
   MODELS = MODELS
@@ -89,7 +87,6 @@ class ExperimentConfig(run_config.RunConfig):
   distill_from: str | None = None
   policy_hidden: int = 0
   policy_rank: int = 0
-  regroup_step: int = 0
 
   def __post_init__(self):
     validation.check_choice("arch", self.arch, ARCHS)
@@ -142,17 +139,10 @@ class ExperimentConfig(run_config.RunConfig):
           "policy_hidden", f"={self.policy_hidden}: sparse inference runs only the linear "
           "policy, so the batch-1 latency cannot be measured; add --measure_latency=false")
     layers.validate_policy_rank(self.policy_rank, self.policy_hidden)
-    validation.check_int("regroup_step", self.regroup_step, minimum=0)
-    if self.regroup_step:
-      if self.arch != "mlp" or self.model != "condnet":
-        raise validation.ConfigError(
-            "regroup_step", f"={self.regroup_step} regroups a gated MLP's hidden units: needs "
-            f"--arch=mlp --model=condnet, got arch={self.arch}, model={self.model}")
-      if self.regroup_step > self.train.warm_steps:
-        raise validation.ConfigError(
-            "regroup_step", f"={self.regroup_step} must fall in the dense warm start (the "
-            f"activations of every block are read): needs --warm_steps >= {self.regroup_step}, "
-            f"got warm_steps={self.train.warm_steps}")
+    if self.regroup_step and (self.arch != "mlp" or self.model != "condnet"):
+      raise validation.ConfigError(
+          "regroup_step", f"={self.regroup_step} regroups a gated MLP's hidden units: needs "
+          f"--arch=mlp --model=condnet, got arch={self.arch}, model={self.model}")
     if self.train.imitation_weight > 0 and self.model == "condnet" and self.arch != "mlp":
       raise validation.ConfigError(
           "imitation_weight", f"={self.train.imitation_weight} imitates the blocks of largest "

@@ -95,6 +95,10 @@ class LMConfig(run_config.RunConfig):
       raise validation.ConfigError("block_size", f"={self.block_size} must divide "
                                    f"--mlp_width={self.mlp_width}")
     self.train.taus(self.num_layers)
+    if self.regroup_step and self.model == "dense":
+      raise validation.ConfigError(
+          "regroup_step", f"={self.regroup_step} regroups a gated model's MLP units into "
+          "blocks: needs --model=gated or router, got dense")
 
   def build_model(self) -> transformer.GatedTransformer:
     return transformer.GatedTransformer(

@@ -11,7 +11,8 @@ and the rows of the next policy's input matrix) leaves the network's function un
 :func:`regroup_mlp_state` applies it to a whole :class:`ccjax.TrainState` (parameters,
 the optimizer's per-parameter moments, the distillation snapshot), which is what the
 ``regroup_step`` option of :class:`ccjax.ExperimentConfig` does at the end of the dense
-warm start.
+warm start; :func:`regroup_transformer_state` does the same for every MLP of a
+:class:`ccjax.GatedTransformer` (per token), for the LM's ``regroup_step``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccjax import layers
+from ccjax import transformer as transformer_lib
 
 # Training examples whose activation patterns decide the grouping (MoEfication uses a
 # sample of the training set too).
@@ -74,6 +76,17 @@ def co_activation_permutation(activations: np.ndarray, block_size: int, seed: in
   return np.argsort(assignment, kind="stable")
 
 
+def _captured_gated_dense(module, params, inputs: jax.Array) -> Mapping:
+  """The intermediates of every :class:`ccjax.GatedDense` of ``module`` with every block
+  on (one jitted forward pass)."""
+  def forward(params, inputs):
+    _, state = module.apply({"params": params}, inputs, mode="all",
+                            capture_intermediates=lambda mdl, _: isinstance(mdl,
+                                                                          layers.GatedDense))
+    return state["intermediates"]
+  return jax.jit(forward)(params, inputs)
+
+
 def mlp_hidden_activations(module: layers.GatedMLP, params, x: jax.Array) -> list[np.ndarray]:
   """Every hidden layer's activations with every block on.
 
@@ -85,9 +98,12 @@ def mlp_hidden_activations(module: layers.GatedMLP, params, x: jax.Array) -> lis
   Returns:
     one ``[examples, units]`` array per hidden layer.
   """
-  _, state = module.apply({"params": params}, x, mode="all",
-                          capture_intermediates=lambda mdl, _: isinstance(mdl, layers.GatedDense))
-  captured = state["intermediates"]
+  return mlp_hidden_activations_of(_captured_gated_dense(module, params, x), module)
+
+
+def mlp_hidden_activations_of(captured: Mapping, module: layers.GatedMLP) -> list[np.ndarray]:
+  """The hidden layers' outputs in a :class:`ccjax.GatedMLP`'s captured intermediates
+  (``capture_intermediates`` of its :class:`ccjax.GatedDense` layers), in layer order."""
   return [np.asarray(captured[name]["__call__"][0][0]) for name in module.gate_names()]
 
 
@@ -149,28 +165,56 @@ def _is_params_like(node: Any, params: Mapping) -> bool:
   return isinstance(node, Mapping) and set(node) == set(params)
 
 
-def regroup_mlp_state(module: layers.GatedMLP, state, x: np.ndarray, seed: int):
-  """A train state whose hidden units are regrouped into blocks of co-active units.
+def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _replace_subtree(tree: Mapping, path: Sequence[str], fn: Callable) -> Mapping:
+  """A copy of ``tree`` with ``fn`` applied to the subtree at ``path`` (missing: as is)."""
+  if not path:
+    return fn(tree)
+  if not isinstance(tree, Mapping) or path[0] not in tree:
+    return tree
+  return {**tree, path[0]: _replace_subtree(tree[path[0]], path[1:], fn)}
+
+
+def regroup_state(state, sites: Sequence[tuple[Sequence[str], layers.GatedMLP]],
+                  activations: Sequence[Sequence[np.ndarray]], seed: int):
+  """A train state whose gated MLPs' hidden units are regrouped into blocks of co-active
+  units.
 
   Args:
-    module: the :class:`ccjax.GatedMLP` of the state.
     state: a :class:`ccjax.TrainState`; its parameters, every optimizer-state subtree of
       the parameters' structure (Adam's moments) and the distillation snapshot are
       permuted alike, each array keeping its sharding.
-    x: ``[examples, ...]`` training inputs whose activation patterns decide the groups.
-    seed: seed of the clustering.
+    sites: ``(path, module)`` per gated MLP: where its parameters sit in ``state.params``
+      (``()``: the whole tree) and its :class:`ccjax.GatedMLP`.
+    activations: per site, one ``[examples, units]`` array per hidden layer (every block
+      on) whose binary patterns decide the groups.
+    seed: seed of the clustering (layer ``i`` of all sites, in order, uses ``seed + i``).
 
   Returns:
-    ``(state, permutations)``: the new state and one ``[units]`` permutation per layer.
+    ``(state, permutations)``: the new state and, per site, one ``[units]`` permutation
+    per hidden layer.
   """
   params = state.params
-  activations = mlp_hidden_activations(module, params, jnp.asarray(x))
-  permutations = [co_activation_permutation(acts, module.block_size, seed + index)
-                  for index, acts in enumerate(activations)]
+  permutations, index = [], 0
+  for (_, module), site_activations in zip(sites, activations):
+    site_permutations = []
+    for acts in site_activations:
+      site_permutations.append(co_activation_permutation(acts, module.block_size, seed + index))
+      index += 1
+    permutations.append(site_permutations)
 
   def permute(node):
-    if _is_params_like(node, params):
-      return permute_mlp_units(module, node, permutations, reference=params)
+    if not _is_params_like(node, params):
+      return node
+    for (path, module), site_permutations in zip(sites, permutations):
+      node = _replace_subtree(node, path, lambda sub, module=module, path=path, perms=
+                              site_permutations: permute_mlp_units(
+                                  module, sub, perms, reference=_subtree(params, path)))
     return node
 
   def regrouped(tree):
@@ -183,3 +227,47 @@ def regroup_mlp_state(module: layers.GatedMLP, state, x: np.ndarray, seed: int):
       lambda new, old: jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new,
       new_state, state)
   return placed, permutations
+
+
+def regroup_mlp_state(module: layers.GatedMLP, state, x: np.ndarray, seed: int):
+  """:func:`regroup_state` of a :class:`ccjax.GatedMLP`'s state on the activations of the
+  inputs ``x [examples, ...]``.
+
+  Returns:
+    ``(state, permutations)``: the new state and one ``[units]`` permutation per layer.
+  """
+  activations = mlp_hidden_activations(module, state.params, jnp.asarray(x))
+  new_state, permutations = regroup_state(state, [((), module)], [activations], seed)
+  return new_state, permutations[0]
+
+
+def transformer_mlp_activations(model, params, tokens: jax.Array) -> list[np.ndarray]:
+  """Every transformer block's MLP hidden activations with every block on, per token.
+
+  Args:
+    model: the :class:`ccjax.GatedTransformer`.
+    params: its parameters.
+    tokens: ``[batch, seq]`` token ids.
+
+  Returns:
+    one ``[batch * seq, mlp_width]`` array per transformer block.
+  """
+  captured = _captured_gated_dense(model, params, tokens)
+  return [mlp_hidden_activations_of(captured[name][transformer_lib.MLP_NAME],
+                                    model.mlp_module(index))[0].reshape(-1, model.mlp_width)
+          for index, name in enumerate(model.gate_names())]
+
+
+def regroup_transformer_state(model, state, tokens: np.ndarray, seed: int):
+  """:func:`regroup_state` of every MLP of a :class:`ccjax.GatedTransformer`'s state, on
+  the per-token activations of ``tokens [batch, seq]``.
+
+  Returns:
+    ``(state, permutations)``: the new state and one ``[mlp_width]`` permutation per
+    transformer block.
+  """
+  activations = transformer_mlp_activations(model, state.params, jnp.asarray(tokens))
+  sites = [((name, transformer_lib.MLP_NAME), model.mlp_module(index))
+           for index, name in enumerate(model.gate_names())]
+  new_state, permutations = regroup_state(state, sites, [[acts] for acts in activations], seed)
+  return new_state, [site[0] for site in permutations]

@@ -47,6 +47,10 @@ class RunConfig:
     num_devices: devices the batch is split over (``None``: all).
     allow_data_change: resume even if the data differ from the checkpoint's.
     plots: write ``plots/*.png`` at the end.
+    regroup_step: after that update, within the dense warm start (``<= warm_steps``),
+      every gated MLP's hidden units are regrouped into blocks of co-active units
+      (:mod:`ccjax.regroup`; the function is unchanged); 0: never. Tasks say which
+      models have such units.
   """
   # The task this config belongs to (ccjax.tasks.TASKS), its model kinds, test-time
   # policies, default length and the fields a resume may change (shared ones included).
@@ -70,6 +74,7 @@ class RunConfig:
   num_devices: int | None = None
   allow_data_change: bool = False
   plots: bool = True
+  regroup_step: int = 0
 
   def __post_init__(self):
     """Checks the shared fields (subclasses call it, then check their own)."""
@@ -85,6 +90,12 @@ class RunConfig:
     validation.check_int("seed", self.seed, minimum=0)
     if self.seed >= MAX_SEED:
       raise validation.ConfigError("seed", f"must be in [0, 2**63), got {self.seed}")
+    validation.check_int("regroup_step", self.regroup_step, minimum=0)
+    if self.regroup_step > self.train.warm_steps:
+      raise validation.ConfigError(
+          "regroup_step", f"={self.regroup_step} must fall in the dense warm start (the "
+          f"activations of every block are read): needs --warm_steps >= {self.regroup_step}, "
+          f"got warm_steps={self.train.warm_steps}")
 
   @classmethod
   def own_fields(cls) -> frozenset[str]:

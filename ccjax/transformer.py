@@ -28,7 +28,8 @@ from ccjax import gate_settings as gate_settings_lib
 from ccjax import layers
 from ccjax import validation
 
-_MLP_NAME = "mlp"
+# Name of each transformer block's gated MLP (its parameters: params[block][MLP_NAME]).
+MLP_NAME = "mlp"
 _NEG_INF = -1e30
 
 
@@ -106,7 +107,7 @@ class TransformerBlock(gate_settings_lib.GateFields):
     hidden = nn.LayerNorm(name="ln_mlp", dtype=self.dtype)(x)
     if mlp_fn is not None:
       return x + mlp_fn(hidden), None
-    mlp = _gated_mlp(x.shape[-1], self.mlp_width, self.gate_settings, name=_MLP_NAME)
+    mlp = _gated_mlp(x.shape[-1], self.mlp_width, self.gate_settings, name=MLP_NAME)
     out, aux = mlp(
         hidden, mode=mode, capacity=capacity,
         block_masks=None if block_mask is None else (block_mask,))
@@ -165,7 +166,7 @@ class GatedTransformer(gate_settings_lib.GateFields):
 
   def mlp_params(self, params) -> tuple[Any, ...]:
     """The parameters of each block's MLP (for :meth:`mlp_module`), in layer order."""
-    return tuple(params[name][_MLP_NAME] for name in self.gate_names())
+    return tuple(params[name][MLP_NAME] for name in self.gate_names())
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, mode: str = "sample",

@@ -56,7 +56,7 @@ flags.FLAGS["eval_policy"].help = (
 CLASSIFIER_ONLY_FLAGS = (shared.DATA_DIR, shared.ARCH, shared.HIDDEN, shared.EPOCHS,
                          shared.VALID_FRACTION, shared.NUM_CLASSES, shared.MEASURE_LATENCY,
                          shared.DISTILL_FROM, shared.INIT_FROM, shared.POLICY_HIDDEN,
-                         shared.POLICY_RANK, shared.REGROUP_STEP)
+                         shared.POLICY_RANK)
 MODEL = flags.DEFINE_enum("model", _DEFAULT.model, lm_train.LM_MODELS,
                            "gated (per-token gated MLPs, policies trained by --estimator) | "
                            "dense (baseline) | router (MoE-style top-k router over the same "
@@ -117,7 +117,7 @@ def config_from_flags() -> lm_train.LMConfig:
       eval_policy=shared.EVAL_POLICY.value if shared.EVAL_POLICY.present else None,
       num_devices=shared.NUM_DEVICES.value,
       allow_data_change=shared.ALLOW_DATA_CHANGE.value,
-      train=train)
+      regroup_step=shared.REGROUP_STEP.value, train=train)
 
 
 def sample(config: lm_train.LMConfig, workdir: str, num_bytes: int) -> bytes:

@@ -204,7 +204,8 @@ POLICY_RANK = flags.DEFINE_integer(
     "(in * r + r * blocks MACs instead of in * blocks); 0: the full matrix.")
 REGROUP_STEP = flags.DEFINE_integer(
     "regroup_step", _DEFAULT.regroup_step, "After this update (within --warm_steps), regroup "
-    "every hidden layer's units into blocks of co-active units (MLP condnets); 0: never.")
+    "every hidden layer's units into blocks of co-active units (MLP condnets, gated and "
+    "router LMs); 0: never.")
 IMITATION_WEIGHT = flags.DEFINE_float(
     "imitation_weight", _DEFAULT_TRAIN.imitation_weight, "Weight of the policy-imitation "
     "loss: each policy towards its layer's round(tau * blocks) blocks of largest activation "

@@ -10,6 +10,7 @@ import pytest
 
 import ccjax
 from ccjax import config as config_lib
+from ccjax import layers
 from ccjax import loop
 from ccjax import regroup
 from ccjax import step as step_lib
@@ -143,3 +144,98 @@ def test_a_sweep_matches_the_regroup_recipe_with_a_dense_net_of_finer_width():
   assert sweep._dense_config(base, classification.SWEEP, 256).block_size == 32
   with pytest.raises(validation.ConfigError, match="block_size"):   # gated nets keep the check
     classification.SWEEP.at_width(base, 144)
+
+
+def test_a_transformer_regroups_every_mlp_and_keeps_its_function():
+  """regroup_transformer_state: every block's MLP units regrouped (activations permuted),
+  logits unchanged, a moment-like optimizer subtree permuted with the parameters."""
+  from ccjax import transformer   # pylint: disable=g-import-not-at-top
+  from tests import param_utils   # pylint: disable=g-import-not-at-top
+  model = ccjax.GatedTransformer(num_layers=2, d_model=16, num_heads=2, mlp_width=32,
+                                 block_size=8, max_len=8)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (32, 8)), jnp.int32)
+  params = param_utils.numpy_params(model, tokens[:1], bias_scale=0.5)
+  moments = jax.tree_util.tree_map(lambda leaf: 2 * leaf, params)
+  state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=(moments,), baseline=None, rng=jax.random.PRNGKey(0),
+                              duals=None, distill_snapshot=None)
+  regrouped, permutations = regroup.regroup_transformer_state(model, state, tokens, seed=0)
+  assert len(permutations) == 2
+  assert all(not np.array_equal(order, np.arange(32)) for order in permutations)
+  apply = jax.jit(lambda params: model.apply({"params": params}, tokens, mode="all")[0])
+  np.testing.assert_allclose(apply(regrouped.params), apply(params), atol=1e-5)
+  before = regroup.transformer_mlp_activations(model, params, tokens)
+  after = regroup.transformer_mlp_activations(model, regrouped.params, tokens)
+  for acts, new_acts, order in zip(before, after, permutations):
+    assert acts.shape == (tokens.size, 32)
+    np.testing.assert_allclose(new_acts, acts[:, order], atol=1e-5)
+  for index, name in enumerate(model.gate_names()):
+    expected = regroup.permute_mlp_units(model.mlp_module(index),
+                                         params[name][transformer.MLP_NAME],
+                                         [permutations[index]])
+    chex.assert_trees_all_close(regrouped.params[name][transformer.MLP_NAME], expected)
+  chex.assert_trees_all_close(regrouped.opt_state[0],
+                              jax.tree_util.tree_map(lambda leaf: 2 * leaf, regrouped.params))
+  chex.assert_trees_all_close(regrouped.params["embed"], params["embed"])
+
+
+@pytest.mark.slow  # an LM run's init and train step (~25 s); the transformer case stays fast
+def test_the_lm_regroups_every_mlp_at_its_step_and_trains_exactly_like_the_original():
+  """LanguageModelRun.after_update: at regroup_step every transformer block's MLP units
+  are regrouped (logits unchanged); the next Adam step equals the regrouped step of the
+  original state (moments permuted); other steps leave the state alone."""
+  from ccjax import transformer   # pylint: disable=g-import-not-at-top
+  from ccjax.tasks import language_model   # pylint: disable=g-import-not-at-top
+  from tests import lm_train_test   # pylint: disable=g-import-not-at-top
+  # No imitation here: its targets are the new blocks, so the policies' step would differ.
+  train = step_lib.TrainConfig(tau=0.25, reinforce_cost="position", warm_steps=4)
+  run = language_model.LanguageModelRun(lm_train_test._config(
+      num_layers=2, regroup_step=2, train=train))
+  state = run.init_state(jax.random.PRNGKey(0))
+  train_step = jax.jit(run.make_train_step())
+  for step in (1, 2):
+    state, _ = train_step(state, jax.tree_util.tree_map(jnp.asarray, run.batch(step)))
+  assert run.after_update(state, 1) is state
+  regrouped = run.after_update(state, 2)
+  tokens = jnp.asarray(run.batch(3)["x"])
+  apply = jax.jit(lambda params: run.module.apply({"params": params}, tokens, mode="all")[0])
+  logits, new_logits = apply(state.params), apply(regrouped.params)
+  np.testing.assert_allclose(new_logits, logits, atol=1e-5)
+  permutations = []   # each new unit's old unit, matched by its kernel column
+  hidden = (run.module.mlp_module(0).gate_names()[0], layers.DENSE_MODULE_NAME, "kernel")
+  for name in run.module.gate_names():
+    old = np.asarray(_at(state.params[name][transformer.MLP_NAME], hidden))
+    new = np.asarray(_at(regrouped.params[name][transformer.MLP_NAME], hidden))
+    permutations.append(np.argmin(
+        np.abs(new[:, :, None] - old[:, None, :]).sum(0), axis=1))
+    assert sorted(permutations[-1].tolist()) == list(range(32))
+  assert any(not np.array_equal(order, np.arange(32)) for order in permutations)
+  before = regroup.transformer_mlp_activations(run.module, state.params, tokens)
+  after = regroup.transformer_mlp_activations(run.module, regrouped.params, tokens)
+  for acts, new_acts, order in zip(before, after, permutations):
+    assert acts.shape == (tokens.size, 32)
+    np.testing.assert_allclose(new_acts, acts[:, order], atol=1e-5)
+  next_batch = jax.tree_util.tree_map(jnp.asarray, run.batch(3))
+  stepped, _ = train_step(state, next_batch)
+  regrouped_stepped, _ = train_step(regrouped, next_batch)
+  for index, name in enumerate(run.module.gate_names()):
+    mlp = run.module.mlp_module(index)
+    expected = regroup.permute_mlp_units(mlp, stepped.params[name][transformer.MLP_NAME],
+                                         [permutations[index]])
+    chex.assert_trees_all_close(regrouped_stepped.params[name][transformer.MLP_NAME], expected,
+                                atol=1e-6)
+
+
+def _at(tree, path):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def test_the_lm_regroup_step_is_checked_in_one_line():
+  from ccjax import lm_config   # pylint: disable=g-import-not-at-top
+  with pytest.raises(validation.ConfigError, match="regroup_step.*--model=gated or router"):
+    lm_config.LMConfig(model="dense", regroup_step=2,
+                       train=step_lib.TrainConfig(warm_steps=4))
+  with pytest.raises(validation.ConfigError, match="regroup_step.*warm_steps >= 5"):
+    lm_config.LMConfig(regroup_step=5, train=step_lib.TrainConfig(warm_steps=4))

@@ -23,6 +23,7 @@ from ccjax import lm_config
 from ccjax import lm_decode
 from ccjax import metrics_log as metrics_log_lib
 from ccjax import parallel
+from ccjax import regroup
 from ccjax import step as step_lib
 from ccjax import text
 from ccjax import transformer
@@ -86,6 +87,21 @@ class LanguageModelRun:
 
   def make_train_step(self) -> Callable:
     return step_lib.make_train_step(self.module, self.config.train)
+
+  def after_update(self, state: step_lib.TrainState, step: int) -> step_lib.TrainState:
+    """At ``config.regroup_step``: the state with every MLP's units regrouped into blocks
+    of co-active units (:func:`ccjax.regroup.regroup_transformer_state`, on the tokens of
+    :data:`ccjax.regroup.REGROUP_EXAMPLES` // ``context`` training windows drawn for that
+    step); else ``state``."""
+    if step != self.config.regroup_step:
+      return state
+    windows = max(1, regroup.REGROUP_EXAMPLES // self.config.context)
+    tokens = text.train_batch(self.splits.train, windows, self.config.context,
+                              self.config.seed, step)["x"]
+    state, _ = regroup.regroup_transformer_state(self.module, state, tokens, self.config.seed)
+    logging.info("step %d: MLP units regrouped into blocks of %d co-active units (%d "
+                 "training tokens)", step, self.config.block_size, tokens.size)
+    return state
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """``{"x", "y": [batch_size, context]}`` byte windows and their next bytes."""
