@@ -64,6 +64,12 @@ RECIPES: Mapping[str, Mapping[str, Any]] = {
     # Meant for runs of > 4,000 steps; compose with an estimator (router, reinforce_topk).
     "regroup": {"warm_steps": 4000, "regroup_step": 3000, "imitation_weight": 1.0,
                 "block_size": 8, "policy_rank": 16, "lambda_s": 0.0, "lambda_v": 0.0},
+    # The same pipeline for the 1,000-step byte LM (docs/studies/lm_bible_regroup.md): 400
+    # dense steps, every transformer MLP's units regrouped into blocks of co-active units,
+    # 100 more dense steps of imitation, then gates. Compose with an estimator
+    # (experiments.sweep --task=lm --variants=gated_top_k: REINFORCE at the test budget).
+    "lm_regroup": {"warm_steps": 500, "regroup_step": 400, "imitation_weight": 1.0,
+                   "lambda_s": 0.0, "lambda_v": 0.0},
     # The MoE-style router: every example runs exactly its round(tau * blocks) most probable
     # blocks in training and at test (straight-through gradient to the probabilities).
     "router": {"estimator": "router", "eval_policy": "top_k"},

@@ -239,3 +239,16 @@ def test_the_lm_regroup_step_is_checked_in_one_line():
                        train=step_lib.TrainConfig(warm_steps=4))
   with pytest.raises(validation.ConfigError, match="regroup_step.*warm_steps >= 5"):
     lm_config.LMConfig(regroup_step=5, train=step_lib.TrainConfig(warm_steps=4))
+
+
+def test_the_lm_regroup_recipe_composes_with_the_lm_sweep_variants():
+  from ccjax import lm_config   # pylint: disable=g-import-not-at-top
+  from ccjax import sweep   # pylint: disable=g-import-not-at-top
+  from ccjax.tasks import language_model   # pylint: disable=g-import-not-at-top
+  base = lm_config.LMConfig()
+  sweep.validate_grid(base, seeds=(0, 1), taus=(0.25,), recipes=("lm_regroup",),
+                      variants=("gated_top_k", "router"))
+  gated = sweep._gated_config(base, language_model.SWEEP, "gated_top_k", "lm_regroup", 0.25)
+  assert (gated.regroup_step, gated.train.warm_steps, gated.train.imitation_weight,
+          gated.train.estimator, gated.eval_mode()) == (400, 500, 1.0, "reinforce_top_k", "top_k")
+  assert gated.train.lambda_s == gated.train.lambda_v == 0.0
