@@ -2,9 +2,10 @@
 
 Every case runs ``python -m experiments.condnet`` (or the sweep, or bench_inference) as a
 user would, then checks: exit status 2, stderr is one line ``error: ...`` naming the flag
-or field, and the workdir holds no file it did not hold before. The catalogues of flags,
-npz files, sweep and bench inputs run in one subprocess per catalogue (a forked child per
-case, ``experiment_utils.run_module_cases``); the other cases each start their own.
+or field, and the workdir holds no file it did not hold before. Every catalogue
+(flags, npz files, workdir and checkpoint states, sweep and bench inputs) runs in one
+subprocess (a forked child per case, ``experiment_utils.run_module_cases``); the
+unwritable-workdir case starts its own.
 """
 
 from __future__ import annotations
@@ -110,31 +111,10 @@ def test_bad_config_fields(name, fields, expected):
   assert str(error.value).startswith(expected), str(error.value)
 
 
-def test_missing_workdir_flag():
-  process = experiment_utils.run_module("experiments.condnet", "--steps=1")
-  assert process.returncode == 2
-  lines = process.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and "--workdir" in lines[0], lines
-
-
-def test_tfds_data_missing(tmp_path):
-  empty = tmp_path / "tfds"
-  empty.mkdir()
-  line = assert_clean_failure(str(tmp_path / "run"),
-                              [*TINY, "--dataset=mnist", f"--data_dir={empty}"], "--data_dir")
-  assert "--dataset=digits" in line
-
-
 def _npz_case(tmp_path, **overrides):
   path = str(tmp_path / "user.npz")
   write_npz(path, **overrides)
   return f"--dataset=npz:{path}"
-
-
-def test_npz_missing_keys(tmp_path):
-  path = str(tmp_path / "user.npz")
-  np.savez(path, x_train=np.zeros((10, 3), np.float32), y_train=np.zeros(10, np.int64))
-  assert_clean_failure(str(tmp_path / "run"), [*TINY, f"--dataset=npz:{path}"], "x_test")
 
 
 NPZ_CASES = [
@@ -189,20 +169,6 @@ def _copy(trained, tmp_path) -> str:
   return workdir
 
 
-def test_input_dimension_inconsistent_with_checkpoint(trained_workdir, tmp_path):
-  workdir = _copy(trained_workdir[0], tmp_path)
-  other = str(tmp_path / "wider.npz")
-  write_npz(other, num_features=9)
-  assert_clean_failure(workdir, [*TINY, f"--dataset=npz:{other}"], "input dimension 9")
-
-
-def test_checkpoint_of_other_architecture(trained_workdir, tmp_path):
-  workdir = _copy(trained_workdir[0], tmp_path)
-  args = [arg for arg in TINY if not arg.startswith("--hidden")]
-  assert_clean_failure(workdir, [*args, "--hidden=64,64", f"--dataset=npz:{trained_workdir[1]}"],
-                       "different architecture (hidden")
-
-
 def _damage_steps(workdir: str, steps=None) -> list[int]:
   """Overwrites the state files of ``steps`` (default: every step); returns the steps."""
   checkpoint_dir = os.path.join(workdir, "checkpoints")
@@ -215,21 +181,6 @@ def _damage_steps(workdir: str, steps=None) -> list[int]:
       with open(name, "wb") as stream:
         stream.write(b"not a checkpoint")
   return all_steps
-
-
-def test_every_checkpoint_damaged(trained_workdir, tmp_path):
-  workdir = _copy(trained_workdir[0], tmp_path)
-  steps = _damage_steps(workdir)
-  line = assert_clean_failure(workdir, [*TINY, f"--dataset=npz:{trained_workdir[1]}"],
-                              "no intact checkpoint in")
-  assert all(f"step {step}: file state/" in line for step in steps), line
-
-
-def test_checkpoints_is_a_regular_file(tmp_path):
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  (workdir / "checkpoints").write_text("x")
-  assert_clean_failure(str(workdir), TINY, "checkpoints exists and is not a directory")
 
 
 @pytest.mark.slow  # two CLI runs; the other resume refusals (architecture, input dimension) stay fast
@@ -303,12 +254,6 @@ def test_bench_inference_refuses_before_allocating(bad_bench_runs, name, args, e
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
 
 
-def test_workdir_is_a_file(tmp_path):
-  path = tmp_path / "file"
-  path.write_text("x")
-  assert_clean_failure(str(path), TINY, "is not a directory")
-
-
 @pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses file permissions")
 def test_workdir_not_writable(tmp_path):
   parent = tmp_path / "locked"
@@ -318,3 +263,106 @@ def test_workdir_not_writable(tmp_path):
     assert_clean_failure(str(parent / "run"), TINY, "not readable and writable")
   finally:
     parent.chmod(0o700)
+
+
+# Cases that each need their own files: (name, setup, expected). ``setup(root, trained)``
+# makes the case's files under ``root`` (``trained``: ``trained_workdir``) and returns
+# ``(workdir, args)``; ``workdir`` None: no --workdir flag.
+def _missing_workdir(root, trained):
+  del root, trained
+  return None, ["--steps=1"]
+
+
+def _tfds_data_missing(root, trained):
+  del trained
+  empty = root / "tfds"
+  empty.mkdir()
+  return str(root / "run"), [*TINY, "--dataset=mnist", f"--data_dir={empty}"]
+
+
+def _npz_missing_keys(root, trained):
+  del trained
+  path = str(root / "user.npz")
+  np.savez(path, x_train=np.zeros((10, 3), np.float32), y_train=np.zeros(10, np.int64))
+  return str(root / "run"), [*TINY, f"--dataset=npz:{path}"]
+
+
+def _input_dimension_inconsistent(root, trained):
+  other = str(root / "wider.npz")
+  write_npz(other, num_features=9)
+  return _copy(trained[0], root), [*TINY, f"--dataset=npz:{other}"]
+
+
+def _checkpoint_of_other_architecture(root, trained):
+  args = [arg for arg in TINY if not arg.startswith("--hidden")]
+  return _copy(trained[0], root), [*args, "--hidden=64,64", f"--dataset=npz:{trained[1]}"]
+
+
+def _every_checkpoint_damaged(root, trained):
+  workdir = _copy(trained[0], root)
+  _damage_steps(workdir)
+  return workdir, [*TINY, f"--dataset=npz:{trained[1]}"]
+
+
+def _checkpoints_is_a_regular_file(root, trained):
+  del trained
+  workdir = root / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("x")
+  return str(workdir), TINY
+
+
+def _workdir_is_a_file(root, trained):
+  del trained
+  path = root / "file"
+  path.write_text("x")
+  return str(path), TINY
+
+
+STATE_CASES = [
+    ("missing_workdir", _missing_workdir, "--workdir"),
+    ("tfds_data_missing", _tfds_data_missing, "--data_dir"),
+    ("npz_missing_keys", _npz_missing_keys, "x_test"),
+    ("input_dimension_inconsistent_with_checkpoint", _input_dimension_inconsistent,
+     "input dimension 9"),
+    ("checkpoint_of_other_architecture", _checkpoint_of_other_architecture,
+     "different architecture (hidden"),
+    ("every_checkpoint_damaged", _every_checkpoint_damaged, "no intact checkpoint in"),
+    ("checkpoints_is_a_regular_file", _checkpoints_is_a_regular_file,
+     "checkpoints exists and is not a directory"),
+    ("workdir_is_a_file", _workdir_is_a_file, "is not a directory"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_state_runs(tmp_path_factory, trained_workdir):
+  """``{name: (process, workdir, listing before)}`` of every STATE_CASES case, one batch."""
+  root = tmp_path_factory.mktemp("states")
+  cases = {}
+  for name, setup, _ in STATE_CASES:
+    (root / name).mkdir()
+    workdir, args = setup(root / name, trained_workdir)
+    cases[name] = (workdir, [] if workdir is None else [f"--workdir={workdir}"], args,
+                   experiment_utils.listing(workdir) if workdir else set())
+  processes = experiment_utils.run_module_cases(
+      "experiments.condnet", [[*flag, *args] for _, flag, args, _ in cases.values()])
+  return {name: (process, workdir, before)
+          for (name, (workdir, _, _, before)), process in zip(cases.items(), processes)}
+
+
+@pytest.mark.parametrize("name,expected", [(c[0], c[2]) for c in STATE_CASES],
+                         ids=[c[0] for c in STATE_CASES])
+def test_bad_workdir_and_checkpoint_states(bad_state_runs, name, expected):
+  process, workdir, before = bad_state_runs[name]
+  if workdir is None:
+    lines = process.stderr.strip().splitlines()
+    assert process.returncode == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    return
+  line = check_clean_failure(process, workdir, before, expected)
+  if name == "tfds_data_missing":
+    assert "--dataset=digits" in line
+  if name == "every_checkpoint_damaged":
+    steps = sorted(int(step) for step in os.listdir(os.path.join(workdir, "checkpoints"))
+                   if step.isdigit())
+    assert steps and all(f"step {step}: file state/" in line for step in steps), line

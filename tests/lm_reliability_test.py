@@ -111,25 +111,49 @@ def test_eval_policy_lists_what_the_lm_serves(idle_run, tmp_path):
     assert json.load(stream)["eval_policy"] == "capped"
 
 
-def test_classifier_flags_are_refused(tmp_path):
-  # One real CLI run shows the refusal; every other classifier flag goes through the same
+# Refusals before any work, one batch of forked children per entrypoint:
+# name -> (entrypoint, arguments after --workdir).
+REFUSAL_CASES = {
+    "classifier_flag": ("experiments.lm", ["--arch=cnn", *TINY]),
+    "huge_windows": ("experiments.lm", ["--batch_size=4000000"]),
+    "huge_memory": ("experiments.lm", ["--batch_size=300000"]),
+    "prompt_without_sample": ("experiments.lm", ["--prompt=Hi", *TINY]),
+    "sweep_seed": ("experiments.sweep", ["--task=lm", "--seed=3", *TINY]),
+    "sweep_model": ("experiments.sweep", ["--task=lm", "--model=dense", *TINY]),
+    "decode_sample": ("experiments.bench_lm_decode", ["--sample=5", *TINY]),
+}
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+  """``{name: (process, workdir)}`` of every REFUSAL_CASES case (a fresh workdir each)."""
+  root = tmp_path_factory.mktemp("refusals")
+  results = {}
+  for module in dict.fromkeys(module for module, _ in REFUSAL_CASES.values()):
+    names = [name for name, (case_module, _) in REFUSAL_CASES.items() if case_module == module]
+    processes = experiment_utils.run_module_cases(
+        module, [[f"--workdir={root / name}", *REFUSAL_CASES[name][1]] for name in names])
+    results.update({name: (process, root / name) for name, process in zip(names, processes)})
+  return results
+
+
+def test_classifier_flags_are_refused(refusals):
+  # One real CLI case shows the refusal; every other classifier flag goes through the same
   # loop over experiments.lm.CLASSIFIER_ONLY_FLAGS.
-  process = experiment_utils.run_module("experiments.lm", f"--workdir={tmp_path}/run",
-                                        "--arch=cnn", *TINY)
+  process, workdir = refusals["classifier_flag"]
   assert "--arch is a flag of the classifier entrypoints" in _error_line(process)
-  assert not os.path.exists(tmp_path / "run")
+  assert not os.path.exists(workdir)
   refused = {holder.name for holder in lm.CLASSIFIER_ONLY_FLAGS}
   assert {"arch", "hidden", "init_from", "num_classes", "epochs"} <= refused
 
 
-def test_huge_batches_are_refused_before_the_workdir_exists(tmp_path):
-  windows, memory = experiment_utils.run_module_cases(
-      "experiments.lm", [[f"--workdir={tmp_path}/a", "--batch_size=4000000"],
-                         [f"--workdir={tmp_path}/b", "--batch_size=300000"]])
+def test_huge_batches_are_refused_before_the_workdir_exists(refusals):
+  (windows, windows_dir), (memory, memory_dir) = (refusals["huge_windows"],
+                                                  refusals["huge_memory"])
   assert "--batch_size must be in [1, " in _error_line(windows)   # as the classifier says
   assert "GiB per training step" in _error_line(memory)
   assert "use a smaller --batch_size" in _error_line(memory)
-  assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+  assert not os.path.exists(windows_dir) and not os.path.exists(memory_dir)
 
 
 @pytest.mark.slow  # three LM CLI runs, 20 s
@@ -153,16 +177,13 @@ def test_resume_on_a_changed_corpus_needs_allow_data_change(tmp_path):
   assert results["corpus_sha256"] == text.fingerprint(corpus.read_bytes())
 
 
-@pytest.mark.parametrize("module,flag,message", [
-    ("experiments.lm", "--prompt=Hi", "--prompt is the prompt of --sample, and --sample is "
-                                      "not given"),
-    ("experiments.sweep", "--task=lm --seed=3", "--seed is one run's seed; the sweep takes "
-                                                "--seeds"),
-    ("experiments.sweep", "--task=lm --model=dense", "--model is one run's model; the sweep "
-                                                     "takes --variants"),
-    ("experiments.bench_lm_decode", "--sample=5", "--sample samples from a trained run"),
+@pytest.mark.parametrize("name,message", [
+    ("prompt_without_sample", "--prompt is the prompt of --sample, and --sample is not given"),
+    ("sweep_seed", "--seed is one run's seed; the sweep takes --seeds"),
+    ("sweep_model", "--model is one run's model; the sweep takes --variants"),
+    ("decode_sample", "--sample samples from a trained run"),
 ])
-def test_flags_an_lm_entrypoint_would_ignore_are_refused(tmp_path, module, flag, message):
-  process = experiment_utils.run_module(module, f"--workdir={tmp_path}/run", *flag.split(), *TINY)
+def test_flags_an_lm_entrypoint_would_ignore_are_refused(refusals, name, message):
+  process, workdir = refusals[name]
   assert message in _error_line(process)
-  assert not os.path.exists(tmp_path / "run")
+  assert not os.path.exists(workdir)
