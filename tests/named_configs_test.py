@@ -97,26 +97,19 @@ def test_apply_names_the_flag_whose_parser_refuses_the_value():
     named_configs.apply("digits", values, allowed=list(values))
 
 
-def test_cli_unknown_config_is_one_line_and_writes_nothing(tmp_path):
-  workdir = str(tmp_path / "run")
-  process = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}",
-                                        "--config=nope")
-  assert process.returncode == 2
-  assert process.stderr.strip() == (
+def test_cli_unknown_and_sweep_configs_are_one_line_and_write_nothing(tmp_path):
+  unknown, sweep_config = experiment_utils.run_module_cases(
+      "experiments.condnet", [[f"--workdir={tmp_path}/unknown", "--config=nope"],
+                              [f"--workdir={tmp_path}/sweep", "--config=mnist1d_capacity"]])
+  assert unknown.returncode == 2
+  assert unknown.stderr.strip() == (
       f"error: --config must be one of {'|'.join(named_configs.available())}, got 'nope'")
-  assert not os.path.exists(workdir)
-
-
-def test_cli_sweep_config_is_refused_by_condnet(tmp_path):
-  workdir = str(tmp_path / "run")
-  process = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}",
-                                        "--config=mnist1d_capacity")
-  assert process.returncode == 2
-  line = process.stderr.strip()
+  assert sweep_config.returncode == 2   # a sweep's config is refused by condnet
+  line = sweep_config.stderr.strip()
   assert line.startswith("error: --config=mnist1d_capacity sets capacity_widths, lrs, not a "
                          "flag this entrypoint lets a config set; allowed: "), line
   assert "tau, " in line and "taus" not in line and len(line.splitlines()) == 1
-  assert not os.path.exists(workdir)
+  assert not os.path.exists(tmp_path / "unknown") and not os.path.exists(tmp_path / "sweep")
 
 
 @pytest.mark.slow  # a CLI run; the config-loading and override rules are tested in-process here

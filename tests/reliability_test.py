@@ -134,13 +134,31 @@ def test_flipped_bit_falls_back_to_the_previous_checkpoint(trained, tmp_path):
   experiment_utils.assert_trees_equal(final_state(workdir), reference)
 
 
-def test_flipped_bit_in_every_checkpoint_exits_2(trained, tmp_path):
-  workdir = str(tmp_path / "run")
-  shutil.copytree(trained, workdir)
+@pytest.fixture(scope="module")
+def failing_runs(trained, tmp_path_factory):
+  """The CLI on a run whose every checkpoint has a flipped bit, and on poisoned data with
+  and without --skip_nonfinite: one batch of forked children. ``{name: (process,
+  workdir, listing before)}``."""
+  root = tmp_path_factory.mktemp("failing")
+  flipped = str(root / "flipped")
+  shutil.copytree(trained, flipped)
   for step in ("8", "12"):
-    _flip_one_bit(os.path.join(workdir, "checkpoints", step))
-  before = experiment_utils.listing(workdir)
-  process = experiment_utils.run_module("experiments.condnet", f"--workdir={workdir}", *TINY)
+    _flip_one_bit(os.path.join(flipped, "checkpoints", step))
+  cases = {"flipped": (flipped, list(TINY))}
+  for skip in (False, True):
+    (root / f"skip_{skip}").mkdir()
+    cases[f"skip_{skip}"] = (str(root / f"skip_{skip}" / "run"), [
+        *TINY, "--batch_size=16", "--checkpoint_every=1", "--log_every=1",
+        _poisoned_npz(root / f"skip_{skip}"), f"--skip_nonfinite={str(skip).lower()}"])
+  before = {name: experiment_utils.listing(workdir) for name, (workdir, _) in cases.items()}
+  processes = experiment_utils.run_module_cases(
+      "experiments.condnet", [[f"--workdir={workdir}", *args] for workdir, args in cases.values()])
+  return {name: (process, cases[name][0], before[name])
+          for name, process in zip(cases, processes)}
+
+
+def test_flipped_bit_in_every_checkpoint_exits_2(failing_runs):
+  process, workdir, before = failing_runs["flipped"]
   lines = [line for line in process.stderr.splitlines() if line.strip()]
   assert process.returncode == 2, process.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("error: no intact checkpoint"), lines
@@ -170,12 +188,8 @@ def _assert_no_nonfinite_checkpoint(workdir: str) -> None:
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["stop", "skip_nonfinite"])
-def test_nonfinite_run_saves_and_reports_nothing_nonfinite(tmp_path, skip):
-  workdir = str(tmp_path / "run")
-  process = experiment_utils.run_module(
-      "experiments.condnet", f"--workdir={workdir}", *TINY, "--batch_size=16",
-      "--checkpoint_every=1", "--log_every=1", _poisoned_npz(tmp_path),
-      f"--skip_nonfinite={str(skip).lower()}")
+def test_nonfinite_run_saves_and_reports_nothing_nonfinite(failing_runs, skip):
+  process, workdir, _ = failing_runs[f"skip_{skip}"]
   errors = [line for line in process.stderr.splitlines() if line.startswith("error: ")]
   assert process.returncode == 1, process.stderr[-2000:]
   assert len(errors) == 1, process.stderr[-2000:]
