@@ -25,8 +25,16 @@ def _run(*flags):
                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_tiny_benchmark_prints_json_with_schema():
-  result = _run(*TINY, "--json")
+@pytest.fixture(scope="module")
+def tiny_runs():
+  """The tiny benchmark with and without the roofline: one batch (run_module_cases)."""
+  return experiment_utils.run_module_cases(
+      "experiments.bench_inference", [[*TINY, "--json"],
+                                      [*TINY, "--batch_sizes=1", "--noroofline", "--json"]])
+
+
+def test_tiny_benchmark_prints_json_with_schema(tiny_runs):
+  result = tiny_runs[0]
   assert result.returncode == 0, result.stderr[-2000:]
   # Progress on stderr: what runs, then each case with an ETA; no jax backend probing.
   assert "benchmarking mlp at batch sizes [1, 8]: 2 cases" in result.stderr
@@ -70,8 +78,8 @@ def test_tiny_benchmark_prints_json_with_schema():
     assert min(helper.values()) >= 0 and "batch1_helper" not in report["results"][1]
 
 
-def test_noroofline_measures_no_rates():
-  result = _run(*TINY, "--batch_sizes=1", "--noroofline", "--json")
+def test_noroofline_measures_no_rates(tiny_runs):
+  result = tiny_runs[1]
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["rates"] is None and "roofline" not in report["results"][0]
@@ -107,12 +115,18 @@ BAD_FLAGS = [
 ]
 
 
+# A forced backend must run every model asked for (the last case of the batch below).
+FORCED_BACKEND = ("--models=mlp,cnn", "--backend=ffi-cpu")
+
+
 @pytest.fixture(scope="module")
 def bad_flag_runs():
-  """``{flag: process}``: every case of BAD_FLAGS in one batch (run_module_cases)."""
-  processes = experiment_utils.run_module_cases(
-      "experiments.bench_inference", [[*TINY, flag] for flag, _ in BAD_FLAGS])
-  return {flag: process for (flag, _), process in zip(BAD_FLAGS, processes)}
+  """``{flag: process}``: every case of BAD_FLAGS and FORCED_BACKEND in one batch
+  (run_module_cases)."""
+  cases = [[*TINY, flag] for flag, _ in BAD_FLAGS] + [[*TINY, *FORCED_BACKEND]]
+  processes = experiment_utils.run_module_cases("experiments.bench_inference", cases)
+  return {flag: process for flag, process in zip([flag for flag, _ in BAD_FLAGS] +
+                                                 [FORCED_BACKEND], processes)}
 
 
 @pytest.mark.parametrize("flag,message", BAD_FLAGS)
@@ -123,10 +137,10 @@ def test_bad_flags_exit_2_with_one_line(bad_flag_runs, flag, message):
   assert len(lines) == 1 and message in lines[0], result.stderr
 
 
-def test_a_forced_backend_must_run_every_model_asked_for():
+def test_a_forced_backend_must_run_every_model_asked_for(bad_flag_runs):
   """ffi-cpu runs MLPs only: asking it for the CNN too is one line naming --models, exit 2
   (without the compiled kernel, the MLP is refused first, with the same flag named)."""
-  result = _run(*TINY, "--models=mlp,cnn", "--backend=ffi-cpu")
+  result = bad_flag_runs[FORCED_BACKEND]
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error")]
   assert len(lines) == 1 and lines[0].startswith("error: --models="), result.stderr
