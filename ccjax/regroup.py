@@ -17,6 +17,7 @@ warm start; :func:`regroup_transformer_state` does the same for every MLP of a
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -112,13 +113,19 @@ def _is_array(leaf: Any) -> bool:
 
 
 def _map_at(tree: Mapping, path: Sequence[str], fn: Callable) -> Mapping:
-  """A copy of the nested dict ``tree`` with ``fn`` applied at ``path`` (an array leaf;
-  other leaves, e.g. optax's masked placeholders, and missing paths stay as they are)."""
+  """A copy of the nested dict ``tree`` with ``fn`` applied to the subtree at ``path``
+  (a missing path leaves ``tree`` as it is)."""
   if not path:
-    return fn(tree) if _is_array(tree) else tree
+    return fn(tree)
   if not isinstance(tree, Mapping) or path[0] not in tree:
     return tree
   return {**tree, path[0]: _map_at(tree[path[0]], path[1:], fn)}
+
+
+def _map_array_at(tree: Mapping, path: Sequence[str], fn: Callable) -> Mapping:
+  """:func:`_map_at` for an array leaf; other leaves (e.g. optax's masked placeholders)
+  stay as they are."""
+  return _map_at(tree, path, lambda leaf: fn(leaf) if _is_array(leaf) else leaf)
 
 
 def permute_mlp_units(module: layers.GatedMLP, tree: Mapping,
@@ -148,36 +155,21 @@ def permute_mlp_units(module: layers.GatedMLP, tree: Mapping,
     order = jnp.asarray(order)
     columns = lambda leaf, order=order: jnp.take(leaf, order, axis=-1)
     rows = lambda leaf, order=order: jnp.take(leaf, order, axis=0)
-    tree = _map_at(tree, (name, dense, "kernel"), columns)
-    tree = _map_at(tree, (name, dense, "bias"), columns)
+    tree = _map_array_at(tree, (name, dense, "kernel"), columns)
+    tree = _map_array_at(tree, (name, dense, "bias"), columns)
     if index + 1 < len(names):
       following = names[index + 1]
-      tree = _map_at(tree, (following, dense, "kernel"), rows)
+      tree = _map_array_at(tree, (following, dense, "kernel"), rows)
       policy_path = layers.policy_input_kernel_path(reference[following])
       if policy_path is not None:
-        tree = _map_at(tree, (following, *policy_path), rows)
+        tree = _map_array_at(tree, (following, *policy_path), rows)
     else:
-      tree = _map_at(tree, (layers.OUTPUT_MODULE_NAME, "kernel"), rows)
+      tree = _map_array_at(tree, (layers.OUTPUT_MODULE_NAME, "kernel"), rows)
   return tree
 
 
 def _is_params_like(node: Any, params: Mapping) -> bool:
   return isinstance(node, Mapping) and set(node) == set(params)
-
-
-def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping:
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
-def _replace_subtree(tree: Mapping, path: Sequence[str], fn: Callable) -> Mapping:
-  """A copy of ``tree`` with ``fn`` applied to the subtree at ``path`` (missing: as is)."""
-  if not path:
-    return fn(tree)
-  if not isinstance(tree, Mapping) or path[0] not in tree:
-    return tree
-  return {**tree, path[0]: _replace_subtree(tree[path[0]], path[1:], fn)}
 
 
 def regroup_state(state, sites: Sequence[tuple[Sequence[str], layers.GatedMLP]],
@@ -208,13 +200,15 @@ def regroup_state(state, sites: Sequence[tuple[Sequence[str], layers.GatedMLP]],
       index += 1
     permutations.append(site_permutations)
 
+  references = [functools.reduce(lambda tree, name: tree[name], path, params)
+                for path, _ in sites]
+
   def permute(node):
     if not _is_params_like(node, params):
       return node
-    for (path, module), site_permutations in zip(sites, permutations):
-      node = _replace_subtree(node, path, lambda sub, module=module, path=path, perms=
-                              site_permutations: permute_mlp_units(
-                                  module, sub, perms, reference=_subtree(params, path)))
+    for (path, module), site_permutations, reference in zip(sites, permutations, references):
+      node = _map_at(node, path, functools.partial(
+          permute_mlp_units, module, permutations=site_permutations, reference=reference))
     return node
 
   def regrouped(tree):
