@@ -27,7 +27,7 @@ at ``tau = w / W``, against dense ``W`` (the same width) and dense ``w`` (the sa
 MACs).
 
 Run directories: ``workdir/dense_same_width``, ``workdir/[<recipe>/]<variant>_tau<tau>``,
-``workdir/dense_width<w>``; capacity regime ``workdir/<variant>_width<W>_tau<tau>``,
+``workdir/dense_width<w>``; capacity regime ``workdir/[<recipe>/]<variant>_width<W>_tau<tau>``,
 ``workdir/dense_width<W>``; then ``[lr<lr>/]seed<k>``. Finished runs are reused.
 """
 
@@ -202,7 +202,7 @@ def validate_grid(base, *, seeds: Sequence[int], taus: Sequence[float],
     base: the shared configuration (any task's :class:`ccjax.run_config.RunConfig`).
     seeds: seeds (at least one, distinct).
     taus: targets of the tau regime; must be empty in the capacity regime.
-    recipes: recipe names (:mod:`ccjax.recipes`); not with ``capacity_widths``.
+    recipes: recipe names (:mod:`ccjax.recipes`), in either regime.
     lrs: the lr grid (distinct, each a valid ``lr``); empty: ``base``'s lr.
     capacity_widths: gated widths ``W`` of the capacity regime, each a multiple of the
       block size and at least the task's active width ``w``.
@@ -270,18 +270,19 @@ def _capacity_taus(base, spec: tasks_base.SweepSpec, taus: tuple[float, ...],
   if taus:
     raise validation.ConfigError(
         "capacity_widths", f"sets each tau to w/W; do not also give --taus (got {list(taus)})")
-  if recipes:
-    raise validation.ConfigError(
-        "capacity_widths", "runs the flags as given; set a recipe's flags instead of "
-        f"--recipes={','.join(recipes)}")
   active_width = spec.active_width(base)
   check_distinct("capacity_widths", capacity_widths)
+  # Dense W keeps the base's block size; a recipe may set its own (``regroup``: 8).
+  block_sizes = sorted({base.block_size} | {
+      recipes_lib.recipe_fields(recipe).get("block_size", base.block_size)
+      for recipe in recipes})
   for width in capacity_widths:
     validation.check_int("capacity_widths", width)
-    if width < active_width or width % base.block_size:
-      raise validation.ConfigError(
-          "capacity_widths", f"must be multiples of --block_size={base.block_size} and at least "
-          f"the active width w = {active_width}, got {width}")
+    for block_size in block_sizes:
+      if width < active_width or width % block_size:
+        raise validation.ConfigError(
+            "capacity_widths", f"must be multiples of --block_size={block_size} and at least "
+            f"the active width w = {active_width}, got {width}")
   return tuple(active_width / width for width in capacity_widths)
 
 
@@ -420,10 +421,11 @@ def run_capacity_sweep(base, workdir: str, grid: Grid, train_fn: Callable = task
   ``w`` is the task's active width of ``base``; the gated net of width ``W`` runs at
   ``tau = w / W`` (``grid.taus``), so every gated net runs about ``w`` units per layer
   (plus its policy). Runs go to ``workdir/dense_width<w>``, ``workdir/dense_width<W>`` and
-  ``workdir/<variant>_width<W>_tau<tau>`` (then ``[lr<lr>/]seed<k>``).
+  ``workdir/[<recipe>/]<variant>_width<W>_tau<tau>`` (then ``[lr<lr>/]seed<k>``).
 
   Returns:
-    rows: dense ``w``, then per ``W`` (ascending) each variant's gated row and dense ``W``;
+    rows: dense ``w``, then per ``W`` (ascending) each recipe's and variant's gated row and
+    dense ``W``;
     each gated row paired with dense ``W`` (``dense_width``) and dense ``w``
     (``dense_macs``).
   """
@@ -439,15 +441,17 @@ def run_capacity_sweep(base, workdir: str, grid: Grid, train_fn: Callable = task
     wide_config = _dense_config(base, spec, width)
     wide = active if width == active_width else _run_configuration(
         wide_config, os.path.join(workdir, f"dense_width{width}"), grid, train_fn, spec)
-    for variant in grid.variants:
-      config = _gated_config(base, spec, variant, "", tau, width)
-      gated = _run_configuration(
-          config, os.path.join(workdir, f"{variant}_width{width}_tau{_tau_name(tau)}"), grid,
-          train_fn, spec)
-      rows.append(add_differences(
-          _row(spec, f"{variant} width={width} tau={_tau_name(tau)}", config, tau, gated,
-               variant=variant),
-          gated.runs, {"dense_width": wide.runs, "dense_macs": active.runs}, spec))
+    for recipe in grid.recipes or ("",):
+      prefix = os.path.join(workdir, recipe) if recipe else workdir
+      for variant in grid.variants:
+        config = _gated_config(base, spec, variant, recipe, tau, width)
+        gated = _run_configuration(
+            config, os.path.join(prefix, f"{variant}_width{width}_tau{_tau_name(tau)}"), grid,
+            train_fn, spec)
+        rows.append(add_differences(
+            _row(spec, f"{_label(variant, recipe)} width={width} tau={_tau_name(tau)}", config,
+                 tau, gated, recipe=recipe, variant=variant),
+            gated.runs, {"dense_width": wide.runs, "dense_macs": active.runs}, spec))
     if width != active_width:
       rows += _dense_rows(spec, f"dense (width {width})", wide_config, None, wide)
   return rows

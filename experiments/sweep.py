@@ -87,7 +87,7 @@ _CAPACITY_WIDTHS = shared.define_number_list(
     "capacity_widths", None, "Capacity regime: comma list of gated widths W; each runs at "
     "tau = w/W, where w is the active width (classify: the single --hidden width; lm: "
     "round(tau * blocks) * --block_size), so every gated net has the active MACs of dense w; "
-    "compared with dense w and dense W. Not with --taus/--recipes.", int)
+    "compared with dense w and dense W. Not with --taus; composes with --recipes.", int)
 _RECIPES = flags.DEFINE_list(
     "recipes", [], "Recipe study: comma list of recipes (ccjax.recipes.RECIPES, composed with "
     "'+', e.g. baseline,warm,warm+distill); each runs every variant, tau and seed, in "
@@ -117,7 +117,7 @@ def _grid_flags() -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]
   """``(taus, lrs, capacity_widths)`` of the sweep's flags.
 
   A choice typed on the command line wins over a conflicting one of ``--config``: ``--lr``
-  over the config's ``lrs``, ``--taus`` / ``--recipes`` over its ``capacity_widths``; both
+  over the config's ``lrs``, ``--taus`` over its ``capacity_widths``; both
   typed is an error (``--lr`` with ``--lrs``) or left to :func:`ccjax.sweep.validate_grid`.
 
   Raises:
@@ -129,7 +129,7 @@ def _grid_flags() -> tuple[tuple[float, ...], tuple[float, ...], tuple[int, ...]
       raise ValueError("--lr and --lrs: give one (--lrs trains every configuration at each lr)")
     lrs = ()
   capacity_widths = _CAPACITY_WIDTHS.value or ()
-  if not _given("capacity_widths") and (_given("taus") or _given("recipes")):
+  if not _given("capacity_widths") and _given("taus"):
     capacity_widths = ()
   taus = _TAUS.value or (() if capacity_widths else _default_taus())
   return taus, lrs, capacity_widths

@@ -250,7 +250,8 @@ def test_sweep_bad_grid_is_one_line_and_writes_nothing(bad_grid_runs, index):
 @pytest.mark.parametrize("grid, message", [
     (dict(lrs=(0.001, 0.001)), "--lrs values [0.001, 0.001] give the same run directory"),
     (dict(lrs=(0.001, -1.0)), "--lrs must be"),
-    (dict(capacity_widths=(64,), recipes=("topk",)), "--capacity_widths runs the flags as"),
+    (dict(capacity_widths=(20,), recipes=("regroup",)),
+     "--capacity_widths must be multiples of --block_size=8"),
     (dict(capacity_widths=(64, 64)), "--capacity_widths lists a value twice"),
     (dict(capacity_widths=(64,), hidden=(32, 16)), "--capacity_widths needs one --hidden width"),
     (dict(capacity_widths=(20,)), "--capacity_widths must be multiples of --block_size=8"),
@@ -267,6 +268,41 @@ def test_validate_grid_rejects_bad_lrs_and_capacity_widths(grid, message):
     sweep.validate_grid(base, seeds=(0,), taus=() if "capacity_widths" in grid else (0.5,),
                         **grid)
   assert str(error.value).startswith(message), str(error.value)
+
+
+def test_run_capacity_sweep_runs_each_recipe_at_its_own_block_size(tmp_path):
+  from ccjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from ccjax import recipes  # pylint: disable=g-import-not-at-top
+  from ccjax import validation  # pylint: disable=g-import-not-at-top
+  base = config_lib.ExperimentConfig.create(hidden=(16, 16), block_size=4)
+  assert sweep.validate_grid(base, seeds=(0,), taus=(), capacity_widths=(20,)).taus == (0.8,)
+  with pytest.raises(validation.ConfigError, match="--block_size=8 and at least"):
+    sweep.validate_grid(base, seeds=(0,), taus=(), capacity_widths=(20,),
+                        recipes=("router", "regroup"))   # regroup: blocks of 8
+  grid = sweep.validate_grid(base, seeds=(0, 1), taus=(), capacity_widths=(32, 64),
+                             recipes=("regroup", "router"))
+  trainer = _RecordingTrainer()
+  trainer.root = str(tmp_path)
+  rows = sweep.run_capacity_sweep(base, str(tmp_path), grid, trainer)
+  assert [row["label"] for row in rows] == [
+      "dense (width 16: the active MACs)",
+      "condnet regroup width=32 tau=0.5", "condnet router width=32 tau=0.5", "dense (width 32)",
+      "condnet regroup width=64 tau=0.25", "condnet router width=64 tau=0.25",
+      "dense (width 64)"]
+  configs = dict(trainer.calls)
+  assert set(configs) == {os.path.join(directory, f"seed{seed}") for seed in (0, 1)
+                          for directory in ("dense_width16", "dense_width32", "dense_width64",
+                                            "regroup/condnet_width32_tau0.5",
+                                            "regroup/condnet_width64_tau0.25",
+                                            "router/condnet_width32_tau0.5",
+                                            "router/condnet_width64_tau0.25")}
+  for name in ("regroup", "router"):
+    config = configs[os.path.join(name, "condnet_width64_tau0.25", "seed1")]
+    assert config.hidden == (64, 64) and config.taus() == (0.25, 0.25) and config.seed == 1
+    assert config.replace(**recipes.recipe_fields(name)) == config   # the recipe is set
+  for row in rows[1:3] + rows[4:6]:   # every gated row is paired with dense W and dense w
+    assert row["test_error_minus_dense_macs_mean"] is not None
+    assert row["test_error_minus_dense_width_mean"] is not None
 
 
 def test_validate_grid_capacity_taus_are_w_over_width():
