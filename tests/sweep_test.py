@@ -18,6 +18,28 @@ def test_matched_dense_width_matches_macs():
   assert flops.matched_dense_width(64, 2, 10, target + 10, 32) == 96
 
 
+def test_cnn_same_macs_baseline_is_a_dense_cnn_of_the_closest_uniform_width():
+  from ccjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  import ccjax  # pylint: disable=g-import-not-at-top
+  from ccjax import tasks  # pylint: disable=g-import-not-at-top
+  spec = tasks.task_for(config_lib.ExperimentConfig.create()).sweep
+  gated = config_lib.ExperimentConfig.create(arch="cnn", hidden=(16, 32), block_size=8,
+                                             model="condnet")
+
+  def dense_cnn_macs(width):
+    dense = spec.at_width(gated.replace(model="dense"), width)
+    return ccjax.dense_macs_per_example(
+        config_lib.build_model(dense, (8, 8, 1), 10), (8, 8, 1))
+
+  macs = {width: dense_cnn_macs(width) for width in (8, 16, 24, 32)}
+  assert macs[8] < macs[16] < macs[24] < macs[32]
+  for target, expected in ((macs[16] + 1, 16), (macs[24] - 1, 24), (1.0, 8),
+                           ((macs[16] + macs[24]) / 2, 16)):   # a tie: the narrower
+    runs = [{"macs_per_example": target, "input_shape": [8, 8, 1], "num_classes": 10,
+             "input_dim": 64}]
+    assert spec.same_macs_width(gated, runs) == expected, target
+
+
 def test_aggregate_reports_mean_and_std_over_seeds():
   runs = [{"test_error": 0.1, "active_fraction": [0.2, 0.4], "macs_per_example": 100.0,
            "latency_ms": {"dense": 2.0, "sparse": 1.0}},

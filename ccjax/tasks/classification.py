@@ -28,6 +28,7 @@ from ccjax import run_loop
 from ccjax import stats
 from ccjax import step as step_lib
 from ccjax import validation
+from ccjax.inference import api as inference_api
 from ccjax.tasks import base
 from ccjax.tasks import sources as sources_lib
 
@@ -166,7 +167,7 @@ class ClassificationRun:
         "seed": config.seed, "steps": total_steps, "test_error": test["error"],
         "valid_error": valid["error"], "active_fraction": test["active_fraction"],
         "eval_policy": config.eval_policy, "input_dim": dataset.input_dim,
-        "num_classes": dataset.num_classes,
+        "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
     }
     results.update(costs.model_costs(self.module, params, dataset, test,
                                      measure_latency=config.measure_latency,
@@ -193,11 +194,29 @@ def write_plots(plot_dir: str, test: dict[str, Any], dataset, records) -> list[s
 
 
 def _same_macs_width(config: config_lib.ExperimentConfig, runs) -> int:
-  """The dense MLP width whose MACs per example are closest to the gated runs' mean
-  measured MACs (policies included); a multiple of the block size."""
+  """The dense width whose MACs per example are closest to the gated runs' mean measured
+  MACs (policies included); a multiple of the block size. MLP: every hidden layer that
+  wide; CNN: every stage that many channels (:func:`_at_width`)."""
   target = stats.mean_std([run["macs_per_example"] for run in runs]).mean
-  return flops.matched_dense_width(runs[0]["input_dim"], len(config.hidden),
-                                   runs[0]["num_classes"], target, config.block_size)
+  if config.arch == "mlp":
+    return flops.matched_dense_width(runs[0]["input_dim"], len(config.hidden),
+                                     runs[0]["num_classes"], target, config.block_size)
+  input_shape = tuple(runs[0]["input_shape"])
+  dense = config.replace(model="dense")
+
+  def dense_macs(width: int) -> int:
+    module = config_lib.build_model(_at_width(dense, width), input_shape,
+                                    runs[0]["num_classes"])
+    return inference_api.dense_macs_per_example(module, input_shape)
+
+  # Dense MACs grow with the width: stop at the first width past the target.
+  width = config.block_size
+  while dense_macs(width) < target:
+    width += config.block_size
+  if width > config.block_size and (target - dense_macs(width - config.block_size)
+                                    <= dense_macs(width) - target):
+    width -= config.block_size
+  return width
 
 
 def _at_width(config: config_lib.ExperimentConfig, width: int) -> config_lib.ExperimentConfig:
