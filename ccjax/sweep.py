@@ -51,6 +51,10 @@ from ccjax.tasks import base as tasks_base
 # The baselines a gated row is paired with: the same width (capacity regime: dense W)
 # and the same MACs (capacity regime: dense w).
 BASELINES = ("dense_width", "dense_macs")
+# Capacity regime only: the same recipe and variant at the next narrower gated width (the
+# MoE property is that this difference is negative: more blocks, same active MACs, lower
+# error).
+NARROWER = "narrower"
 
 
 def spec_of(config) -> tasks_base.SweepSpec:
@@ -64,7 +68,7 @@ def _classifier_spec() -> tasks_base.SweepSpec:
 
 def difference_fields(spec: tasks_base.SweepSpec) -> tuple[str, ...]:
   """The row keys of the paired differences: ``<metric>_minus_<baseline>_<stat>``."""
-  return tuple(f"{spec.metric}_minus_{baseline}_{stat}" for baseline in BASELINES
+  return tuple(f"{spec.metric}_minus_{baseline}_{stat}" for baseline in (*BASELINES, NARROWER)
                for stat in ("mean", "std", "ci95"))
 
 
@@ -123,7 +127,8 @@ def add_differences(row: dict[str, Any], results: list[dict[str, Any]],
   Args:
     row: a gated row (:func:`aggregate`); changed in place.
     results: the row's ``[seeds]`` results, in seed order.
-    baselines: ``{name: [seeds] results}`` for the names in :data:`BASELINES`, same seeds.
+    baselines: ``{name: [seeds] results}`` for names in :data:`BASELINES` (and
+      :data:`NARROWER`), same seeds.
     spec: the task's sweep spec (default: the classifier's).
 
   Returns:
@@ -425,7 +430,8 @@ def run_capacity_sweep(base, workdir: str, grid: Grid, train_fn: Callable = task
 
   Returns:
     rows: dense ``w``, then per ``W`` (ascending) each recipe's and variant's gated row and
-    dense ``W``;
+    dense ``W``; gated rows past the narrowest ``W`` are also paired with the same recipe
+    and variant at the previous ``W`` (:data:`NARROWER`);
     each gated row paired with dense ``W`` (``dense_width``) and dense ``w``
     (``dense_macs``).
   """
@@ -437,6 +443,7 @@ def run_capacity_sweep(base, workdir: str, grid: Grid, train_fn: Callable = task
                               grid, train_fn, spec)
   rows = _dense_rows(spec, f"dense (width {active_width}: the active MACs)", active_config,
                      None, active, derived=False)
+  narrower = {}   # (recipe, variant) -> the runs at the previous (narrower) width
   for width, tau in sorted(zip(grid.capacity_widths, grid.taus)):
     wide_config = _dense_config(base, spec, width)
     wide = active if width == active_width else _run_configuration(
@@ -448,10 +455,14 @@ def run_capacity_sweep(base, workdir: str, grid: Grid, train_fn: Callable = task
         gated = _run_configuration(
             config, os.path.join(prefix, f"{variant}_width{width}_tau{_tau_name(tau)}"), grid,
             train_fn, spec)
+        baselines = {"dense_width": wide.runs, "dense_macs": active.runs}
+        if (recipe, variant) in narrower:
+          baselines[NARROWER] = narrower[recipe, variant]
+        narrower[recipe, variant] = gated.runs
         rows.append(add_differences(
             _row(spec, f"{_label(variant, recipe)} width={width} tau={_tau_name(tau)}", config,
                  tau, gated, recipe=recipe, variant=variant),
-            gated.runs, {"dense_width": wide.runs, "dense_macs": active.runs}, spec))
+            gated.runs, baselines, spec))
     if width != active_width:
       rows += _dense_rows(spec, f"dense (width {width})", wide_config, None, wide)
   return rows
@@ -485,6 +496,26 @@ def _notes(grid: Grid | None, rows: list[dict[str, Any]],
   else:
     notes.append("lr: one value, as given (no lr grid).")
   return notes
+
+
+def _trend_lines(rows: list[dict[str, Any]], spec: tasks_base.SweepSpec) -> list[str]:
+  """Capacity regime: each gated row against the same recipe at the next narrower W."""
+  key = f"{spec.metric}_minus_{NARROWER}"
+  trend = [row for row in rows if row.get(f"{key}_mean") is not None]
+  if not trend:
+    return []
+  unit = f"({spec.difference_unit})"
+  lines = ["", f"Capacity trend: gated − the same recipe at the next narrower W {unit}, "
+           "per-seed paired, mean ± half-width of the 95 % t interval; negative: the wider "
+           "net is better at the same active MACs.", "",
+           f"| configuration | test {spec.metric_title} | − next narrower W {unit} |",
+           "|---|---|---|"]
+  scale, digits = spec.metric_scale, spec.metric_digits
+  for row in trend:
+    metric = _format(row[f"{spec.metric}_mean"], row[f"{spec.metric}_std"], scale, digits)
+    change = _format(row[f"{key}_mean"], row[f"{key}_ci95"], scale, digits, sign="+")
+    lines.append(f"| {row['label']} | {metric} | {change} |")
+  return lines + [""]
 
 
 class TablePaths(NamedTuple):
@@ -536,7 +567,8 @@ def write_tables(rows: list[dict[str, Any]], workdir: str, grid: Grid | None = N
     lines.append(f"| {row['label']} | {row['seeds']} | {lr} | {metric[0]} | {metric[1]} | "
                  f"{differences[0]} | {differences[1]} |{numbers} {row.get('backend') or 'n/a'} |")
   notes = _notes(grid, rows, spec)
-  lines += [""] + notes + ([f"Command: `{command}`"] if command else [])
+  lines += [""] + notes + _trend_lines(rows, spec) + (
+      [f"Command: `{command}`"] if command else [])
   md_path = os.path.join(workdir, "sweep.md")
   with atomic.atomic_open(md_path) as stream:
     stream.write("\n".join(lines) + "\n")

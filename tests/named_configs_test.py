@@ -106,8 +106,8 @@ def test_cli_unknown_and_sweep_configs_are_one_line_and_write_nothing(tmp_path):
       f"error: --config must be one of {'|'.join(named_configs.available())}, got 'nope'")
   assert sweep_config.returncode == 2   # a sweep's config is refused by condnet
   line = sweep_config.stderr.strip()
-  assert line.startswith("error: --config=mnist1d_capacity sets capacity_widths, lrs, not a "
-                         "flag this entrypoint lets a config set; allowed: "), line
+  assert line.startswith("error: --config=mnist1d_capacity sets capacity_widths, lrs, "
+                         "recipes, not a flag this entrypoint lets a config set; allowed: "), line
   assert "tau, " in line and "taus" not in line and len(line.splitlines()) == 1
   assert not os.path.exists(tmp_path / "unknown") and not os.path.exists(tmp_path / "sweep")
 

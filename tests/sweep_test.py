@@ -325,6 +325,19 @@ def test_run_capacity_sweep_runs_each_recipe_at_its_own_block_size(tmp_path):
   for row in rows[1:3] + rows[4:6]:   # every gated row is paired with dense W and dense w
     assert row["test_error_minus_dense_macs_mean"] is not None
     assert row["test_error_minus_dense_width_mean"] is not None
+  # ... and, past the narrowest W, with the same recipe at the narrower W (the MoE trend):
+  # the recording trainer's test error grows by 0.001 per unit of width.
+  assert "test_error_minus_narrower_mean" not in rows[1]
+  for row in rows[4:6]:
+    assert row["test_error_minus_narrower_mean"] == pytest.approx(0.001 * (64 - 32))
+  paths = sweep.write_tables(rows, str(tmp_path), grid)
+  with open(paths.markdown) as stream:
+    table = stream.read()
+  assert "Capacity trend: gated − the same recipe at the next narrower W" in table
+  assert "| condnet router width=64 tau=0.25 | " in table.split("Capacity trend")[1]
+  assert "| +3.20 ± 0.00 |" in table.split("Capacity trend")[1]
+  with open(paths.csv) as stream:
+    assert "test_error_minus_narrower_mean" in stream.readline()
 
 
 def test_validate_grid_capacity_taus_are_w_over_width():
