@@ -15,6 +15,7 @@ import flax.linen as nn
 from ccjax import conv
 from ccjax import data as data_lib
 from ccjax import datasets
+from ccjax import estimators
 from ccjax import layers
 from ccjax import policy as policy_lib
 from ccjax import run_config
@@ -143,6 +144,15 @@ class ExperimentConfig(run_config.RunConfig):
       raise validation.ConfigError(
           "regroup_step", f"={self.regroup_step} regroups a gated MLP's hidden units: needs "
           f"--arch=mlp --model=condnet, got arch={self.arch}, model={self.model}")
+    if (self.arch == "cnn" and self.model == "condnet"
+        and self.train.estimator in estimators.TOP_K_ESTIMATORS):
+      allowed = "|".join(name for name in estimators.ESTIMATORS
+                         if name not in estimators.TOP_K_ESTIMATORS)
+      raise validation.ConfigError(
+          "estimator", f"must be one of {allowed} with --arch=cnn, got "
+          f"{self.train.estimator!r}: it trains exactly k blocks per example, and the CNN's "
+          "one-block residual gates would always run in training and be thresholded at test "
+          "(docs/studies/cnn_digits_tau05.md)")
     if self.train.imitation_weight > 0 and self.model == "condnet" and self.arch != "mlp":
       raise validation.ConfigError(
           "imitation_weight", f"={self.train.imitation_weight} imitates the blocks of largest "

@@ -47,6 +47,11 @@ def test_one_set_of_defaults():
     (dict(num_devices=0), "num_devices must be a positive integer"),
     (dict(seed=-1), "seed must be an integer >= 0"),
     (dict(tau=(0.2, 0.3, 0.4)), "tau needs one value or one per gated layer (2), got 3"),
+    # k-subset training would never skip the CNN's one-block residual gates.
+    (dict(arch="cnn", estimator="reinforce_top_k"),
+     "estimator must be one of reinforce|straight_through|gumbel with --arch=cnn, got "
+     "'reinforce_top_k': it trains exactly k blocks per example"),
+    (dict(arch="cnn", estimator="router"), "with --arch=cnn, got 'router'"),
 ])
 def test_bad_values_name_the_field(changes, message):
   with pytest.raises(validation.ConfigError) as error:
