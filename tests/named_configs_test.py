@@ -17,13 +17,13 @@ from experiments import named_configs
 from tests import experiment_utils
 
 # The flags only experiments.sweep has (beside the shared ones).
-_SWEEP_ONLY = {"seeds", "taus", "recipes", "lrs", "capacity_widths"}
+_SWEEP_ONLY = {"seeds", "taus", "recipes", "lrs", "capacity_widths", "variants"}
 
 
 def test_available_lists_the_config_modules():
   names = named_configs.available()
   assert {"digits", "digits_reinforce", "mnist1d", "mnist1d_large",
-          "mnist1d_capacity"} <= set(names)
+          "mnist1d_capacity", "lm_capacity"} <= set(names)
   assert all(not name.startswith("_") for name in names)
 
 
@@ -43,7 +43,8 @@ def test_every_config_is_a_valid_run_of_its_entrypoint(name):
     sweep.validate_grid(base, seeds=sweep_values.get("seeds", (0,)),
                         taus=sweep_values.get("taus", () if capacity else (0.25,)),
                         recipes=sweep_values.get("recipes", ()),
-                        lrs=sweep_values.get("lrs", ()), capacity_widths=capacity)
+                        lrs=sweep_values.get("lrs", ()), capacity_widths=capacity,
+                        variants=sweep_values.get("variants", ()))
 
 
 def test_unknown_name_lists_the_names():
