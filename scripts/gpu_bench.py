@@ -9,7 +9,15 @@ r"""The prepared GPU measurement of issue 20 (one short run, < 6 minutes on an H
    (:mod:`ccjax.inference.roofline`, shared with ``scripts/cpu_roofline.py``): weight bytes
    and MACs, the bound at this device's measured read bandwidth and float32 matmul rate
    (``Precision.HIGHEST``), and the measured fraction of it;
-3. the train step of the reference net, gated vs dense (batch 128, medians).
+3. the train step of the reference net, gated vs dense (batch 128, medians);
+4. where batch-1 time goes (:func:`kernel_parts`): an empty jitted call (the dispatch
+   floor), one dense 4096x4096 layer, one :func:`gather_gemv` block product and one
+   :func:`select_blocks` at the reference shapes, and the whole fused batch-1 forward,
+   each synchronised per call and pipelined (many calls, one synchronisation);
+5. the shape of the trained nets (784-1024-1024, tau = 1/8) on pallas-gpu float32;
+6. device time per forward (:func:`device_time`): many forwards in one jitted scan, so
+   that the host's dispatch and synchronisation (about 0.1 ms a call on a virtualised
+   host, as long as a whole dense batch-1 forward) are paid once, not per forward.
 
 Everything lands in ``--out_dir`` (default ``$OUT``, else ``docs/bench``) as
 ``gpu_bench_<device>.json`` (the summary, device named) plus the three
@@ -24,6 +32,7 @@ and the others still run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -45,18 +54,29 @@ from ccjax import atomic
 from ccjax import timing
 from ccjax.inference import roofline
 from ccjax.inference import kernels
+from ccjax.inference.kernels import pallas_gpu
+from ccjax.inference.kernels import pallas_gpu_gemv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = {"input_dim": 784, "hidden": (4096, 4096, 4096), "block_size": 64,
              "num_classes": 10, "tau": 0.125, "batch_sizes": (1, 8, 32, 128), "repeats": 30,
-             "train_batch": 128, "bandwidth_mb": 1024, "matmul_size": 4096, "timeout_s": 120}
+             "train_batch": 128, "bandwidth_mb": 1024, "matmul_size": 4096, "timeout_s": 100,
+             "scan_steps": 64, "scan_unroll": 4, "scan_repeats": 12}
 TINY = {"input_dim": 12, "hidden": (32, 32), "block_size": 8, "num_classes": 5,
         "tau": 0.25, "batch_sizes": (1, 2), "repeats": 2, "train_batch": 4,
-        "bandwidth_mb": 4, "matmul_size": 64, "timeout_s": 600}
-# (name, --backend, --dtype) of the bench_inference runs.
-RUNS = (("pallas_float32", "pallas-gpu", "float32"), ("xla_float32", "xla", "float32"),
-        ("pallas_bfloat16", "pallas-gpu", "bfloat16"))
-RUN_NAMES = tuple(name for name, _, _ in RUNS)
+        "bandwidth_mb": 4, "matmul_size": 64, "timeout_s": 600,
+        "scan_steps": 4, "scan_unroll": 2, "scan_repeats": 2}
+# (name, --backend, --dtype, changes to the net) of the bench_inference runs; the last is
+# the shape of the trained nets (784-1024-1024, tau = 1/8; policies calibrated, not trained).
+RUNS = (("pallas_float32", "pallas-gpu", "float32", {}), ("xla_float32", "xla", "float32", {}),
+        ("pallas_bfloat16", "pallas-gpu", "bfloat16", {}),
+        ("pallas_float32_1024x2", "pallas-gpu", "float32",
+         {"hidden": (1024, 1024), "batch_sizes": (1, 128)}))
+RUN_NAMES = tuple(run[0] for run in RUNS)
+# What main() measures, in this order (--parts).
+PARTS = ("bench", "device_time", "kernel_parts", "train_step", "roofline")
+# Calls timed back to back before one synchronisation (the pipelined time of a call).
+PIPELINED_CALLS = 50
 
 
 def _net_flags(net: dict[str, Any]) -> list[str]:
@@ -65,8 +85,10 @@ def _net_flags(net: dict[str, Any]) -> list[str]:
           f"--tau={net['tau']}"]
 
 
-def run_bench_inference(net: dict[str, Any], backend: str, dtype: str) -> dict[str, Any]:
+def run_bench_inference(net: dict[str, Any], backend: str, dtype: str,
+                        changes: dict[str, Any] | None = None) -> dict[str, Any]:
   """``experiments.bench_inference --json`` in a subprocess: its JSON, or ``{"error"}``."""
+  net = {**net, **(changes or {})}
   command = [sys.executable, "-m", "experiments.bench_inference", "--models=mlp", "--json",
              f"--backend={backend}", f"--dtype={dtype}", f"--repeats={net['repeats']}",
              f"--batch_sizes={','.join(map(str, net['batch_sizes']))}", *_net_flags(net)]
@@ -145,6 +167,114 @@ def train_step_times(net: dict[str, Any]) -> dict[str, Any]:
           "gated_over_dense": gated_ms / dense_ms}
 
 
+def _pipelined_ms(fn, args, calls: int) -> float:
+  """Mean ms of ``fn(*args)`` over ``calls`` calls dispatched back to back, synchronised
+  once (host dispatch overlaps the device work; median of three such runs)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    outputs = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(outputs)
+    times.append((time.perf_counter() - start) * 1e3 / calls)
+  return float(np.median(times))
+
+
+def kernel_parts(net: dict[str, Any]) -> dict[str, Any]:
+  """Where the batch-1 time goes: the parts of the fused forward, timed alone (float32).
+
+  ``synced_ms``: median of calls each followed by ``block_until_ready`` (what
+  ``bench_inference`` measures); ``pipelined_ms``: calls dispatched back to back.
+  """
+  interpret = pallas_gpu.interpret_default()
+  width, block = net["hidden"][1], net["block_size"]
+  num_blocks = width // block
+  active = max(1, round(net["tau"] * num_blocks))
+  keys = jax.random.split(jax.random.PRNGKey(7), 4)
+  x = jax.random.normal(keys[0], (1, net["input_dim"]))
+  dense_kernel = jax.random.normal(keys[1], (width, width)) / width ** 0.5
+  h_dense = jax.random.normal(keys[2], (1, width))
+  tiles = jax.random.normal(keys[3], (num_blocks * num_blocks, block, block))
+  h_parts = jax.random.normal(keys[2], (1, active, block))
+  index = jnp.arange(active, dtype=jnp.int32) * 3 % num_blocks
+  count = jnp.array([active], jnp.int32)
+  logit_parts = jax.random.normal(keys[0], (4, 1, num_blocks))
+  policy_bias = jnp.zeros((num_blocks,))
+  gemv = jax.jit(functools.partial(pallas_gpu_gemv.gather_gemv, in_stride=num_blocks,
+                                   interpret=interpret))
+  select = jax.jit(functools.partial(pallas_gpu_gemv.select_blocks, capacity=active,
+                                     eps=0.0, interpret=interpret))
+  module = _reference_mlp(net)
+  params = module.init({"params": keys[0], "gate": keys[0]}, x, mode="threshold")["params"]
+  params = ccjax.calibrate_policies(module, params, jax.random.normal(
+      keys[1], (512, net["input_dim"])), net["tau"])
+  forward = ccjax.make_inference(module, params, capacities=ccjax.Capacities(
+      active_fraction=net["tau"]), backend="pallas-gpu", with_info=False)
+  dense_forward = ccjax.make_dense_inference(module, params)
+  with jax.default_matmul_precision("highest"):
+    dense_layer = jax.jit(lambda h, kernel: h @ kernel)
+    parts = {
+        "noop": (jax.jit(lambda inputs: inputs), (x,)),
+        f"dense_layer_{width}x{width}": (dense_layer, (h_dense, dense_kernel)),
+        f"gather_gemv_{active}x{active}_blocks": (gemv, (h_parts, index, count, index, count,
+                                                         tiles)),
+        f"select_blocks_{active}_of_{num_blocks}": (select, (logit_parts, policy_bias)),
+        "fused_forward": (forward, (x,)),
+        "dense_forward": (dense_forward, (x,)),
+    }
+    synced = timing.interleaved_median_ms([(fn, [args]) for fn, args in parts.values()],
+                                          repeats=net["repeats"])
+    pipelined = [_pipelined_ms(fn, args, PIPELINED_CALLS) for fn, args in parts.values()]
+  return {name: {"synced_ms": sync_ms, "pipelined_ms": pipe_ms}
+          for name, sync_ms, pipe_ms in zip(parts, synced, pipelined)}
+
+
+def _scan_forward(forward, unroll: int):
+  """``xs [steps, batch, in] -> [steps, batch, classes]``: one forward per step of a
+  jitted scan (``unroll`` forwards per loop iteration)."""
+  def body(carry, x):
+    return carry, forward(x)
+  return jax.jit(lambda xs: jax.lax.scan(body, None, xs, unroll=unroll)[1])
+
+
+def device_time(net: dict[str, Any]) -> list[dict[str, Any]]:
+  """Per-forward time of dense and sparse inference with dispatch amortised (float32).
+
+  ``steps`` different inputs run through one jitted scan per call (``unroll`` forwards
+  per iteration); the median call time over the steps, minus that of a scan that only
+  copies its input (``loop_ms``: the loop's own cost), is the time of one forward on the
+  device, kernels and launches included, the host excluded.
+  """
+  module = _reference_mlp(net)
+  key = jax.random.PRNGKey(0)
+  params = module.init({"params": key, "gate": key}, jnp.zeros((1, net["input_dim"])),
+                       mode="threshold")["params"]
+  params = ccjax.calibrate_policies(module, params, jax.random.normal(
+      jax.random.PRNGKey(1), (512, net["input_dim"])), net["tau"])
+  capacities = ccjax.Capacities(active_fraction=net["tau"])
+  forwards = {"dense": ccjax.make_dense_inference(module, params)}
+  for backend in ("pallas-gpu", "xla"):
+    forwards[backend] = ccjax.make_inference(module, params, capacities=capacities,
+                                             backend=backend, with_info=False)
+  steps, unroll = net["scan_steps"], net["scan_unroll"]
+  entries = []
+  for batch in net["batch_sizes"]:
+    xs = jax.random.normal(jax.random.PRNGKey(11 + batch), (steps, batch, net["input_dim"]))
+    calls = {"loop": _scan_forward(lambda x: x, unroll)}
+    calls.update({name: _scan_forward(fn, unroll) for name, fn in forwards.items()})
+    times = timing.interleaved_median_ms([(fn, [(xs,)]) for fn in calls.values()],
+                                         repeats=net["scan_repeats"], warmup=2)
+    loop_ms = times[0] / steps
+    per_forward = {name: max(total / steps - loop_ms, 0.0)
+                   for name, total in zip(list(calls)[1:], times[1:])}
+    entries.append({"batch_size": batch, "steps": steps, "unroll": unroll,
+                    "loop_ms": loop_ms,
+                    **{f"{name}_ms": value for name, value in per_forward.items()},
+                    **{f"dense_over_{name}": per_forward["dense"] / value
+                       for name, value in per_forward.items() if name != "dense" and value}})
+  return entries
+
+
 def _attempt(results: dict[str, Any], name: str, fn, *args) -> Any:
   start = time.perf_counter()
   try:
@@ -164,12 +294,19 @@ def main() -> None:
   parser.add_argument("--runs", default=",".join(RUN_NAMES),
                       help=f"bench_inference runs, a comma-separated subset of "
                            f"{'|'.join(RUN_NAMES)}")
+  parser.add_argument("--parts", default=",".join(PARTS),
+                      help=f"what to measure, a comma-separated subset of {'|'.join(PARTS)} "
+                           f"(a subset names the summary gpu_bench_<device>_<parts>.json)")
   args = parser.parse_args()
-  unknown = sorted(set(args.runs.split(",")) - set(RUN_NAMES))
-  if unknown:
-    parser.exit(2, f"gpu_bench.py: --runs must list entries of {'|'.join(RUN_NAMES)}, "
-                   f"got {','.join(unknown)}\n")
+  for flag, allowed in (("runs", RUN_NAMES), ("parts", PARTS)):
+    unknown = sorted(set(getattr(args, flag).split(",")) - set(allowed))
+    if unknown:
+      parser.exit(2, f"gpu_bench.py: --{flag} must list entries of {'|'.join(allowed)}, "
+                     f"got {','.join(unknown)}\n")
+  parts = [part for part in PARTS if part in args.parts.split(",")]
   runs = [run for run in RUNS if run[0] in args.runs.split(",")]
+  if args.tiny:  # the tiny net keeps its own shape in every run
+    runs = [(name, backend, dtype, {}) for name, backend, dtype, _ in runs]
   net = TINY if args.tiny else REFERENCE
   if jax.default_backend() != "gpu" and not args.tiny:
     parser.exit(2, "gpu_bench.py: no GPU here (jax backend "
@@ -185,21 +322,32 @@ def main() -> None:
                              "net": {k: net[k] for k in ("input_dim", "hidden", "block_size",
                                                          "num_classes", "tau")},
                              "tiny": args.tiny}
-  bench = summary.setdefault("bench_inference", {})
-  for name, backend, dtype in runs:
-    report = _attempt(bench, name, run_bench_inference, net, backend, dtype)
-    if "error" not in report:
-      atomic.write_json(os.path.join(args.out_dir, f"{device}_bench_{name}.json"), report)
-      bench[name] = [{key: entry.get(key) for key in ("batch_size", "dense_ms", "sparse_ms",
-                                                      "ratio", "overflow_rate", "backend")}
-                     for entry in report["results"]]
-  rates = _attempt(summary, "device_rates", device_rates, net)
-  if "error" not in rates:
-    _attempt(summary, "roofline", accounting, net, rates["read_bandwidth_gbs"],
-             rates["matmul_gmacs_float32_highest"])
-  _attempt(summary, "train_step", train_step_times, net)
-  path = os.path.join(args.out_dir, f"gpu_bench_{device}.json")
-  atomic.write_json(path, summary)
+  suffix = "" if parts == list(PARTS) else "_" + "_".join(parts)
+  path = os.path.join(args.out_dir, f"gpu_bench_{device}{suffix}.json")
+  summary["parts"] = parts
+  # The summary is rewritten after every part: a run stopped at its time limit keeps
+  # what it measured.
+  if "bench" in parts:
+    bench = summary.setdefault("bench_inference", {})
+    for name, backend, dtype, changes in runs:
+      report = _attempt(bench, name, run_bench_inference, net, backend, dtype, changes)
+      if "error" not in report:
+        atomic.write_json(os.path.join(args.out_dir, f"{device}_bench_{name}.json"), report)
+        bench[name] = [{key: entry.get(key) for key in ("batch_size", "dense_ms", "sparse_ms",
+                                                        "ratio", "overflow_rate", "backend")}
+                       for entry in report["results"]]
+      atomic.write_json(path, summary)
+  for part, fn in (("device_time", device_time), ("kernel_parts", kernel_parts),
+                   ("train_step", train_step_times)):
+    if part in parts:
+      _attempt(summary, part, fn, net)
+      atomic.write_json(path, summary)
+  if "roofline" in parts:
+    rates = _attempt(summary, "device_rates", device_rates, net)
+    if "error" not in rates:
+      _attempt(summary, "roofline", accounting, net, rates["read_bandwidth_gbs"],
+               rates["matmul_gmacs_float32_highest"])
+    atomic.write_json(path, summary)
   print(path)
 
 

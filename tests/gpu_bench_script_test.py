@@ -43,6 +43,13 @@ def test_tiny_run_writes_named_json_with_roofline_and_train_step(tmp_path):
     assert entry["sparse"]["weight_mb"] < entry["dense"]["weight_mb"]
   train = summary["train_step"]
   assert train["gated_ms"] > 0 and train["dense_ms"] > 0
+  parts = summary["kernel_parts"]
+  assert {"noop", "fused_forward", "dense_forward", "gather_gemv_1x1_blocks",
+          "select_blocks_1_of_4"} <= set(parts), parts
+  assert all(part["synced_ms"] > 0 and part["pipelined_ms"] > 0 for part in parts.values())
+  for entry in summary["device_time"]:
+    assert entry["loop_ms"] > 0 and entry["steps"] == 4
+    assert {"dense_ms", "pallas-gpu_ms", "xla_ms"} <= set(entry), entry
 
 
 @pytest.mark.slow  # a whole script run; the fast tier checks its flags and refusals
@@ -55,6 +62,8 @@ def test_full_run_needs_a_gpu_and_writes_nothing(tmp_path):
   assert not out_dir.exists()
   result = _run(["--tiny", "--runs=pallas_float32,cuda"], out_dir)
   assert result.returncode == 2 and "--runs" in result.stderr
+  result = _run(["--tiny", "--parts=bench,speed"], out_dir)
+  assert result.returncode == 2 and "--parts" in result.stderr and "device_time" in result.stderr
   assert not out_dir.exists()
 
 
