@@ -53,7 +53,9 @@ import ccjax
 from ccjax import atomic
 from ccjax import timing
 from ccjax.inference import roofline
+from ccjax.inference import api
 from ccjax.inference import kernels
+from ccjax.inference import layout
 from ccjax.inference.kernels import pallas_gpu
 from ccjax.inference.kernels import pallas_gpu_gemv
 
@@ -204,6 +206,11 @@ def kernel_parts(net: dict[str, Any]) -> dict[str, Any]:
                                    interpret=interpret))
   select = jax.jit(functools.partial(pallas_gpu_gemv.select_blocks, capacity=active,
                                      eps=0.0, interpret=interpret))
+  layer = jax.jit(functools.partial(pallas_gpu_gemv.gemv_layer, in_stride=num_blocks,
+                                    in_relu=True, capacity=active, eps=0.0,
+                                    interpret=interpret))
+  layer_bias = jnp.zeros((num_blocks, block))
+  next_tiles = jax.random.normal(keys[3], (num_blocks, block, num_blocks))
   module = _reference_mlp(net)
   params = module.init({"params": keys[0], "gate": keys[0]}, x, mode="threshold")["params"]
   params = ccjax.calibrate_policies(module, params, jax.random.normal(
@@ -219,6 +226,9 @@ def kernel_parts(net: dict[str, Any]) -> dict[str, Any]:
         f"gather_gemv_{active}x{active}_blocks": (gemv, (h_parts, index, count, index, count,
                                                          tiles)),
         f"select_blocks_{active}_of_{num_blocks}": (select, (logit_parts, policy_bias)),
+        f"gemv_layer_{active}_of_{num_blocks}": (layer, (logit_parts[:, 0], policy_bias,
+                                                         h_parts, index, count, tiles,
+                                                         layer_bias, next_tiles, layer_bias)),
         "fused_forward": (forward, (x,)),
         "dense_forward": (dense_forward, (x,)),
     }
@@ -260,12 +270,22 @@ def device_time(net: dict[str, Any]) -> list[dict[str, Any]]:
   for backend in ("pallas-gpu", "xla"):
     forwards[backend] = ccjax.make_inference(module, params, capacities=capacities,
                                              backend=backend, with_info=False)
+  # Batch 1 also on the earlier fused path: three launches per hidden layer.
+  block_major = layout.to_block_major(module, params, pallas_tiles=True)
+  config = api.sparse_config(block_major, 1, mode="threshold", capacities=capacities,
+                             backend="pallas-gpu")
+  three_launch = functools.partial(pallas_gpu_gemv.fused_forward_single, block_major,
+                                   config=config, interpret=pallas_gpu.interpret_default(),
+                                   one_launch_layers=False)
   steps, unroll = net["scan_steps"], net["scan_unroll"]
   entries = []
   for batch in net["batch_sizes"]:
     xs = jax.random.normal(jax.random.PRNGKey(11 + batch), (steps, batch, net["input_dim"]))
     calls = {"loop": _scan_forward(lambda x: x, unroll)}
     calls.update({name: _scan_forward(fn, unroll) for name, fn in forwards.items()})
+    if batch == 1:
+      calls["pallas-gpu-3-launch"] = _scan_forward(lambda x: three_launch(x[0])[0][None],
+                                                   unroll)
     times = timing.interleaved_median_ms([(fn, [(xs,)]) for fn in calls.values()],
                                          repeats=net["scan_repeats"], warmup=2)
     loop_ms = times[0] / steps
@@ -303,6 +323,8 @@ def main() -> None:
   parser.add_argument("--parts", default=",".join(PARTS),
                       help=f"what to measure, a comma-separated subset of {'|'.join(PARTS)} "
                            f"(a subset names the summary gpu_bench_<device>_<parts>.json)")
+  parser.add_argument("--batch_sizes", default="",
+                      help="comma-separated batch sizes instead of the net's (e.g. 1)")
   args = parser.parse_args()
   for flag, allowed in (("runs", RUN_NAMES), ("parts", PARTS)):
     unknown = sorted(set(getattr(args, flag).split(",")) - set(allowed))
@@ -313,7 +335,15 @@ def main() -> None:
   runs = [run for run in RUNS if run[0] in args.runs.split(",")]
   if args.tiny:  # the tiny net keeps its own shape in every run
     runs = [(name, backend, dtype, {}) for name, backend, dtype, _ in runs]
-  net = TINY if args.tiny else REFERENCE
+  net = dict(TINY if args.tiny else REFERENCE)
+  if args.batch_sizes:
+    try:
+      net["batch_sizes"] = tuple(int(size) for size in args.batch_sizes.split(","))
+      if min(net["batch_sizes"]) < 1:
+        raise ValueError
+    except ValueError:
+      parser.exit(2, f"gpu_bench.py: --batch_sizes must be positive integers, got "
+                     f"{args.batch_sizes!r}\n")
   if jax.default_backend() != "gpu" and not args.tiny:
     parser.exit(2, "gpu_bench.py: no GPU here (jax backend "
                    f"{jax.default_backend()!r}); to check the script on a CPU run it with "

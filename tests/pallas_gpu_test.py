@@ -339,6 +339,126 @@ def test_select_blocks_rejects_bad_capacity():
     pallas_gpu_gemv.select_blocks(jnp.zeros((1, 2, 4)), jnp.zeros((4,)), capacity=2, eps=0.01)
 
 
+# ------------------------------------------------------- batch-1 one-launch hidden layer
+
+
+def _layer_case(seed, in_slots, depth, width, num_blocks, next_width, in_gated,
+                dtype=jnp.float32):
+  """A hidden layer's operands: policy partials, input partials, weights, biases."""
+  rng = np.random.default_rng(seed)
+  h, weights, in_bias, in_index, _ = _gemv_case(
+      seed, 3, in_slots, depth, width, 1, in_slots + 2 if in_gated else 1,
+      num_blocks, dtype)
+  stride = in_slots + 2 if in_gated else 1
+  logit_parts = jnp.asarray(rng.normal(size=(5, num_blocks)), jnp.float32)
+  policy_bias = jnp.asarray(rng.normal(size=(num_blocks,)) * 0.5, jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(num_blocks, width)), dtype)
+  next_weights = jnp.asarray(rng.normal(size=(num_blocks, width, next_width)), dtype)
+  return (logit_parts, policy_bias, h, in_index, weights, bias, next_weights,
+          in_bias if in_gated else None, stride)
+
+
+# (in_slots, depth, width, num_blocks, next_width, in_gated, capacity, in_count, exact_k)
+LAYER_CASES = [
+    (1, 100, 16, 6, 6, False, 3, 1, False),    # first layer: dense input, depth not a tile
+    (4, 64, 64, 12, 12, True, 4, 3, False),    # hidden layer, ragged input count
+    (3, 16, 40, 5, 10, True, 5, 3, True),      # columns not a tile multiple, output next
+    (2, 32, 16, 7, 7, True, 2, 0, False),      # no active input: outputs are the bias
+]
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_gemv_layer_equals_select_then_gemv(case):
+  """One launch gives the selection of :func:`select_blocks` and the products of
+  :func:`gather_gemv` (the layer's block product, then the next product of its
+  ReLU output)."""
+  in_slots, depth, width, num_blocks, next_width, in_gated, capacity_, in_count, exact_k = case
+  (logit_parts, policy_bias, h, in_index, weights, bias, next_weights, in_bias,
+   stride) = _layer_case(sum(case[:5]), in_slots, depth, width, num_blocks, next_width,
+                         in_gated)
+  count = jnp.array([in_count], jnp.int32)
+  got = pallas_gpu_gemv.gemv_layer(
+      logit_parts, policy_bias, h, in_index, count, weights, bias, next_weights, in_bias,
+      in_stride=stride, in_relu=in_gated, capacity=capacity_, eps=0.01, exact_k=exact_k,
+      interpret=not ON_GPU)
+  selection = pallas_gpu_gemv.select_blocks(logit_parts[:, None], policy_bias,
+                                            capacity=capacity_, eps=0.01, exact_k=exact_k,
+                                            interpret=not ON_GPU)
+  for name in ("index", "kept", "counts"):
+    np.testing.assert_array_equal(getattr(got.selection, name), getattr(selection, name))
+  np.testing.assert_allclose(got.selection.probs, selection.probs, rtol=1e-6, atol=1e-7)
+  expected_h = _gemv_reference(h, in_index, count, selection.index, selection.counts,
+                               weights, in_bias, stride, in_gated)
+  np.testing.assert_allclose(got.h_parts[0], expected_h, atol=1e-4, rtol=1e-5)
+  kept = int(selection.counts[0])
+  expected_next = _gemv_reference(got.h_parts, selection.index, selection.counts,
+                                  jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32),
+                                  next_weights, bias, 0, True)
+  np.testing.assert_allclose(np.asarray(got.next_parts).sum(axis=0), expected_next[0],
+                             atol=1e-4, rtol=1e-5)
+  assert got.next_parts.shape == (capacity_ * -(-width // pallas_gpu_gemv.MIN_TILE),
+                                  next_width)
+  np.testing.assert_array_equal(np.asarray(got.h_parts[0, kept:]), 0.0)
+
+
+def test_gemv_layer_reads_only_selected_blocks():
+  """NaN in every weight block, bias row and next-weight block the selection does not
+  use, and in the input slots past the active count: nothing the layer returns has one."""
+  (logit_parts, policy_bias, h, in_index, weights, bias, next_weights, in_bias,
+   stride) = _layer_case(3, 4, 32, 32, 8, 8, True)
+  logit_parts = logit_parts.at[:, jnp.array([1, 6])].set(20.0)   # blocks 1 and 6 run
+  logit_parts = logit_parts.at[:, jnp.array([0, 2, 3, 4, 5, 7])].set(-20.0)
+  count = jnp.array([2], jnp.int32)
+  used = {o * stride + int(i) for o in (1, 6) for i in in_index[:2]}
+  unused = np.array(sorted(set(range(weights.shape[0])) - used))
+  others = jnp.array([0, 2, 3, 4, 5, 7])
+  unused_inputs = np.array(sorted(set(range(in_bias.shape[0])) - set(map(int, in_index[:2]))))
+  got = pallas_gpu_gemv.gemv_layer(
+      logit_parts, policy_bias, h.at[:, 2:].set(jnp.nan), in_index, count,
+      weights.at[unused].set(jnp.nan), bias.at[others].set(jnp.nan),
+      next_weights.at[others].set(jnp.nan), in_bias.at[unused_inputs].set(jnp.nan),
+      in_stride=stride, in_relu=True, capacity=3, eps=0.01, interpret=not ON_GPU)
+  np.testing.assert_array_equal(got.selection.index[:2], [1, 6])
+  assert int(got.selection.counts[0]) == 2
+  assert np.isfinite(np.asarray(got.h_parts)).all()
+  assert np.isfinite(np.asarray(got.next_parts)).all()
+
+
+def test_gemv_layer_rejects_mismatched_shapes():
+  (logit_parts, policy_bias, h, in_index, weights, bias, next_weights, in_bias,
+   stride) = _layer_case(1, 2, 16, 16, 4, 4, True)
+  count = jnp.ones((1,), jnp.int32)
+  with pytest.raises(ValueError, match="logit_parts"):
+    pallas_gpu_gemv.gemv_layer(logit_parts[:, :3], policy_bias, h, in_index, count, weights,
+                               bias, next_weights, in_bias, in_stride=stride, capacity=2,
+                               eps=0.01)
+  with pytest.raises(ValueError, match="capacity"):
+    pallas_gpu_gemv.gemv_layer(logit_parts, policy_bias, h, in_index, count, weights, bias,
+                               next_weights, in_bias, in_stride=stride, capacity=5, eps=0.01)
+  with pytest.raises(ValueError, match="next_weights"):
+    pallas_gpu_gemv.gemv_layer(logit_parts, policy_bias, h, in_index, count, weights, bias,
+                               next_weights[:, :8], in_bias, in_stride=stride, capacity=2,
+                               eps=0.01)
+
+
+@pytest.mark.parametrize("exact_k", [False, True])
+def test_one_launch_layers_equal_three_launch_layers(exact_k):
+  """The two batch-1 paths run the same blocks, with the same traces, to 1e-5."""
+  params, x = mlp_cases._params(6), mlp_cases._inputs(6, 1)
+  model = _pallas_layout(params)
+  config = capacity.SparseConfig((2, 3, 2), (1,) * 3, (1,) * 3, backend="pallas-gpu",
+                                 exact_k=exact_k)
+  one, one_traces = pallas_gpu_gemv.fused_forward_single(model, x[0], config,
+                                                         interpret=not ON_GPU)
+  three, three_traces = pallas_gpu_gemv.fused_forward_single(
+      model, x[0], config, interpret=not ON_GPU, one_launch_layers=False)
+  np.testing.assert_allclose(one, three, atol=1e-5, rtol=1e-5)
+  for trace, ref in zip(one_traces, three_traces):
+    for got_field, ref_field in zip(trace, ref):
+      np.testing.assert_allclose(np.asarray(got_field, np.float32),
+                                 np.asarray(ref_field, np.float32), atol=1e-6)
+
+
 # ------------------------------------------------- the pallas-gpu backend in the sparse MLP
 
 
@@ -623,12 +743,51 @@ def test_select_blocks_lowers_for_cuda():
     assert len([op for op, _ in ops if op.name == "scf.for"]) == 1
 
 
+@pytest.mark.parametrize("dtype,in_gated,depth,width,next_width", [
+    (jnp.float32, False, 784, 64, 64),     # first layer: dense input, next policy 64 blocks
+    (jnp.float32, True, 64, 64, 10),       # last hidden layer: the output logits next
+    (jnp.bfloat16, True, 128, 128, 32),    # bfloat16 weights
+])
+def test_gemv_layer_lowers_for_cuda(dtype, in_gated, depth, width, next_width):
+  """One program per (output slot, 16-column tile), no split-K, no MMA; in the K loop one
+  weight tile and one input tile (and one input-bias row) per step; outside it only the
+  policy partials and bias (once), the layer's bias row and one next-weight tile."""
+  num_blocks, capacity_, in_slots, rows = 12, 4, 3, 6
+  h = jax.ShapeDtypeStruct((2, in_slots, depth), jnp.float32 if in_gated else dtype)
+  weights = jax.ShapeDtypeStruct((num_blocks * (5 if in_gated else 1), depth, width), dtype)
+  args = [jax.ShapeDtypeStruct((rows, num_blocks), jnp.float32),
+          jax.ShapeDtypeStruct((num_blocks,), jnp.float32), h,
+          jax.ShapeDtypeStruct((in_slots,), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32),
+          weights, jax.ShapeDtypeStruct((num_blocks, width), dtype),
+          jax.ShapeDtypeStruct((num_blocks, width, next_width), dtype),
+          jax.ShapeDtypeStruct((5, depth), dtype) if in_gated else None]
+  with _triton_kernels(pallas_gpu_gemv.gemv_layer, *args, in_stride=5 if in_gated else 1,
+                       in_relu=in_gated, capacity=capacity_, eps=0.01) as lowered:
+    if lowered is None:
+      return
+    [(grid, ops)] = lowered
+    tile = pallas_gpu_gemv.layer_tiles(depth, dtype)
+    assert tile.cols == pallas_gpu_gemv.MIN_TILE
+    assert grid == [capacity_, -(-width // tile.cols), 1]
+    assert not [op for op, _ in ops if op.name == "tt.dot"]
+    assert len([op for op, _ in ops if op.name == "scf.for"]) == 2   # top-k passes, K loop
+    element, f32 = _element_type(dtype), ir.F32Type.get()
+    expected = [([tile.depth, tile.cols], element, True),
+                ([2, tile.depth], _element_type(h.dtype), True),
+                ([8, 16], f32, False), ([16], f32, False),           # policy partials, bias
+                ([tile.cols], element, False),                        # the layer's bias row
+                ([tile.cols, 1 << (next_width - 1).bit_length()], element, False)]
+    if in_gated:
+      expected.append(([tile.depth], element, True))
+    assert sorted(_tensor_loads(ops), key=str) == sorted(expected, key=str)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_sparse_forward_lowers_for_cuda_with_real_kernels(monkeypatch, batch, dtype):
   """The whole sparse MLP on pallas-gpu lowers for CUDA with the real (not interpreted)
-  kernels, and no other custom call: batch 1 is three launches per hidden layer plus the
-  output GEMV, a minibatch one grouped matmul per product (two per gated-input layer)."""
+  kernels, and no other custom call: batch 1 is the first policy GEMV plus one launch per
+  hidden layer, a minibatch one grouped matmul per product (two per gated-input layer)."""
   monkeypatch.setattr(pallas_gpu, "interpret_default", lambda: False)
   params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), mlp_cases._params(0))
   model = _pallas_layout(params)
@@ -638,7 +797,7 @@ def test_sparse_forward_lowers_for_cuda_with_real_kernels(monkeypatch, batch, dt
   x = jax.ShapeDtypeStruct((batch, mlp_cases.INPUT_DIM), dtype)
   module = jax.jit(lambda model, x: mlp.sparse_forward(model, x, config)).trace(
       model, x).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
-  assert _triton_launches(module) == (3 * len(mlp_cases.HIDDEN) + 1 if batch == 1
+  assert _triton_launches(module) == (1 + len(mlp_cases.HIDDEN) if batch == 1
                                       else 2 * len(mlp_cases.HIDDEN))
 
 
