@@ -270,13 +270,13 @@ def device_time(net: dict[str, Any]) -> list[dict[str, Any]]:
   for backend in ("pallas-gpu", "xla"):
     forwards[backend] = ccjax.make_inference(module, params, capacities=capacities,
                                              backend=backend, with_info=False)
-  # Batch 1 also on the earlier fused path: three launches per hidden layer.
+  # Batch 1 also with one launch per hidden layer (gemv_layer; not the default).
   block_major = layout.to_block_major(module, params, pallas_tiles=True)
   config = api.sparse_config(block_major, 1, mode="threshold", capacities=capacities,
                              backend="pallas-gpu")
-  three_launch = functools.partial(pallas_gpu_gemv.fused_forward_single, block_major,
-                                   config=config, interpret=pallas_gpu.interpret_default(),
-                                   one_launch_layers=False)
+  one_launch = functools.partial(pallas_gpu_gemv.fused_forward_single, block_major,
+                                 config=config, interpret=pallas_gpu.interpret_default(),
+                                 one_launch_layers=True)
   steps, unroll = net["scan_steps"], net["scan_unroll"]
   entries = []
   for batch in net["batch_sizes"]:
@@ -284,7 +284,7 @@ def device_time(net: dict[str, Any]) -> list[dict[str, Any]]:
     calls = {"loop": _scan_forward(lambda x: x, unroll)}
     calls.update({name: _scan_forward(fn, unroll) for name, fn in forwards.items()})
     if batch == 1:
-      calls["pallas-gpu-3-launch"] = _scan_forward(lambda x: three_launch(x[0])[0][None],
+      calls["pallas-gpu-1-launch"] = _scan_forward(lambda x: one_launch(x[0])[0][None],
                                                    unroll)
     times = timing.interleaved_median_ms([(fn, [(xs,)]) for fn in calls.values()],
                                          repeats=net["scan_repeats"], warmup=2)

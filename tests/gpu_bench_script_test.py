@@ -45,11 +45,12 @@ def test_tiny_run_writes_named_json_with_roofline_and_train_step(tmp_path):
   assert train["gated_ms"] > 0 and train["dense_ms"] > 0
   parts = summary["kernel_parts"]
   assert {"noop", "fused_forward", "dense_forward", "gather_gemv_1x1_blocks",
-          "select_blocks_1_of_4"} <= set(parts), parts
+          "select_blocks_1_of_4", "gemv_layer_1_of_4"} <= set(parts), parts
   assert all(part["synced_ms"] > 0 and part["pipelined_ms"] > 0 for part in parts.values())
   for entry in summary["device_time"]:
     assert entry["loop_ms"] > 0 and entry["steps"] == 4
     assert {"dense_ms", "pallas-gpu_ms", "xla_ms"} <= set(entry), entry
+    assert ("pallas-gpu-1-launch_ms" in entry) == (entry["batch_size"] == 1)
 
 
 @pytest.mark.slow  # a whole script run; the fast tier checks its flags and refusals

@@ -448,10 +448,10 @@ def test_one_launch_layers_equal_three_launch_layers(exact_k):
   model = _pallas_layout(params)
   config = capacity.SparseConfig((2, 3, 2), (1,) * 3, (1,) * 3, backend="pallas-gpu",
                                  exact_k=exact_k)
-  one, one_traces = pallas_gpu_gemv.fused_forward_single(model, x[0], config,
-                                                         interpret=not ON_GPU)
-  three, three_traces = pallas_gpu_gemv.fused_forward_single(
-      model, x[0], config, interpret=not ON_GPU, one_launch_layers=False)
+  one, one_traces = pallas_gpu_gemv.fused_forward_single(
+      model, x[0], config, interpret=not ON_GPU, one_launch_layers=True)
+  three, three_traces = pallas_gpu_gemv.fused_forward_single(model, x[0], config,
+                                                             interpret=not ON_GPU)
   np.testing.assert_allclose(one, three, atol=1e-5, rtol=1e-5)
   for trace, ref in zip(one_traces, three_traces):
     for got_field, ref_field in zip(trace, ref):
@@ -786,8 +786,8 @@ def test_gemv_layer_lowers_for_cuda(dtype, in_gated, depth, width, next_width):
 @pytest.mark.parametrize("batch", [1, 5])
 def test_sparse_forward_lowers_for_cuda_with_real_kernels(monkeypatch, batch, dtype):
   """The whole sparse MLP on pallas-gpu lowers for CUDA with the real (not interpreted)
-  kernels, and no other custom call: batch 1 is the first policy GEMV plus one launch per
-  hidden layer, a minibatch one grouped matmul per product (two per gated-input layer)."""
+  kernels, and no other custom call: batch 1 is three launches per hidden layer plus the
+  output GEMV, a minibatch one grouped matmul per product (two per gated-input layer)."""
   monkeypatch.setattr(pallas_gpu, "interpret_default", lambda: False)
   params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), mlp_cases._params(0))
   model = _pallas_layout(params)
@@ -797,7 +797,7 @@ def test_sparse_forward_lowers_for_cuda_with_real_kernels(monkeypatch, batch, dt
   x = jax.ShapeDtypeStruct((batch, mlp_cases.INPUT_DIM), dtype)
   module = jax.jit(lambda model, x: mlp.sparse_forward(model, x, config)).trace(
       model, x).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
-  assert _triton_launches(module) == (1 + len(mlp_cases.HIDDEN) if batch == 1
+  assert _triton_launches(module) == (3 * len(mlp_cases.HIDDEN) + 1 if batch == 1
                                       else 2 * len(mlp_cases.HIDDEN))
 
 
