@@ -110,16 +110,22 @@ def _reference_mlp(net: dict[str, Any], gated: bool = True) -> ccjax.GatedMLP:
                         block_size=net["block_size"], gated=gated)
 
 
-def accounting(net: dict[str, Any], bandwidth_gbs: float, gmacs: float) -> list[dict[str, Any]]:
-  """Roofline entries (:mod:`ccjax.inference.roofline`) of pallas-gpu float32 calls, dense
-  and sparse, one per batch size (own timing; sparse cost averaged over the inputs)."""
+def _calibrated_reference(net: dict[str, Any]):
+  """The reference gated MLP, its parameters with policies calibrated to ``tau`` on
+  random inputs, and the matching :class:`ccjax.Capacities`."""
   module = _reference_mlp(net)
   key = jax.random.PRNGKey(0)
   params = module.init({"params": key, "gate": key}, jnp.zeros((1, net["input_dim"])),
                        mode="threshold")["params"]
   params = ccjax.calibrate_policies(module, params, jax.random.normal(
       jax.random.PRNGKey(1), (512, net["input_dim"])), net["tau"])
-  capacities = ccjax.Capacities(active_fraction=net["tau"])
+  return module, params, ccjax.Capacities(active_fraction=net["tau"])
+
+
+def accounting(net: dict[str, Any], bandwidth_gbs: float, gmacs: float) -> list[dict[str, Any]]:
+  """Roofline entries (:mod:`ccjax.inference.roofline`) of pallas-gpu float32 calls, dense
+  and sparse, one per batch size (own timing; sparse cost averaged over the inputs)."""
+  module, params, capacities = _calibrated_reference(net)
   traced = ccjax.make_inference(module, params, capacities=capacities, backend="pallas-gpu")
   timed = ccjax.make_inference(module, params, capacities=capacities, backend="pallas-gpu",
                                with_info=False)
@@ -211,12 +217,9 @@ def kernel_parts(net: dict[str, Any]) -> dict[str, Any]:
                                     interpret=interpret))
   layer_bias = jnp.zeros((num_blocks, block))
   next_tiles = jax.random.normal(keys[3], (num_blocks, block, num_blocks))
-  module = _reference_mlp(net)
-  params = module.init({"params": keys[0], "gate": keys[0]}, x, mode="threshold")["params"]
-  params = ccjax.calibrate_policies(module, params, jax.random.normal(
-      keys[1], (512, net["input_dim"])), net["tau"])
-  forward = ccjax.make_inference(module, params, capacities=ccjax.Capacities(
-      active_fraction=net["tau"]), backend="pallas-gpu", with_info=False)
+  module, params, capacities = _calibrated_reference(net)
+  forward = ccjax.make_inference(module, params, capacities=capacities, backend="pallas-gpu",
+                                 with_info=False)
   dense_forward = ccjax.make_dense_inference(module, params)
   with jax.default_matmul_precision("highest"):
     dense_layer = jax.jit(lambda h, kernel: h @ kernel)
@@ -259,13 +262,7 @@ def device_time(net: dict[str, Any]) -> list[dict[str, Any]]:
   copies its input through the same chain (``loop_ms``: the loop's own cost), is the
   time of one forward on the device, kernels and launches included, the host excluded.
   """
-  module = _reference_mlp(net)
-  key = jax.random.PRNGKey(0)
-  params = module.init({"params": key, "gate": key}, jnp.zeros((1, net["input_dim"])),
-                       mode="threshold")["params"]
-  params = ccjax.calibrate_policies(module, params, jax.random.normal(
-      jax.random.PRNGKey(1), (512, net["input_dim"])), net["tau"])
-  capacities = ccjax.Capacities(active_fraction=net["tau"])
+  module, params, capacities = _calibrated_reference(net)
   forwards = {"dense": ccjax.make_dense_inference(module, params)}
   for backend in ("pallas-gpu", "xla"):
     forwards[backend] = ccjax.make_inference(module, params, capacities=capacities,
